@@ -1,0 +1,27 @@
+# `make run` and `make test` set everything up on a machine with only Python 3.11+.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test stop bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m tracker.devstack run
+
+test: $(STAMP)
+	$(BIN)/python -m tracker.devstack test $(PYTEST_ARGS)
+
+stop: $(STAMP)
+	$(BIN)/python -m tracker.devstack stop
+
+bench: $(STAMP)
+	benchmarks/run
+
+clean: stop
+	rm -rf $(VENV) .data

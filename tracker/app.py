@@ -1,0 +1,84 @@
+"""create_app(): routes, middlewares, and one cleanup context per resource, in dependency order."""
+from __future__ import annotations
+
+import os
+from typing import AsyncIterator
+
+import redis.asyncio as aioredis
+import structlog
+from aiohttp import web
+
+from . import keys, metrics
+from .domain.tokens import UserTokens
+from .settings import Settings, censor_dsn
+from .store.clicks import ClickWriter
+from .store.db import create_pool, ensure_near_partitions
+from .store.merchants import Catalog
+from .store.sessions import SessionStore
+from .store.spool import Spool
+from .web import activation, ops, support
+from .web.common import errors
+
+log = structlog.get_logger("tracker.app")
+
+
+async def _postgres(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    assert settings.database_url, "resolve the database before create_app"
+    pool = await create_pool(settings.database_url)
+    async with pool.acquire() as conn:
+        created = await ensure_near_partitions(conn)
+    log.info("postgres_ready", dsn=censor_dsn(settings.database_url), partitions_created=created)
+    metrics.DEPENDENCY_UP.labels("postgres").set(1)
+    app[keys.POOL] = pool
+    yield
+    await pool.close()
+
+
+async def _catalog(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    catalog = Catalog(settings.database_url or "", app[keys.POOL])
+    await catalog.start()
+    app[keys.CATALOG] = catalog
+    yield
+    await catalog.stop()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    client = aioredis.Redis.from_url(settings.redis_url or "", socket_timeout=1.0,
+                                     socket_connect_timeout=1.0, health_check_interval=0)
+    sessions = SessionStore(client, settings.redis_prefix)
+    if not await sessions.ping():
+        log.warning("redis_unreachable_at_start", url=censor_dsn(settings.redis_url))
+    await sessions.start()
+    app[keys.REDIS] = client
+    app[keys.SESSIONS] = sessions
+    yield
+    await sessions.stop()
+    await client.aclose()
+
+
+async def _writer(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    spool = Spool(settings.spool_dir)
+    writer = ClickWriter(app[keys.POOL], spool, durability=settings.durability,
+                         queue_limit=settings.queue_limit, batch_limit=settings.batch_limit)
+    await writer.start()
+    app[keys.WRITER] = writer
+    yield
+    await writer.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
+    app[keys.SETTINGS] = settings
+    app[keys.TOKENS] = UserTokens(settings.secret)
+    app.cleanup_ctx.extend([_postgres, _catalog, _redis, _writer])
+    app.router.add_get("/go/{merchant}", activation.activate, name="go")  # HEAD too
+    app.router.add_get("/healthz", ops.healthz, name="healthz")
+    app.router.add_get("/readyz", ops.readyz, name="readyz")
+    app.router.add_get("/metrics", ops.metrics_view, name="metrics")
+    app.router.add_get("/v1/clicks/{click_id}", support.click_view, name="click")
+    log.debug("app_created", pid=os.getpid())
+    return app

@@ -1,0 +1,247 @@
+"""The `tracker` command: serve, migrate, merchants sync, token, maintain, postbacks."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .settings import Settings, load_or_exit
+
+
+def resolve_servers(settings: Settings) -> Settings:
+    """Use the variables' servers when set; else start (or find running) the embedded ones."""
+    if settings.database_url and settings.redis_url:
+        return settings
+    from . import embedded
+
+    servers = embedded.start(settings.data_dir)
+    return settings.with_servers(settings.database_url or servers.database_url,
+                                 settings.redis_url or servers.redis_url)
+
+
+def _warn_dev_secret(settings: Settings) -> None:
+    if settings.secret_generated:
+        print(f"tracker: warning: TRACKER_SECRET is not set; using the development secret in "
+              f"{settings.data_dir / 'secret'} (never do this in production)", file=sys.stderr)
+
+
+# -- serve -----------------------------------------------------------------------------------------
+def _serve_worker(settings: Settings, host: str, port: int) -> None:
+    import uvloop
+    from aiohttp import web
+
+    from . import logs
+    from .app import create_app
+
+    logs.configure(settings.log_format)
+    uvloop.install()
+    app = create_app(settings)
+    web.run_app(app, host=host, port=port, reuse_port=True, access_log=None, print=None,
+                shutdown_timeout=10.0, handler_args={"max_line_size": 16384, "max_field_size": 16384})
+
+
+def serve(settings: Settings, host: str, port: int, workers: int) -> int:
+    _warn_dev_secret(settings)
+    if workers == 1:
+        _serve_worker(settings, host, port)
+        return 0
+    # Several processes on one port (SO_REUSEPORT); metrics are shared through files so that
+    # /metrics on any worker shows the sum over all of them.
+    prom_dir = settings.data_dir / f"prometheus-{os.getpid()}"
+    shutil.rmtree(prom_dir, ignore_errors=True)
+    prom_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            try:
+                _serve_worker(settings, host, port)
+            finally:
+                os._exit(0)
+        children[pid] = slot
+
+    def stop(signum: int, _: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for slot in range(workers):
+        spawn(slot)
+    print(f"tracker: serving on http://{host}:{port} with {workers} workers", file=sys.stderr)
+    from prometheus_client import multiprocess
+
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        slot = children.pop(pid, None)
+        multiprocess.mark_process_dead(pid)
+        if slot is not None and not stopping:
+            # A worker died: replace it. Its unanswered commit-mode clicks were never redirected;
+            # its spool segment is replayed by the next worker that finds it.
+            print(f"tracker: worker {pid} exited ({status}); starting another", file=sys.stderr)
+            time.sleep(0.5)
+            spawn(slot)
+    shutil.rmtree(prom_dir, ignore_errors=True)
+    return 0
+
+
+# -- database commands -----------------------------------------------------------------------------
+async def _migrate(settings: Settings) -> list[str]:
+    import asyncpg
+
+    from .store.db import ensure_near_partitions, migrate
+
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        applied = await migrate(conn)
+        await ensure_near_partitions(conn)
+    finally:
+        await conn.close()
+    return applied
+
+
+def _read_merchants_file(path: Path) -> Any:
+    import yaml
+
+    from .domain.merchants import MerchantsFileError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as exc:
+        raise MerchantsFileError([f"{path}: cannot read: {exc}"]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MerchantsFileError([f"{path}: not valid YAML: {exc}"]) from None
+
+
+async def sync_merchants_file(settings: Settings, path: Path) -> dict[str, list[str]]:
+    import asyncpg
+
+    from .domain.merchants import parse_merchants_file
+    from .domain.profiles import profile_names
+    from .store.merchants import sync
+
+    parsed = parse_merchants_file(_read_merchants_file(path), profile_names())
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return await sync(conn, parsed)
+    finally:
+        await conn.close()
+
+
+async def _maintain(settings: Settings, ahead: int) -> dict[str, list[str]]:
+    import asyncpg
+
+    from .store.db import drop_old_partitions, ensure_partitions
+    from datetime import datetime, timedelta, timezone
+
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        today = datetime.now(timezone.utc).date()
+        created = await ensure_partitions(conn, today - timedelta(days=1), ahead + 2)
+        dropped = await drop_old_partitions(conn, settings.retention_days, today)
+    finally:
+        await conn.close()
+    return {"created": created, "dropped": dropped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tracker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_serve = sub.add_parser("serve", help="serve HTTP on all cores")
+    p_serve.add_argument("--host")
+    p_serve.add_argument("--port", type=int)
+    p_serve.add_argument("--workers", type=int)
+    sub.add_parser("migrate", help="apply sql/ migrations")
+    p_m = sub.add_parser("merchants", help="merchants file commands")
+    p_m_sub = p_m.add_subparsers(dest="action", required=True)
+    p_sync = p_m_sub.add_parser("sync", help="make the merchants table match FILE")
+    p_sync.add_argument("file", type=Path)
+    p_token = sub.add_parser("token", help="print a signed user token")
+    p_token.add_argument("user_id")
+    p_maint = sub.add_parser("maintain", help="create upcoming partitions, drop expired ones")
+    p_maint.add_argument("--days-ahead", type=int, default=14)
+    p_pb = sub.add_parser("postbacks", help="orphan postbacks")
+    p_pb_sub = p_pb.add_subparsers(dest="action", required=True)
+    p_orph = p_pb_sub.add_parser("orphans", help="list postbacks whose click is unknown")
+    p_orph.add_argument("--limit", type=int, default=100)
+    p_pb_sub.add_parser("reconcile", help="attach orphans whose click has arrived since")
+    args = parser.parse_args(argv)
+
+    settings = load_or_exit()
+    if args.command == "token":
+        from .domain.tokens import InvalidUserId, UserTokens
+
+        try:
+            print(UserTokens(settings.secret).mint(args.user_id))
+        except InvalidUserId as exc:
+            print(f"tracker: {exc}", file=sys.stderr)
+            return 2
+        return 0
+
+    settings = resolve_servers(settings)
+    if args.command == "serve":
+        if settings.merchants_file:
+            from .domain.merchants import MerchantsFileError
+
+            try:
+                report = asyncio.run(sync_merchants_file(settings, settings.merchants_file))
+            except MerchantsFileError as exc:
+                print(f"tracker: TRACKER_MERCHANTS={settings.merchants_file} does not validate:\n  - "
+                      + "\n  - ".join(exc.problems), file=sys.stderr)
+                return 1
+            print(f"tracker: merchants synced: {json.dumps(report)}", file=sys.stderr)
+        return serve(settings, args.host or settings.host,
+                     settings.port if args.port is None else args.port,
+                     args.workers or settings.workers)
+    if args.command == "migrate":
+        applied = asyncio.run(_migrate(settings))
+        print(json.dumps({"applied": applied}))
+        return 0
+    if args.command == "merchants":
+        from .domain.merchants import MerchantsFileError
+
+        try:
+            report = asyncio.run(sync_merchants_file(settings, args.file))
+        except MerchantsFileError as exc:
+            print(f"tracker: {args.file} was not applied; nothing changed:", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  - {problem}", file=sys.stderr)
+            return 1
+        print(json.dumps(report))
+        return 0
+    if args.command == "maintain":
+        print(json.dumps(asyncio.run(_maintain(settings, args.days_ahead))))
+        return 0
+    if args.command == "postbacks":
+        from . import postbacks_cli
+
+        return postbacks_cli.run(settings, args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

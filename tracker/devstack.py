@@ -1,0 +1,84 @@
+"""What `make run` and `make test` do after installing: servers, migrations, demo data, then serve
+or test. `python -m tracker.devstack run|test|stop`."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from . import embedded
+from .settings import load_or_exit
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACKER = [sys.executable, "-m", "tracker.cli"]
+
+
+def _servers(env: dict[str, str]) -> bool:
+    """Point env at the variables' servers, or at embedded ones (started if needed). True when
+    embedded servers are in use."""
+    if env.get("TRACKER_DATABASE_URL") and env.get("TRACKER_REDIS_URL"):
+        return False
+    data_dir = Path(env.get("TRACKER_DATA_DIR") or ROOT / ".data").absolute()
+    servers = embedded.start(data_dir)
+    env.setdefault("TRACKER_DATABASE_URL", servers.database_url)
+    env.setdefault("TRACKER_REDIS_URL", servers.redis_url)
+    print(f"devstack: embedded PostgreSQL {servers.database_url} and Redis {servers.redis_url} "
+          f"under {data_dir / 'embedded'}", file=sys.stderr)
+    return True
+
+
+def run() -> int:
+    env = dict(os.environ)
+    env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
+    env.setdefault("TRACKER_LOG_FORMAT", "console")
+    started = _servers(env)
+    try:
+        subprocess.run([*TRACKER, "migrate"], env=env, check=True)
+        subprocess.run([*TRACKER, "merchants", "sync", str(ROOT / "deploy/merchants.example.yaml")],
+                       env=env, check=True)
+        os.environ.update(env)
+        settings = load_or_exit()
+        token = subprocess.run([*TRACKER, "token", "demo-user"], env=env, check=True,
+                               capture_output=True, text=True).stdout.strip()
+        base = f"http://{settings.host}:{settings.port}"
+        print("\n  tracker is starting. Open an activation link for the demo user:\n"
+              f"    {base}/go/aliexpress?u={token}&to=https://aliexpress.ru/item/1005001.html\n"
+              f"  Admin key (support API, Authorization: Bearer …): {settings.admin_key}\n"
+              f"    curl -H 'Authorization: Bearer {settings.admin_key}' {base}/v1/clicks/<X-Click-Id>\n"
+              f"  Metrics: {base}/metrics   Ready: {base}/readyz\n", flush=True)
+        return subprocess.run([*TRACKER, "serve"], env=env).returncode
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if started:
+            embedded.stop(Path(env["TRACKER_DATA_DIR"]))
+
+
+def test(pytest_args: list[str]) -> int:
+    env = dict(os.environ)
+    env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
+    started = _servers(env)
+    try:
+        rc = subprocess.run([sys.executable, "-m", "pytest", *pytest_args], env=env, cwd=ROOT).returncode
+    finally:
+        if started:
+            embedded.stop(Path(env["TRACKER_DATA_DIR"]))
+    return rc
+
+
+def main() -> int:
+    action = sys.argv[1] if len(sys.argv) > 1 else "run"
+    if action == "run":
+        return run()
+    if action == "test":
+        return test(sys.argv[2:])
+    if action == "stop":
+        embedded.stop(Path(os.environ.get("TRACKER_DATA_DIR") or ROOT / ".data").absolute())
+        return 0
+    print("usage: python -m tracker.devstack run|test [pytest args]|stop", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

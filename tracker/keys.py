@@ -1,0 +1,20 @@
+"""Every piece of application state, as typed aiohttp AppKeys."""
+from __future__ import annotations
+
+import asyncpg
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from .domain.tokens import UserTokens
+from .settings import Settings
+from .store.clicks import ClickWriter
+from .store.merchants import Catalog
+from .store.sessions import SessionStore
+
+SETTINGS = web.AppKey("settings", Settings)
+TOKENS = web.AppKey("tokens", UserTokens)
+POOL = web.AppKey("pool", asyncpg.Pool)
+REDIS = web.AppKey("redis", aioredis.Redis)
+CATALOG = web.AppKey("catalog", Catalog)
+WRITER = web.AppKey("writer", ClickWriter)
+SESSIONS = web.AppKey("sessions", SessionStore)

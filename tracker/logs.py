@@ -1,0 +1,38 @@
+"""structlog, configured once: JSON lines (orjson, bytes) on stdout, context vars merged first."""
+from __future__ import annotations
+
+import logging
+import sys
+
+import orjson
+import structlog
+
+
+def _redact(_: object, __: str, event: dict[str, object]) -> dict[str, object]:
+    # Secrets never reach a log line, whatever a caller passes.
+    for key in ("token", "secret", "hmac_secret", "password", "authorization", "u", "admin_key"):
+        if key in event:
+            event[key] = "***"
+    return event
+
+
+def configure(fmt: str = "json", level: int = logging.INFO) -> None:
+    processors: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+        structlog.processors.format_exc_info,
+    ]
+    if fmt == "console":
+        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        factory: structlog.types.WrappedLogger = structlog.PrintLoggerFactory(sys.stdout)
+    else:
+        processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
+        factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=factory,
+        cache_logger_on_first_use=True,
+    )

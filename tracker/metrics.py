@@ -1,0 +1,51 @@
+"""Prometheus metrics, one definition for every worker process.
+
+With more than one worker, `tracker serve` sets PROMETHEUS_MULTIPROC_DIR before any worker imports
+prometheus_client, and /metrics merges the per-process files, so it shows the sum over all workers.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY, multiprocess
+
+_LATENCY = (.0005, .001, .0025, .005, .0075, .01, .015, .02, .03, .05, .1, .25, .5, 1, 2.5)
+
+CLICKS = Counter("tracker_clicks_total", "Activation clicks redirected", ["merchant", "source", "bot"])
+REDIRECT_SECONDS = Histogram("tracker_redirect_duration_seconds",
+                             "Time to answer an activation redirect", buckets=_LATENCY)
+HTTP_REQUESTS = Counter("tracker_http_requests_total", "HTTP requests answered", ["route", "status"])
+HTTP_SECONDS = Histogram("tracker_http_request_duration_seconds", "HTTP request latency by route",
+                         ["route"], buckets=_LATENCY)
+REFUSALS = Counter("tracker_refusals_total", "Requests refused, by route and error code",
+                   ["route", "code"])
+SPOOL_PENDING = Gauge("tracker_spool_pending_clicks", "Clicks in the local spool waiting for PostgreSQL",
+                      multiprocess_mode="livesum")
+SPOOLED = Counter("tracker_spooled_clicks_total", "Clicks appended to the local spool")
+REPLAYED = Counter("tracker_replayed_clicks_total", "Spooled clicks replayed into PostgreSQL")
+QUARANTINED = Counter("tracker_quarantined_clicks_total", "Clicks PostgreSQL refused, kept with the reason")
+WRITER_BATCH = Histogram("tracker_writer_batch_size", "Clicks per committed batch",
+                         buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000))
+WRITER_FLUSH_SECONDS = Histogram("tracker_writer_flush_seconds", "Time to COPY and commit one batch",
+                                 buckets=_LATENCY)
+WRITER_QUEUE = Gauge("tracker_writer_queue_clicks", "Clicks waiting in the in-process queue",
+                     multiprocess_mode="livesum")
+DEPENDENCY_UP = Gauge("tracker_dependency_up", "1 while PostgreSQL / Redis answer this worker",
+                      ["dependency"], multiprocess_mode="livemin")
+REDIS_FAIL_OPEN = Counter("tracker_redis_fail_open_total",
+                          "Operations that went on without Redis (rate limit, session)", ["operation"])
+RATE_LIMITED = Counter("tracker_rate_limited_total", "Requests refused by a rate limit", ["scope"])
+POSTBACKS = Counter("tracker_postbacks_total", "Postbacks by network and outcome", ["network", "outcome"])
+CONVERSIONS = Counter("tracker_conversions_total", "Conversion status changes", ["merchant", "status"])
+SIGNALS = Counter("tracker_signals_total", "Overwrite and risk signals", ["merchant", "kind", "network"])
+OBSERVE_EVENTS = Counter("tracker_observe_events_total", "Events reported by the extension", ["type"])
+SSE_CLIENTS = Gauge("tracker_sse_clients", "Open live event streams", multiprocess_mode="livesum")
+
+
+def render() -> bytes:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest(REGISTRY)

@@ -1,0 +1,149 @@
+"""The frozen settings, read from TRACKER_* variables once and validated at start."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class SettingsError(ValueError):
+    """A TRACKER_* variable does not hold a usable value."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    database_url: str | None = None
+    redis_url: str | None = None
+    data_dir: Path = Path(".data")
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    secret: str = ""
+    admin_key: str = ""
+    durability: str = "commit"
+    rate_limit_user: int = 60
+    rate_limit_ip: int = 1200
+    trusted_proxies: tuple[IPNetwork, ...] = ()
+    merchants_file: Path | None = None
+    log_format: str = "json"
+    # Internal knobs (not in the contract): key prefix so that several deployments or test
+    # runs can share one Redis, and the click writer's limits.
+    redis_prefix: str = "trk:"
+    queue_limit: int = 50_000
+    batch_limit: int = 5_000
+    retention_days: int = 400
+    secret_generated: bool = field(default=False, compare=False)
+
+    def with_servers(self, database_url: str, redis_url: str) -> "Settings":
+        return replace(self, database_url=database_url, redis_url=redis_url)
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int = 0, high: int = 10**9) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an integer") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name}={value} is outside {low}..{high}")
+    return value
+
+
+def _dev_key(data_dir: Path, name: str) -> str:
+    """A key generated once into the data dir, for development set-ups only."""
+    path = data_dir / name
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_urlsafe(32)
+    # O_EXCL: two processes starting at once agree on one key.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value)
+    return value
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if env is None else env
+    data_dir = Path(env.get("TRACKER_DATA_DIR") or ".data").absolute()
+    durability = env.get("TRACKER_DURABILITY", "commit").strip().lower() or "commit"
+    if durability not in ("commit", "async"):
+        raise SettingsError(f"TRACKER_DURABILITY={durability!r}: use 'commit' or 'async'")
+    log_format = env.get("TRACKER_LOG_FORMAT", "json").strip().lower() or "json"
+    if log_format not in ("json", "console"):
+        raise SettingsError(f"TRACKER_LOG_FORMAT={log_format!r}: use 'json' or 'console'")
+    proxies: list[IPNetwork] = []
+    for item in (env.get("TRACKER_TRUSTED_PROXIES") or "").replace(";", ",").split(","):
+        if item.strip():
+            try:
+                proxies.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise SettingsError(f"TRACKER_TRUSTED_PROXIES: {item.strip()!r} is not a CIDR") from None
+    secret = env.get("TRACKER_SECRET", "")
+    generated = False
+    if not secret:
+        secret = _dev_key(data_dir, "secret")
+        generated = True
+    elif len(secret) < 16:
+        raise SettingsError("TRACKER_SECRET must be at least 16 characters")
+    admin_key = env.get("TRACKER_ADMIN_KEY", "") or _dev_key(data_dir, "admin_key")
+    merchants = env.get("TRACKER_MERCHANTS")
+    return Settings(
+        database_url=env.get("TRACKER_DATABASE_URL") or None,
+        redis_url=env.get("TRACKER_REDIS_URL") or None,
+        data_dir=data_dir,
+        host=env.get("TRACKER_HOST") or "127.0.0.1",
+        port=_int(env, "TRACKER_PORT", 8080, 0, 65535),
+        workers=_int(env, "TRACKER_WORKERS", os.cpu_count() or 1, 1, 256),
+        secret=secret,
+        admin_key=admin_key,
+        durability=durability,
+        rate_limit_user=_int(env, "TRACKER_RATE_LIMIT_USER", 60),
+        rate_limit_ip=_int(env, "TRACKER_RATE_LIMIT_IP", 1200),
+        trusted_proxies=tuple(proxies),
+        merchants_file=Path(merchants) if merchants else None,
+        log_format=log_format,
+        redis_prefix=env.get("TRACKER_REDIS_PREFIX") or "trk:",
+        queue_limit=_int(env, "TRACKER_QUEUE_LIMIT", 50_000, 100),
+        batch_limit=_int(env, "TRACKER_BATCH_LIMIT", 5_000, 1),
+        retention_days=_int(env, "TRACKER_RETENTION_DAYS", 400, 1),
+        secret_generated=generated,
+    )
+
+
+def load_or_exit() -> Settings:
+    try:
+        return load()
+    except SettingsError as exc:
+        print(f"tracker: bad setting: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def censor_dsn(url: str | None) -> str:
+    """The DSN with its password replaced, for logs."""
+    if not url:
+        return ""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url

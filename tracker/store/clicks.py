@@ -1,0 +1,296 @@
+"""The click writer: batches clicks (COPY) and group-commits them, off the request path.
+
+Requests append a row to the open batch. Two flusher tasks take turns: one is committing while the
+other gathers the next batch and starts the moment it can, so a commit starts as soon as the previous
+one ends rather than on a timer. In `commit` mode a request awaits its batch's commit; in `async` mode it
+does not. A batch that PostgreSQL cannot take goes to the spool (fsynced, then acknowledged) and is
+replayed when PostgreSQL is back; rows PostgreSQL refuses are found by bisection and quarantined.
+"""
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+from typing import Any
+
+import asyncpg
+import orjson
+import structlog
+
+from .. import metrics
+from .db import ensure_partitions
+from .spool import SegmentLock, Spool, count_rows
+
+log = structlog.get_logger("tracker.clicks")
+
+COLUMNS = ("click_id", "created_at", "user_id", "merchant", "source", "target", "device",
+           "client_ip", "user_agent", "bot", "method")
+# Row: the tuple above, with created_at as Unix milliseconds (converted at flush time, in bulk).
+Row = tuple[str, int, str, str, str, str, str | None, str | None, str | None, bool, str]
+
+_UNREACHABLE = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError,
+                asyncpg.InterfaceError, asyncpg.CannotConnectNowError, asyncpg.QueryCanceledError,
+                asyncpg.AdminShutdownError, asyncpg.TooManyConnectionsError)
+_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, UnicodeError, ValueError)
+
+
+def to_record(row: Row | list[Any]) -> tuple[Any, ...]:
+    ms = row[1]
+    return (row[0], datetime.fromtimestamp(ms / 1000, tz=timezone.utc), *row[2:])
+
+
+class _Batch:
+    __slots__ = ("rows", "done")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.rows: list[Row] = []
+        self.done: asyncio.Future[None] = loop.create_future()
+
+
+class ClickWriter:
+    def __init__(self, pool: asyncpg.Pool, spool: Spool, *, durability: str = "commit",
+                 queue_limit: int = 50_000, batch_limit: int = 5_000, flushers: int = 2,
+                 flush_timeout: float = 5.0) -> None:
+        self.pool, self.spool = pool, spool
+        self.wait_commit = durability == "commit"
+        self.queue_limit, self.batch_limit = queue_limit, batch_limit
+        self.flush_timeout = flush_timeout
+        self.pg_ok = True
+        self._flushers = flushers
+        self._loop = asyncio.get_running_loop()
+        self._open = _Batch(self._loop)
+        self._sealed: list[_Batch] = []
+        self._queued = 0
+        self._wake = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._replay_lock = asyncio.Lock()
+        self._spool_lock = asyncio.Lock()
+        self.pending_spool = 0
+
+    # -- request side -------------------------------------------------------------------------
+    async def write(self, row: Row) -> None:
+        """Queue a click; in commit mode return once it is committed (or spooled)."""
+        while self._queued >= self.queue_limit and not self._closing:
+            if not self.wait_commit:
+                # async mode never grows memory without bound: overflow goes to the spool.
+                await self._spill([row])
+                return
+            self._room.clear()
+            await self._room.wait()
+        if self._closing:
+            await self._spill([row])
+            return
+        batch = self._open
+        batch.rows.append(row)
+        self._queued += 1
+        if len(batch.rows) >= self.batch_limit:
+            self._seal()
+        self._wake.set()
+        if self.wait_commit:
+            await asyncio.shield(batch.done)
+
+    def _seal(self) -> None:
+        self._sealed.append(self._open)
+        self._open = _Batch(self._loop)
+
+    def _take(self) -> _Batch | None:
+        if self._sealed:
+            return self._sealed.pop(0)
+        if self._open.rows:
+            batch = self._open
+            self._open = _Batch(self._loop)
+            return batch
+        return None
+
+    # -- writer side --------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.pending_spool = await asyncio.to_thread(count_rows, self.spool.dir)
+        metrics.SPOOL_PENDING.set(self.pending_spool)
+        self._tasks = [asyncio.create_task(self._flusher(), name=f"click-flusher-{i}")
+                       for i in range(self._flushers)]
+        self._tasks.append(asyncio.create_task(self._replayer(), name="spool-replayer"))
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """Stop taking clicks into the queue, commit (or spool) what is queued, stop the tasks."""
+        self._closing = True
+        self._room.set()
+        deadline = self._loop.time() + timeout
+        while (self._queued or self._sealed or self._open.rows) and self._loop.time() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.01)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while (batch := self._take()) is not None:  # whatever is left after the deadline
+            await self._to_spool(batch)
+        self.spool.close()
+
+    async def _flusher(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._flush(batch)
+
+    async def _flush(self, batch: _Batch) -> None:
+        rows = batch.rows
+        try:
+            if self.pg_ok:
+                await self._copy(rows)
+            else:
+                await self._to_spool(batch, resolve=False)
+        except _UNREACHABLE as exc:
+            self._mark_down(exc)
+            await self._to_spool(batch, resolve=False)
+        except Exception as exc:  # noqa: BLE001 - never lose a batch to an unexpected error
+            log.error("click_batch_failed", error=repr(exc), rows=len(rows))
+            await self._to_spool(batch, resolve=False)
+        finally:
+            self._queued -= len(rows)
+            metrics.WRITER_QUEUE.set(self._queued)
+            if self._queued < self.queue_limit:
+                self._room.set()
+            if not batch.done.done():
+                batch.done.set_result(None)
+
+    async def _copy(self, rows: list[Row]) -> None:
+        started = self._loop.time()
+        records = [to_record(r) for r in rows]
+        try:
+            await asyncio.wait_for(self._copy_records(records), self.flush_timeout)
+        except _REFUSED as exc:
+            if _missing_partition(exc):
+                await self._add_partitions(records)
+                await asyncio.wait_for(self._copy_records(records), self.flush_timeout)
+            else:
+                await self._isolate(records, exc)
+        metrics.WRITER_BATCH.observe(len(rows))
+        metrics.WRITER_FLUSH_SECONDS.observe(self._loop.time() - started)
+
+    async def _copy_records(self, records: list[tuple[Any, ...]]) -> None:
+        async with self.pool.acquire() as conn:
+            # One COPY is one statement and one commit: the group commit of the whole batch.
+            await conn.copy_records_to_table("clicks", records=records, columns=COLUMNS)
+
+    async def _add_partitions(self, records: list[tuple[Any, ...]]) -> None:
+        days = sorted({r[1].date() for r in records})
+        async with self.pool.acquire() as conn:
+            for day in days:
+                await ensure_partitions(conn, day, 1)
+
+    async def _isolate(self, records: list[tuple[Any, ...]], exc: BaseException) -> None:
+        """Bisect a refused batch: commit every good row, quarantine each bad one with its reason."""
+        if len(records) == 1:
+            await self._quarantine(records[0], exc)
+            return
+        mid = len(records) // 2
+        for half in (records[:mid], records[mid:]):
+            try:
+                await asyncio.wait_for(self._copy_records(half), self.flush_timeout)
+            except _REFUSED as sub:
+                if _missing_partition(sub):
+                    await self._add_partitions(half)
+                    await self._isolate(half, sub)
+                else:
+                    await self._isolate(half, sub)
+
+    async def _quarantine(self, record: tuple[Any, ...], exc: BaseException) -> None:
+        raw = orjson.dumps([str(v) if not isinstance(v, bool | int | None) else v for v in record],
+                           option=orjson.OPT_PASSTHROUGH_DATETIME, default=str).decode("utf-8", "replace")
+        safe = raw.replace("\x00", "\\u0000").encode("utf-8", "replace").decode("utf-8")
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO clicks_quarantine (click_id, record, reason) VALUES ($1, $2, $3)",
+                str(record[0]).encode("utf-8", "replace").decode().replace("\x00", ""), safe,
+                f"{type(exc).__name__}: {exc}"[:500])
+        metrics.QUARANTINED.inc()
+        log.warning("click_quarantined", click_id=str(record[0])[:32], reason=str(exc)[:200])
+
+    # -- the spool ----------------------------------------------------------------------------
+    async def _to_spool(self, batch: _Batch, resolve: bool = True) -> None:
+        await self._spill(batch.rows)
+        if resolve and not batch.done.done():
+            batch.done.set_result(None)
+
+    async def _spill(self, rows: list[Row] | list[list[Any]]) -> None:
+        async with self._spool_lock:
+            await asyncio.to_thread(self.spool.append, [list(r) for r in rows])
+        self.pending_spool += len(rows)
+        metrics.SPOOLED.inc(len(rows))
+        metrics.SPOOL_PENDING.set(self.pending_spool)
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self.pg_ok:
+            log.error("postgres_unreachable", error=repr(exc)[:300])
+        self.pg_ok = False
+        metrics.DEPENDENCY_UP.labels("postgres").set(0)
+
+    async def _replayer(self, interval: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not self.pg_ok:
+                    async with self.pool.acquire(timeout=3) as conn:
+                        await conn.fetchval("SELECT 1")
+                    self.pg_ok = True
+                    metrics.DEPENDENCY_UP.labels("postgres").set(1)
+                    log.info("postgres_back")
+                if self.spool.has_backlog():
+                    await self.replay()
+            except asyncio.CancelledError:
+                raise
+            except _UNREACHABLE as exc:
+                self._mark_down(exc)
+            except Exception as exc:  # noqa: BLE001 - keep trying; the spool keeps the clicks
+                log.error("spool_replay_failed", error=repr(exc)[:300])
+
+    async def replay(self, chunk: int = 5_000) -> int:
+        """Replay every closed spool segment into clicks, exactly once; returns clicks inserted."""
+        inserted = 0
+        async with self._replay_lock:
+            async with self._spool_lock:
+                self.spool.rotate()
+            for path in self.spool.segments():
+                lock = await asyncio.to_thread(SegmentLock.take, path)
+                if lock is None:
+                    continue  # its writer is alive, or another worker is replaying it
+                try:
+                    rows = await asyncio.to_thread(lambda: [r for rec in lock.records() for r in rec])
+                    for start in range(0, len(rows), chunk):
+                        inserted += await self._insert_missing([to_record(r) for r in rows[start:start + chunk]])
+                    await asyncio.to_thread(lock.remove)  # only after every chunk committed
+                except BaseException:
+                    lock.release()
+                    raise
+                self.pending_spool = max(0, self.pending_spool - len(rows))
+                metrics.SPOOL_PENDING.set(self.pending_spool)
+                metrics.REPLAYED.inc(len(rows))
+                log.info("spool_replayed", segment=path.name, rows=len(rows))
+        return inserted
+
+    async def _insert_missing(self, records: list[tuple[Any, ...]]) -> int:
+        """COPY into a temporary table, then insert what clicks does not have yet: a replay that
+        crashed halfway can run again without inserting a click twice."""
+        await self._add_partitions(records)
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute(
+                    "CREATE TEMP TABLE IF NOT EXISTS clicks_replay "
+                    "(LIKE clicks INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+                await conn.copy_records_to_table("clicks_replay", records=records, columns=COLUMNS)
+                status = await conn.execute(
+                    f"INSERT INTO clicks ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} "
+                    "FROM clicks_replay ON CONFLICT (click_id, created_at) DO NOTHING")
+        return int(status.rsplit(" ", 1)[-1])
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+
+def _missing_partition(exc: BaseException) -> bool:
+    return "no partition of relation" in str(exc)

@@ -1,0 +1,115 @@
+"""The PostgreSQL pool, the migrations runner and the clicks partitions."""
+from __future__ import annotations
+
+import re
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import asyncpg
+
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+_MIGRATION = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
+# Arbitrary constants for pg_advisory_lock: one for migrations, one for partition maintenance.
+MIGRATE_LOCK = 7_403_911_001
+PARTITION_LOCK = 7_403_911_002
+
+
+async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, command_timeout=30,
+        server_settings={"application_name": "tracker"},
+    )
+    async with pool.acquire() as conn:
+        await conn.fetchval("SELECT 1")
+    return pool
+
+
+def migrations(sql_dir: Path = SQL_DIR) -> list[tuple[int, str, Path]]:
+    found = []
+    for path in sorted(sql_dir.glob("*.sql")):
+        match = _MIGRATION.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path.name, path))
+    versions = [v for v, _, _ in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"duplicate migration numbers in {sql_dir}")
+    return found
+
+
+async def migrate(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply pending migrations in order, each once, under an advisory lock (safe from many pods)."""
+    applied_now: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version integer PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, name, path in migrations(sql_dir):
+            if version in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(path.read_text())
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
+            applied_now.append(name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK)
+    return applied_now
+
+
+def partition_name(day: date) -> str:
+    return f"clicks_p{day:%Y%m%d}"
+
+
+async def ensure_partitions(conn: asyncpg.Connection, first: date, days: int) -> list[str]:
+    """Create the daily partitions of clicks for [first, first + days) that do not exist yet."""
+    created = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
+        existing = await _partitions(conn)
+        for offset in range(days):
+            day = first + timedelta(days=offset)
+            name = partition_name(day)
+            if name in existing:
+                continue
+            # Identifiers and bounds come from a date we formatted ourselves, not from input.
+            await conn.execute(
+                f"CREATE TABLE {name} PARTITION OF clicks FOR VALUES FROM "
+                f"('{day.isoformat()} 00:00:00+00') TO ('{(day + timedelta(days=1)).isoformat()} 00:00:00+00')"
+            )
+            created.append(name)
+    return created
+
+
+async def _partitions(conn: asyncpg.Connection) -> set[str]:
+    rows = await conn.fetch(
+        "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+        "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'clicks'")
+    return {r["relname"] for r in rows}
+
+
+async def drop_old_partitions(conn: asyncpg.Connection, retention_days: int,
+                              today: date | None = None) -> list[str]:
+    """Drop the daily partitions that end before today - retention_days."""
+    today = today or datetime.now(timezone.utc).date()
+    cutoff = today - timedelta(days=retention_days)
+    dropped = []
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
+        for name in sorted(await _partitions(conn)):
+            match = re.fullmatch(r"clicks_p(\d{8})", name)
+            if not match:
+                continue
+            day = datetime.strptime(match.group(1), "%Y%m%d").date()
+            if day < cutoff:
+                await conn.execute(f"DROP TABLE {name}")
+                dropped.append(name)
+    return dropped
+
+
+async def ensure_near_partitions(conn: asyncpg.Connection, ahead: int = 7) -> list[str]:
+    today = datetime.now(timezone.utc).date()
+    return await ensure_partitions(conn, today - timedelta(days=1), ahead + 2)

@@ -1,0 +1,135 @@
+"""The local click spool: where clicks go while PostgreSQL cannot take them.
+
+Append-only segment files under TRACKER_DATA_DIR/spool, one open segment per process, each record
+`<u32 length><u32 crc32><orjson payload>` and fsynced before the requests it holds are answered. A torn
+tail (a crash mid-append, never answered) fails its checksum and ends the segment. A process holds an
+exclusive flock on the segment it appends to; any process may replay a segment whose lock it can take,
+which is how a crashed worker's spool is found and replayed by the next one.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import orjson
+
+_HEADER = struct.Struct("<II")
+MAX_RECORD = 64 * 1024 * 1024
+
+
+class Spool:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self.pending = 0  # clicks appended by this process and not yet replayed
+
+    def _open(self) -> int:
+        if self._fd is None:
+            name = f"seg-{time.time_ns():020d}-{os.getpid()}.spool"
+            path = self.dir / name
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._fd, self._path = fd, path
+            _fsync_dir(self.dir)
+        return self._fd
+
+    def append(self, rows: list[list[Any]], sync: bool = True) -> None:
+        """Append one record of rows; durable on return when `sync`."""
+        payload = orjson.dumps(rows)
+        fd = self._open()
+        data = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+        written = 0
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        if sync:
+            os.fsync(fd)
+        self.pending += len(rows)
+
+    def rotate(self) -> None:
+        """Close the open segment so that it can be replayed; the next append opens a new one."""
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)  # releases the flock
+            self._fd, self._path = None, None
+
+    def close(self) -> None:
+        self.rotate()
+
+    def segments(self) -> list[Path]:
+        """Segments not being appended to by this process, oldest first."""
+        return sorted(p for p in self.dir.glob("seg-*.spool") if p != self._path)
+
+    def has_backlog(self) -> bool:
+        return self._fd is not None or any(p != self._path for p in self.dir.glob("seg-*.spool"))
+
+
+class SegmentLock:
+    """Exclusive ownership of a closed segment for replay; None from `take` if someone holds it."""
+
+    def __init__(self, path: Path, fd: int) -> None:
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def take(cls, path: Path) -> "SegmentLock | None":
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        if not path.exists():  # replayed and removed by another process meanwhile
+            os.close(fd)
+            return None
+        return cls(path, fd)
+
+    def records(self) -> Iterator[list[list[Any]]]:
+        with open(self.path, "rb") as fh:
+            while True:
+                header = fh.read(_HEADER.size)
+                if len(header) < _HEADER.size:
+                    return
+                length, crc = _HEADER.unpack(header)
+                if length > MAX_RECORD:
+                    return
+                payload = fh.read(length)
+                if len(payload) < length or zlib.crc32(payload) != crc:
+                    return  # torn tail of a crash: never acknowledged
+                yield orjson.loads(payload)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+        _fsync_dir(self.path.parent)
+        self.release()
+
+    def release(self) -> None:
+        os.close(self.fd)
+
+
+def count_rows(directory: Path) -> int:
+    """Clicks waiting in all segments of a spool directory (for the gauge at start)."""
+    total = 0
+    for path in directory.glob("seg-*.spool"):
+        lock = SegmentLock(path, os.open(path, os.O_RDONLY))
+        try:
+            total += sum(len(r) for r in lock.records())
+        finally:
+            lock.release()
+    return total
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,76 @@
+"""GET /go/{merchant}: the activation click. Validate, mint the click id, hand the click to the writer,
+write the session to Redis without waiting, redirect."""
+from __future__ import annotations
+
+import time
+
+import structlog
+from aiohttp import web
+
+from .. import keys, metrics
+from ..domain.bots import is_bot
+from ..domain.clickid import new_click_id
+from ..domain.targets import BadTarget, check_target
+from ..errors import BadRequest, NotFound, RateLimited, Unauthorized
+from .common import client_ip
+
+log = structlog.get_logger("tracker.activation")
+SOURCES = frozenset(("web", "app", "ext"))
+MAX_DEVICE = 128
+MAX_UA = 512
+
+
+def _printable(value: str) -> bool:
+    return value.isprintable() and value.isascii()
+
+
+async def activate(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    app = request.app
+    query = request.query
+    user_id = app[keys.TOKENS].verify(query.get("u"))
+    if user_id is None:
+        raise Unauthorized("a valid signed user token is required in 'u'")
+    merchant = app[keys.CATALOG].merchants.get(request.match_info["merchant"])
+    if merchant is None or not merchant.active:
+        raise NotFound("no such merchant")
+    source = query.get("src", "web")
+    if source not in SOURCES:
+        raise BadRequest("src must be web, app or ext", code="bad_source")
+    raw_target = query.get("to")
+    if raw_target is None:
+        target = merchant.default_target
+    else:
+        try:
+            target = check_target(raw_target, merchant.allowed_hosts)
+        except BadTarget as exc:
+            raise BadRequest(f"to: {exc}", code="bad_target") from None
+    device = query.get("device")
+    if device is not None and (len(device) > MAX_DEVICE or not device or not _printable(device)):
+        raise BadRequest(f"device: at most {MAX_DEVICE} printable ASCII characters", code="bad_device")
+    for name in ("u", "src", "to", "device"):
+        if len(query.getall(name, ())) > 1:
+            raise BadRequest(f"{name} is given more than once", code="duplicate_parameter")
+
+    settings = app[keys.SETTINGS]
+    ip = client_ip(request, settings.trusted_proxies)
+    sessions = app[keys.SESSIONS]
+    over = await sessions.over_limit([("ip", ip, settings.rate_limit_ip),
+                                      ("user", user_id, settings.rate_limit_user)])
+    if over is not None:
+        raise RateLimited(f"too many activations per {over[0]}, retry later", over[1])
+
+    user_agent = request.headers.get("User-Agent", "")
+    bot = request.method == "HEAD" or is_bot(user_agent)
+    click_id, created_ms = new_click_id()
+    location = merchant.partner_link(click_id, target, app=source == "app")
+    ua = user_agent[:MAX_UA].replace("\x00", "")
+    await app[keys.WRITER].write((click_id, created_ms, user_id, merchant.slug, source, target, device,
+                                  ip, ua, bot, request.method))
+    if not bot:
+        sessions.put_session(click_id, {"u": user_id, "m": merchant.slug, "t": created_ms,
+                                        "src": source, "dev": device}, merchant.session_ttl)
+    metrics.CLICKS.labels(merchant.slug, source, "true" if bot else "false").inc()
+    metrics.REDIRECT_SECONDS.observe(time.perf_counter() - started)
+    return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store",
+                                             "X-Click-Id": click_id})

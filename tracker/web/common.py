@@ -1,0 +1,90 @@
+"""What every handler shares: the error middleware, JSON responses, client addresses, admin auth."""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import time
+from typing import Any, Awaitable, Callable
+
+import orjson
+import structlog
+from aiohttp import web
+
+from .. import metrics
+from ..errors import DomainError, Unauthorized
+from ..settings import IPNetwork
+
+log = structlog.get_logger("tracker.web")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, content_type="application/json",
+                        headers=headers)
+
+
+def error_response(code: str, message: str, status: int, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response({"error": code, "message": message}, status, headers)
+
+
+_HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "too_large", 414: "too_large", 429: "rate_limited"}
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    route = request.match_info.route.name or "unmatched"
+    started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except DomainError as exc:
+        metrics.REFUSALS.labels(route, exc.code).inc()
+        response = error_response(exc.code, exc.message, exc.status, exc.headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "error")
+        metrics.REFUSALS.labels(route, code).inc()
+        response = error_response(code, exc.reason, exc.status)
+    except Exception:  # noqa: BLE001 - the one place unexpected errors are logged and hidden
+        log.exception("unhandled_error", route=route, method=request.method)
+        response = error_response("internal", "internal error", 500)
+    metrics.HTTP_REQUESTS.labels(route, response.status).inc()
+    metrics.HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
+    return response
+
+
+def client_ip(request: web.Request, trusted: tuple[IPNetwork, ...]) -> str:
+    """The peer address; behind a trusted proxy, the nearest X-Forwarded-For hop that is not one."""
+    peer = request.remote or ""
+    if not trusted:
+        return peer
+    try:
+        addr = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer
+    if not any(addr in net for net in trusted):
+        return peer
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+    for hop in reversed(hops):
+        try:
+            hop_addr = ipaddress.ip_address(hop)
+        except ValueError:
+            return peer  # a forged or garbled header: believe only the peer
+        if not any(hop_addr in net for net in trusted):
+            return str(hop_addr)
+    return peer
+
+
+def require_admin(request: web.Request, admin_key: str) -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key:
+        raise Unauthorized("an admin key is required: Authorization: Bearer <key>")
+    if not hmac.compare_digest(key.strip().encode(), admin_key.encode()):
+        raise Unauthorized("the admin key is not valid")
+
+
+def bearer(request: web.Request) -> str | None:
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
