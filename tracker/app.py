@@ -71,7 +71,9 @@ async def _writer(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=64 * 1024)
+    # Long query strings (deep links) get our own 400 rather than aiohttp's bare one.
+    app = web.Application(middlewares=[errors], client_max_size=64 * 1024,
+                          handler_args={"max_line_size": 16384, "max_field_size": 16384})
     app[keys.SETTINGS] = settings
     app[keys.TOKENS] = UserTokens(settings.secret)
     app.cleanup_ctx.extend([_postgres, _catalog, _redis, _writer])

@@ -44,7 +44,7 @@ def _serve_worker(settings: Settings, host: str, port: int) -> None:
     uvloop.install()
     app = create_app(settings)
     web.run_app(app, host=host, port=port, reuse_port=True, access_log=None, print=None,
-                shutdown_timeout=10.0, handler_args={"max_line_size": 16384, "max_field_size": 16384})
+                shutdown_timeout=10.0)
 
 
 def serve(settings: Settings, host: str, port: int, workers: int) -> int:

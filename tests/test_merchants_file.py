@@ -1,0 +1,159 @@
+import asyncio
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tracker.domain.merchants import MerchantsFileError, parse_duration, parse_merchants_file
+from tracker.domain.profiles import profile_names
+from tracker.store.merchants import load, sync
+
+from .conftest import BROWSER, HERE, load_merchants
+
+GOOD = yaml.safe_load((HERE / "merchants.yaml").read_text())
+
+
+def parse(doc):
+    return parse_merchants_file(doc, profile_names())
+
+
+def test_the_test_and_demo_files_validate():
+    assert {m.slug for m in parse(GOOD).merchants} == {"aliexpress", "nike", "asos", "shop"}
+    demo = yaml.safe_load((HERE.parent / "deploy/merchants.example.yaml").read_text())
+    assert parse(demo).merchants
+
+
+@pytest.mark.parametrize("value,seconds", [("5s", 5), ("90m", 5400), ("2h", 7200), ("90d", 7776000)])
+def test_durations(value, seconds):
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", ["", "2", "2w", "-1h", "0s", "1.5h", "h", None, True, 2.5])
+def test_bad_durations(value):
+    with pytest.raises(ValueError):
+        parse_duration(value)
+
+
+def test_every_problem_is_named_with_merchant_and_field():
+    doc = copy.deepcopy(GOOD)
+    ali = doc["merchants"][0]
+    ali["partner_url"] = "https://ad.admitad.com/g/x/?ulp={target}"        # no {click_id}
+    ali["user_share"] = "1.5"
+    ali["session_ttl"] = "2 hours"
+    ali["allowed_hosts"] = ["aliexpress.ru", "bad host"]
+    nike = doc["merchants"][1]
+    nike["network"] = "nosuchnetwork"
+    nike["default_target"] = "https://evil.com/"
+    nike["user_share"] = 0.7                                                  # a float, not a string
+    doc["merchants"][2]["slug"] = "Bad Slug"
+    doc["merchants"].append(copy.deepcopy(doc["merchants"][3]))               # duplicate slug "shop"
+    doc["networks"][0]["profile"] = "unknown-profile"
+    with pytest.raises(MerchantsFileError) as err:
+        parse(doc)
+    text = "\n".join(err.value.problems)
+    for expected in ("merchant 'aliexpress': partner_url", "merchant 'aliexpress': user_share",
+                     "merchant 'aliexpress': session_ttl", "merchant 'aliexpress': allowed_hosts",
+                     "merchant 'nike': network", "merchant 'nike': default_target",
+                     "merchant 'nike': user_share", "merchant 'Bad Slug': slug",
+                     "merchant 'shop': slug: appears more than once", "network 'admitad': profile"):
+        assert expected in text, expected
+
+
+@pytest.mark.parametrize("field,value", [
+    ("partner_url", "javascript:alert(1)?{click_id}"),
+    ("partner_url", "https://x.example/{click_id}/{unknown}"),
+    ("app_url", "javascript:go({click_id})"),
+    ("default_target", "ftp://aliexpress.ru/"),
+    ("own_promo_codes", "MEGA5"),
+    ("name", ""),
+    ("surprise", 1),
+])
+def test_single_field_problems(field, value):
+    doc = copy.deepcopy(GOOD)
+    doc["merchants"][0][field] = value
+    with pytest.raises(MerchantsFileError) as err:
+        parse(doc)
+    assert any(f"'aliexpress': {field}" in p for p in err.value.problems)
+
+
+def test_network_needs_credentials():
+    doc = copy.deepcopy(GOOD)
+    del doc["networks"][0]["token"]
+    doc["networks"][1]["allow_ips"] = ["not-a-cidr"]
+    with pytest.raises(MerchantsFileError) as err:
+        parse(doc)
+    assert any("network 'admitad': needs a token" in p for p in err.value.problems)
+    assert any("network 'impact': allow_ips" in p for p in err.value.problems)
+
+
+async def test_sync_reports_changes_and_is_idempotent(db):
+    parsed = load_merchants()
+    report = await sync(db, parsed)
+    assert report["added"] == [] and report["changed"] == []
+    assert sorted(report["unchanged"]) == ["aliexpress", "asos", "nike", "shop"]
+    merchants, networks = await load(db)
+    assert merchants["aliexpress"].user_share == parsed.merchants[0].user_share
+    assert set(networks) == {"admitad", "impact", "epn", "awin", "generic"}
+
+
+def _cli(settings, *args, env_extra=None):
+    env = {"PATH": "/usr/bin:/bin", "TRACKER_DATABASE_URL": settings.database_url,
+           "TRACKER_REDIS_URL": settings.redis_url, "TRACKER_DATA_DIR": str(settings.data_dir),
+           "TRACKER_SECRET": "cli-secret-0123456789"}
+    return subprocess.run([sys.executable, "-m", "tracker.cli", *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+async def test_bad_file_changes_nothing_and_names_problems(settings, db, tmp_path):
+    before = await db.fetch("SELECT * FROM merchants ORDER BY slug")
+    doc = copy.deepcopy(GOOD)
+    doc["merchants"][0]["name"] = "AliExpress renamed"       # a valid change ...
+    doc["merchants"][1]["user_share"] = "-1"                   # ... next to an invalid one
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    result = await asyncio.to_thread(_cli, settings, "merchants", "sync", str(bad))
+    assert result.returncode == 1
+    assert "merchant 'nike': user_share" in result.stderr
+    assert await db.fetch("SELECT * FROM merchants ORDER BY slug") == before
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_text("merchants: [unclosed")
+    result = await asyncio.to_thread(_cli, settings, "merchants", "sync", str(garbage))
+    assert result.returncode == 1 and "not valid YAML" in result.stderr
+    assert await db.fetch("SELECT * FROM merchants ORDER BY slug") == before
+
+
+async def test_running_workers_see_a_sync_without_restart(client, settings, tokens, db, tmp_path):
+    token = tokens.mint("u1")
+    resp = await client.get("/go/newshop", params={"u": token}, allow_redirects=False, headers=BROWSER)
+    assert resp.status == 404
+    doc = copy.deepcopy(GOOD)
+    doc["merchants"].append({**doc["merchants"][3], "slug": "newshop", "name": "New Shop"})
+    doc["merchants"][0]["partner_url"] = "https://ad.admitad.com/g/changed/?subid={click_id}&ulp={target}"
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    result = await asyncio.to_thread(_cli, settings, "merchants", "sync", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "newshop" in result.stdout
+    for _ in range(100):
+        resp = await client.get("/go/newshop", params={"u": token}, allow_redirects=False, headers=BROWSER)
+        if resp.status == 302:
+            break
+        await asyncio.sleep(0.05)
+    assert resp.status == 302
+    resp = await client.get("/go/aliexpress", params={"u": token}, allow_redirects=False, headers=BROWSER)
+    assert "/g/changed/" in resp.headers["Location"]
+    # A merchant dropped from the file is deactivated: its links answer 404.
+    doc["merchants"] = [m for m in doc["merchants"] if m["slug"] != "newshop"]
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    result = await asyncio.to_thread(_cli, settings, "merchants", "sync", str(path))
+    assert "newshop" in result.stdout
+    for _ in range(100):
+        resp = await client.get("/go/newshop", params={"u": token}, allow_redirects=False, headers=BROWSER)
+        if resp.status == 404:
+            break
+        await asyncio.sleep(0.05)
+    assert resp.status == 404
+    await sync(db, load_merchants())  # leave the module's database as it was

@@ -1,0 +1,92 @@
+"""The real `tracker serve` with two worker processes: metrics summed, SIGTERM drains."""
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from .conftest import BROWSER, SECRET
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def server(settings):
+    port = free_port()
+    env = {**os.environ, "TRACKER_DATABASE_URL": settings.database_url,
+           "TRACKER_REDIS_URL": settings.redis_url, "TRACKER_DATA_DIR": str(settings.data_dir),
+           "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 20, "TRACKER_REDIS_PREFIX": settings.redis_prefix,
+           "TRACKER_RATE_LIMIT_IP": "0", "TRACKER_RATE_LIMIT_USER": "0"}
+    log = (settings.data_dir / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(port),
+                             "--workers", "2"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as session:
+        for _ in range(200):
+            try:
+                async with session.get(base + "/readyz") as resp:
+                    if resp.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    yield proc, base
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
+async def _go(session, base, token):
+    async with session.get(base + "/go/nike", params={"u": token}, allow_redirects=False,
+                           headers=BROWSER) as resp:
+        return resp.status, resp.headers.get("X-Click-Id")
+
+
+async def test_metrics_sum_over_workers_and_sigterm_drains(server, tokens, db):
+    proc, base = server
+    token = tokens.mint("serve-user")
+    connector = aiohttp.TCPConnector(force_close=True)  # new connections spread over both workers
+    async with aiohttp.ClientSession(connector=connector) as session:
+        results = await asyncio.gather(*(_go(session, base, token) for _ in range(300)))
+        assert all(status == 302 for status, _ in results)
+        async with session.get(base + "/metrics") as resp:
+            text = await resp.text()
+        counted = sum(float(v) for v in re.findall(
+            r'tracker_clicks_total\{bot="false",merchant="nike",source="web"\} (\S+)', text))
+        assert counted == 300
+        assert await db.fetchval("SELECT count(*) FROM clicks WHERE user_id = $1", "serve-user") == 300
+
+        # SIGTERM under load: every 302 that went out has its row.
+        redirected: list[str] = []
+
+        async def load() -> None:
+            while True:
+                try:
+                    status, cid = await _go(session, base, token)
+                except (aiohttp.ClientError, OSError):
+                    return
+                if status == 302:
+                    redirected.append(cid)
+
+        loaders = [asyncio.create_task(load()) for _ in range(16)]
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 30)
+        await asyncio.wait_for(asyncio.gather(*loaders, return_exceptions=True), 10)
+    assert code == 0
+    assert len(redirected) > 0
+    stored = {r["click_id"] for r in await db.fetch(
+        "SELECT click_id FROM clicks WHERE user_id = $1", "serve-user")}
+    assert set(redirected) <= stored
+    assert len(stored) == 300 + len(set(redirected))

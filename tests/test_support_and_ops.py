@@ -1,0 +1,49 @@
+from tracker.domain.clickid import new_click_id
+
+from .conftest import ADMIN, BROWSER
+
+
+async def test_click_view_needs_the_admin_key(client, tokens):
+    resp = await client.get("/go/aliexpress", params={"u": tokens.mint("kim"), "device": "dev-9"},
+                            allow_redirects=False, headers=BROWSER)
+    cid = resp.headers["X-Click-Id"]
+    assert (await client.get(f"/v1/clicks/{cid}")).status == 401
+    wrong = await client.get(f"/v1/clicks/{cid}", headers={"Authorization": "Bearer nope"})
+    assert wrong.status == 401 and (await wrong.json())["error"] == "unauthorized"
+    view = await client.get(f"/v1/clicks/{cid}", headers=ADMIN)
+    assert view.status == 200
+    body = await view.json()
+    click = body["click"]
+    assert (click["click_id"], click["user_id"], click["merchant"], click["source"], click["bot"]) == (
+        cid, "kim", "aliexpress", "web", False)
+    assert click["created_at"].endswith("Z")
+    assert body["state"] == "active"
+    assert isinstance(body["signals"], list) and isinstance(body["conversions"], list)
+    assert isinstance(body["diagnosis"], list)
+
+
+async def test_click_view_404s(client):
+    for cid in (new_click_id()[0], "not-an-id", "x" * 200):
+        resp = await client.get(f"/v1/clicks/{cid}", headers=ADMIN)
+        assert resp.status == 404
+        assert (await resp.json())["error"] == "not_found"
+
+
+async def test_health_ready_and_metrics(client, tokens):
+    assert (await client.get("/healthz")).status == 200
+    ready = await client.get("/readyz")
+    assert ready.status == 200
+    assert (await ready.json())["postgres"] == "up"
+    await client.get("/go/nike", params={"u": tokens.mint("lee")}, allow_redirects=False, headers=BROWSER)
+    text = await (await client.get("/metrics")).text()
+    for name in ("tracker_clicks_total", "tracker_redirect_duration_seconds_bucket",
+                 "tracker_spool_pending_clicks", "tracker_writer_batch_size_bucket"):
+        assert name in text
+    assert 'tracker_clicks_total{bot="false",merchant="nike",source="web"}' in text
+
+
+async def test_unknown_routes_and_methods_answer_json(client):
+    resp = await client.get("/nope")
+    assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+    resp = await client.post("/go/nike")
+    assert resp.status == 405 and (await resp.json())["error"] == "method_not_allowed"
