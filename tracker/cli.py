@@ -47,6 +47,17 @@ def _serve_worker(settings: Settings, host: str, port: int) -> None:
                 shutdown_timeout=10.0)
 
 
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGTERM when the supervising process dies, so none is left orphaned."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def serve(settings: Settings, host: str, port: int, workers: int) -> int:
     _warn_dev_secret(settings)
     if workers == 1:
@@ -64,6 +75,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:
+            _die_with_parent()
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             try:

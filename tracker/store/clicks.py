@@ -19,6 +19,7 @@ import structlog
 from .. import metrics
 from .db import ensure_partitions
 from .spool import SegmentLock, Spool, count_rows
+from .tasks import cancel_and_wait
 
 log = structlog.get_logger("tracker.clicks")
 
@@ -120,9 +121,7 @@ class ClickWriter:
         while (self._queued or self._sealed or self._open.rows) and self._loop.time() < deadline:
             self._wake.set()
             await asyncio.sleep(0.01)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks)
         while (batch := self._take()) is not None:  # whatever is left after the deadline
             await self._to_spool(batch)
         self.spool.close()

@@ -10,6 +10,7 @@ import asyncpg
 import structlog
 
 from ..domain.merchants import Merchant, MerchantsFile, Network
+from .tasks import cancel_and_wait
 
 CHANNEL = "tracker_merchants"
 log = structlog.get_logger("tracker.merchants")
@@ -121,9 +122,7 @@ class Catalog:
         self._task = asyncio.create_task(self._listen(), name="merchant-listener")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait([self._task])
 
     def _notified(self, *_: object) -> None:
         self._wake.set()

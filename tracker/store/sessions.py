@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from .. import metrics
+from .tasks import cancel_and_wait
 
 log = structlog.get_logger("tracker.redis")
 _Op = tuple[str, tuple[Any, ...], "asyncio.Future[Any] | None"]
@@ -87,10 +88,7 @@ class SessionStore:
         self._task = asyncio.create_task(self._run(), name="redis-batcher")
 
     async def stop(self) -> None:
-        for task in (self._task, self._probe):
-            if task:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait([self._task, self._probe])
         self._fail_pending()
 
     async def _run(self) -> None:

@@ -1,0 +1,152 @@
+"""Benchmark driver: starts the servers it needs, runs wrk against each scenario, checks that every
+counted 302 has its row, prints a Markdown table. Run through benchmarks/run."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tracker.devstack import _servers  # noqa: E402
+from tracker.domain.tokens import UserTokens  # noqa: E402
+
+SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
+WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
+SECRET = "bench-secret-0123456789abcdef"
+BENCH_DB = "trk_bench"
+OUT = ROOT / "benchmarks" / "results"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(port: int, path: str = "/healthz", timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                if s.recv(64).startswith(b"HTTP/1.1"):
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answers on port {port}")
+
+
+def wrk(port: int, script: str, env: dict[str, str], seconds: int = SECONDS) -> dict[str, float]:
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", "-s", script,
+         f"http://127.0.0.1:{port}"], capture_output=True, text=True, env={**os.environ, **env}, check=True)
+    match = re.search(r"^JSON (.*)$", out.stdout, re.M)
+    if not match:
+        raise RuntimeError(out.stdout + out.stderr)
+    result = json.loads(match.group(1))
+    result["rps"] = result["requests"] / result["seconds"]
+    return result
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def prepare_db(admin_url: str) -> str:
+    conn = await asyncpg.connect(admin_url)
+    await conn.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+    await conn.execute(f"CREATE DATABASE {BENCH_DB}")
+    await conn.close()
+    return re.sub(r"/[^/]*$", f"/{BENCH_DB}", admin_url)
+
+
+async def count_clicks(dsn: str) -> int:
+    conn = await asyncpg.connect(dsn)
+    try:
+        return await conn.fetchval("SELECT count(*) FROM clicks")
+    finally:
+        await conn.close()
+
+
+def main() -> int:
+    env = dict(os.environ)
+    env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
+    _servers(env)
+    dsn = asyncio.run(prepare_db(env["TRACKER_DATABASE_URL"]))
+    OUT.mkdir(parents=True, exist_ok=True)
+    tenv = {**env, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET": SECRET, "TRACKER_LOG_FORMAT": "json",
+            "TRACKER_RATE_LIMIT_IP": "1000000000", "TRACKER_RATE_LIMIT_USER": "100000",
+            "TRACKER_REDIS_PREFIX": "trkbench:", "TRACKER_DATA_DIR": str(OUT / "data")}
+    tracker = [sys.executable, "-m", "tracker.cli"]
+    subprocess.run([*tracker, "migrate"], env=tenv, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*tracker, "merchants", "sync", str(ROOT / "deploy/merchants.example.yaml")],
+                   env=tenv, check=True, stdout=subprocess.DEVNULL)
+    tokens_file = OUT / "tokens.txt"
+    signer = UserTokens(SECRET)
+    tokens_file.write_text("\n".join(signer.mint(f"bench-{i}") for i in range(5000)) + "\n")
+    script = str(ROOT / "benchmarks/go.lua")
+    wenv = {"TOKENS_FILE": str(tokens_file)}
+    rows: list[tuple[str, dict[str, float], str]] = []
+
+    port = free_port()
+    plain = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/plain_app.py"), str(port), str(WORKERS)])
+    try:
+        wait_http(port, "/go/x")
+        wrk(port, script, wenv, 2)
+        ceiling = wrk(port, script, wenv)
+    finally:
+        stop(plain)
+    rows.append(("plain aiohttp 302 (ceiling)", ceiling, "n/a"))
+
+    for durability in ("commit", "async"):
+        port = free_port()
+        log = (OUT / f"tracker-{durability}.log").open("wb")
+        proc = subprocess.Popen([*tracker, "serve", "--port", str(port), "--workers", str(WORKERS)],
+                                env={**tenv, "TRACKER_DURABILITY": durability}, stdout=log, stderr=log)
+        try:
+            wait_http(port, "/readyz")
+            wrk(port, script, wenv, 2)
+            time.sleep(1)
+            before = asyncio.run(count_clicks(dsn))
+            result = wrk(port, script, wenv)
+        finally:
+            stop(proc)
+            log.close()
+        after = asyncio.run(count_clicks(dsn))
+        ok = result["non_3xx"] == 0 and after - before >= result["requests"]
+        rows.append((f"tracker /go, durability={durability}", result,
+                     f"{after - before} rows for {result['requests']} requests ({'ok' if ok else 'MISMATCH'})"))
+
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    print(f"\n{stamp}, {os.cpu_count()} cores ({cpu}), wrk -t2 -c{CONNECTIONS} -d{SECONDS}s, "
+          f"{WORKERS} server processes\n")
+    print("| scenario | requests/s | p50 ms | p99 ms | ratio to ceiling | rows check |")
+    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    for name, r, check in rows:
+        print(f"| {name} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+              f"{r['rps'] / ceiling['rps']:.2f} | {check} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
