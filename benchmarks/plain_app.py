@@ -28,5 +28,12 @@ if __name__ == "__main__":
             serve(port)
             os._exit(0)
         pids.append(pid)
+    import signal
+
+    def stop(signum: int, _: object) -> None:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
     for pid in pids:
         os.waitpid(pid, 0)

@@ -6,6 +6,7 @@ prometheus_client, and /metrics merges the per-process files, so it shows the su
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import REGISTRY, multiprocess
@@ -41,6 +42,31 @@ CONVERSIONS = Counter("tracker_conversions_total", "Conversion status changes", 
 SIGNALS = Counter("tracker_signals_total", "Overwrite and risk signals", ["merchant", "kind", "network"])
 OBSERVE_EVENTS = Counter("tracker_observe_events_total", "Events reported by the extension", ["type"])
 SSE_CLIENTS = Gauge("tracker_sse_clients", "Open live event streams", multiprocess_mode="livesum")
+
+
+class Children:
+    """Labelled children cached by label values: `labels()` costs a lock and a tuple build per call,
+    which adds up on the redirect path."""
+
+    __slots__ = ("_metric", "_cache")
+
+    def __init__(self, metric: Counter | Histogram | Gauge) -> None:
+        self._metric = metric
+        self._cache: dict[tuple[str, ...], object] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._cache.get(values)
+        if child is None:
+            child = self._cache[values] = self._metric.labels(*values)
+        return child
+
+
+clicks = Children(CLICKS)
+http_requests = Children(HTTP_REQUESTS)
+http_seconds = Children(HTTP_SECONDS)
+signals = Children(SIGNALS)
+postbacks = Children(POSTBACKS)
+conversions = Children(CONVERSIONS)
 
 
 def render() -> bytes:

@@ -1,9 +1,9 @@
-"""Activation sessions and rate limits in Redis, batched: requests add commands to one pipeline per
-loop turn, so a thousand concurrent redirects cost a handful of Redis round trips, not a thousand.
+"""Activation sessions and rate limits in Redis, batched: one pipeline every few milliseconds
+carries every session write and rate-limit count gathered meanwhile, so no request waits for Redis.
 
-Redis trouble never blocks a redirect: while Redis is down every rate limit passes and session writes
-are dropped (counted in tracker_redis_fail_open_total, logged once per outage), and a probe brings it
-back. The overwrite detector falls back to PostgreSQL for the session then.
+Redis trouble never blocks a redirect: while Redis is down rate limits hold per worker only and
+session writes are dropped (counted in tracker_redis_fail_open_total, logged once per outage), and a
+probe brings it back. The overwrite detector falls back to PostgreSQL for the session then.
 """
 from __future__ import annotations
 
@@ -19,7 +19,13 @@ from .. import metrics
 from .tasks import cancel_and_wait
 
 log = structlog.get_logger("tracker.redis")
-_Op = tuple[str, tuple[Any, ...], "asyncio.Future[Any] | None"]
+_Op = tuple[str, tuple[Any, ...], None]
+_SET_MANY = """
+for i, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[2 * i - 1], 'EX', ARGV[2 * i])
+end
+return #KEYS
+"""
 
 
 class SessionStore:
@@ -27,6 +33,9 @@ class SessionStore:
         self.client, self.prefix, self.timeout = client, prefix, timeout
         self.ok = True
         self._ops: list[_Op] = []
+        self._window = 0
+        self._known: dict[str, int] = {}  # rate-limit key -> all workers' count at the last sync
+        self._local: dict[str, int] = {}  # rate-limit key -> this worker's hits since the last sync
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
@@ -43,28 +52,32 @@ class SessionStore:
         self._ops.append(("set", (self.session_key(click_id), orjson.dumps(session), ttl), None))
         self._wake.set()
 
-    async def over_limit(self, checks: list[tuple[str, str, int]]) -> tuple[str, int] | None:
+    def over_limit(self, checks: list[tuple[str, str, int]]) -> tuple[str, int] | None:
         """Count one hit for each (scope, key, limit-per-minute); the first scope over its limit and
-        the seconds until its window ends, or None. Fails open."""
-        checks = [c for c in checks if c[2] > 0]
-        if not checks:
-            return None
-        if not self.ok:
-            metrics.REDIS_FAIL_OPEN.labels("rate_limit").inc()
-            return None
+        the seconds until its window ends, or None.
+
+        Decided locally, without a Redis round trip: the count is the total all workers had reached
+        at the last sync plus this worker's hits since. A sync every `sync_interval` adds the local
+        hits to Redis (INCRBY) and reads the new totals, so across workers a limit can be overshot by
+        at most what the other workers admit within one interval. While Redis is down the limits
+        still hold per worker."""
         now = time.time()
         window = int(now // 60)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        keys = [f"{self.prefix}rl:{scope}:{key}:{window}" for scope, key, _ in checks]
-        self._ops.append(("rate", tuple(keys), fut))
-        self._wake.set()
-        counts = await fut
-        if counts is None:
-            return None
-        for (scope, _, limit), count in zip(checks, counts):
-            if count > limit:
+        if window != self._window:
+            self._window, self._known, self._local = window, {}, {}
+        keys = []
+        for scope, key, limit in checks:
+            if limit <= 0:
+                continue
+            name = f"{scope}:{key}"
+            if self._known.get(name, 0) + self._local.get(name, 0) >= limit:
                 metrics.RATE_LIMITED.labels(scope).inc()
                 return scope, int(60 - now % 60) + 1
+            keys.append(name)
+        for name in keys:
+            self._local[name] = self._local.get(name, 0) + 1
+        if keys:
+            self._wake.set()
         return None
 
     async def get_session(self, click_id: str) -> dict[str, Any] | None:
@@ -91,50 +104,46 @@ class SessionStore:
         await cancel_and_wait([self._task, self._probe])
         self._fail_pending()
 
-    async def _run(self) -> None:
+    async def _run(self, sync_interval: float = 0.05) -> None:
         while True:
-            if not self._ops:
+            if not self._ops and not self._local:
                 self._wake.clear()
                 await self._wake.wait()
+            if not self.ok:
+                self._ops.clear()
+                await asyncio.sleep(sync_interval)
+                continue
             ops, self._ops = self._ops, []
+            window, deltas, self._local = self._window, self._local, {}
             pipe = self.client.pipeline(transaction=False)
-            for kind, args, _ in ops:
-                if kind == "set":
-                    pipe.set(args[0], args[1], ex=args[2])
-                else:
-                    for key in args:
-                        pipe.incr(key)
-                        pipe.expire(key, 61)
+            if ops:
+                # One script call sets every session of the batch: one command to pack and one
+                # reply to parse instead of one per click.
+                argv: list[Any] = []
+                for _, args, _ in ops:
+                    argv += (args[1], args[2])
+                pipe.eval(_SET_MANY, len(ops), *[args[0] for _, args, _ in ops], *argv)
+            for name, delta in deltas.items():
+                key = f"{self.prefix}rl:{name}:{window}"
+                pipe.incrby(key, delta)
+                pipe.expire(key, 61)
             try:
                 results = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.timeout)
             except asyncio.CancelledError:
-                self._resolve(ops, None)
                 raise
             except Exception as exc:  # noqa: BLE001 - fail open
                 self._down(exc)
-                self._resolve(ops, None)
                 continue
-            self._resolve(ops, results)
-
-    @staticmethod
-    def _resolve(ops: list[_Op], results: list[Any] | None) -> None:
-        pos = 0
-        for kind, args, fut in ops:
-            if kind == "set":
-                pos += 1
-                continue
-            n = len(args)
-            if fut is not None and not fut.done():
-                if results is None:
-                    fut.set_result(None)
-                else:
-                    counts = results[pos:pos + 2 * n:2]
-                    fut.set_result(None if any(isinstance(c, Exception) for c in counts) else counts)
-            pos += 2 * n
+            if window == self._window:
+                totals = results[1 if ops else 0::2]
+                for name, total in zip(deltas, totals):
+                    if isinstance(total, int):
+                        self._known[name] = total
+            # Gather a little before the next round trip: one pipeline per interval, not per request.
+            await asyncio.sleep(sync_interval)
 
     def _fail_pending(self) -> None:
-        ops, self._ops = self._ops, []
-        self._resolve(ops, None)
+        self._ops.clear()
 
     def _down(self, exc: BaseException) -> None:
         if self.ok:

@@ -55,7 +55,7 @@ async def activate(request: web.Request) -> web.Response:
     settings = app[keys.SETTINGS]
     ip = client_ip(request, settings.trusted_proxies)
     sessions = app[keys.SESSIONS]
-    over = await sessions.over_limit([("ip", ip, settings.rate_limit_ip),
+    over = sessions.over_limit([("ip", ip, settings.rate_limit_ip),
                                       ("user", user_id, settings.rate_limit_user)])
     if over is not None:
         raise RateLimited(f"too many activations per {over[0]}, retry later", over[1])
@@ -70,7 +70,7 @@ async def activate(request: web.Request) -> web.Response:
     if not bot:
         sessions.put_session(click_id, {"u": user_id, "m": merchant.slug, "t": created_ms,
                                         "src": source, "dev": device}, merchant.session_ttl)
-    metrics.CLICKS.labels(merchant.slug, source, "true" if bot else "false").inc()
+    metrics.clicks(merchant.slug, source, "true" if bot else "false").inc()
     metrics.REDIRECT_SECONDS.observe(time.perf_counter() - started)
     return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store",
                                              "X-Click-Id": click_id})

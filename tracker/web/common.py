@@ -49,8 +49,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:  # noqa: BLE001 - the one place unexpected errors are logged and hidden
         log.exception("unhandled_error", route=route, method=request.method)
         response = error_response("internal", "internal error", 500)
-    metrics.HTTP_REQUESTS.labels(route, response.status).inc()
-    metrics.HTTP_SECONDS.labels(route).observe(time.perf_counter() - started)
+    metrics.http_requests(route, str(response.status)).inc()
+    metrics.http_seconds(route).observe(time.perf_counter() - started)
     return response
 
 
