@@ -16,7 +16,7 @@ from .store.db import create_pool, ensure_near_partitions
 from .store.merchants import Catalog
 from .store.sessions import SessionStore
 from .store.spool import Spool
-from .web import activation, ops, support
+from .web import activation, ops, postbacks, support
 from .web.common import errors
 
 log = structlog.get_logger("tracker.app")
@@ -82,5 +82,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/readyz", ops.readyz, name="readyz")
     app.router.add_get("/metrics", ops.metrics_view, name="metrics")
     app.router.add_get("/v1/clicks/{click_id}", support.click_view, name="click")
+    app.router.add_route("GET", "/postback/{network}", postbacks.postback, name="postback")
+    app.router.add_route("POST", "/postback/{network}", postbacks.postback, name="postback_post")
     log.debug("app_created", pid=os.getpid())
     return app

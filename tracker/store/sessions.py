@@ -41,6 +41,32 @@ class SessionStore:
         self._probe: asyncio.Task[None] | None = None
 
     # -- public -------------------------------------------------------------------------------
+    def state_key(self, click_id: str) -> str:
+        return f"{self.prefix}st:{click_id}"
+
+    def channel(self, click_id: str) -> str:
+        return f"{self.prefix}ev:{click_id}"
+
+    def put_state(self, click_id: str, state: dict[str, Any], ttl: int) -> None:
+        """Record a click's detector state and tell its live streams, without waiting."""
+        if not self.ok:
+            metrics.REDIS_FAIL_OPEN.labels("state").inc()
+            return
+        body = orjson.dumps(state)
+        self._ops.append(("cmd", ("set", self.state_key(click_id), body, ttl), None))
+        self._ops.append(("cmd", ("publish", self.channel(click_id), body), None))
+        self._wake.set()
+
+    async def get_state(self, click_id: str) -> dict[str, Any] | None:
+        if not self.ok:
+            return None
+        try:
+            raw = await asyncio.wait_for(self.client.get(self.state_key(click_id)), self.timeout)
+        except Exception as exc:  # noqa: BLE001 - fail open
+            self._down(exc)
+            return None
+        return orjson.loads(raw) if raw else None
+
     def session_key(self, click_id: str) -> str:
         return f"{self.prefix}s:{click_id}"
 
@@ -114,6 +140,8 @@ class SessionStore:
                 await asyncio.sleep(sync_interval)
                 continue
             ops, self._ops = self._ops, []
+            extras = [op for op in ops if op[0] == "cmd"]
+            ops = [op for op in ops if op[0] == "set"]
             window, deltas, self._local = self._window, self._local, {}
             pipe = self.client.pipeline(transaction=False)
             if ops:
@@ -127,6 +155,8 @@ class SessionStore:
                 key = f"{self.prefix}rl:{name}:{window}"
                 pipe.incrby(key, delta)
                 pipe.expire(key, 61)
+            for _, args, _ in extras:
+                getattr(pipe, args[0])(*args[1:])
             try:
                 results = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.timeout)
             except asyncio.CancelledError:
@@ -135,7 +165,8 @@ class SessionStore:
                 self._down(exc)
                 continue
             if window == self._window:
-                totals = results[1 if ops else 0::2]
+                first = 1 if ops else 0
+                totals = results[first:first + 2 * len(deltas):2]
                 for name, total in zip(deltas, totals):
                     if isinstance(total, int):
                         self._known[name] = total

@@ -2,14 +2,41 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from typing import Any
 
 from aiohttp import web
 
 from .. import keys
 from ..domain.clickid import is_click_id
+from ..domain.conversions import money
+from ..domain.diagnosis import ClickFacts, diagnose
 from ..errors import NotFound
-from ..store.support import get_click
+from ..store.conversions import conversions_for_click
+from ..store.support import get_click, get_signals, get_state
 from .common import json_response, require_admin
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if value else None
+
+
+def _conversion(row: dict[str, Any]) -> dict[str, Any]:
+    cur = row["currency"].strip()
+    return {
+        "network": row["network"], "order_id": row["order_id"], "status": row["status"],
+        "status_word": row["status_word"], "amount": money(row["amount"], cur),
+        "commission": money(row["commission"], cur), "currency": cur,
+        "user_share": money(row["user_share"]), "cashback": money(row["cashback"], cur),
+        "order_time": _iso(row["order_time"]), "created_at": _iso(row["created_at"]),
+        "updated_at": _iso(row["updated_at"]),
+        "history": [{
+            "outcome": h["outcome"], "status": h["status"], "status_word": h["status_word"],
+            "amount": money(h["amount"], cur), "commission": money(h["commission"], cur),
+            "currency": (h["currency"] or "").strip() or None, "order_time": _iso(h["order_time"]),
+            "received_at": _iso(h["received_at"]), "raw": h["raw"] if isinstance(h["raw"], dict)
+            else __import__("orjson").loads(h["raw"]),
+        } for h in row["history"]],
+    }
 
 
 async def click_view(request: web.Request) -> web.Response:
@@ -18,18 +45,24 @@ async def click_view(request: web.Request) -> web.Response:
     click_id = request.match_info["click_id"]
     if not is_click_id(click_id):
         raise NotFound("no such click")
-    click = await get_click(app[keys.POOL], click_id)
+    pool = app[keys.POOL]
+    click = await get_click(pool, click_id)
     if click is None:
         raise NotFound("no such click")
     merchant = app[keys.CATALOG].merchants.get(click["merchant"])
-    created: datetime = click["created_at"]
-    ttl = merchant.session_ttl if merchant else 7200
-    expired = (datetime.now(timezone.utc) - created).total_seconds() > ttl
-    click["created_at"] = created.isoformat().replace("+00:00", "Z")
+    conversions = await conversions_for_click(pool, click_id)
+    signals = await get_signals(pool, click_id)
+    stored_state = await get_state(pool, click_id)
+    facts = ClickFacts.build(click, merchant, stored_state, signals, conversions,
+                             datetime.now(timezone.utc))
+    body_click = {k: v for k, v in click.items()}
+    body_click["created_at"] = _iso(click["created_at"])
     return json_response({
-        "click": click,
-        "state": "expired" if expired else "active",
-        "signals": [],
-        "conversions": [],
-        "diagnosis": [],
+        "click": body_click,
+        "state": facts.state,
+        "action": "reactivate" if facts.state in ("overwritten", "expired") else "none",
+        "signals": [{"kind": s["kind"], "network": s["network"], "evidence": s["evidence"],
+                     "at": _iso(s["at"]), "late": s["late"]} for s in signals],
+        "conversions": [_conversion(c) for c in conversions],
+        "diagnosis": [{"code": d.code, "text": d.text} for d in diagnose(facts)],
     })

@@ -1,0 +1,52 @@
+"""`tracker postbacks orphans|reconcile`: support's tools for postbacks whose click was unknown."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from typing import Any
+
+from .settings import Settings
+
+
+def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in row.items():
+        if hasattr(value, "isoformat"):
+            value = value.isoformat()
+        elif isinstance(value, str) and key == "raw":
+            value = json.loads(value)
+        out[key] = value
+    return out
+
+
+async def _run(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from .store.conversions import list_orphans, reconcile
+    from .store.merchants import load
+    from .web.postbacks import read_raw
+
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        if args.action == "orphans":
+            for row in await list_orphans(conn, args.limit):
+                print(json.dumps(_jsonable(row), ensure_ascii=False))
+            return 0
+        merchants, networks = await load(conn)
+
+        def read(network: str, raw: dict[str, Any]):  # noqa: ANN202
+            net = networks.get(network)
+            return read_raw(net, raw) if net else None
+
+        attached = await reconcile(conn, read, merchants.get)
+        for item in attached:
+            print(json.dumps(item))
+        print(json.dumps({"reconciled": len(attached)}))
+        return 0
+    finally:
+        await conn.close()
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    return asyncio.run(_run(settings, args))

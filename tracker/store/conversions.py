@@ -1,0 +1,162 @@
+"""Conversions, postback history and orphans in PostgreSQL.
+
+Concurrent postbacks for one order (networks retry in parallel) meet at the unique key: the first
+INSERT wins, the others wait for its commit, find the row and take a row lock before deciding the
+status move, so the end state is the same whatever the interleaving.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Callable
+
+import asyncpg
+import orjson
+
+from ..domain.clickid import click_time, is_click_id
+from ..domain.conversions import Postback, cashback, transition
+from ..domain.merchants import Merchant
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    outcome: str  # accepted | duplicate | orphan
+    conversion_id: int | None = None
+    merchant: str | None = None
+    status: str | None = None  # the conversion's status after this postback
+    status_changed: bool = False
+    click_id: str | None = None
+    user_id: str | None = None
+    reason: str | None = None
+
+
+async def find_click(conn: asyncpg.Connection, click_id: str | None) -> asyncpg.Record | None:
+    if not click_id or not is_click_id(click_id):
+        return None
+    return await conn.fetchrow(
+        "SELECT click_id, created_at, user_id, merchant, bot FROM clicks "
+        "WHERE click_id = $1 AND created_at = $2", click_id, click_time(click_id))
+
+
+async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, raw: dict[str, Any],
+                          merchants: Callable[[str], Merchant | None]) -> Recorded:
+    raw_json = orjson.dumps(raw).decode()
+    async with conn.transaction():
+        click = await find_click(conn, pb.click_id)
+        if click is None or click["bot"]:
+            if not pb.click_id:
+                reason = "no_click_id"
+            elif not is_click_id(pb.click_id):
+                reason = "malformed_click_id"
+            else:
+                reason = "unknown_click" if click is None else "bot_click"
+            await conn.execute(
+                "INSERT INTO orphan_postbacks (network, order_id, click_id, reason, raw) "
+                "VALUES ($1, $2, $3, $4, $5::jsonb)", network, pb.order_id, pb.click_id, reason, raw_json)
+            return Recorded("orphan", click_id=pb.click_id, reason=reason)
+        merchant = merchants(click["merchant"])
+        share = merchant.user_share if merchant else Decimal(0)
+        owed = cashback(pb.commission, share, pb.currency, pb.status)
+        conversion_id = await conn.fetchval(
+            "INSERT INTO conversions (network, order_id, click_id, click_created_at, user_id, merchant, "
+            "status, status_word, amount, commission, currency, user_share, cashback, order_time) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) "
+            "ON CONFLICT (network, order_id) DO NOTHING RETURNING id",
+            network, pb.order_id, click["click_id"], click["created_at"], click["user_id"],
+            click["merchant"], pb.status, pb.status_word, pb.amount, pb.commission, pb.currency, share,
+            owed, pb.order_time)
+        if conversion_id is not None:
+            result = Recorded("accepted", conversion_id, click["merchant"], pb.status, True,
+                              click["click_id"], click["user_id"])
+        else:
+            result = await _update(conn, network, pb)
+        await conn.execute(
+            "INSERT INTO postback_history (conversion_id, network, order_id, click_id, outcome, status, "
+            "status_word, amount, commission, currency, order_time, raw) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb)",
+            result.conversion_id, network, pb.order_id, pb.click_id, result.outcome, pb.status,
+            pb.status_word, pb.amount, pb.commission, pb.currency, pb.order_time, raw_json)
+        if result.conversion_id is not None:
+            conv_click = result.click_id or click["click_id"]
+            await conn.execute(
+                "INSERT INTO click_states (click_id, created_at, state, converted_at) "
+                "VALUES ($1, $2, 'converted', now()) ON CONFLICT (click_id) DO UPDATE SET "
+                "state = 'converted', converted_at = COALESCE(click_states.converted_at, now()), "
+                "updated_at = now()", conv_click, click_time(conv_click))
+    return result
+
+
+async def _update(conn: asyncpg.Connection, network: str, pb: Postback) -> Recorded:
+    row = await conn.fetchrow(
+        "SELECT id, status, amount, commission, currency, user_share, merchant, click_id, user_id "
+        "FROM conversions WHERE network = $1 AND order_id = $2 FOR UPDATE", network, pb.order_id)
+    move = transition(row["status"], pb.status)
+    base = dict(conversion_id=row["id"], merchant=row["merchant"], click_id=row["click_id"],
+                user_id=row["user_id"])
+    if move == "ignored":
+        return Recorded("duplicate", status=row["status"], **base)
+    corrected = (pb.commission != row["commission"] or pb.currency != row["currency"].strip()
+                 or (pb.amount is not None and pb.amount != row["amount"]))
+    if move == "same" and not corrected:
+        return Recorded("duplicate", status=row["status"], **base)
+    owed = cashback(pb.commission, row["user_share"], pb.currency, pb.status)
+    await conn.execute(
+        "UPDATE conversions SET status = $2, status_word = $3, amount = COALESCE($4, amount), "
+        "commission = $5, currency = $6, cashback = $7, order_time = COALESCE($8, order_time), "
+        "updated_at = now() WHERE id = $1",
+        row["id"], pb.status, pb.status_word, pb.amount, pb.commission, pb.currency, owed, pb.order_time)
+    return Recorded("accepted", status=pb.status, status_changed=move == "forward", **base)
+
+
+async def conversions_for_click(conn: asyncpg.Pool | asyncpg.Connection, click_id: str) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT id, network, order_id, status, status_word, amount, commission, currency, user_share, "
+        "cashback, order_time, created_at, updated_at FROM conversions WHERE click_id = $1 ORDER BY id",
+        click_id)
+    history = await conn.fetch(
+        "SELECT conversion_id, outcome, status, status_word, amount, commission, currency, order_time, "
+        "raw, received_at FROM postback_history WHERE conversion_id = ANY($1::bigint[]) ORDER BY id",
+        [r["id"] for r in rows])
+    out = []
+    for r in rows:
+        item = dict(r)
+        item["history"] = [dict(h) for h in history if h["conversion_id"] == r["id"]]
+        out.append(item)
+    return out
+
+
+async def list_orphans(conn: asyncpg.Connection, limit: int, include_reconciled: bool = False) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT id, network, order_id, click_id, reason, raw, received_at, reconciled_at, conversion_id "
+        "FROM orphan_postbacks WHERE ($2 OR reconciled_at IS NULL) ORDER BY id LIMIT $1",
+        limit, include_reconciled)
+    return [dict(r) for r in rows]
+
+
+async def reconcile(conn: asyncpg.Connection, read: Callable[[str, dict[str, Any]], Postback | None],
+                    merchants: Callable[[str], Merchant | None], limit: int = 10_000) -> list[dict[str, Any]]:
+    """Attach open orphans whose click exists now (a spool replay, a late partition): each is
+    recorded as the postback it was, and the orphan marked reconciled."""
+    attached = []
+    for orphan in await list_orphans(conn, limit):
+        raw = orjson.loads(orphan["raw"]) if isinstance(orphan["raw"], str) else orphan["raw"]
+        pb = read(orphan["network"], raw)
+        if pb is None:
+            continue
+        click = await find_click(conn, pb.click_id)
+        if click is None or click["bot"]:
+            continue
+        async with conn.transaction():
+            locked = await conn.fetchval(
+                "SELECT id FROM orphan_postbacks WHERE id = $1 AND reconciled_at IS NULL FOR UPDATE SKIP LOCKED",
+                orphan["id"])
+            if locked is None:
+                continue
+            result = await record_postback(conn, orphan["network"], pb, raw, merchants)
+            await conn.execute(
+                "UPDATE orphan_postbacks SET reconciled_at = now(), conversion_id = $2 WHERE id = $1",
+                orphan["id"], result.conversion_id)
+        attached.append({"orphan_id": orphan["id"], "network": orphan["network"],
+                         "order_id": orphan["order_id"], "click_id": pb.click_id,
+                         "outcome": result.outcome, "conversion_id": result.conversion_id})
+    return attached
