@@ -1,6 +1,7 @@
 """create_app(): routes, middlewares, and one cleanup context per resource, in dependency order."""
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import AsyncIterator
 
@@ -9,14 +10,17 @@ import structlog
 from aiohttp import web
 
 from . import keys, metrics
+from .domain.catalog import load_catalog
+from .domain.detection import Detector
 from .domain.tokens import UserTokens
 from .settings import Settings, censor_dsn
 from .store.clicks import ClickWriter
 from .store.db import create_pool, ensure_near_partitions
 from .store.merchants import Catalog
 from .store.sessions import SessionStore
+from .store.signals import SignalWriter
 from .store.spool import Spool
-from .web import activation, ops, postbacks, support
+from .web import activation, events, observe, ops, postbacks, support
 from .web.common import errors
 
 log = structlog.get_logger("tracker.app")
@@ -70,18 +74,35 @@ async def _writer(app: web.Application) -> AsyncIterator[None]:
     await writer.close()
 
 
+async def _signals(app: web.Application) -> AsyncIterator[None]:
+    writer = SignalWriter(app[keys.POOL])
+    await writer.start()
+    app[keys.SIGNALS] = writer
+    yield
+    await writer.stop()
+
+
+async def _closing(app: web.Application) -> None:
+    app[keys.CLOSING].set()  # live event streams end so that shutdown does not wait for them
+
+
 def create_app(settings: Settings) -> web.Application:
     # Long query strings (deep links) get our own 400 rather than aiohttp's bare one.
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024,
                           handler_args={"max_line_size": 16384, "max_field_size": 16384})
     app[keys.SETTINGS] = settings
     app[keys.TOKENS] = UserTokens(settings.secret)
-    app.cleanup_ctx.extend([_postgres, _catalog, _redis, _writer])
+    app[keys.DETECTOR] = Detector(load_catalog())
+    app[keys.CLOSING] = asyncio.Event()
+    app.on_shutdown.append(_closing)
+    app.cleanup_ctx.extend([_postgres, _catalog, _redis, _writer, _signals])
     app.router.add_get("/go/{merchant}", activation.activate, name="go")  # HEAD too
     app.router.add_get("/healthz", ops.healthz, name="healthz")
     app.router.add_get("/readyz", ops.readyz, name="readyz")
     app.router.add_get("/metrics", ops.metrics_view, name="metrics")
     app.router.add_get("/v1/clicks/{click_id}", support.click_view, name="click")
+    app.router.add_post("/v1/observe", observe.observe, name="observe")
+    app.router.add_get("/v1/clicks/{click_id}/events", events.events, name="click_events")
     app.router.add_route("GET", "/postback/{network}", postbacks.postback, name="postback")
     app.router.add_route("POST", "/postback/{network}", postbacks.postback, name="postback_post")
     log.debug("app_created", pid=os.getpid())

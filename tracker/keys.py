@@ -5,11 +5,15 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
+import asyncio
+
+from .domain.detection import Detector
 from .domain.tokens import UserTokens
 from .settings import Settings
 from .store.clicks import ClickWriter
 from .store.merchants import Catalog
 from .store.sessions import SessionStore
+from .store.signals import SignalWriter
 
 SETTINGS = web.AppKey("settings", Settings)
 TOKENS = web.AppKey("tokens", UserTokens)
@@ -18,3 +22,6 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 CATALOG = web.AppKey("catalog", Catalog)
 WRITER = web.AppKey("writer", ClickWriter)
 SESSIONS = web.AppKey("sessions", SessionStore)
+SIGNALS = web.AppKey("signals", SignalWriter)
+DETECTOR = web.AppKey("detector", Detector)
+CLOSING = web.AppKey("closing", asyncio.Event)

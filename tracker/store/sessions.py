@@ -67,6 +67,19 @@ class SessionStore:
             return None
         return orjson.loads(raw) if raw else None
 
+    async def get_session_and_state(self, click_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, bool]:
+        """The activation session and the detector state in one round trip; the last item is False
+        when Redis could not answer (the caller falls back to PostgreSQL)."""
+        if not self.ok:
+            return None, None, False
+        try:
+            raw = await asyncio.wait_for(
+                self.client.mget(self.session_key(click_id), self.state_key(click_id)), self.timeout)
+        except Exception as exc:  # noqa: BLE001 - fail open
+            self._down(exc)
+            return None, None, False
+        return (orjson.loads(raw[0]) if raw[0] else None, orjson.loads(raw[1]) if raw[1] else None, True)
+
     def session_key(self, click_id: str) -> str:
         return f"{self.prefix}s:{click_id}"
 

@@ -1,0 +1,238 @@
+"""The overwrite detector: from what the shopping tab reports, decide whose link is on the order.
+
+Rules (see shared/DOMAIN.md):
+- The chain our partner URL starts is ours, up to and including the first page on one of the
+  merchant's hosts: every network click value seen there is bound to the session as ours.
+- After that, the first value of our own network's click parameter is ours too; a later different value
+  of a bound parameter is another publisher of the same network. Any other network's landing parameter
+  or redirect host is foreign, and so is the stand-down marker afsrc=1.
+- Promo codes other than the merchant's own are foreign. Ad-platform click ids, another device, a
+  basket filled before activation and excluded stores are risks: listed, state unchanged.
+- `overwritten` is for good; `expired` once the session TTL has passed; after a postback (`converted`)
+  signals are kept as late and change nothing.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from .catalog import AffiliateCatalog, Hit, host_of
+from .merchants import Merchant
+from .targets import host_allowed
+
+DEFINITIVE = frozenset(("foreign_affiliate_param", "foreign_redirect_host", "foreign_promo_code"))
+_STORE_PATH = re.compile(r"/store/(\d{1,20})")
+_STORE_PARAMS = ("storeid", "store_id", "sellerid", "seller_id", "shopid", "shop_id")
+
+
+class BadEvent(ValueError):
+    pass
+
+
+@dataclass
+class SessionState:
+    state: str = "active"
+    landed: bool = False
+    bound: dict[str, str] = field(default_factory=dict)  # "network:param" -> value that is ours
+    overwritten_at: int | None = None
+    expired_signalled: bool = False
+
+    def dump(self) -> dict[str, Any]:
+        return {"state": self.state, "landed": self.landed, "bound": self.bound,
+                "overwritten_at": self.overwritten_at, "expired_signalled": self.expired_signalled}
+
+    @classmethod
+    def load(cls, raw: dict[str, Any] | None) -> "SessionState":
+        raw = raw or {}
+        return cls(state=raw.get("state", "active"), landed=bool(raw.get("landed")),
+                   bound=dict(raw.get("bound") or {}), overwritten_at=raw.get("overwritten_at"),
+                   expired_signalled=bool(raw.get("expired_signalled")))
+
+
+@dataclass(frozen=True)
+class ClickContext:
+    click_id: str
+    created_ms: int
+    device: str | None
+    merchant: Merchant
+    our_network: str | None
+    converted: bool
+
+
+def _shorten(value: str, keep: frozenset[str]) -> str:
+    if value in keep or len(value) <= 10:
+        return value
+    return value[:6] + "…"
+
+
+def sanitize(url: str, keep: frozenset[str]) -> str:
+    """The URL with our own identifiers kept and others' values shortened (evidence, not a copy)."""
+    try:
+        parts = urlsplit(url)
+        pairs = parse_qsl(parts.query, keep_blank_values=True, max_num_fields=500)
+    except ValueError:
+        return url[:200]
+    query = urlencode([(k, _shorten(v, keep)) for k, v in pairs], safe=":/…")
+    return urlunsplit((parts.scheme, parts.netloc, parts.path[:200], query, ""))[:512]
+
+
+def parse_at(raw: Any, created_ms: int, now_ms: int) -> int:
+    """An event's time in ms, from the client's clock, clamped to [click creation, server now]."""
+    ms = now_ms
+    if isinstance(raw, str) and raw:
+        try:
+            parsed = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=timezone.utc)
+            ms = int(parsed.timestamp() * 1000)
+        except (ValueError, OverflowError, OSError):
+            ms = now_ms
+    elif isinstance(raw, int | float) and not isinstance(raw, bool):
+        ms = int(raw * 1000 if raw < 1e11 else raw)
+    return min(max(ms, created_ms), now_ms)
+
+
+class Detector:
+    def __init__(self, catalog: AffiliateCatalog) -> None:
+        self.catalog = catalog
+
+    def observe(self, ctx: ClickContext, state: SessionState, events: list[dict[str, Any]],
+                now_ms: int) -> list[dict[str, Any]]:
+        """Apply events in time order; return the new signals (state is updated in place)."""
+        signals: list[dict[str, Any]] = []
+        ttl_ms = ctx.merchant.session_ttl * 1000
+        timed = sorted(((parse_at(e.get("at"), ctx.created_ms, now_ms), i, e) for i, e in enumerate(events)),
+                       key=lambda t: (t[0], t[1]))
+        for at, _, event in timed:
+            late = ctx.converted or state.state == "converted"
+            if not late and at > ctx.created_ms + ttl_ms and state.state == "active":
+                state.state = "expired"
+            if not late and state.state == "expired" and not state.expired_signalled:
+                state.expired_signalled = True
+                signals.append(self._signal("session_expired", None, {
+                    "session_ttl_s": ctx.merchant.session_ttl}, ctx.created_ms + ttl_ms, False))
+            kind = event.get("type")
+            if kind == "navigation":
+                found = self._navigation(ctx, state, event.get("url"))
+            elif kind == "promo_code":
+                found = self._promo(ctx, event.get("code"))
+            elif kind == "checkout":
+                found = self._checkout(ctx, event)
+            else:
+                raise BadEvent(f"unknown event type {str(kind)[:20]!r}")
+            for sig_kind, network, evidence in found:
+                signals.append(self._signal(sig_kind, network, evidence, at, late))
+                if not late and sig_kind in DEFINITIVE and state.state == "active":
+                    state.state = "overwritten"
+                    state.overwritten_at = at
+        if ctx.converted:
+            state.state = "converted"
+        return signals
+
+    @staticmethod
+    def _signal(kind: str, network: str | None, evidence: dict[str, Any], at: int, late: bool) -> dict[str, Any]:
+        return {"kind": kind, "network": network, "evidence": evidence, "at": at, "late": late}
+
+    def _navigation(self, ctx: ClickContext, state: SessionState, url: Any) -> list[tuple[str, str | None, dict[str, Any]]]:
+        if not isinstance(url, str) or len(url) > 8192:
+            return []
+        host = host_of(url)
+        if host is None:
+            return []  # a URL that does not parse is ignored, not refused
+        merchant = ctx.merchant
+        hits = self.catalog.scan(url)
+        ours_prefix = url.startswith(merchant.partner_url.split("{", 1)[0]) or (
+            merchant.app_url is not None and url.startswith(merchant.app_url.split("{", 1)[0]))
+        on_store = host_allowed(host, merchant.allowed_hosts)
+        in_chain = not state.landed
+        if on_store:
+            state.landed = True
+        keep = frozenset([ctx.click_id, *state.bound.values()])
+        out: list[tuple[str, str | None, dict[str, Any]]] = []
+        seen: set[tuple[str, str | None]] = set()
+
+        def add(kind: str, hit: Hit, **extra: Any) -> None:
+            if (kind, hit.network) in seen:
+                return
+            seen.add((kind, hit.network))
+            evidence = {"host": hit.host, "url": sanitize(hit.url or url, keep)}
+            if hit.param:
+                evidence["param"] = hit.param
+                evidence["value"] = _shorten(hit.value or "", keep)
+            evidence.update(extra)
+            out.append((kind, hit.network, evidence))
+
+        for hit in hits:
+            if hit.risk:
+                if not in_chain and hit.kind in ("param", "marker"):
+                    add("ad_click_id", hit)
+                continue
+            if hit.kind == "standdown":
+                if not in_chain:
+                    add("foreign_affiliate_param", hit, standdown=True)
+                continue
+            if ours_prefix or in_chain:
+                if hit.kind == "param":
+                    state.bound.setdefault(f"{hit.network}:{hit.param}", hit.value or "")
+                continue
+            if hit.kind == "param":
+                key = f"{hit.network}:{hit.param}"
+                bound = state.bound.get(key)
+                if bound is not None:
+                    if bound != hit.value:
+                        add("foreign_affiliate_param", hit, same_network=True)
+                elif hit.network == ctx.our_network:
+                    state.bound[key] = hit.value or ""
+                else:
+                    add("foreign_affiliate_param", hit)
+            elif hit.kind == "marker":
+                if hit.network != ctx.our_network:
+                    add("foreign_affiliate_param", hit)
+            elif hit.kind == "host":
+                add("foreign_redirect_host", hit, same_network=hit.network == ctx.our_network)
+        if on_store and merchant.excluded_stores:
+            store = self._store_id(url)
+            if store and store in merchant.excluded_stores:
+                out.append(("excluded_store", None, {"store_id": store, "url": sanitize(url, keep)}))
+        return out
+
+    @staticmethod
+    def _store_id(url: str) -> str | None:
+        parts = urlsplit(url)
+        match = _STORE_PATH.search(parts.path)
+        if match:
+            return match.group(1)
+        for name, value in parse_qsl(parts.query, max_num_fields=500):
+            if name.lower() in _STORE_PARAMS:
+                return value[:32]
+        return None
+
+    @staticmethod
+    def _promo(ctx: ClickContext, code: Any) -> list[tuple[str, str | None, dict[str, Any]]]:
+        if not isinstance(code, str):
+            raise BadEvent("promo_code: code must be text")
+        code = code.strip()
+        if not code or ctx.merchant.is_own_code(code):
+            return []
+        return [("foreign_promo_code", None, {"code": code[:64]})]
+
+    @staticmethod
+    def _checkout(ctx: ClickContext, event: dict[str, Any]) -> list[tuple[str, str | None, dict[str, Any]]]:
+        out: list[tuple[str, str | None, dict[str, Any]]] = []
+        device = event.get("device")
+        if device is not None and not isinstance(device, str):
+            raise BadEvent("checkout: device must be text")
+        if device and ctx.device and device[:128] != ctx.device:
+            out.append(("cross_device", None, {"activated_on": ctx.device, "ordered_on": device[:128]}))
+        items = event.get("basket_items_before_activation")
+        if items is not None and (not isinstance(items, int) or isinstance(items, bool) or not 0 <= items <= 100_000):
+            raise BadEvent("checkout: basket_items_before_activation must be a count")
+        if items:
+            out.append(("prefilled_basket", None, {"items": items}))
+        store = event.get("store_id")
+        if isinstance(store, str | int) and str(store) in ctx.merchant.excluded_stores:
+            out.append(("excluded_store", None, {"store_id": str(store)}))
+        return out

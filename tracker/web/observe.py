@@ -1,0 +1,122 @@
+"""POST /v1/observe: what the extension or in-app browser saw after activation."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+
+from .. import keys, metrics
+from ..domain.clickid import is_click_id
+from ..domain.detection import BadEvent, ClickContext, SessionState
+from ..errors import BadRequest, NotFound, RateLimited, TooLarge, Unauthorized
+from ..store.support import get_click, get_state
+from .common import bearer, client_ip
+
+log = structlog.get_logger("tracker.observe")
+MAX_BODY = 64 * 1024
+MAX_EVENTS = 100
+STATE_TTL_EXTRA = 86400  # keep the detector state a day past the session
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        raise TooLarge(f"the body is larger than {MAX_BODY} bytes")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise TooLarge(f"the body is larger than {MAX_BODY} bytes")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON", code="malformed") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object", code="malformed")
+    events = doc.get("events")
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise BadRequest("events must be a list of objects", code="malformed")
+    if len(events) > MAX_EVENTS:
+        raise BadRequest(f"at most {MAX_EVENTS} events per request", code="too_many_events")
+    if not isinstance(doc.get("click_id"), str):
+        raise BadRequest("click_id is required", code="malformed")
+    return doc
+
+
+async def load_click(app: web.Application, click_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(session, detector state) for a click: Redis first, PostgreSQL when Redis has nothing."""
+    sessions = app[keys.SESSIONS]
+    session, state, _ = await sessions.get_session_and_state(click_id)
+    if session is not None:
+        return session, state
+    click = await get_click(app[keys.POOL], click_id)
+    if click is None:
+        return None, None
+    stored = await get_state(app[keys.POOL], click_id)
+    session = {"u": click["user_id"], "m": click["merchant"], "t": int(click["created_at"].timestamp() * 1000),
+               "dev": click["device"], "bot": click["bot"]}
+    if state is None and stored is not None:
+        detector = stored.get("detector")
+        state = orjson.loads(detector) if isinstance(detector, str) else (detector or {})
+        state["state"] = stored["state"]
+    return session, state
+
+
+async def observe(request: web.Request) -> web.Response:
+    app = request.app
+    user_id = app[keys.TOKENS].verify(bearer(request))
+    if user_id is None:
+        raise Unauthorized("a valid user token is required: Authorization: Bearer <token>")
+    settings = app[keys.SETTINGS]
+    over = app[keys.SESSIONS].over_limit([("ip", client_ip(request, settings.trusted_proxies),
+                                           settings.rate_limit_ip)])
+    if over is not None:
+        raise RateLimited("too many requests from this address, retry later", over[1])
+    doc = await _body(request)
+    click_id = doc["click_id"]
+    if not is_click_id(click_id):
+        raise NotFound("no such click")
+    session, raw_state = await load_click(app, click_id)
+    if session is None or session.get("u") != user_id:
+        raise NotFound("no such click")
+    merchant = app[keys.CATALOG].merchants.get(session["m"])
+    if merchant is None:
+        raise NotFound("no such click")
+    network = app[keys.CATALOG].networks.get(merchant.network)
+    detector = app[keys.DETECTOR]
+    our = network.profile if network and network.profile in detector.catalog.networks else merchant.network
+    state = SessionState.load(raw_state)
+    before = state.dump()
+    ctx = ClickContext(click_id=click_id, created_ms=session["t"], device=session.get("dev"),
+                       merchant=merchant, our_network=our, converted=state.state == "converted")
+    now_ms = time.time_ns() // 1_000_000
+    try:
+        signals = detector.observe(ctx, state, doc["events"], now_ms)
+    except BadEvent as exc:
+        raise BadRequest(str(exc), code="bad_event") from None
+    for event in doc["events"]:
+        metrics.OBSERVE_EVENTS.labels(str(event.get("type"))[:16]).inc()
+    after = state.dump()
+    changed = after != before
+    if changed:
+        ttl = merchant.session_ttl + STATE_TTL_EXTRA if state.state != "converted" else 120 * 86400
+        app[keys.SESSIONS].put_state(click_id, after, ttl)
+    if signals or changed:
+        app[keys.SIGNALS].add(click_id, merchant.slug, user_id, signals, after if changed else None)
+    for s in signals:
+        metrics.signals(merchant.slug, s["kind"], s["network"] or "none").inc()
+    if before["state"] != after["state"]:
+        log.info("click_state", click_id=click_id, merchant=merchant.slug, state=after["state"],
+                 previous=before["state"])
+    return _json({"click_id": click_id, "state": state.state,
+                  "action": "reactivate" if state.state in ("overwritten", "expired") else "none",
+                  "signals": [{"kind": s["kind"], "network": s["network"], "evidence": s["evidence"],
+                               "at": _iso(s["at"]), "late": s["late"]} for s in signals]})
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+def _json(body: dict[str, Any]) -> web.Response:
+    return web.Response(body=orjson.dumps(body), content_type="application/json")
