@@ -146,7 +146,8 @@ class Detector:
         hits = self.catalog.scan(url)
         ours_prefix = url.startswith(merchant.partner_url.split("{", 1)[0]) or (
             merchant.app_url is not None and url.startswith(merchant.app_url.split("{", 1)[0]))
-        on_store = host_allowed(host, merchant.allowed_hosts)
+        # A network's redirect host on the merchant's domain (s.click.aliexpress.com) is still the chain.
+        on_store = host_allowed(host, merchant.allowed_hosts) and self.catalog.host_network(host) is None
         in_chain = not state.landed
         if on_store:
             state.landed = True

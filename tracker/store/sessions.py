@@ -20,6 +20,15 @@ from .tasks import cancel_and_wait
 
 log = structlog.get_logger("tracker.redis")
 _Op = tuple[str, tuple[Any, ...], None]
+_SAVE_STATE = """
+local current = redis.call('GET', KEYS[1])
+if ARGV[3] == '0' and current and string.find(current, '"state":"converted"', 1, true) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('PUBLISH', KEYS[2], ARGV[1])
+return 1
+"""
 _SET_MANY = """
 for i, key in ipairs(KEYS) do
   redis.call('SET', key, ARGV[2 * i - 1], 'EX', ARGV[2 * i])
@@ -47,15 +56,21 @@ class SessionStore:
     def channel(self, click_id: str) -> str:
         return f"{self.prefix}ev:{click_id}"
 
-    def put_state(self, click_id: str, state: dict[str, Any], ttl: int) -> None:
-        """Record a click's detector state and tell its live streams, without waiting."""
+    async def save_state(self, click_id: str, state: dict[str, Any], ttl: int, force: bool = False) -> bool:
+        """Write a click's detector state and tell its live streams, waiting for Redis (so the next
+        observe, on any worker, reads it). A `converted` state is never replaced unless `force`:
+        a postback's word beats a late observation. False when Redis did not take it."""
         if not self.ok:
             metrics.REDIS_FAIL_OPEN.labels("state").inc()
-            return
-        body = orjson.dumps(state)
-        self._ops.append(("cmd", ("set", self.state_key(click_id), body, ttl), None))
-        self._ops.append(("cmd", ("publish", self.channel(click_id), body), None))
-        self._wake.set()
+            return False
+        try:
+            await asyncio.wait_for(self.client.eval(
+                _SAVE_STATE, 2, self.state_key(click_id), self.channel(click_id), orjson.dumps(state), ttl,
+                1 if force else 0), self.timeout)
+        except Exception as exc:  # noqa: BLE001 - fail open; PostgreSQL has the state too
+            self._down(exc)
+            return False
+        return True
 
     async def get_state(self, click_id: str) -> dict[str, Any] | None:
         if not self.ok:
@@ -153,8 +168,6 @@ class SessionStore:
                 await asyncio.sleep(sync_interval)
                 continue
             ops, self._ops = self._ops, []
-            extras = [op for op in ops if op[0] == "cmd"]
-            ops = [op for op in ops if op[0] == "set"]
             window, deltas, self._local = self._window, self._local, {}
             pipe = self.client.pipeline(transaction=False)
             if ops:
@@ -168,8 +181,6 @@ class SessionStore:
                 key = f"{self.prefix}rl:{name}:{window}"
                 pipe.incrby(key, delta)
                 pipe.expire(key, 61)
-            for _, args, _ in extras:
-                getattr(pipe, args[0])(*args[1:])
             try:
                 results = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.timeout)
             except asyncio.CancelledError:

@@ -100,7 +100,7 @@ async def observe(request: web.Request) -> web.Response:
     changed = after != before
     if changed:
         ttl = merchant.session_ttl + STATE_TTL_EXTRA if state.state != "converted" else 120 * 86400
-        app[keys.SESSIONS].put_state(click_id, after, ttl)
+        await app[keys.SESSIONS].save_state(click_id, after, ttl)
     if signals or changed:
         app[keys.SIGNALS].add(click_id, merchant.slug, user_id, signals, after if changed else None)
     for s in signals:

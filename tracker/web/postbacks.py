@@ -127,8 +127,8 @@ async def postback(request: web.Request) -> web.Response:
     if result.status_changed and result.merchant:
         metrics.conversions(result.merchant, result.status or "").inc()
     if result.click_id and result.conversion_id is not None:
-        app[keys.SESSIONS].put_state(result.click_id, {"state": "converted", "status": result.status},
-                                     CONVERTED_STATE_TTL)
+        await app[keys.SESSIONS].save_state(result.click_id, {"state": "converted", "status": result.status},
+                                            CONVERTED_STATE_TTL, force=True)
     log.info("postback", network=name, outcome=result.outcome, click_id=pb.click_id, order_id=pb.order_id,
              status=pb.status, status_word=pb.status_word, conversion_status=result.status,
              reason=result.reason)

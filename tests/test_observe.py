@@ -1,0 +1,160 @@
+"""POST /v1/observe and the live stream, over HTTP with real PostgreSQL and Redis."""
+import asyncio
+
+import orjson
+
+from tracker.app import create_app
+from tracker.domain.clickid import new_click_id
+
+from .conftest import ADMIN, BROWSER
+
+
+async def activate(client, tokens, user, merchant="aliexpress", device="dev-1"):
+    resp = await client.get(f"/go/{merchant}", params={"u": tokens.mint(user), "device": device},
+                            allow_redirects=False, headers=BROWSER)
+    assert resp.status == 302
+    return resp.headers["X-Click-Id"], resp.headers["Location"]
+
+
+def auth(tokens, user):
+    return {"Authorization": f"Bearer {tokens.mint(user)}"}
+
+
+async def observe(client, tokens, user, cid, events):
+    return await client.post("/v1/observe", json={"click_id": cid, "events": events}, headers=auth(tokens, user))
+
+
+async def test_overwrite_is_detected_stored_and_explained(client, tokens, db, settings):
+    cid, location = await activate(client, tokens, "o-user-1")
+    chain = [{"type": "navigation", "url": location},
+             {"type": "navigation", "url": "https://aliexpress.ru/item/1.html?admitad_uid=ours0000000000000001"}]
+    resp = await observe(client, tokens, "o-user-1", cid, chain)
+    assert resp.status == 200
+    body = await resp.json()
+    assert (body["click_id"], body["state"], body["action"], body["signals"]) == (cid, "active", "none", [])
+    resp = await observe(client, tokens, "o-user-1", cid, [
+        {"type": "navigation", "url": "https://aliexpress.ru/item/1.html?admitad_uid=theirs000000000000002"}])
+    body = await resp.json()
+    assert body["state"] == "overwritten" and body["action"] == "reactivate"
+    [signal] = body["signals"]
+    assert (signal["kind"], signal["network"]) == ("foreign_affiliate_param", "admitad")
+    assert signal["evidence"]["same_network"] is True
+    # A later clean page does not undo it.
+    resp = await observe(client, tokens, "o-user-1", cid, [{"type": "navigation", "url": "https://aliexpress.ru/"}])
+    assert (await resp.json())["state"] == "overwritten"
+    for _ in range(50):
+        if await db.fetchval("SELECT count(*) FROM signals WHERE click_id = $1", cid):
+            break
+        await asyncio.sleep(0.05)
+    assert await db.fetchval("SELECT kind FROM signals WHERE click_id = $1", cid) == "foreign_affiliate_param"
+    for _ in range(50):
+        if await db.fetchval("SELECT state FROM click_states WHERE click_id = $1", cid) == "overwritten":
+            break
+        await asyncio.sleep(0.05)
+    view = await (await client.get(f"/v1/clicks/{cid}", headers=ADMIN)).json()
+    assert view["state"] == "overwritten" and view["action"] == "reactivate"
+    assert view["signals"][0]["kind"] == "foreign_affiliate_param"
+    text = view["diagnosis"][0]["text"]
+    assert view["diagnosis"][0]["code"] == "overwritten" and text.startswith("Admitad link of another publisher")
+    metrics = await (await client.get("/metrics")).text()
+    assert 'tracker_signals_total{kind="foreign_affiliate_param",merchant="aliexpress",network="admitad"}' in metrics
+
+
+async def test_promo_code_and_converted_then_late(client, tokens, db):
+    cid, location = await activate(client, tokens, "o-user-2")
+    body = await (await observe(client, tokens, "o-user-2", cid, [
+        {"type": "navigation", "url": location}, {"type": "promo_code", "code": "Mega5 "}])).json()
+    assert body["state"] == "active" and body["signals"] == []
+    await client.get("/postback/admitad", params={
+        "token": "test-admitad-token", "subid": cid, "order_id": "OBS-1", "status": "pending",
+        "payment_sum": "5", "currency": "RUB"})
+    for _ in range(50):
+        body = await (await observe(client, tokens, "o-user-2", cid, [
+            {"type": "promo_code", "code": "SAVE10"}])).json()
+        if body["state"] == "converted":
+            break
+        await asyncio.sleep(0.05)
+    assert body["state"] == "converted" and body["action"] == "none"
+    assert body["signals"][0]["kind"] == "foreign_promo_code" and body["signals"][0]["late"] is True
+
+
+async def test_only_the_clicks_own_user_may_observe(client, tokens):
+    cid, _ = await activate(client, tokens, "o-user-3")
+    resp = await client.post("/v1/observe", json={"click_id": cid, "events": []})
+    assert resp.status == 401
+    resp = await client.post("/v1/observe", json={"click_id": cid, "events": []},
+                             headers={"Authorization": "Bearer o-user-3.forgedforgedforgedforge"})
+    assert resp.status == 401
+    resp = await observe(client, tokens, "someone-else", cid, [])
+    assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+    resp = await observe(client, tokens, "o-user-3", new_click_id()[0], [])
+    assert resp.status == 404
+    resp = await observe(client, tokens, "o-user-3", "garbage", [])
+    assert resp.status == 404
+
+
+async def test_bounded_and_malformed_bodies(client, tokens):
+    cid, _ = await activate(client, tokens, "o-user-4")
+    headers = {**auth(tokens, "o-user-4"), "Content-Type": "application/json"}
+    big = orjson.dumps({"click_id": cid, "events": [{"type": "navigation", "url": "https://a.ru/" + "x" * 70_000}]})
+    assert (await client.post("/v1/observe", data=big, headers=headers)).status == 413
+    many = {"click_id": cid, "events": [{"type": "navigation", "url": "https://aliexpress.ru/"}] * 101}
+    resp = await client.post("/v1/observe", json=many, headers=headers)
+    assert resp.status == 400 and (await resp.json())["error"] == "too_many_events"
+    for raw in (b"{", b"[]", b'{"click_id": 5, "events": []}', b'{"click_id": "x", "events": {}}',
+                b'{"click_id": "x", "events": [1, 2]}', b"\xff\xfe"):
+        resp = await client.post("/v1/observe", data=raw, headers=headers)
+        assert resp.status == 400, raw
+    resp = await observe(client, tokens, "o-user-4", cid, [{"type": "teleport"}])
+    assert resp.status == 400 and (await resp.json())["error"] == "bad_event"
+    hostile = [{"type": "navigation", "url": u} for u in
+               ("javascript:alert(1)", "http://[::1", "", "https://%zz", "https://" + "a" * 5000, "\x00\x01")]
+    resp = await observe(client, tokens, "o-user-4", cid, hostile + [{"type": "navigation", "url": 42, "at": "junk"}])
+    assert resp.status == 200 and (await resp.json())["state"] == "active"
+
+
+async def read_events(resp, count, timeout=10):
+    events, buf = [], b""
+    async def pump():
+        nonlocal buf
+        while len(events) < count:
+            chunk = await resp.content.readany()
+            if not chunk:
+                return
+            buf += chunk
+            while b"\n\n" in buf:
+                block, buf = buf.split(b"\n\n", 1)
+                lines = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line and not line.startswith(b":"))
+                if b"event" in lines:
+                    events.append((lines[b"event"].decode(), orjson.loads(lines[b"data"])))
+    await asyncio.wait_for(pump(), timeout)
+    return events
+
+
+async def test_event_stream_delivers_a_change_made_through_another_worker(aiohttp_client, settings, tokens):
+    worker_a = await aiohttp_client(create_app(settings))
+    worker_b = await aiohttp_client(create_app(settings))
+    cid, location = await activate(worker_a, tokens, "o-user-5")
+    assert (await worker_a.get(f"/v1/clicks/{cid}/events")).status == 401
+    assert (await worker_a.get(f"/v1/clicks/{cid}/events", params={"u": tokens.mint("other")})).status == 404
+    stream = await worker_a.get(f"/v1/clicks/{cid}/events", params={"u": tokens.mint("o-user-5"), "heartbeat": "0.5"})
+    assert stream.status == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
+    [first] = await read_events(stream, 1)
+    assert first == ("state", {"click_id": cid, "state": "active", "action": "none"})
+    await asyncio.sleep(0.2)
+    await observe(worker_b, tokens, "o-user-5", cid, [
+        {"type": "navigation", "url": location},
+        {"type": "navigation", "url": "https://aliexpress.ru/"},
+        {"type": "navigation", "url": "https://aliexpress.ru/?cjevent=abc1234567890"}])
+    [change] = await read_events(stream, 1)
+    assert change == ("state", {"click_id": cid, "state": "overwritten", "action": "reactivate"})
+    stream.close()
+
+
+async def test_observe_rate_limit_per_address(aiohttp_client, settings, tokens):
+    import dataclasses
+
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, rate_limit_ip=3)))
+    cid, _ = await activate(client, tokens, "o-user-6")  # the activation counts too
+    statuses = [(await observe(client, tokens, "o-user-6", cid, [])).status for _ in range(3)]
+    assert statuses == [200, 200, 429]
