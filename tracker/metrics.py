@@ -22,7 +22,7 @@ HTTP_SECONDS = Histogram("tracker_http_request_duration_seconds", "HTTP request 
 REFUSALS = Counter("tracker_refusals_total", "Requests refused, by route and error code",
                    ["route", "code"])
 SPOOL_PENDING = Gauge("tracker_spool_pending_clicks", "Clicks in the local spool waiting for PostgreSQL",
-                      multiprocess_mode="livesum")
+                      multiprocess_mode="livemax")
 SPOOLED = Counter("tracker_spooled_clicks_total", "Clicks appended to the local spool")
 REPLAYED = Counter("tracker_replayed_clicks_total", "Spooled clicks replayed into PostgreSQL")
 QUARANTINED = Counter("tracker_quarantined_clicks_total", "Clicks PostgreSQL refused, kept with the reason")

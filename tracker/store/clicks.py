@@ -265,16 +265,27 @@ class ClickWriter:
                 except BaseException:
                     lock.release()
                     raise
-                self.pending_spool = max(0, self.pending_spool - len(rows))
-                metrics.SPOOL_PENDING.set(self.pending_spool)
                 metrics.REPLAYED.inc(len(rows))
                 log.info("spool_replayed", segment=path.name, rows=len(rows))
+            # Every worker reports the whole directory (the gauge takes the max over workers).
+            self.pending_spool = await asyncio.to_thread(count_rows, self.spool.dir)
+            metrics.SPOOL_PENDING.set(self.pending_spool)
         return inserted
 
     async def _insert_missing(self, records: list[tuple[Any, ...]]) -> int:
         """COPY into a temporary table, then insert what clicks does not have yet: a replay that
         crashed halfway can run again without inserting a click twice."""
         await self._add_partitions(records)
+        try:
+            return await self._insert_new(records)
+        except _REFUSED as exc:
+            if len(records) == 1:
+                await self._quarantine(records[0], exc)
+                return 0
+            mid = len(records) // 2
+            return await self._insert_missing(records[:mid]) + await self._insert_missing(records[mid:])
+
+    async def _insert_new(self, records: list[tuple[Any, ...]]) -> int:
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 await conn.execute(

@@ -1,0 +1,325 @@
+"""Real faults: the tests run their own PostgreSQL and Redis (the embedded ones) so that they can
+stop and kill them, and they kill the service itself. Every 302 must end up as exactly one row."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import psutil
+import pytest
+
+from tracker import embedded
+from tracker.domain.clickid import new_click_id
+from tracker.domain.tokens import UserTokens
+from tracker.store.clicks import ClickWriter
+from tracker.store.db import create_pool, migrate
+from tracker.store.merchants import sync
+from tracker.store.spool import Spool
+
+from .conftest import BROWSER, SECRET, load_merchants
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Stack:
+    """A private PostgreSQL and Redis, and `tracker serve` against them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "servers"
+        self.data = root / "data"
+        self.data.mkdir(parents=True, exist_ok=True)
+        self.pg_port, self.redis_port = free_port(), free_port()
+        (self.root).mkdir(parents=True, exist_ok=True)
+        (self.root / "pg.port").write_text(str(self.pg_port))
+        (self.root / "redis.port").write_text(str(self.redis_port))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = free_port()
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.pg_port}/postgres"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    def start_pg(self) -> None:
+        embedded.start_postgres(self.root)
+
+    def stop_pg(self) -> None:
+        embedded.stop_postgres(self.root, mode="immediate")
+
+    def start_redis(self) -> None:
+        embedded.start_redis(self.root)
+
+    def kill_redis(self) -> None:
+        pid = int((self.root / "redis" / "redis.pid").read_text())
+        os.kill(pid, signal.SIGKILL)
+        psutil.Process(pid).wait(5) if psutil.pid_exists(pid) else None
+        (self.root / "redis" / "redis.pid").unlink(missing_ok=True)
+
+    def serve(self, workers: int = 2, **env: str) -> None:
+        full = {**os.environ, "TRACKER_DATABASE_URL": self.dsn, "TRACKER_REDIS_URL": self.redis_url,
+                "TRACKER_DATA_DIR": str(self.data), "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 20,
+                "TRACKER_RATE_LIMIT_IP": "0", "TRACKER_RATE_LIMIT_USER": "0", **env}
+        log = (self.data / "serve.log").open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(self.port),
+                                      "--workers", str(workers)], env=full, stdout=log, stderr=log,
+                                     start_new_session=True)
+        log.close()
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+    async def wait_ready(self, timeout: float = 30) -> None:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(int(timeout * 20)):
+                try:
+                    async with s.get(f"http://127.0.0.1:{self.port}/healthz") as r:
+                        if r.status == 200:
+                            return
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        raise AssertionError("the service did not start; see " + str(self.data / "serve.log"))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory):
+    st = Stack(tmp_path_factory.mktemp("faults"))
+    st.start_pg()
+    st.start_redis()
+
+    async def prepare() -> None:
+        conn = await asyncpg.connect(st.dsn)
+        try:
+            await migrate(conn)
+            await sync(conn, load_merchants())
+        finally:
+            await conn.close()
+
+    asyncio.run(prepare())
+    yield st
+    st.stop()
+    embedded.stop_postgres(st.root, mode="immediate")
+    embedded.stop_redis(st.root)
+
+
+class Load:
+    """Continuous activations from `n` clients, recording every click id that got a 302."""
+
+    def __init__(self, port: int, user: str, n: int = 8) -> None:
+        self.url = f"http://127.0.0.1:{port}/go/nike"
+        self.token = UserTokens(SECRET).mint(user)
+        self.ids: list[str] = []
+        self.other: list[int] = []
+        self.errors = 0
+        self.n = n
+        self._stop = asyncio.Event()
+
+    async def _client(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            while not self._stop.is_set():
+                try:
+                    async with session.get(self.url, params={"u": self.token}, allow_redirects=False,
+                                           headers=BROWSER, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                        if r.status == 302:
+                            self.ids.append(r.headers["X-Click-Id"])
+                        else:
+                            self.other.append(r.status)
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    self.errors += 1
+                    await asyncio.sleep(0.05)
+
+    async def run_for(self, seconds: float, during=None) -> None:  # noqa: ANN001
+        tasks = [asyncio.create_task(self._client()) for _ in range(self.n)]
+        if during is not None:
+            await during()
+        else:
+            await asyncio.sleep(seconds)
+        self._stop.set()
+        await asyncio.gather(*tasks)
+
+
+async def rows_of(dsn: str, user: str) -> tuple[int, int]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow("SELECT count(*) AS n, count(DISTINCT click_id) AS d FROM clicks "
+                                  "WHERE user_id = $1", user)
+        return row["n"], row["d"]
+    finally:
+        await conn.close()
+
+
+async def wait_rows(dsn: str, user: str, expected: int, timeout: float = 40) -> tuple[int, int]:
+    counts = (0, 0)
+    for _ in range(int(timeout * 10)):
+        try:
+            counts = await rows_of(dsn, user)
+        except (OSError, asyncpg.PostgresError):
+            pass
+        if counts[0] >= expected:
+            return counts
+        await asyncio.sleep(0.1)
+    return counts
+
+
+async def readyz(port: int) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
+            return r.status, await r.json()
+
+
+async def test_postgres_down_under_load_loses_no_click(stack: Stack) -> None:
+    stack.serve(workers=2)
+    await stack.wait_ready()
+    load = Load(stack.port, "fault-pg")
+    seen_ready: list[tuple[int, dict]] = []
+
+    async def outage() -> None:
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(stack.stop_pg)
+        await asyncio.sleep(1.5)
+        seen_ready.append(await readyz(stack.port))
+        await asyncio.sleep(1.5)
+        await asyncio.to_thread(stack.start_pg)
+        await asyncio.sleep(1.0)
+
+    await load.run_for(0, during=outage)
+    assert load.other == [] and load.errors == 0
+    assert len(load.ids) > 100
+    status, body = seen_ready[0]
+    assert status == 503 and body["postgres"] == "down" and "postgres" in body["message"]
+    total, distinct = await wait_rows(stack.dsn, "fault-pg", len(load.ids))
+    assert total == distinct == len(load.ids)
+    for _ in range(50):
+        status, body = await readyz(stack.port)
+        if status == 200 and body["spool_pending_clicks"] == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert status == 200 and body["spool_pending_clicks"] == 0
+    stack.stop()
+    assert list((stack.data / "spool").glob("*.spool")) == []
+
+
+async def test_kill9_during_replay_then_restart_replays_exactly_once(stack: Stack) -> None:
+    n = 150_000
+    spool = Spool(stack.data / "spool")
+    user = "fault-replay"
+    for start in range(0, n, 5000):
+        rows = []
+        for _ in range(min(5000, n - start)):
+            cid, ms = new_click_id()
+            rows.append([cid, ms, user, "nike", "web", "https://www.nike.com/", None, "127.0.0.1", "x", False, "GET"])
+        spool.append(rows, sync=False)
+    spool.close()
+    stack.serve(workers=1)
+    at_kill = 0
+    for _ in range(600):
+        at_kill = (await rows_of(stack.dsn, user))[0]
+        if at_kill > 0:
+            break
+        await asyncio.sleep(0.01)
+    stack.kill9()
+    assert 0 < at_kill < n, at_kill  # killed in the middle of the replay
+    stack.serve(workers=1)
+    total, distinct = await wait_rows(stack.dsn, user, n, timeout=60)
+    assert total == distinct == n
+    stack.stop()
+    assert list((stack.data / "spool").glob("*.spool")) == []
+
+
+async def test_redis_killed_under_load(stack: Stack) -> None:
+    stack.serve(workers=2, TRACKER_RATE_LIMIT_USER="100000")
+    await stack.wait_ready()
+    load = Load(stack.port, "fault-redis")
+    seen: list[tuple[int, dict]] = []
+
+    async def outage() -> None:
+        await asyncio.sleep(0.7)
+        await asyncio.to_thread(stack.kill_redis)
+        await asyncio.sleep(1.5)
+        seen.append(await readyz(stack.port))
+        await asyncio.to_thread(stack.start_redis)
+        await asyncio.sleep(2.0)
+
+    await load.run_for(0, during=outage)
+    assert load.other == [] and load.errors == 0 and len(load.ids) > 100
+    status, body = seen[0]
+    assert status == 503 and body["redis"] == "down" and body["postgres"] == "up"
+    total, distinct = await wait_rows(stack.dsn, "fault-redis", len(load.ids))
+    assert total == distinct == len(load.ids)
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{stack.port}/metrics") as r:
+            text = await r.text()
+    assert "tracker_redis_fail_open_total" in text
+    assert (await readyz(stack.port))[0] == 200
+    log = (stack.data / "serve.log").read_text()
+    assert 1 <= log.count('"redis_unreachable"') <= 2  # once per outage per worker, not per request
+    stack.stop()
+
+
+async def test_a_dead_worker_is_replaced(stack: Stack) -> None:
+    stack.serve(workers=2)
+    await stack.wait_ready()
+    parent = psutil.Process(stack.proc.pid)
+    for _ in range(100):
+        children = parent.children()
+        if len(children) == 2:
+            break
+        await asyncio.sleep(0.05)
+    victim = children[0].pid
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(100):
+        pids = {c.pid for c in parent.children()}
+        if len(pids) == 2 and victim not in pids:
+            break
+        await asyncio.sleep(0.05)
+    assert len(pids) == 2 and victim not in pids
+    load = Load(stack.port, "fault-worker", n=4)
+    await load.run_for(0.5)
+    assert load.other == [] and len(load.ids) > 10
+    stack.stop()
+
+
+async def test_a_poisoned_row_does_not_poison_the_batch(stack: Stack, tmp_path: Path) -> None:
+    pool = await create_pool(stack.dsn)
+    writer = ClickWriter(pool, Spool(tmp_path / "spool"), batch_limit=1000)
+    await writer.start()
+    try:
+        rows = []
+        for i in range(50):
+            cid, ms = new_click_id()
+            target = "https://www.nike.com/\x00bad" if i in (7, 31) else f"https://www.nike.com/{i}"
+            rows.append((cid, ms, "fault-poison", "nike", "web", target, None, "127.0.0.1", "ua", False, "GET"))
+        await asyncio.gather(*(writer.write(r) for r in rows))
+        stored = {r["click_id"] for r in await pool.fetch(
+            "SELECT click_id FROM clicks WHERE user_id = 'fault-poison'")}
+        assert stored == {r[0] for i, r in enumerate(rows) if i not in (7, 31)}
+        quarantined = await pool.fetch("SELECT click_id, reason FROM clicks_quarantine ORDER BY id")
+        assert {q["click_id"] for q in quarantined} >= {rows[7][0], rows[31][0]}
+        assert all(q["reason"] for q in quarantined)
+    finally:
+        await writer.close()
+        await pool.close()
