@@ -86,10 +86,23 @@ async def count_clicks(dsn: str) -> int:
         await conn.close()
 
 
+async def make_clicks(port: int, signer: UserTokens, n: int) -> str:
+    import aiohttp
+
+    lines = []
+    async with aiohttp.ClientSession() as session:
+        for i in range(n):
+            token = signer.mint(f"obs-{i}")
+            async with session.get(f"http://127.0.0.1:{port}/go/aliexpress", params={"u": token, "device": "bench-device"},
+                                   allow_redirects=False, headers={"User-Agent": "Mozilla/5.0 bench"}) as r:
+                lines.append(f"{token} {r.headers['X-Click-Id']}")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     env = dict(os.environ)
     env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
-    _servers(env)
+    embedded_servers = _servers(env)
     dsn = asyncio.run(prepare_db(env["TRACKER_DATABASE_URL"]))
     OUT.mkdir(parents=True, exist_ok=True)
     tenv = {**env, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET": SECRET, "TRACKER_LOG_FORMAT": "json",
@@ -134,6 +147,59 @@ def main() -> int:
         ok = result["non_3xx"] == 0 and after - before >= result["requests"]
         rows.append((f"tracker /go, durability={durability}", result,
                      f"{after - before} rows for {result['requests']} requests ({'ok' if ok else 'MISMATCH'})"))
+
+    # Observe and postbacks, one worker: requests/s per worker.
+    port = free_port()
+    log = (OUT / "tracker-one.log").open("wb")
+    proc = subprocess.Popen([*tracker, "serve", "--port", str(port), "--workers", "1"],
+                            env={**tenv, "TRACKER_DURABILITY": "commit"}, stdout=log, stderr=log)
+    try:
+        wait_http(port, "/readyz")
+        clicks_file = OUT / "clicks.txt"
+        clicks_file.write_text(asyncio.run(make_clicks(port, signer, 2000)))
+        cenv = {"CLICKS_FILE": str(clicks_file)}
+        for name, lua, extra in (("tracker POST /v1/observe (5 events), 1 worker", "observe.lua", {}),
+                                 ("tracker /postback new orders, 1 worker", "postback.lua", {}),
+                                 ("tracker /postback duplicates, 1 worker", "postback.lua", {"DUPLICATES": "1"})):
+            script_path = str(ROOT / "benchmarks" / lua)
+            wrk(port, script_path, {**cenv, **extra}, 2)
+            result = wrk(port, script_path, {**cenv, **extra})
+            rows.append((name, result, "ok" if result["non_3xx"] == 0 else f"{result['non_3xx']} non-2xx"))
+    finally:
+        stop(proc)
+        log.close()
+
+    if embedded_servers:
+        # PostgreSQL down: redirects go on from the spool; afterwards every 302 has its row.
+        from tracker import embedded
+
+        root = Path(env["TRACKER_DATA_DIR"]) / "embedded"
+        port = free_port()
+        log = (OUT / "tracker-pgdown.log").open("wb")
+        proc = subprocess.Popen([*tracker, "serve", "--port", str(port), "--workers", str(WORKERS)],
+                                env={**tenv, "TRACKER_DURABILITY": "commit"}, stdout=log, stderr=log)
+        try:
+            wait_http(port, "/readyz")
+            before = asyncio.run(count_clicks(dsn))
+            embedded.stop_postgres(root, mode="immediate")
+            result = wrk(port, script, wenv)
+            embedded.start_postgres(root)
+            after = before
+            for _ in range(600):
+                time.sleep(0.5)
+                try:
+                    after = asyncio.run(count_clicks(dsn))
+                except (OSError, asyncpg.PostgresError):
+                    continue
+                if after - before >= result["requests"]:
+                    break
+        finally:
+            stop(proc)
+            log.close()
+        ok = result["non_3xx"] == 0 and after - before >= result["requests"]
+        rows.append(("tracker /go while PostgreSQL is down (spool)", result,
+                     f"{after - before} rows after recovery for {result['requests']} requests "
+                     f"({'ok' if ok else 'MISMATCH'})"))
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()

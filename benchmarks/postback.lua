@@ -1,0 +1,24 @@
+-- GET /postback/admitad: new orders (a fresh order id per request) or, with DUPLICATES=1, the same few.
+local cids = {}
+for line in io.lines(os.getenv("CLICKS_FILE")) do
+  local _, cid = line:match("^(%S+) (%S+)$")
+  cids[#cids + 1] = cid
+end
+local dup = os.getenv("DUPLICATES") == "1"
+local counter = 0
+local tid = 0
+setup = function(thread) tid = tid + 1; thread:set("tid", tid) end
+request = function()
+  counter = counter + 1
+  local order = dup and ("DUP-" .. (counter % 50)) or ("ORD-" .. tostring(tid) .. "-" .. counter .. "-" .. os.time())
+  local cid = cids[(counter % #cids) + 1]
+  return wrk.format("GET", "/postback/admitad?token=demo-admitad-token-change-me&subid=" .. cid ..
+    "&order_id=" .. order .. "&status=pending&payment_sum=12.50&order_sum=250.00&currency=RUB&time=1795660800")
+end
+done = function(summary, latency, requests)
+  io.write(string.format("JSON {\"requests\": %d, \"seconds\": %.3f, \"p50_ms\": %.3f, \"p99_ms\": %.3f, " ..
+    "\"errors\": %d, \"non_3xx\": %d}\n", summary.requests, summary.duration / 1e6,
+    latency:percentile(50) / 1e3, latency:percentile(99) / 1e3,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status))
+end
