@@ -53,7 +53,9 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     client = aioredis.Redis.from_url(settings.redis_url or "", socket_timeout=1.0,
                                      socket_connect_timeout=1.0, health_check_interval=0)
     sessions = SessionStore(client, settings.redis_prefix)
-    if not await sessions.ping():
+    redis_up = await sessions.ping()
+    metrics.DEPENDENCY_UP.labels("redis").set(int(redis_up))
+    if not redis_up:
         log.warning("redis_unreachable_at_start", url=censor_dsn(settings.redis_url))
     await sessions.start()
     app[keys.REDIS] = client
@@ -91,6 +93,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024,
                           handler_args={"max_line_size": 16384, "max_field_size": 16384})
     app[keys.SETTINGS] = settings
+    metrics.prime()
     app[keys.TOKENS] = UserTokens(settings.secret)
     app[keys.DETECTOR] = Detector(load_catalog())
     app[keys.CLOSING] = asyncio.Event()

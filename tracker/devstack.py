@@ -55,7 +55,21 @@ def run() -> int:
             embedded.stop(Path(env["TRACKER_DATA_DIR"]))
 
 
+def _ensure_promtool() -> None:
+    """The rules tests need promtool (Debian's `prometheus` package); install it where we can."""
+    import shutil
+
+    if shutil.which("promtool") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    print("devstack: installing promtool (apt-get install prometheus) for the rules tests", file=sys.stderr)
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    subprocess.run(["apt-get", "update", "-qq"], check=False, **quiet)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"], check=False,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, **quiet)
+
+
 def test(pytest_args: list[str]) -> int:
+    _ensure_promtool()
     env = dict(os.environ)
     env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
     started = _servers(env)

@@ -69,6 +69,15 @@ postbacks = Children(POSTBACKS)
 conversions = Children(CONVERSIONS)
 
 
+def prime() -> None:
+    """Create the children whose label values are known up front, so that dashboards and alerts
+    see a 0 rather than no series until the first event."""
+    for operation in ("rate_limit", "session", "state"):
+        REDIS_FAIL_OPEN.labels(operation)
+    for scope in ("ip", "user"):
+        RATE_LIMITED.labels(scope)
+
+
 def render() -> bytes:
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()

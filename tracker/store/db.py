@@ -1,13 +1,15 @@
 """The PostgreSQL pool, the migrations runner and the clicks partitions."""
 from __future__ import annotations
 
+import os
 import re
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import asyncpg
 
-SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+# The repository's sql/ (editable installs and tests); images set TRACKER_SQL_DIR.
+SQL_DIR = Path(os.environ.get("TRACKER_SQL_DIR") or Path(__file__).resolve().parents[2] / "sql")
 _MIGRATION = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 # Arbitrary constants for pg_advisory_lock: one for migrations, one for partition maintenance.
 MIGRATE_LOCK = 7_403_911_001
