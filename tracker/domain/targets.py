@@ -19,6 +19,7 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 # in ASCII that is legal there); non-ASCII is percent-encoded as UTF-8.
 _SAFE_PATH = "/:@!$&'()*+,;=-._~%"
 _SAFE_QUERY = _SAFE_PATH + "?"
+_NEEDS_QUOTE = re.compile(r"[^A-Za-z0-9/:@!$&'()*+,;=\-._~%?#]")
 
 
 class BadTarget(ValueError):
@@ -86,6 +87,13 @@ def check_target(raw: str, patterns: frozenset[str]) -> str:
     host = normalize_host(hostname)
     if not host_allowed(host, patterns):
         raise BadTarget("target host is not one of the merchant's allowed hosts")
+    if _NEEDS_QUOTE.search(raw) is None:  # the common case: nothing to escape
+        url = f"{scheme}://{host}{parts.path or '/'}"
+        if parts.query:
+            url += "?" + parts.query
+        if parts.fragment:
+            url += "#" + parts.fragment
+        return url
     path = quote(parts.path, safe=_SAFE_PATH) or "/"
     url = f"{scheme}://{host}{path}"
     if parts.query:

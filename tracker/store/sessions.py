@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 import structlog
 
 from .. import metrics
@@ -29,11 +30,17 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', KEYS[2], ARGV[1])
 return 1
 """
-_SET_MANY = """
-for i, key in ipairs(KEYS) do
-  redis.call('SET', key, ARGV[2 * i - 1], 'EX', ARGV[2 * i])
+_SYNC = r"""
+for key, ttl, value in string.gmatch(ARGV[1], '([^\t\n]+)\t(%d+)\t([^\n]*)') do
+  redis.call('SET', key, value, 'EX', ttl)
 end
-return #KEYS
+local totals = {}
+for key, delta in string.gmatch(ARGV[2], '([^\t\n]+)\t(%d+)') do
+  local total = redis.call('INCRBY', key, delta)
+  redis.call('EXPIRE', key, 61)
+  totals[#totals + 1] = total
+end
+return totals
 """
 
 
@@ -169,29 +176,24 @@ class SessionStore:
                 continue
             ops, self._ops = self._ops, []
             window, deltas, self._local = self._window, self._local, {}
-            pipe = self.client.pipeline(transaction=False)
-            if ops:
-                # One script call sets every session of the batch: one command to pack and one
-                # reply to parse instead of one per click.
-                argv: list[Any] = []
-                for _, args, _ in ops:
-                    argv += (args[1], args[2])
-                pipe.eval(_SET_MANY, len(ops), *[args[0] for _, args, _ in ops], *argv)
-            for name, delta in deltas.items():
-                key = f"{self.prefix}rl:{name}:{window}"
-                pipe.incrby(key, delta)
-                pipe.expire(key, 61)
+            # One script call carries the whole interval: every session write and every rate-limit
+            # count, each packed into one argument, so there is one string to build, one command to
+            # pack and one reply to parse instead of two or three per click.
+            sessions = b"\n".join(b"%s\t%d\t%s" % (args[0].encode(), args[2], args[1]) for _, args, _ in ops)
+            names = list(deltas)
+            counts = "\n".join(f"{self.prefix}rl:{name}:{window}\t{deltas[name]}" for name in names)
             try:
-                results = await asyncio.wait_for(pipe.execute(raise_on_error=False), self.timeout)
+                totals = await asyncio.wait_for(self.client.eval(_SYNC, 0, sessions, counts), self.timeout)
             except asyncio.CancelledError:
                 raise
+            except ResponseError as exc:
+                log.error("redis_sync_failed", error=str(exc)[:200], sessions=len(ops), counters=len(names))
+                totals = []
             except Exception as exc:  # noqa: BLE001 - fail open
                 self._down(exc)
                 continue
             if window == self._window:
-                first = 1 if ops else 0
-                totals = results[first:first + 2 * len(deltas):2]
-                for name, total in zip(deltas, totals):
+                for name, total in zip(names, totals):
                     if isinstance(total, int):
                         self._known[name] = total
             # Gather a little before the next round trip: one pipeline per interval, not per request.

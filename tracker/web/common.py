@@ -50,7 +50,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("unhandled_error", route=route, method=request.method)
         response = error_response("internal", "internal error", 500)
     metrics.http_requests(route, str(response.status)).inc()
-    metrics.http_seconds(route).observe(time.perf_counter() - started)
+    if route != "go":  # the redirect has its own histogram (tracker_redirect_duration_seconds)
+        metrics.http_seconds(route).observe(time.perf_counter() - started)
     return response
 
 
