@@ -3,6 +3,7 @@ or test. `python -m tracker.devstack run|test|stop`."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,12 @@ def _servers(env: dict[str, str]) -> bool:
     return True
 
 
+def _interrupt(signum: int, _: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run() -> int:
+    signal.signal(signal.SIGTERM, _interrupt)  # `make run` stopped by SIGTERM cleans up like Ctrl-C
     env = dict(os.environ)
     env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
     env.setdefault("TRACKER_LOG_FORMAT", "console")
@@ -47,7 +53,13 @@ def run() -> int:
               f"  Admin key (support API, Authorization: Bearer …): {settings.admin_key}\n"
               f"    curl -H 'Authorization: Bearer {settings.admin_key}' {base}/v1/clicks/<X-Click-Id>\n"
               f"  Metrics: {base}/metrics   Ready: {base}/readyz\n", flush=True)
-        return subprocess.run([*TRACKER, "serve"], env=env).returncode
+        proc = subprocess.Popen([*TRACKER, "serve"], env=env)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+            return 0
     except KeyboardInterrupt:
         return 0
     finally:
