@@ -179,3 +179,27 @@ async def test_rate_limit_is_shared_between_workers_through_redis(aiohttp_client
         resp = await second.get("/go/asos", params={"u": token}, allow_redirects=False, headers=BROWSER)
         statuses.append(resp.status)
     assert statuses == [302, 429]
+
+
+@pytest.mark.parametrize("query", [
+    "u=%ff%fe&to=%ff", "u={token}&to=%ff%fe", "u={token}&to=https%3A%2F%2Faliexpress.ru%2F%ff",
+    "u={token}&src=%00", "u={token}&device=%00", "u={token}&to=" + "%41" * 5000,
+    "u={token}&to=https://aliexpress.ru/\u0000", "u=\u202e{token}", "u={token}&to=https://xn--80ak6aa92e.com/",
+    "u={token}&to=https://aliexpress.ru/%2e%2e/%2e%2e/", "u={token}&&&&===&to", "u[]={token}",
+    "u={token}&to=http://aliexpress.ru:0/", "u={token}&to=https://aliexpress.ru:/x",
+])
+async def test_hostile_queries_never_answer_5xx(client, tokens, db, query):
+    token = tokens.mint("hostile")
+    resp = await client.get("/go/aliexpress?" + query.replace("{token}", token), allow_redirects=False,
+                            headers=BROWSER)
+    assert resp.status in (302, 400, 401), await resp.text()
+    if resp.status == 302:
+        location = resp.headers["Location"]
+        assert location.startswith("https://ad.admitad.com/g/1e8d114494/?subid=")
+    else:
+        assert (await resp.json())["error"]
+
+
+async def test_oversized_request_line_is_refused_without_5xx(client, tokens):
+    resp = await client.get("/go/aliexpress?u=" + tokens.mint("big") + "&to=" + "a" * 20000, allow_redirects=False)
+    assert 400 <= resp.status < 500

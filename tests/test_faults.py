@@ -256,11 +256,21 @@ async def test_redis_killed_under_load(stack: Stack) -> None:
     load = Load(stack.port, "fault-redis")
     seen: list[tuple[int, dict]] = []
 
+    observed: list[tuple[int, dict]] = []
+
     async def outage() -> None:
         await asyncio.sleep(0.7)
         await asyncio.to_thread(stack.kill_redis)
         await asyncio.sleep(1.5)
         seen.append(await readyz(stack.port))
+        # The detector reads the session from PostgreSQL while Redis is away.
+        async with aiohttp.ClientSession() as s:
+            async with s.post(f"http://127.0.0.1:{stack.port}/v1/observe",
+                              headers={"Authorization": f"Bearer {load.token}"},
+                              json={"click_id": load.ids[0], "events": [
+                                  {"type": "navigation", "url": "https://www.nike.com/"},
+                                  {"type": "navigation", "url": "https://www.nike.com/?cjevent=abc1234567890"}]}) as r:
+                observed.append((r.status, await r.json()))
         await asyncio.to_thread(stack.start_redis)
         await asyncio.sleep(2.0)
 
@@ -268,6 +278,8 @@ async def test_redis_killed_under_load(stack: Stack) -> None:
     assert load.other == [] and load.errors == 0 and len(load.ids) > 100
     status, body = seen[0]
     assert status == 503 and body["redis"] == "down" and body["postgres"] == "up"
+    status, body = observed[0]
+    assert status == 200 and body["state"] == "overwritten" and body["signals"][0]["network"] == "cj"
     total, distinct = await wait_rows(stack.dsn, "fault-redis", len(load.ids))
     assert total == distinct == len(load.ids)
     async with aiohttp.ClientSession() as s:
@@ -320,6 +332,30 @@ async def test_a_poisoned_row_does_not_poison_the_batch(stack: Stack, tmp_path: 
         quarantined = await pool.fetch("SELECT click_id, reason FROM clicks_quarantine ORDER BY id")
         assert {q["click_id"] for q in quarantined} >= {rows[7][0], rows[31][0]}
         assert all(q["reason"] for q in quarantined)
+    finally:
+        await writer.close()
+        await pool.close()
+
+
+async def test_async_mode_spills_to_the_spool_when_the_queue_is_full(stack: Stack, tmp_path: Path) -> None:
+    pool = await create_pool(stack.dsn)
+    writer = ClickWriter(pool, Spool(tmp_path / "spool"), durability="async", queue_limit=10)
+    try:
+        rows = []
+        for _ in range(25):
+            cid, ms = new_click_id()
+            rows.append((cid, ms, "fault-spill", "nike", "web", "https://www.nike.com/", None, None, "ua", False, "GET"))
+        for row in rows:  # no flusher running yet: the writer has fallen behind
+            await writer.write(row)
+        assert writer.queued == 10 and writer.pending_spool == 15
+        await writer.start()
+        await writer.replay()
+        for _ in range(100):
+            if writer.queued == 0:
+                break
+            await asyncio.sleep(0.02)
+        stored = {r["click_id"] for r in await pool.fetch("SELECT click_id FROM clicks WHERE user_id = 'fault-spill'")}
+        assert stored == {r[0] for r in rows}
     finally:
         await writer.close()
         await pool.close()
