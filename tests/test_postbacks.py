@@ -333,3 +333,16 @@ async def test_bot_clicks_are_never_attributed(client, tokens, db):
     assert (await client.get("/postback/admitad", params=admitad(cid, "ORD-BOT"))).status == 200
     assert await conversion(db, "admitad", "ORD-BOT") is None
     assert await db.fetchval("SELECT reason FROM orphan_postbacks WHERE order_id = 'ORD-BOT'") == "bot_click"
+
+
+async def test_generic_postback_without_commission_is_zero_then_corrected(client, tokens, db):
+    cid = await activate(client, tokens, "p-user-13", "shop")
+    resp = await client.get("/postback/generic", params={"token": "test-generic-token", "subid": cid,
+                                                         "order_id": "G-1", "status": "lead", "amount": "40"})
+    assert resp.status == 200
+    conv = await conversion(db, "generic", "G-1")
+    assert (conv["status"], conv["commission"], conv["currency"]) == ("pending", Decimal(0), "USD")
+    await client.get("/postback/generic", params={"token": "test-generic-token", "subid": cid, "order_id": "G-1",
+                                                  "status": "sale", "amount": "40", "commission": "4"})
+    conv = await conversion(db, "generic", "G-1")
+    assert (conv["status"], conv["status_word"], conv["cashback"]) == ("approved", "sale", Decimal("4.00"))

@@ -93,10 +93,10 @@ def read_postback(params: Mapping[str, str], profile: Profile, default_currency:
     status = profile.statuses.get(word.lower())
     if status is None:
         raise MalformedPostback(f"status: {word[:40]!r} is not a status word of {profile.name}")
+    # A network that reports no commission (some generic set-ups) pays none we know of: 0, shown
+    # as a zero-commission order, corrected by any later postback that carries one.
     raw_commission = _field(params, p["commission"])
-    if raw_commission is None:
-        raise MalformedPostback("commission is missing")
-    commission = parse_money(raw_commission, "commission")
+    commission = parse_money(raw_commission, "commission") if raw_commission is not None else Decimal(0)
     raw_amount = _field(params, p["amount"])
     amount = parse_money(raw_amount, "amount") if raw_amount is not None else None
     currency = (_field(params, p["currency"]) or default_currency).upper()
