@@ -2,7 +2,6 @@ import asyncio
 import copy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml

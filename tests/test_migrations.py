@@ -1,5 +1,5 @@
-import re
 import asyncio
+import re
 import secrets
 from datetime import date, timedelta
 

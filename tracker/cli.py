@@ -165,10 +165,11 @@ async def sync_merchants_file(settings: Settings, path: Path) -> dict[str, list[
 
 
 async def _maintain(settings: Settings, ahead: int) -> dict[str, list[str]]:
+    from datetime import datetime, timedelta, timezone
+
     import asyncpg
 
     from .store.db import drop_old_partitions, ensure_partitions
-    from datetime import datetime, timedelta, timezone
 
     conn = await asyncpg.connect(settings.database_url)
     try:

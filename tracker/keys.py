@@ -1,11 +1,11 @@
 """Every piece of application state, as typed aiohttp AppKeys."""
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
-
-import asyncio
 
 from .domain.detection import Detector
 from .domain.tokens import UserTokens

@@ -258,7 +258,7 @@ class ClickWriter:
                 if lock is None:
                     continue  # its writer is alive, or another worker is replaying it
                 try:
-                    rows = await asyncio.to_thread(lambda: [r for rec in lock.records() for r in rec])
+                    rows = await asyncio.to_thread(lambda held=lock: [r for rec in held.records() for r in rec])
                     for start in range(0, len(rows), chunk):
                         inserted += await self._insert_missing([to_record(r) for r in rows[start:start + chunk]])
                     await asyncio.to_thread(lock.remove)  # only after every chunk committed

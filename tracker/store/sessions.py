@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 import structlog
+from redis.exceptions import ResponseError
 
 from .. import metrics
 from .tasks import cancel_and_wait
