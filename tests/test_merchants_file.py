@@ -46,7 +46,7 @@ def test_every_problem_is_named_with_merchant_and_field():
     nike = doc["merchants"][1]
     nike["network"] = "nosuchnetwork"
     nike["default_target"] = "https://evil.com/"
-    nike["user_share"] = 0.7                                                  # a float, not a string
+    nike["user_share"] = "0.7.1"
     doc["merchants"][2]["slug"] = "Bad Slug"
     doc["merchants"].append(copy.deepcopy(doc["merchants"][3]))               # duplicate slug "shop"
     doc["networks"][0]["profile"] = "unknown-profile"
@@ -65,6 +65,7 @@ def test_every_problem_is_named_with_merchant_and_field():
     ("partner_url", "javascript:alert(1)?{click_id}"),
     ("partner_url", "https://x.example/{click_id}/{unknown}"),
     ("app_url", "javascript:go({click_id})"),
+    ("user_share", 1.5),
     ("default_target", "ftp://aliexpress.ru/"),
     ("own_promo_codes", "MEGA5"),
     ("name", ""),
@@ -76,6 +77,30 @@ def test_single_field_problems(field, value):
     with pytest.raises(MerchantsFileError) as err:
         parse(doc)
     assert any(f"'aliexpress': {field}" in p for p in err.value.problems)
+
+
+def test_the_contract_example_file_validates_with_warnings():
+    doc = yaml.safe_load('''
+merchants:
+  - slug: aliexpress
+    name: AliExpress
+    network: admitad
+    partner_url: "https://ad.admitad.com/g/1e8d114494/?subid={click_id}&ulp={target}"
+    default_target: "https://aliexpress.ru/"
+    allowed_hosts: ["aliexpress.ru", "*.aliexpress.ru", "aliexpress.com", "*.aliexpress.com"]
+    user_share: 0.5
+    session_ttl: 2h
+    confirmation_window: 90d
+    own_promo_codes: ["MEGA5"]
+    app_url: "aliexpress://..."
+    excluded_stores: ["1102345"]
+''')
+    parsed = parse(doc)
+    [merchant] = parsed.merchants
+    assert str(merchant.user_share) == "0.5" and merchant.network == "admitad"
+    assert any("user_share" in w for w in parsed.warnings)
+    assert any("app_url" in w for w in parsed.warnings)
+    assert any("no entry under networks" in w for w in parsed.warnings)
 
 
 def test_network_needs_credentials():

@@ -159,7 +159,9 @@ async def sync_merchants_file(settings: Settings, path: Path) -> dict[str, list[
     parsed = parse_merchants_file(_read_merchants_file(path), profile_names())
     conn = await asyncpg.connect(settings.database_url)
     try:
-        return await sync(conn, parsed)
+        report = await sync(conn, parsed)
+        report["warnings"] = list(parsed.warnings)
+        return report
     finally:
         await conn.close()
 

@@ -54,6 +54,7 @@ class Network:
 class MerchantsFile:
     merchants: tuple[Merchant, ...]
     networks: tuple[Network, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())
 
 
 class MerchantsFileError(ValueError):
@@ -77,13 +78,17 @@ def parse_duration(value: Any) -> int:
     return seconds
 
 
-def _template(value: Any, where: str, problems: list[str], http_only: bool) -> str | None:
+def _template(value: Any, where: str, problems: list[str], http_only: bool,
+              warnings: list[str] | None = None) -> str | None:
     if not isinstance(value, str) or not value.strip():
         problems.append(f"{where}: must be a URL template with {{click_id}}")
         return None
     names = set(_PLACEHOLDER.findall(value))
     if "click_id" not in names:
-        problems.append(f"{where}: must contain {{click_id}}")
+        if warnings is None:
+            problems.append(f"{where}: must contain {{click_id}}")
+        else:
+            warnings.append(f"{where}: has no {{click_id}}: app clicks will carry no sub-id")
     if names - {"click_id", "target"}:
         problems.append(f"{where}: unknown placeholders {sorted(names - {'click_id', 'target'})}")
     sample = value.replace("{click_id}", "CID").replace("{target}", "TARGET")
@@ -112,7 +117,8 @@ def _str_list(value: Any, where: str, problems: list[str]) -> list[str]:
     return [str(v) for v in value]
 
 
-def _merchant(raw: Any, index: int, problems: list[str], networks: set[str]) -> Merchant | None:
+def _merchant(raw: Any, index: int, problems: list[str], networks: set[str],
+              warnings: list[str]) -> Merchant | None:
     if not isinstance(raw, dict):
         problems.append(f"merchants[{index}]: must be a mapping")
         return None
@@ -131,11 +137,12 @@ def _merchant(raw: Any, index: int, problems: list[str], networks: set[str]) -> 
         problems.append(f"{label}: name: required text of at most 200 characters")
     network = raw.get("network")
     if not isinstance(network, str) or network not in networks:
-        problems.append(f"{label}: network: {network!r} is not one of the networks {sorted(networks)}")
+        problems.append(f"{label}: network: {network!r} is not one of the networks {sorted(networks)} "
+                        "(the file's networks, or a postback profile)")
     partner_url = _template(raw.get("partner_url"), f"{label}: partner_url", problems, True)
     app_url = raw.get("app_url")
     if app_url is not None:
-        app_url = _template(app_url, f"{label}: app_url", problems, False)
+        app_url = _template(app_url, f"{label}: app_url", problems, False, warnings)
     hosts: set[str] = set()
     raw_hosts = raw.get("allowed_hosts")
     if not isinstance(raw_hosts, list) or not raw_hosts:
@@ -159,14 +166,15 @@ def _merchant(raw: Any, index: int, problems: list[str], networks: set[str]) -> 
     share = raw.get("user_share")
     user_share = Decimal(0)
     if isinstance(share, float):
-        problems.append(f"{label}: user_share: write money and shares as quoted decimal strings")
-    else:
-        try:
-            user_share = Decimal(str(share)) if isinstance(share, str | int) else Decimal("NaN")
-            if not (0 <= user_share <= 1) or user_share.as_tuple().exponent < -6:  # type: ignore[operator]
-                raise InvalidOperation
-        except (InvalidOperation, ValueError):
-            problems.append(f"{label}: user_share: a decimal between 0 and 1, like \"0.5\"")
+        # An unquoted 0.5 reads as a float; its shortest repr is the decimal that was written.
+        warnings.append(f"{label}: user_share: quote it (\"{share!r}\"): shares are decimal strings")
+        share = repr(share)
+    try:
+        user_share = Decimal(str(share)) if isinstance(share, str | int) else Decimal("NaN")
+        if not (0 <= user_share <= 1) or user_share.as_tuple().exponent < -6:  # type: ignore[operator]
+            raise InvalidOperation
+    except (InvalidOperation, ValueError):
+        problems.append(f"{label}: user_share: a decimal between 0 and 1, like \"0.5\"")
     durations = {}
     for key, default in (("session_ttl", "2h"), ("confirmation_window", "90d")):
         try:
@@ -205,8 +213,8 @@ def _network(raw: Any, index: int, problems: list[str], profiles: frozenset[str]
         problems.append(f"{label}: profile: {profile!r} is not one of {sorted(profiles)}")
     token, hmac_secret = raw.get("token"), raw.get("hmac_secret")
     for key, value in (("token", token), ("hmac_secret", hmac_secret)):
-        if value is not None and (not isinstance(value, str) or len(value) < 8):
-            problems.append(f"{label}: {key}: a secret of at least 8 characters")
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            problems.append(f"{label}: {key}: a non-empty secret")
     if token is None and hmac_secret is None:
         problems.append(f"{label}: needs a token or an hmac_secret: postbacks are authenticated")
     cidrs = []
@@ -236,15 +244,23 @@ def parse_merchants_file(doc: Any, profiles: frozenset[str]) -> MerchantsFile:
     names = [n.get("name") for n in raw_networks if isinstance(n, dict)]
     for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
         problems.append(f"network {dup!r}: name: appears more than once")
-    known_networks = {n for n in names if isinstance(n, str)}
+    # A merchant names one of the file's networks, or a postback profile directly (its orders then
+    # need a network entry before postbacks are accepted).
+    known_networks = {n for n in names if isinstance(n, str)} | set(profiles)
+    warnings: list[str] = []
     raw_merchants = doc.get("merchants")
     if not isinstance(raw_merchants, list):
         problems.append("merchants: must be a list")
         raw_merchants = []
-    merchants = [_merchant(m, i, problems, known_networks) for i, m in enumerate(raw_merchants)]
+    merchants = [_merchant(m, i, problems, known_networks, warnings) for i, m in enumerate(raw_merchants)]
     slugs = [m.get("slug") for m in raw_merchants if isinstance(m, dict)]
     for dup in sorted({s for s in slugs if isinstance(s, str) and slugs.count(s) > 1}):
         problems.append(f"merchant {dup!r}: slug: appears more than once")
     if problems:
         raise MerchantsFileError(problems)
-    return MerchantsFile(tuple(m for m in merchants if m), tuple(n for n in networks if n))
+    listed = {n.name for n in networks if n}
+    for m in merchants:
+        if m and m.network not in listed:
+            warnings.append(f"merchant {m.slug!r}: network: {m.network!r} has no entry under networks; "
+                            "its postbacks are refused until one is added")
+    return MerchantsFile(tuple(m for m in merchants if m), tuple(n for n in networks if n), tuple(warnings))
