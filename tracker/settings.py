@@ -36,7 +36,7 @@ class Settings:
     # runs can share one Redis, and the click writer's limits.
     redis_prefix: str = "trk:"
     queue_limit: int = 50_000
-    batch_limit: int = 5_000
+    batch_limit: int = 1_000
     retention_days: int = 400
     secret_generated: bool = field(default=False, compare=False)
 
@@ -122,7 +122,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         log_format=log_format,
         redis_prefix=env.get("TRACKER_REDIS_PREFIX") or "trk:",
         queue_limit=_int(env, "TRACKER_QUEUE_LIMIT", 50_000, 100),
-        batch_limit=_int(env, "TRACKER_BATCH_LIMIT", 5_000, 1),
+        batch_limit=_int(env, "TRACKER_BATCH_LIMIT", 1_000, 1),
         retention_days=_int(env, "TRACKER_RETENTION_DAYS", 400, 1),
         secret_generated=generated,
     )
