@@ -76,3 +76,32 @@ def test_link_preview_bots_are_recognised(ua):
 ])
 def test_browsers_are_not_bots(ua):
     assert not is_bot(ua)
+
+
+def test_forked_workers_do_not_repeat_ids():
+    import os
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        os.write(write, "\n".join(new_click_id()[0] for _ in range(200)).encode())
+        os._exit(0)
+    os.close(write)
+    chunks = []
+    while chunk := os.read(read, 65536):
+        chunks.append(chunk)
+    os.close(read)
+    os.waitpid(pid, 0)
+    child = set(b"".join(chunks).decode().split("\n"))
+    parent = {new_click_id()[0] for _ in range(200)}
+    assert len(child) == 200 and not child & parent
+    assert {c[8:] for c in child}.isdisjoint({c[8:] for c in parent})  # random parts differ too
+
+
+def test_token_cache_keeps_only_valid_tokens():
+    tokens = UserTokens("a-secret-of-enough-length")
+    good = tokens.mint("cached")
+    assert tokens.verify(good) == tokens.verify(good) == "cached"
+    assert tokens.verify("cached.AAAAAAAAAAAAAAAAAAAAAA") is None
+    assert list(tokens._seen) == [good]
