@@ -69,7 +69,8 @@ async def _writer(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     spool = Spool(settings.spool_dir)
     writer = ClickWriter(app[keys.POOL], spool, durability=settings.durability,
-                         queue_limit=settings.queue_limit, batch_limit=settings.batch_limit)
+                         queue_limit=settings.queue_limit, batch_limit=settings.batch_limit,
+                         dsn=settings.database_url)
     await writer.start()
     app[keys.WRITER] = writer
     yield
