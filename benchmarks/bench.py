@@ -119,15 +119,21 @@ def main() -> int:
     wenv = {"TOKENS_FILE": str(tokens_file)}
     rows: list[tuple[str, dict[str, float], str]] = []
 
-    port = free_port()
-    plain = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/plain_app.py"), str(port), str(WORKERS)])
-    try:
-        wait_http(port, "/go/x")
-        wrk(port, script, wenv, 2)
-        ceiling = wrk(port, script, wenv)
-    finally:
-        stop(plain)
-    rows.append(("plain aiohttp 302 (ceiling)", ceiling, "n/a"))
+    def run_ceiling() -> dict[str, float]:
+        port = free_port()
+        plain = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/plain_app.py"), str(port), str(WORKERS)])
+        try:
+            wait_http(port, "/go/x")
+            wrk(port, script, wenv, 2)
+            return wrk(port, script, wenv)
+        finally:
+            stop(plain)
+
+    # The ceiling moves between runs on a shared machine: measure it before and after the /go
+    # scenarios and compare against the mean of the two.
+    first = run_ceiling()
+    ceiling: dict[str, float] = dict(first)
+    rows.append(("plain aiohttp 302 (ceiling, mean of before and after)", ceiling, "n/a"))
 
     for durability in ("commit", "async"):
         port = free_port()
@@ -147,6 +153,12 @@ def main() -> int:
         ok = result["non_3xx"] == 0 and after - before >= result["requests"]
         rows.append((f"tracker /go, durability={durability}", result,
                      f"{after - before} rows for {result['requests']} requests ({'ok' if ok else 'MISMATCH'})"))
+
+    second = run_ceiling()
+    for key in ("rps", "p50_ms", "p99_ms"):
+        ceiling[key] = (first[key] + second[key]) / 2
+    ceiling_note = f"before {first['rps']:,.0f}, after {second['rps']:,.0f}"
+    rows[0] = (rows[0][0], ceiling, ceiling_note)
 
     # Observe and postbacks, one worker: requests/s per worker.
     port = free_port()
