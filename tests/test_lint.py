@@ -12,3 +12,10 @@ def test_ruff_passes():
     assert ruff, "ruff is part of the dev extras: pip install -e '.[dev]'"
     out = subprocess.run([ruff, "check", "tracker", "tests", "benchmarks"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_mypy_passes():
+    mypy = shutil.which("mypy", path=str(Path(sys.executable).parent)) or shutil.which("mypy")
+    assert mypy, "mypy is part of the dev extras: pip install -e '.[dev]'"
+    out = subprocess.run([mypy, "tracker"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -107,14 +107,14 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
             break
         except InterruptedError:
             continue
-        slot = children.pop(pid, None)
+        freed = children.pop(pid, None)
         multiprocess.mark_process_dead(pid)
-        if slot is not None and not stopping:
+        if freed is not None and not stopping:
             # A worker died: replace it. Its unanswered commit-mode clicks were never redirected;
             # its spool segment is replayed by the next worker that finds it.
             print(f"tracker: worker {pid} exited ({status}); starting another", file=sys.stderr)
             time.sleep(0.5)
-            spawn(slot)
+            spawn(freed)
     shutil.rmtree(prom_dir, ignore_errors=True)
     return 0
 

@@ -74,10 +74,11 @@ def _ensure_promtool() -> None:
     if shutil.which("promtool") or os.geteuid() != 0 or not shutil.which("apt-get"):
         return
     print("devstack: installing promtool (apt-get install prometheus) for the rules tests", file=sys.stderr)
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    subprocess.run(["apt-get", "update", "-qq"], check=False, **quiet)
+    subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
     subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"], check=False,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, **quiet)
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
 
 
 def test(pytest_args: list[str]) -> int:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
+from typing import Any
 
 import orjson
 import structlog
 
 
-def _redact(_: object, __: str, event: dict[str, object]) -> dict[str, object]:
+def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     # Secrets never reach a log line, whatever a caller passes.
     for key in ("token", "secret", "hmac_secret", "password", "authorization", "u", "admin_key"):
         if key in event:

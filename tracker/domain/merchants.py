@@ -186,10 +186,11 @@ def _merchant(raw: Any, index: int, problems: list[str], networks: set[str],
     active = raw.get("active", True)
     if not isinstance(active, bool):
         problems.append(f"{label}: active: true or false")
-    if len(problems) > before:
+    if len(problems) > before or not (isinstance(slug, str) and isinstance(name, str) and isinstance(network, str)
+                                      and isinstance(partner_url, str) and isinstance(default_target, str)):
         return None
     return Merchant(
-        slug=slug, name=name.strip(), network=network, partner_url=partner_url,  # type: ignore[arg-type]
+        slug=slug, name=name.strip(), network=network, partner_url=partner_url,
         default_target=default_target, allowed_hosts=frozenset(hosts), user_share=user_share,
         session_ttl=durations["session_ttl"], confirmation_window=durations["confirmation_window"],
         own_promo_codes=frozenset(c.strip().casefold() for c in codes if c.strip()),

@@ -282,7 +282,7 @@ class ClickWriter:
                 if lock is None:
                     continue  # its writer is alive, or another worker is replaying it
                 try:
-                    rows = await asyncio.to_thread(lambda held=lock: [r for rec in held.records() for r in rec])
+                    rows = await asyncio.to_thread(_all_rows, lock)
                     for start in range(0, len(rows), chunk):
                         inserted += await self._insert_missing([to_record(r) for r in rows[start:start + chunk]])
                     await asyncio.to_thread(lock.remove)  # only after every chunk committed
@@ -324,6 +324,10 @@ class ClickWriter:
     @property
     def queued(self) -> int:
         return self._queued
+
+
+def _all_rows(lock: SegmentLock) -> list[list[Any]]:
+    return [row for record in lock.records() for row in record]
 
 
 def _missing_partition(exc: BaseException) -> bool:

@@ -2,14 +2,14 @@
 signals and its detector state."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 import orjson
 
 from ..domain.clickid import click_time
 
-Conn = asyncpg.Pool | asyncpg.Connection
+Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
 
 async def get_click(conn: Conn, click_id: str) -> dict[str, Any] | None:
