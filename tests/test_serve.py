@@ -60,10 +60,15 @@ async def test_metrics_sum_over_workers_and_sigterm_drains(server, tokens, db):
     async with aiohttp.ClientSession(connector=connector) as session:
         results = await asyncio.gather(*(_go(session, base, token) for _ in range(300)))
         assert all(status == 302 for status, _ in results)
-        async with session.get(base + "/metrics") as resp:
-            text = await resp.text()
-        counted = sum(float(v) for v in re.findall(
-            r'tracker_clicks_total\{bot="false",merchant="nike",source="web"\} (\S+)', text))
+        counted = 0.0
+        for _ in range(40):  # each worker adds its tally to the shared metrics every second
+            async with session.get(base + "/metrics") as resp:
+                text = await resp.text()
+            counted = sum(float(v) for v in re.findall(
+                r'tracker_clicks_total\{bot="false",merchant="nike",source="web"\} (\S+)', text))
+            if counted == 300:
+                break
+            await asyncio.sleep(0.1)
         assert counted == 300
         assert await db.fetchval("SELECT count(*) FROM clicks WHERE user_id = $1", "serve-user") == 300
 

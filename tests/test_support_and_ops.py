@@ -1,3 +1,5 @@
+import pytest
+
 from tracker.domain.clickid import new_click_id
 
 from .conftest import ADMIN, BROWSER
@@ -47,3 +49,32 @@ async def test_unknown_routes_and_methods_answer_json(client):
     assert resp.status == 404 and (await resp.json())["error"] == "not_found"
     resp = await client.post("/go/nike")
     assert resp.status == 405 and (await resp.json())["error"] == "method_not_allowed"
+
+
+def test_tally_adds_up_exactly_like_direct_observation():
+    import random
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    from tracker.metrics import Tally
+
+    registry = CollectorRegistry()
+    buckets = (.001, .005, .01, .05, .1)
+    direct = Histogram("direct_seconds", "d", buckets=buckets, registry=registry)
+    tallied = Histogram("tallied_seconds", "t", buckets=buckets, registry=registry)
+    counter = Counter("tallied_total", "c", ["k"], registry=registry)
+    tally = Tally(tallied)
+    values = [random.choice([0.0, 0.001, 0.0010001, 0.05, 0.2, random.random() / 10]) for _ in range(500)]
+    for v in values:
+        direct.observe(v)
+        tally.observe(v)
+        tally.count(counter.labels("a"))
+    assert registry.get_sample_value("tallied_total", {"k": "a"}) == 0  # nothing until the flush
+    tally.flush()
+    for le in ("0.001", "0.005", "0.01", "0.05", "0.1", "+Inf"):
+        assert registry.get_sample_value("tallied_seconds_bucket", {"le": le}) == \
+            registry.get_sample_value("direct_seconds_bucket", {"le": le})
+    assert registry.get_sample_value("tallied_seconds_sum") == pytest.approx(registry.get_sample_value("direct_seconds_sum"))
+    assert registry.get_sample_value("tallied_total", {"k": "a"}) == 500
+    tally.flush()  # idempotent when nothing new came
+    assert registry.get_sample_value("tallied_total", {"k": "a"}) == 500

@@ -20,6 +20,7 @@ from .store.merchants import Catalog
 from .store.sessions import SessionStore
 from .store.signals import SignalWriter
 from .store.spool import Spool
+from .store.tasks import cancel_and_wait
 from .web import activation, events, observe, ops, postbacks, support
 from .web.common import errors
 
@@ -85,6 +86,18 @@ async def _signals(app: web.Application) -> AsyncIterator[None]:
     await writer.stop()
 
 
+async def _tally(app: web.Application) -> AsyncIterator[None]:
+    async def flush_every_second() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            metrics.tally.flush()
+
+    task = asyncio.create_task(flush_every_second(), name="metrics-tally")
+    yield
+    await cancel_and_wait([task])
+    metrics.tally.flush()
+
+
 async def _closing(app: web.Application) -> None:
     app[keys.CLOSING].set()  # live event streams end so that shutdown does not wait for them
 
@@ -99,7 +112,7 @@ def create_app(settings: Settings) -> web.Application:
     app[keys.DETECTOR] = Detector(load_catalog())
     app[keys.CLOSING] = asyncio.Event()
     app.on_shutdown.append(_closing)
-    app.cleanup_ctx.extend([_postgres, _catalog, _redis, _writer, _signals])
+    app.cleanup_ctx.extend([_tally, _postgres, _catalog, _redis, _writer, _signals])
     app.router.add_get("/go/{merchant}", activation.activate, name="go")  # HEAD too
     app.router.add_get("/healthz", ops.healthz, name="healthz")
     app.router.add_get("/readyz", ops.readyz, name="readyz")

@@ -70,7 +70,8 @@ async def activate(request: web.Request) -> web.Response:
     if not bot:
         sessions.put_session(click_id, {"u": user_id, "m": merchant.slug, "t": created_ms,
                                         "src": source, "dev": device}, merchant.session_ttl)
-    metrics.clicks(merchant.slug, source, "true" if bot else "false").inc()
-    metrics.REDIRECT_SECONDS.observe(time.perf_counter() - started)
+    tally = metrics.tally
+    tally.count(metrics.clicks(merchant.slug, source, "true" if bot else "false"))
+    tally.observe(time.perf_counter() - started)
     return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store",
                                              "X-Click-Id": click_id})

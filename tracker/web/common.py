@@ -49,7 +49,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:  # noqa: BLE001 - the one place unexpected errors are logged and hidden
         log.exception("unhandled_error", route=route, method=request.method)
         response = error_response("internal", "internal error", 500)
-    metrics.http_requests(route, str(response.status)).inc()
+    metrics.tally.count(metrics.http_requests(route, str(response.status)))
     if route != "go":  # the redirect has its own histogram (tracker_redirect_duration_seconds)
         metrics.http_seconds(route).observe(time.perf_counter() - started)
     return response
