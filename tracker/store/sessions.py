@@ -37,7 +37,9 @@ end
 local totals = {}
 for key, delta in string.gmatch(ARGV[2], '([^\t\n]+)\t(%d+)') do
   local total = redis.call('INCRBY', key, delta)
-  redis.call('EXPIRE', key, 61)
+  if total == tonumber(delta) then
+    redis.call('EXPIRE', key, 61)  -- a new window's key: give it its end
+  end
   totals[#totals + 1] = total
 end
 return totals
