@@ -42,9 +42,11 @@ def to_record(row: Row | list[Any]) -> tuple[Any, ...]:
 class _Batch:
     __slots__ = ("rows", "done")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self) -> None:
         self.rows: list[Row] = []
-        self.done: asyncio.Future[None] = loop.create_future()
+        # An Event, not a shared Future: each waiter gets its own future inside wait(), so one
+        # cancelled request cannot cancel the others' wait (and it is cheaper than shield()).
+        self.done = asyncio.Event()
 
 
 class ClickWriter:
@@ -62,7 +64,7 @@ class ClickWriter:
         self._dsn = dsn
         self._conns: list[asyncpg.Connection | None] = [None] * flushers
         self._loop = asyncio.get_running_loop()
-        self._open = _Batch(self._loop)
+        self._open = _Batch()
         self._sealed: list[_Batch] = []
         self._queued = 0
         self._wake = asyncio.Event()
@@ -94,18 +96,18 @@ class ClickWriter:
             self._seal()
         self._wake.set()
         if self.wait_commit:
-            await asyncio.shield(batch.done)
+            await batch.done.wait()
 
     def _seal(self) -> None:
         self._sealed.append(self._open)
-        self._open = _Batch(self._loop)
+        self._open = _Batch()
 
     def _take(self) -> _Batch | None:
         if self._sealed:
             return self._sealed.pop(0)
         if self._open.rows:
             batch = self._open
-            self._open = _Batch(self._loop)
+            self._open = _Batch()
             return batch
         return None
 
@@ -164,8 +166,7 @@ class ClickWriter:
             metrics.WRITER_QUEUE.set(self._queued)
             if self._queued < self.queue_limit:
                 self._room.set()
-            if not batch.done.done():
-                batch.done.set_result(None)
+            batch.done.set()
 
     async def _copy(self, rows: list[Row], slot: int = 0) -> None:
         started = self._loop.time()
@@ -236,8 +237,8 @@ class ClickWriter:
     # -- the spool ----------------------------------------------------------------------------
     async def _to_spool(self, batch: _Batch, resolve: bool = True) -> None:
         await self._spill(batch.rows)
-        if resolve and not batch.done.done():
-            batch.done.set_result(None)
+        if resolve:
+            batch.done.set()
 
     async def _spill(self, rows: list[Row] | list[list[Any]]) -> None:
         async with self._spool_lock:
