@@ -37,5 +37,6 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
+    metrics.tally.flush()  # here, on the loop's thread; rendering then runs in a worker thread
     body = await asyncio.to_thread(metrics.render)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
