@@ -359,3 +359,23 @@ async def test_async_mode_spills_to_the_spool_when_the_queue_is_full(stack: Stac
     finally:
         await writer.close()
         await pool.close()
+
+
+async def test_rows_with_lone_surrogates_are_quarantined_too(stack: Stack, tmp_path: Path) -> None:
+    pool = await create_pool(stack.dsn)
+    writer = ClickWriter(pool, Spool(tmp_path / "spool"))
+    await writer.start()
+    try:
+        good_id, ms = new_click_id()
+        bad_id, _ = new_click_id()
+        await asyncio.gather(
+            writer.write((good_id, ms, "fault-surrogate", "nike", "web", "https://www.nike.com/", None, None, "ua", False, "GET")),
+            writer.write((bad_id, ms, "fault-surrogate", "nike", "web", "https://www.nike.com/\\ud800", None, None,
+                          "ua\ud800", False, "GET")))
+        stored = {r["click_id"] for r in await pool.fetch("SELECT click_id FROM clicks WHERE user_id = 'fault-surrogate'")}
+        assert stored == {good_id}
+        record = await pool.fetchval("SELECT record FROM clicks_quarantine WHERE click_id = $1", bad_id)
+        assert "\\\\ud800" in record
+    finally:
+        await writer.close()
+        await pool.close()

@@ -159,7 +159,7 @@ class ClickWriter:
             await self._to_spool(batch, resolve=False)
         except Exception as exc:  # noqa: BLE001 - never lose a batch to an unexpected error
             self._drop_conn(slot)
-            log.error("click_batch_failed", error=repr(exc), rows=len(rows))
+            log.error("click_batch_failed", error=repr(exc), rows=len(rows), exc_info=True)
             await self._to_spool(batch, resolve=False)
         finally:
             self._queued -= len(rows)
@@ -174,11 +174,14 @@ class ClickWriter:
         try:
             await asyncio.wait_for(self._copy_records(records, slot), self.flush_timeout)
         except _REFUSED as exc:
-            if _missing_partition(exc):
-                await self._add_partitions(records)
-                await asyncio.wait_for(self._copy_records(records, slot), self.flush_timeout)
-            else:
+            if not _missing_partition(exc):
                 await self._isolate(records, exc)
+            else:
+                await self._add_partitions(records)
+                try:
+                    await asyncio.wait_for(self._copy_records(records, slot), self.flush_timeout)
+                except _REFUSED as again:  # a bad row in a batch that also needed a partition
+                    await self._isolate(records, again)
         metrics.WRITER_BATCH.observe(len(rows))
         metrics.WRITER_FLUSH_SECONDS.observe(self._loop.time() - started)
 
@@ -223,14 +226,11 @@ class ClickWriter:
                     await self._isolate(half, sub)
 
     async def _quarantine(self, record: tuple[Any, ...], exc: BaseException) -> None:
-        raw = orjson.dumps([str(v) if not isinstance(v, bool | int | None) else v for v in record],
-                           option=orjson.OPT_PASSTHROUGH_DATETIME, default=str).decode("utf-8", "replace")
-        safe = raw.replace("\x00", "\\u0000").encode("utf-8", "replace").decode("utf-8")
+        values = [_storable(v) for v in record]
         async with self.pool.acquire() as conn:
             await conn.execute(
                 "INSERT INTO clicks_quarantine (click_id, record, reason) VALUES ($1, $2, $3)",
-                str(record[0]).encode("utf-8", "replace").decode().replace("\x00", ""), safe,
-                f"{type(exc).__name__}: {exc}"[:500])
+                values[0], orjson.dumps(values).decode(), _storable(f"{type(exc).__name__}: {exc}")[:500])
         metrics.QUARANTINED.inc()
         log.warning("click_quarantined", click_id=str(record[0])[:32], reason=str(exc)[:200])
 
@@ -325,6 +325,16 @@ class ClickWriter:
     @property
     def queued(self) -> int:
         return self._queued
+
+
+def _storable(value: Any) -> Any:
+    """A value PostgreSQL text and JSON accept whatever it was: NUL bytes and lone surrogates (the
+    usual reasons a row is refused) become visible escapes instead of failing again."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
+    return value
 
 
 def _all_rows(lock: SegmentLock) -> list[list[Any]]:
