@@ -4,11 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,99 +20,6 @@ def resolve_servers(settings: Settings) -> Settings:
     servers = embedded.start(settings.data_dir)
     return settings.with_servers(settings.database_url or servers.database_url,
                                  settings.redis_url or servers.redis_url)
-
-
-def _warn_dev_secret(settings: Settings) -> None:
-    if settings.secret_generated:
-        print(f"tracker: warning: TRACKER_SECRET is not set; using the development secret in "
-              f"{settings.data_dir / 'secret'} (never do this in production)", file=sys.stderr)
-
-
-# -- serve -----------------------------------------------------------------------------------------
-def _serve_worker(settings: Settings, host: str, port: int) -> None:
-    import uvloop
-    from aiohttp import web
-
-    from . import logs
-    from .app import create_app
-
-    logs.configure(settings.log_format)
-    uvloop.install()
-    app = create_app(settings)
-    web.run_app(app, host=host, port=port, reuse_port=True, access_log=None, print=None,
-                shutdown_timeout=10.0)
-
-
-def _die_with_parent() -> None:
-    """Linux: a worker gets SIGTERM when the supervising process dies, so none is left orphaned."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def serve(settings: Settings, host: str, port: int, workers: int) -> int:
-    _warn_dev_secret(settings)
-    if workers == 1:
-        _serve_worker(settings, host, port)
-        return 0
-    # Several processes on one port (SO_REUSEPORT); metrics are shared through files so that
-    # /metrics on any worker shows the sum over all of them.
-    prom_dir = settings.data_dir / f"prometheus-{os.getpid()}"
-    shutil.rmtree(prom_dir, ignore_errors=True)
-    prom_dir.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
-    children: dict[int, int] = {}
-    stopping = False
-
-    def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            _die_with_parent()
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            try:
-                _serve_worker(settings, host, port)
-            finally:
-                os._exit(0)
-        children[pid] = slot
-
-    def stop(signum: int, _: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for slot in range(workers):
-        spawn(slot)
-    print(f"tracker: serving on http://{host}:{port} with {workers} workers", file=sys.stderr)
-    from prometheus_client import multiprocess
-
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        freed = children.pop(pid, None)
-        multiprocess.mark_process_dead(pid)
-        if freed is not None and not stopping:
-            # A worker died: replace it. Its unanswered commit-mode clicks were never redirected;
-            # its spool segment is replayed by the next worker that finds it.
-            print(f"tracker: worker {pid} exited ({status}); starting another", file=sys.stderr)
-            time.sleep(0.5)
-            spawn(freed)
-    shutil.rmtree(prom_dir, ignore_errors=True)
-    return 0
 
 
 # -- database commands -----------------------------------------------------------------------------
@@ -229,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                       + "\n  - ".join(exc.problems), file=sys.stderr)
                 return 1
             print(f"tracker: merchants synced: {json.dumps(report)}", file=sys.stderr)
+        from .serve import serve
+
         return serve(settings, args.host or settings.host,
                      settings.port if args.port is None else args.port,
                      args.workers or settings.workers)

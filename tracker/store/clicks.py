@@ -13,25 +13,21 @@ from datetime import datetime, timezone
 from typing import Any
 
 import asyncpg
-import orjson
 import structlog
 
 from .. import metrics
-from .db import ensure_partitions
+from .refused import COLUMNS, REFUSED, add_partitions, all_rows, insert_missing, isolate, missing_partition
 from .spool import SegmentLock, Spool, count_rows
 from .tasks import cancel_and_wait
 
 log = structlog.get_logger("tracker.clicks")
 
-COLUMNS = ("click_id", "created_at", "user_id", "merchant", "source", "target", "device",
-           "client_ip", "user_agent", "bot", "method")
 # Row: the tuple above, with created_at as Unix milliseconds (converted at flush time, in bulk).
 Row = tuple[str, int, str, str, str, str, str | None, str | None, str | None, bool, str]
 
 _UNREACHABLE = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError,
                 asyncpg.InterfaceError, asyncpg.CannotConnectNowError, asyncpg.QueryCanceledError,
                 asyncpg.AdminShutdownError, asyncpg.TooManyConnectionsError)
-_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, UnicodeError, ValueError)
 
 
 def to_record(row: Row | list[Any]) -> tuple[Any, ...]:
@@ -173,14 +169,14 @@ class ClickWriter:
         records = [to_record(r) for r in rows]
         try:
             await asyncio.wait_for(self._copy_records(records, slot), self.flush_timeout)
-        except _REFUSED as exc:
-            if not _missing_partition(exc):
+        except REFUSED as exc:
+            if not missing_partition(exc):
                 await self._isolate(records, exc)
             else:
-                await self._add_partitions(records)
+                await add_partitions(self.pool, records)
                 try:
                     await asyncio.wait_for(self._copy_records(records, slot), self.flush_timeout)
-                except _REFUSED as again:  # a bad row in a batch that also needed a partition
+                except REFUSED as again:  # a bad row in a batch that also needed a partition
                     await self._isolate(records, again)
         metrics.WRITER_BATCH.observe(len(rows))
         metrics.WRITER_FLUSH_SECONDS.observe(self._loop.time() - started)
@@ -203,36 +199,11 @@ class ClickWriter:
             # One COPY is one statement and one commit: the group commit of the whole batch.
             await conn.copy_records_to_table("clicks", records=records, columns=COLUMNS)
 
-    async def _add_partitions(self, records: list[tuple[Any, ...]]) -> None:
-        days = sorted({r[1].date() for r in records})
-        async with self.pool.acquire() as conn:
-            for day in days:
-                await ensure_partitions(conn, day, 1)
-
     async def _isolate(self, records: list[tuple[Any, ...]], exc: BaseException) -> None:
-        """Bisect a refused batch: commit every good row, quarantine each bad one with its reason."""
-        if len(records) == 1:
-            await self._quarantine(records[0], exc)
-            return
-        mid = len(records) // 2
-        for half in (records[:mid], records[mid:]):
-            try:
-                await asyncio.wait_for(self._copy_records(half), self.flush_timeout)
-            except _REFUSED as sub:
-                if _missing_partition(sub):
-                    await self._add_partitions(half)
-                    await self._isolate(half, sub)
-                else:
-                    await self._isolate(half, sub)
+        async def copy(part: list[tuple[Any, ...]]) -> None:
+            await asyncio.wait_for(self._copy_records(part), self.flush_timeout)
 
-    async def _quarantine(self, record: tuple[Any, ...], exc: BaseException) -> None:
-        values = [_storable(v) for v in record]
-        async with self.pool.acquire() as conn:
-            await conn.execute(
-                "INSERT INTO clicks_quarantine (click_id, record, reason) VALUES ($1, $2, $3)",
-                values[0], orjson.dumps(values).decode(), _storable(f"{type(exc).__name__}: {exc}")[:500])
-        metrics.QUARANTINED.inc()
-        log.warning("click_quarantined", click_id=str(record[0])[:32], reason=str(exc)[:200])
+        await isolate(self.pool, records, exc, copy)
 
     # -- the spool ----------------------------------------------------------------------------
     async def _to_spool(self, batch: _Batch, resolve: bool = True) -> None:
@@ -283,9 +254,9 @@ class ClickWriter:
                 if lock is None:
                     continue  # its writer is alive, or another worker is replaying it
                 try:
-                    rows = await asyncio.to_thread(_all_rows, lock)
+                    rows = await asyncio.to_thread(all_rows, lock)
                     for start in range(0, len(rows), chunk):
-                        inserted += await self._insert_missing([to_record(r) for r in rows[start:start + chunk]])
+                        inserted += await insert_missing(self.pool, [to_record(r) for r in rows[start:start + chunk]])
                     await asyncio.to_thread(lock.remove)  # only after every chunk committed
                 except BaseException:
                     lock.release()
@@ -297,49 +268,8 @@ class ClickWriter:
             metrics.SPOOL_PENDING.set(self.pending_spool)
         return inserted
 
-    async def _insert_missing(self, records: list[tuple[Any, ...]]) -> int:
-        """COPY into a temporary table, then insert what clicks does not have yet: a replay that
-        crashed halfway can run again without inserting a click twice."""
-        await self._add_partitions(records)
-        try:
-            return await self._insert_new(records)
-        except _REFUSED as exc:
-            if len(records) == 1:
-                await self._quarantine(records[0], exc)
-                return 0
-            mid = len(records) // 2
-            return await self._insert_missing(records[:mid]) + await self._insert_missing(records[mid:])
-
-    async def _insert_new(self, records: list[tuple[Any, ...]]) -> int:
-        async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                await conn.execute(
-                    "CREATE TEMP TABLE IF NOT EXISTS clicks_replay "
-                    "(LIKE clicks INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-                await conn.copy_records_to_table("clicks_replay", records=records, columns=COLUMNS)
-                status = await conn.execute(
-                    f"INSERT INTO clicks ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} "
-                    "FROM clicks_replay ON CONFLICT (click_id, created_at) DO NOTHING")
-        return int(status.rsplit(" ", 1)[-1])
-
     @property
     def queued(self) -> int:
         return self._queued
 
 
-def _storable(value: Any) -> Any:
-    """A value PostgreSQL text and JSON accept whatever it was: NUL bytes and lone surrogates (the
-    usual reasons a row is refused) become visible escapes instead of failing again."""
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if isinstance(value, str):
-        return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
-    return value
-
-
-def _all_rows(lock: SegmentLock) -> list[list[Any]]:
-    return [row for record in lock.records() for row in record]
-
-
-def _missing_partition(exc: BaseException) -> bool:
-    return "no partition of relation" in str(exc)
