@@ -1,16 +1,15 @@
 """Merchants and networks: the merchants file's rules, checked whole, every problem named."""
 from __future__ import annotations
 
-import ipaddress
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from .networks import SLUG, Network, open_entry, parse_network, str_list
 from .targets import BadTarget, check_target, normalize_pattern
 
-SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _DURATION = re.compile(r"(\d{1,9})(s|m|h|d)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
@@ -39,15 +38,6 @@ class Merchant:
 
     def is_own_code(self, code: str) -> bool:
         return code.strip().casefold() in self.own_promo_codes
-
-
-@dataclass(frozen=True, slots=True)
-class Network:
-    name: str
-    profile: str
-    token: str | None = None
-    hmac_secret: str | None = None
-    allow_ips: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,23 +97,11 @@ def _template(value: Any, where: str, problems: list[str], http_only: bool,
     return value
 
 
-def _str_list(value: Any, where: str, problems: list[str]) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str | int) and not isinstance(v, bool)
-                                              for v in value):
-        problems.append(f"{where}: must be a list of strings")
-        return []
-    return [str(v) for v in value]
-
-
 def _merchant(raw: Any, index: int, problems: list[str], networks: set[str],
               warnings: list[str]) -> Merchant | None:
-    if not isinstance(raw, dict):
-        problems.append(f"merchants[{index}]: must be a mapping")
+    raw, slug, label = open_entry(raw, "merchants", index, "slug", "merchant", problems)
+    if raw is None:
         return None
-    slug = raw.get("slug")
-    label = f"merchant {slug!r}" if isinstance(slug, str) else f"merchants[{index}]"
     before = len(problems)
     if not isinstance(slug, str) or not SLUG.fullmatch(slug):
         problems.append(f"{label}: slug: 1-63 characters of a-z 0-9 _ -, starting with a letter or digit")
@@ -181,8 +159,8 @@ def _merchant(raw: Any, index: int, problems: list[str], networks: set[str],
             durations[key] = parse_duration(raw.get(key, default))
         except ValueError as exc:
             problems.append(f"{label}: {key}: {exc}")
-    codes = _str_list(raw.get("own_promo_codes"), f"{label}: own_promo_codes", problems)
-    stores = _str_list(raw.get("excluded_stores"), f"{label}: excluded_stores", problems)
+    codes = str_list(raw.get("own_promo_codes"), f"{label}: own_promo_codes", problems)
+    stores = str_list(raw.get("excluded_stores"), f"{label}: excluded_stores", problems)
     active = raw.get("active", True)
     if not isinstance(active, bool):
         problems.append(f"{label}: active: true or false")
@@ -198,38 +176,6 @@ def _merchant(raw: Any, index: int, problems: list[str], networks: set[str],
     )
 
 
-def _network(raw: Any, index: int, problems: list[str], profiles: frozenset[str]) -> Network | None:
-    if not isinstance(raw, dict):
-        problems.append(f"networks[{index}]: must be a mapping")
-        return None
-    name = raw.get("name")
-    label = f"network {name!r}" if isinstance(name, str) else f"networks[{index}]"
-    before = len(problems)
-    if not isinstance(name, str) or not SLUG.fullmatch(name):
-        problems.append(f"{label}: name: 1-63 characters of a-z 0-9 _ -")
-    for key in sorted(set(raw) - {"name", "profile", "token", "hmac_secret", "allow_ips"}, key=str):
-        problems.append(f"{label}: {key}: unknown field")
-    profile = raw.get("profile", name)
-    if profile not in profiles:
-        problems.append(f"{label}: profile: {profile!r} is not one of {sorted(profiles)}")
-    token, hmac_secret = raw.get("token"), raw.get("hmac_secret")
-    for key, value in (("token", token), ("hmac_secret", hmac_secret)):
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            problems.append(f"{label}: {key}: a non-empty secret")
-    if token is None and hmac_secret is None:
-        problems.append(f"{label}: needs a token or an hmac_secret: postbacks are authenticated")
-    cidrs = []
-    for cidr in _str_list(raw.get("allow_ips"), f"{label}: allow_ips", problems):
-        try:
-            cidrs.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
-        except ValueError:
-            problems.append(f"{label}: allow_ips: {cidr!r} is not an address or CIDR")
-    if len(problems) > before:
-        return None
-    return Network(name=name, profile=profile, token=token, hmac_secret=hmac_secret,  # type: ignore[arg-type]
-                   allow_ips=tuple(cidrs))
-
-
 def parse_merchants_file(doc: Any, profiles: frozenset[str]) -> MerchantsFile:
     """Validate a whole merchants document; MerchantsFileError lists every problem found."""
     problems: list[str] = []
@@ -241,7 +187,7 @@ def parse_merchants_file(doc: Any, profiles: frozenset[str]) -> MerchantsFile:
     if not isinstance(raw_networks, list):
         problems.append("networks: must be a list")
         raw_networks = []
-    networks = [_network(n, i, problems, profiles) for i, n in enumerate(raw_networks)]
+    networks = [parse_network(n, i, problems, profiles) for i, n in enumerate(raw_networks)]
     names = [n.get("name") for n in raw_networks if isinstance(n, dict)]
     for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
         problems.append(f"network {dup!r}: name: appears more than once")

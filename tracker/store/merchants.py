@@ -9,7 +9,8 @@ from typing import Any
 import asyncpg
 import structlog
 
-from ..domain.merchants import Merchant, MerchantsFile, Network
+from ..domain.merchants import Merchant, MerchantsFile
+from ..domain.networks import Network
 from .tasks import cancel_and_wait
 
 CHANNEL = "tracker_merchants"

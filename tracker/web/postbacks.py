@@ -13,7 +13,7 @@ from aiohttp import web
 
 from .. import keys, metrics
 from ..domain.conversions import MalformedPostback, Postback, read_postback
-from ..domain.merchants import Network
+from ..domain.networks import Network
 from ..domain.profiles import profiles
 from ..errors import BadRequest, DomainError, Forbidden, NotFound, TooLarge
 from ..store.conversions import record_postback
