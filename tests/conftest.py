@@ -56,21 +56,22 @@ def load_merchants(path: Path = HERE / "merchants.yaml"):  # noqa: ANN201
     return parse_merchants_file(yaml.safe_load(path.read_text()), profile_names())
 
 
+async def prepare_database(dsn: str) -> None:
+    """Migrate an empty database and sync the test merchants file into it."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await migrate(conn)
+        await sync(conn, load_merchants())
+    finally:
+        await conn.close()
+
+
 @pytest.fixture(scope="module")
 def database(servers: tuple[str, str]) -> Iterator[str]:
     name = f"trk_test_{secrets.token_hex(6)}"
     asyncio.run(_admin(servers[0], f"CREATE DATABASE {name}"))
     dsn = with_database(servers[0], name)
-
-    async def prepare() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await migrate(conn)
-            await sync(conn, load_merchants())
-        finally:
-            await conn.close()
-
-    asyncio.run(prepare())
+    asyncio.run(prepare_database(dsn))
     yield dsn
     asyncio.run(_admin(servers[0], f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
 

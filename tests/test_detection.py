@@ -153,7 +153,7 @@ def test_malformed_events(event):
 
 
 @pytest.mark.parametrize("url", [None, 5, "", "not a url", "javascript:alert(1)", "http://[::1", "x" * 100000,
-                                 "https://aliexpress.ru/?" + "cjevent=1&" * 1000])
+                                 "https://aliexpress.ru/?" + "cjevent=1&" * 1000, "https://aliexpress.ru/?" + "a=1&" * 600])
 def test_unparseable_navigation_is_ignored(url):
     run([{"type": "navigation", "url": url}])
 

@@ -19,11 +19,10 @@ from tracker import embedded
 from tracker.domain.clickid import new_click_id
 from tracker.domain.tokens import UserTokens
 from tracker.store.clicks import ClickWriter
-from tracker.store.db import create_pool, migrate
-from tracker.store.merchants import sync
+from tracker.store.db import create_pool
 from tracker.store.spool import Spool
 
-from .conftest import BROWSER, SECRET, load_merchants
+from .conftest import BROWSER, SECRET, prepare_database
 
 
 def free_port() -> int:
@@ -110,16 +109,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     st = Stack(tmp_path_factory.mktemp("faults"))
     st.start_pg()
     st.start_redis()
-
-    async def prepare() -> None:
-        conn = await asyncpg.connect(st.dsn)
-        try:
-            await migrate(conn)
-            await sync(conn, load_merchants())
-        finally:
-            await conn.close()
-
-    asyncio.run(prepare())
+    asyncio.run(prepare_database(st.dsn))
     yield st
     st.stop()
     embedded.stop_postgres(st.root, mode="immediate")

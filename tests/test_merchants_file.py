@@ -27,7 +27,8 @@ def test_the_test_and_demo_files_validate():
 
 @pytest.mark.parametrize("value,seconds", [("5s", 5), ("90m", 5400), ("2h", 7200), ("90d", 7776000)])
 def test_durations(value, seconds):
-    assert parse_duration(value) == seconds
+    parsed = parse_duration(value)
+    assert parsed == seconds
 
 
 @pytest.mark.parametrize("value", ["", "2", "2w", "-1h", "0s", "1.5h", "h", None, True, 2.5])

@@ -158,3 +158,13 @@ async def test_observe_rate_limit_per_address(aiohttp_client, settings, tokens):
     cid, _ = await activate(client, tokens, "o-user-6")  # the activation counts too
     statuses = [(await observe(client, tokens, "o-user-6", cid, [])).status for _ in range(3)]
     assert statuses == [200, 200, 429]
+
+
+async def test_a_landing_url_with_hundreds_of_parameters_is_handled(client, tokens):
+    cid, location = await activate(client, tokens, "o-user-7")
+    resp = await observe(client, tokens, "o-user-7", cid, [
+        {"type": "navigation", "url": location},
+        {"type": "navigation", "url": "https://aliexpress.ru/?" + "a=1&" * 600},
+        {"type": "navigation", "url": "https://aliexpress.ru/store/1102345?" + "b=2&" * 600}])
+    assert resp.status == 200
+    assert [s["kind"] for s in (await resp.json())["signals"]] == ["excluded_store"]

@@ -346,3 +346,12 @@ async def test_generic_postback_without_commission_is_zero_then_corrected(client
                                                   "status": "sale", "amount": "40", "commission": "4"})
     conv = await conversion(db, "generic", "G-1")
     assert (conv["status"], conv["status_word"], conv["cashback"]) == ("approved", "sale", Decimal("4.00"))
+
+
+async def test_too_many_parameters_is_a_clear_400(client):
+    many = "&".join(f"p{i}=1" for i in range(300))
+    resp = await client.get(f"/postback/admitad?{many}")
+    assert resp.status == 400 and (await resp.json())["error"] == "malformed"
+    resp = await client.post("/postback/admitad", data=many.encode(),
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status == 400

@@ -206,7 +206,11 @@ class Detector:
         match = _STORE_PATH.search(parts.path)
         if match:
             return match.group(1)
-        for name, value in parse_qsl(parts.query, max_num_fields=500):
+        try:
+            pairs = parse_qsl(parts.query, max_num_fields=500)
+        except ValueError:  # more fields than any store page has: not one we can read
+            return None
+        for name, value in pairs:
             if name.lower() in _STORE_PARAMS:
                 return value[:32]
         return None

@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from .. import metrics
-from ..errors import DomainError, Unauthorized
+from ..errors import BadRequest, DomainError, TooLarge, Unauthorized
 from ..settings import IPNetwork
 
 log = structlog.get_logger("tracker.web")
@@ -75,6 +75,27 @@ def client_ip(request: web.Request, trusted: tuple[IPNetwork, ...]) -> str:
         if not any(hop_addr in net for net in trusted):
             return str(hop_addr)
     return peer
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (declared or actually sent)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"the body is larger than {limit} bytes")
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise TooLarge(f"the body is larger than {limit} bytes")
+    return body
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """A JSON object from a body, or the contract's 400."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("the body is not valid JSON", code="malformed") from None
+    if not isinstance(doc, dict):
+        raise BadRequest("the body must be a JSON object", code="malformed")
+    return doc
 
 
 def require_admin(request: web.Request, admin_key: str) -> None:

@@ -11,9 +11,9 @@ from aiohttp import web
 from .. import keys, metrics
 from ..domain.clickid import is_click_id
 from ..domain.detection import BadEvent, ClickContext, SessionState
-from ..errors import BadRequest, NotFound, RateLimited, TooLarge, Unauthorized
+from ..errors import BadRequest, NotFound, RateLimited, Unauthorized
 from ..store.support import get_click, get_state
-from .common import bearer, client_ip
+from .common import bearer, client_ip, json_object, read_body
 
 log = structlog.get_logger("tracker.observe")
 MAX_BODY = 64 * 1024
@@ -22,17 +22,7 @@ STATE_TTL_EXTRA = 86400  # keep the detector state a day past the session
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        raise TooLarge(f"the body is larger than {MAX_BODY} bytes")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise TooLarge(f"the body is larger than {MAX_BODY} bytes")
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("the body is not valid JSON", code="malformed") from None
-    if not isinstance(doc, dict):
-        raise BadRequest("the body must be a JSON object", code="malformed")
+    doc = json_object(await read_body(request, MAX_BODY))
     events = doc.get("events")
     if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
         raise BadRequest("events must be a list of objects", code="malformed")

@@ -7,7 +7,6 @@ import ipaddress
 from typing import Any
 from urllib.parse import parse_qsl
 
-import orjson
 import structlog
 from aiohttp import web
 
@@ -15,9 +14,9 @@ from .. import keys, metrics
 from ..domain.conversions import MalformedPostback, Postback, read_postback
 from ..domain.networks import Network
 from ..domain.profiles import profiles
-from ..errors import BadRequest, DomainError, Forbidden, NotFound, TooLarge
+from ..errors import BadRequest, DomainError, Forbidden, NotFound
 from ..store.conversions import record_postback
-from .common import client_ip
+from .common import client_ip, json_object, read_body
 
 log = structlog.get_logger("tracker.postbacks")
 MAX_BODY = 64 * 1024
@@ -27,26 +26,23 @@ SECRET_PARAMS = frozenset(("token",))
 CONVERTED_STATE_TTL = 120 * 86400
 
 
+def _pairs(text: str) -> list[tuple[str, str]]:
+    try:
+        return parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FIELDS)
+    except ValueError:  # more fields than MAX_FIELDS
+        raise BadRequest("too many parameters", code="malformed") from None
+
+
 async def _params(request: web.Request) -> tuple[dict[str, str], bytes]:
     """All parameters (query, then form or JSON body) and the raw bytes a signature covers."""
     raw_query = request.rel_url.raw_query_string.encode()
-    pairs: list[tuple[str, str]] = parse_qsl(request.rel_url.raw_query_string, keep_blank_values=True,
-                                             max_num_fields=MAX_FIELDS) if raw_query else []
+    pairs = _pairs(request.rel_url.raw_query_string) if raw_query else []
     signed = raw_query
     if request.method == "POST":
-        if request.content_length is not None and request.content_length > MAX_BODY:
-            raise TooLarge(f"the body is larger than {MAX_BODY} bytes")
-        body = await request.content.read(MAX_BODY + 1)
-        if len(body) > MAX_BODY:
-            raise TooLarge(f"the body is larger than {MAX_BODY} bytes")
+        body = await read_body(request, MAX_BODY)
         signed = body
         if request.content_type == "application/json":
-            try:
-                doc = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                raise BadRequest("the body is not valid JSON", code="malformed") from None
-            if not isinstance(doc, dict):
-                raise BadRequest("the JSON body must be an object", code="malformed")
+            doc = json_object(body)
             for key, value in doc.items():
                 if isinstance(value, (dict, list)):
                     raise BadRequest(f"{key[:40]}: nested values are not allowed", code="malformed")
@@ -54,8 +50,7 @@ async def _params(request: web.Request) -> tuple[dict[str, str], bytes]:
                               else str(value)))
         elif body:
             try:
-                pairs += parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False,
-                                   max_num_fields=MAX_FIELDS)
+                pairs += _pairs(body.decode("utf-8"))
             except UnicodeDecodeError:
                 raise BadRequest("the body is not UTF-8", code="malformed") from None
     if len(pairs) > MAX_FIELDS:
