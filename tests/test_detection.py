@@ -204,3 +204,10 @@ def test_every_diagnosis_code():
     assert facts(created=NOW - timedelta(days=91)).state == "expired"
     assert facts([sig("foreign_promo_code", 5, code="X")]).state == "overwritten"
     assert facts(conversions=[conv("pending")]).state == "converted"
+
+
+@pytest.mark.parametrize("raw", [float("inf"), float("-inf"), float("nan"), 10**40, -5, "2026-13-45T99:99", True, None, [1]])
+def test_event_times_from_broken_clocks_are_clamped(raw):
+    from tracker.domain.detection import parse_at
+
+    assert T0 <= parse_at(raw, T0, T0 + 1000) <= T0 + 1000

@@ -168,3 +168,14 @@ async def test_a_landing_url_with_hundreds_of_parameters_is_handled(client, toke
         {"type": "navigation", "url": "https://aliexpress.ru/store/1102345?" + "b=2&" * 600}])
     assert resp.status == 200
     assert [s["kind"] for s in (await resp.json())["signals"]] == ["excluded_store"]
+
+
+async def test_event_stream_ignores_a_nonsense_heartbeat(client, tokens):
+    cid, _ = await activate(client, tokens, "o-user-8")
+    for heartbeat in ("nan", "inf", "-5", "abc"):
+        stream = await client.get(f"/v1/clicks/{cid}/events", params={"u": tokens.mint("o-user-8"),
+                                                                      "heartbeat": heartbeat})
+        assert stream.status == 200
+        [first] = await read_events(stream, 1)
+        assert first[1]["state"] == "active"
+        stream.close()

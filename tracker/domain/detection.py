@@ -91,7 +91,10 @@ def parse_at(raw: Any, created_ms: int, now_ms: int) -> int:
         except (ValueError, OverflowError, OSError):
             ms = now_ms
     elif isinstance(raw, int | float) and not isinstance(raw, bool):
-        ms = int(raw * 1000 if raw < 1e11 else raw)
+        try:
+            ms = int(raw * 1000 if raw < 1e11 else raw)
+        except (OverflowError, ValueError):  # inf or nan from a client's clock: not a time
+            ms = now_ms
     return min(max(ms, created_ms), now_ms)
 
 

@@ -7,6 +7,7 @@ closing an idle stream. Without Redis the stream polls the state instead.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import orjson
@@ -44,9 +45,10 @@ async def events(request: web.Request) -> web.StreamResponse:
     if session is None or session.get("u") != user_id:
         raise NotFound("no such click")
     try:
-        heartbeat = min(max(float(request.query.get("heartbeat", "15")), 0.2), 60.0)
+        heartbeat = float(request.query.get("heartbeat", "15"))
     except ValueError:
         heartbeat = 15.0
+    heartbeat = min(max(heartbeat, 0.2), 60.0) if math.isfinite(heartbeat) else 15.0
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
                                        "X-Accel-Buffering": "no"})
     await resp.prepare(request)
