@@ -52,7 +52,8 @@ def wait_http(port: int, path: str = "/healthz", timeout: float = 30) -> None:
 def wrk(port: int, script: str, env: dict[str, str], seconds: int = SECONDS) -> dict[str, float]:
     out = subprocess.run(
         ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", "-s", script,
-         f"http://127.0.0.1:{port}"], capture_output=True, text=True, env={**os.environ, **env}, check=True)
+         f"http://127.0.0.1:{port}"], capture_output=True, text=True, check=True,
+        env={**os.environ, "BENCH_LUA_DIR": str(ROOT / "benchmarks"), **env})
     match = re.search(r"^JSON (.*)$", out.stdout, re.M)
     if not match:
         raise RuntimeError(out.stdout + out.stderr)

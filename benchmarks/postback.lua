@@ -15,10 +15,4 @@ request = function()
   return wrk.format("GET", "/postback/admitad?token=demo-admitad-token-change-me&subid=" .. cid ..
     "&order_id=" .. order .. "&status=pending&payment_sum=12.50&order_sum=250.00&currency=RUB&time=1795660800")
 end
-done = function(summary, latency, requests)
-  io.write(string.format("JSON {\"requests\": %d, \"seconds\": %.3f, \"p50_ms\": %.3f, \"p99_ms\": %.3f, " ..
-    "\"errors\": %d, \"non_3xx\": %d}\n", summary.requests, summary.duration / 1e6,
-    latency:percentile(50) / 1e3, latency:percentile(99) / 1e3,
-    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
-    summary.errors.status))
-end
+done = dofile((os.getenv("BENCH_LUA_DIR") or "benchmarks") .. "/report.lua")
