@@ -186,12 +186,18 @@ async def test_postgres_down_under_load_loses_no_click(stack: Stack) -> None:
     await stack.wait_ready()
     load = Load(stack.port, "fault-pg")
     seen_ready: list[tuple[int, dict]] = []
+    postback_during_outage: list[tuple[int, dict, str | None]] = []
 
     async def outage() -> None:
         await asyncio.sleep(1.0)
         await asyncio.to_thread(stack.stop_pg)
         await asyncio.sleep(1.5)
         seen_ready.append(await readyz(stack.port))
+        async with aiohttp.ClientSession() as s:  # a postback now: 503 so that the network retries
+            async with s.get(f"http://127.0.0.1:{stack.port}/postback/admitad", params={
+                    "token": "test-admitad-token", "subid": load.ids[0], "order_id": "PGDOWN-1",
+                    "status": "pending", "payment_sum": "1"}) as r:
+                postback_during_outage.append((r.status, await r.json(), r.headers.get("Retry-After")))
         await asyncio.sleep(1.5)
         await asyncio.to_thread(stack.start_pg)
         await asyncio.sleep(1.0)
@@ -201,6 +207,8 @@ async def test_postgres_down_under_load_loses_no_click(stack: Stack) -> None:
     assert len(load.ids) > 100
     status, body = seen_ready[0]
     assert status == 503 and body["postgres"] == "down" and "postgres" in body["message"]
+    status, body, retry = postback_during_outage[0]
+    assert status == 503 and body["error"] == "unavailable" and retry == "5"
     total, distinct = await wait_rows(stack.dsn, "fault-pg", len(load.ids))
     assert total == distinct == len(load.ids)
     for _ in range(50):

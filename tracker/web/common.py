@@ -6,7 +6,9 @@ import ipaddress
 import time
 from typing import Any, Awaitable, Callable
 
+import asyncpg
 import orjson
+import redis.exceptions
 import structlog
 from aiohttp import web
 
@@ -27,6 +29,9 @@ def error_response(code: str, message: str, status: int, headers: dict[str, str]
     return json_response({"error": code, "message": message}, status, headers)
 
 
+DEPENDENCY_DOWN = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                   asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError,
+                   redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 413: "too_large", 414: "too_large", 429: "rate_limited"}
 
@@ -46,6 +51,12 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         code = _HTTP_CODES.get(exc.status, "error")
         metrics.REFUSALS.labels(route, code).inc()
         response = error_response(code, exc.reason, exc.status)
+    except DEPENDENCY_DOWN as exc:
+        # PostgreSQL or Redis is away (not a client's doing): 503 so that networks retry and load
+        # balancers notice; the outage itself is logged by the parts that watch it.
+        log.warning("dependency_unavailable", route=route, error=repr(exc)[:200])
+        response = error_response("unavailable", "a backing service is unavailable, retry later", 503,
+                                  {"Retry-After": "5"})
     except Exception:  # noqa: BLE001 - the one place unexpected errors are logged and hidden
         log.exception("unhandled_error", route=route, method=request.method)
         response = error_response("internal", "internal error", 500)
