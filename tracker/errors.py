@@ -43,7 +43,3 @@ class RateLimited(DomainError):
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
-
-
-class Unavailable(DomainError):
-    status, code = 503, "unavailable"

@@ -7,9 +7,9 @@ from decimal import Decimal
 from typing import Any
 
 from .conversions import money
+from .detection import DEFINITIVE
 from .merchants import Merchant
 
-DEFINITIVE = frozenset(("foreign_affiliate_param", "foreign_redirect_host", "foreign_promo_code"))
 NETWORK_NAMES = {
     "cj": "CJ", "impact": "impact.com", "rakuten": "Rakuten", "awin": "Awin", "shareasale": "ShareASale",
     "partnerize": "Partnerize", "pepperjam": "Pepperjam", "admitad": "Admitad", "epn": "ePN",

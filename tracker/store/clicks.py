@@ -138,9 +138,7 @@ class ClickWriter:
                     continue
                 await self._flush(batch, slot)
         finally:
-            conn, self._conns[slot] = self._conns[slot], None
-            if conn is not None:
-                conn.terminate()
+            self._drop_conn(slot)
 
     async def _flush(self, batch: _Batch, slot: int = 0) -> None:
         rows = batch.rows

@@ -112,11 +112,9 @@ class Catalog:
         self.networks: dict[str, Network] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.loaded = asyncio.Event()
 
     async def reload(self) -> None:
         self.merchants, self.networks = await load(self._pool)
-        self.loaded.set()
 
     async def start(self) -> None:
         await self.reload()

@@ -20,7 +20,6 @@ from .. import metrics
 from .tasks import cancel_and_wait
 
 log = structlog.get_logger("tracker.redis")
-_Op = tuple[str, tuple[Any, ...], None]
 _SAVE_STATE = """
 local current = redis.call('GET', KEYS[1])
 if ARGV[3] == '0' and current and string.find(current, '"state":"converted"', 1, true) then
@@ -50,7 +49,7 @@ class SessionStore:
     def __init__(self, client: aioredis.Redis, prefix: str, timeout: float = 0.5) -> None:
         self.client, self.prefix, self.timeout = client, prefix, timeout
         self.ok = True
-        self._ops: list[_Op] = []
+        self._ops: list[tuple[str, bytes, int]] = []  # session writes: key, JSON, TTL
         self._window = 0
         self._known: dict[str, int] = {}  # rate-limit key -> all workers' count at the last sync
         self._local: dict[str, int] = {}  # rate-limit key -> this worker's hits since the last sync
@@ -81,16 +80,6 @@ class SessionStore:
             return False
         return True
 
-    async def get_state(self, click_id: str) -> dict[str, Any] | None:
-        if not self.ok:
-            return None
-        try:
-            raw = await asyncio.wait_for(self.client.get(self.state_key(click_id)), self.timeout)
-        except Exception as exc:  # noqa: BLE001 - fail open
-            self._down(exc)
-            return None
-        return orjson.loads(raw) if raw else None
-
     async def get_session_and_state(self, click_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, bool]:
         """The activation session and the detector state in one round trip; the last item is False
         when Redis could not answer (the caller falls back to PostgreSQL)."""
@@ -112,7 +101,7 @@ class SessionStore:
         if not self.ok:
             metrics.REDIS_FAIL_OPEN.labels("session").inc()
             return
-        self._ops.append(("set", (self.session_key(click_id), orjson.dumps(session), ttl), None))
+        self._ops.append((self.session_key(click_id), orjson.dumps(session), ttl))
         self._wake.set()
 
     def over_limit(self, checks: list[tuple[str, str, int]]) -> tuple[str, int] | None:
@@ -143,16 +132,6 @@ class SessionStore:
             self._wake.set()
         return None
 
-    async def get_session(self, click_id: str) -> dict[str, Any] | None:
-        if not self.ok:
-            return None
-        try:
-            raw = await asyncio.wait_for(self.client.get(self.session_key(click_id)), self.timeout)
-        except Exception as exc:  # noqa: BLE001 - fail open
-            self._down(exc)
-            return None
-        return orjson.loads(raw) if raw else None
-
     async def ping(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.client.ping(), self.timeout))
@@ -181,7 +160,7 @@ class SessionStore:
             # One script call carries the whole interval: every session write and every rate-limit
             # count, each packed into one argument, so there is one string to build, one command to
             # pack and one reply to parse instead of two or three per click.
-            sessions = b"\n".join(b"%s\t%d\t%s" % (args[0].encode(), args[2], args[1]) for _, args, _ in ops)
+            sessions = b"\n".join(b"%s\t%d\t%s" % (key.encode(), ttl, body) for key, body, ttl in ops)
             names = list(deltas)
             counts = "\n".join(f"{self.prefix}rl:{name}:{window}\t{deltas[name]}" for name in names)
             try:

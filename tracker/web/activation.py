@@ -48,9 +48,10 @@ async def activate(request: web.Request) -> web.Response:
     device = query.get("device")
     if device is not None and (len(device) > MAX_DEVICE or not device or not _printable(device)):
         raise BadRequest(f"device: at most {MAX_DEVICE} printable ASCII characters", code="bad_device")
-    for name in ("u", "src", "to", "device"):
-        if len(query.getall(name, ())) > 1:
-            raise BadRequest(f"{name} is given more than once", code="duplicate_parameter")
+    if len(query) != len(set(query)):  # some name repeats: is it one of ours?
+        for name in ("u", "src", "to", "device"):
+            if len(query.getall(name, ())) > 1:
+                raise BadRequest(f"{name} is given more than once", code="duplicate_parameter")
 
     settings = app[keys.SETTINGS]
     ip = client_ip(request, settings.trusted_proxies)

@@ -110,11 +110,10 @@ def json_object(body: bytes) -> dict[str, Any]:
 
 
 def require_admin(request: web.Request, admin_key: str) -> None:
-    header = request.headers.get("Authorization", "")
-    scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key:
+    key = bearer(request)
+    if key is None:
         raise Unauthorized("an admin key is required: Authorization: Bearer <key>")
-    if not hmac.compare_digest(key.strip().encode(), admin_key.encode()):
+    if not hmac.compare_digest(key.encode(), admin_key.encode()):
         raise Unauthorized("the admin key is not valid")
 
 

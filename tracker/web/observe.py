@@ -13,7 +13,7 @@ from ..domain.clickid import is_click_id
 from ..domain.detection import BadEvent, ClickContext, SessionState
 from ..errors import BadRequest, NotFound, RateLimited, Unauthorized
 from ..store.support import get_click, get_state
-from .common import bearer, client_ip, json_object, read_body
+from .common import bearer, client_ip, json_object, json_response, read_body
 
 log = structlog.get_logger("tracker.observe")
 MAX_BODY = 64 * 1024
@@ -98,7 +98,7 @@ async def observe(request: web.Request) -> web.Response:
     if before["state"] != after["state"]:
         log.info("click_state", click_id=click_id, merchant=merchant.slug, state=after["state"],
                  previous=before["state"])
-    return _json({"click_id": click_id, "state": state.state,
+    return json_response({"click_id": click_id, "state": state.state,
                   "action": "reactivate" if state.state in ("overwritten", "expired") else "none",
                   "signals": [{"kind": s["kind"], "network": s["network"], "evidence": s["evidence"],
                                "at": _iso(s["at"]), "late": s["late"]} for s in signals]})
@@ -107,6 +107,3 @@ async def observe(request: web.Request) -> web.Response:
 def _iso(ms: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
 
-
-def _json(body: dict[str, Any]) -> web.Response:
-    return web.Response(body=orjson.dumps(body), content_type="application/json")

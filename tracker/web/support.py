@@ -4,6 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from .. import keys
@@ -33,8 +34,8 @@ def _conversion(row: dict[str, Any]) -> dict[str, Any]:
             "outcome": h["outcome"], "status": h["status"], "status_word": h["status_word"],
             "amount": money(h["amount"], cur), "commission": money(h["commission"], cur),
             "currency": (h["currency"] or "").strip() or None, "order_time": _iso(h["order_time"]),
-            "received_at": _iso(h["received_at"]), "raw": h["raw"] if isinstance(h["raw"], dict)
-            else __import__("orjson").loads(h["raw"]),
+            "received_at": _iso(h["received_at"]),
+            "raw": h["raw"] if isinstance(h["raw"], dict) else orjson.loads(h["raw"]),
         } for h in row["history"]],
     }
 
