@@ -4,12 +4,17 @@ prefix, both removed afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
+import aiohttp
 import asyncpg
 import pytest
 import redis
@@ -115,3 +120,43 @@ async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
 
 BROWSER = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/130.0 Safari/537.36"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.asynccontextmanager
+async def serve_process(settings: Settings, workers: int = 1, env: dict[str, str] | None = None,
+                        output: Path | None = None) -> AsyncIterator[tuple[subprocess.Popen, str]]:
+    """The real `tracker serve` in a subprocess against the test database, ready when this yields
+    (process, base URL); killed afterwards. Its stdout and stderr go to `output` when given."""
+    port = free_port()
+    full_env = {**os.environ, "TRACKER_DATABASE_URL": settings.database_url or "",
+                "TRACKER_REDIS_URL": settings.redis_url or "", "TRACKER_DATA_DIR": str(settings.data_dir),
+                "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 20,
+                "TRACKER_REDIS_PREFIX": settings.redis_prefix, "TRACKER_RATE_LIMIT_IP": "0",
+                "TRACKER_RATE_LIMIT_USER": "0", **(env or {})}
+    log = (output or settings.data_dir / "serve.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(port),
+                             "--workers", str(workers)], env=full_env,
+                            stdout=log if output else subprocess.DEVNULL, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(base + "/readyz") as resp:
+                        if resp.status == 200:
+                            break
+                except aiohttp.ClientError:
+                    pass
+                await asyncio.sleep(0.05)
+        yield proc, base
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -1,50 +1,18 @@
 """The real `tracker serve` with two worker processes: metrics summed, SIGTERM drains."""
 import asyncio
-import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 
 import aiohttp
 import pytest
 
-from .conftest import BROWSER, SECRET
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import BROWSER, serve_process
 
 
 @pytest.fixture
 async def server(settings):
-    port = free_port()
-    env = {**os.environ, "TRACKER_DATABASE_URL": settings.database_url,
-           "TRACKER_REDIS_URL": settings.redis_url, "TRACKER_DATA_DIR": str(settings.data_dir),
-           "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 20, "TRACKER_REDIS_PREFIX": settings.redis_prefix,
-           "TRACKER_RATE_LIMIT_IP": "0", "TRACKER_RATE_LIMIT_USER": "0"}
-    log = (settings.data_dir / "serve.log").open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(port),
-                             "--workers", "2"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=log)
-    base = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as session:
-        for _ in range(200):
-            try:
-                async with session.get(base + "/readyz") as resp:
-                    if resp.status == 200:
-                        break
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    yield proc, base
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-    log.close()
+    async with serve_process(settings, workers=2) as running:
+        yield running
 
 
 async def _go(session, base, token):

@@ -108,7 +108,7 @@ def create_app(settings: Settings) -> web.Application:
                           handler_args={"max_line_size": 16384, "max_field_size": 16384})
     app[keys.SETTINGS] = settings
     metrics.prime()
-    app[keys.TOKENS] = UserTokens(settings.secret)
+    app[keys.TOKENS] = UserTokens(settings.secret, settings.secret_previous, settings.secret_previous_until)
     app[keys.DETECTOR] = Detector(load_catalog())
     app[keys.CLOSING] = asyncio.Event()
     app.on_shutdown.append(_closing)

@@ -34,6 +34,10 @@ class NotFound(DomainError):
     status, code = 404, "not_found"
 
 
+class RequestTimeout(DomainError):
+    status, code = 408, "timeout"
+
+
 class TooLarge(DomainError):
     status, code = 413, "too_large"
 

@@ -32,7 +32,13 @@ def _serve_worker(settings: Settings, host: str, port: int) -> None:
     uvloop.install()
     app = create_app(settings)
     web.run_app(app, host=host, port=port, reuse_port=True, access_log=None, print=None,
-                shutdown_timeout=10.0)
+                shutdown_timeout=10.0, **server_options(settings))
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """aiohttp server settings: a connection that idles, or trickles a request head, for
+    `idle_timeout` seconds is closed (aiohttp's keep-alive timer runs from the connection's start)."""
+    return {"keepalive_timeout": float(settings.idle_timeout)}
 
 
 def _die_with_parent() -> None:

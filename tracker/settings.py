@@ -6,6 +6,7 @@ import os
 import secrets
 import sys
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
 
@@ -25,10 +26,15 @@ class Settings:
     port: int = 8080
     workers: int = 1
     secret: str = ""
+    # Secret rotation: tokens signed with the previous secret still pass until `previous_until`
+    # (UNIX time; None: until the variable is removed).
+    secret_previous: str = ""
+    secret_previous_until: float | None = None
     admin_key: str = ""
     durability: str = "commit"
     rate_limit_user: int = 60
     rate_limit_ip: int = 1200
+    rate_limit_observe_user: int = 600
     trusted_proxies: tuple[IPNetwork, ...] = ()
     merchants_file: Path | None = None
     log_format: str = "json"
@@ -38,6 +44,10 @@ class Settings:
     queue_limit: int = 50_000
     batch_limit: int = 1_000
     retention_days: int = 400
+    # Slow clients: a connection that has not sent a whole request head (or idles between
+    # requests) this long is closed; a body that has not arrived in `body_timeout` gets 408.
+    idle_timeout: int = 15
+    body_timeout: int = 10
     secret_generated: bool = field(default=False, compare=False)
 
     def with_servers(self, database_url: str, redis_url: str) -> "Settings":
@@ -59,6 +69,20 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int = 0, high: in
     if not low <= value <= high:
         raise SettingsError(f"{name}={value} is outside {low}..{high}")
     return value
+
+
+def _instant(env: Mapping[str, str], name: str) -> float | None:
+    """An ISO 8601 date or date-time (UTC unless it names a zone) as a UNIX time."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise SettingsError(f"{name}={raw!r} is not an ISO 8601 date or date-time") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
 
 
 def _dev_key(data_dir: Path, name: str) -> str:
@@ -103,6 +127,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         generated = True
     elif len(secret) < 16:
         raise SettingsError("TRACKER_SECRET must be at least 16 characters")
+    previous = env.get("TRACKER_SECRET_PREVIOUS", "")
+    if previous and len(previous) < 16:
+        raise SettingsError("TRACKER_SECRET_PREVIOUS must be at least 16 characters")
+    previous_until = _instant(env, "TRACKER_SECRET_PREVIOUS_UNTIL")
     admin_key = env.get("TRACKER_ADMIN_KEY", "") or _dev_key(data_dir, "admin_key")
     merchants = env.get("TRACKER_MERCHANTS")
     return Settings(
@@ -113,10 +141,13 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         port=_int(env, "TRACKER_PORT", 8080, 0, 65535),
         workers=_int(env, "TRACKER_WORKERS", os.cpu_count() or 1, 1, 256),
         secret=secret,
+        secret_previous=previous,
+        secret_previous_until=previous_until,
         admin_key=admin_key,
         durability=durability,
         rate_limit_user=_int(env, "TRACKER_RATE_LIMIT_USER", 60),
         rate_limit_ip=_int(env, "TRACKER_RATE_LIMIT_IP", 1200),
+        rate_limit_observe_user=_int(env, "TRACKER_RATE_LIMIT_OBSERVE_USER", 600),
         trusted_proxies=tuple(proxies),
         merchants_file=Path(merchants) if merchants else None,
         log_format=log_format,
@@ -124,6 +155,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         queue_limit=_int(env, "TRACKER_QUEUE_LIMIT", 50_000, 100),
         batch_limit=_int(env, "TRACKER_BATCH_LIMIT", 1_000, 1),
         retention_days=_int(env, "TRACKER_RETENTION_DAYS", 400, 1),
+        idle_timeout=_int(env, "TRACKER_IDLE_TIMEOUT", 15, 1, 3600),
+        body_timeout=_int(env, "TRACKER_BODY_TIMEOUT", 10, 1, 3600),
         secret_generated=generated,
     )
 

@@ -5,6 +5,7 @@ import base64
 import hashlib
 import hmac
 import re
+import time
 
 USER_ID = re.compile(r"[A-Za-z0-9_@:.\-]{1,64}")
 _SIG_LEN = 22  # 16 bytes of the MAC, base64url without padding
@@ -15,19 +16,27 @@ class InvalidUserId(ValueError):
     pass
 
 
+def _derive(secret: str) -> bytes:
+    # A derived key, so the same secret can sign other things without cross-use.
+    return hmac.new(secret.encode(), b"tracker/user-token/v1", hashlib.sha256).digest()
+
+
 class UserTokens:
-    __slots__ = ("_key", "_seen")
+    """Mints with the current secret; verifies with it and, during a rotation's grace period, with
+    the previous one (`previous_until`: a UNIX time after which the previous secret is refused)."""
+    __slots__ = ("_key", "_seen", "_previous", "_previous_until")
     CACHE = 50_000
 
-    def __init__(self, secret: str) -> None:
-        # A derived key, so the same secret can sign other things without cross-use.
-        self._key = hmac.new(secret.encode(), b"tracker/user-token/v1", hashlib.sha256).digest()
+    def __init__(self, secret: str, previous: str = "", previous_until: float | None = None) -> None:
+        self._key = _derive(secret)
+        self._previous = _derive(previous) if previous else None
+        self._previous_until = previous_until
         # Tokens already verified (a shopper activates several stores in a row): a dict lookup
         # instead of an HMAC. Only valid tokens are kept, so forgeries cannot fill it.
         self._seen: dict[str, str] = {}
 
-    def _sign(self, user_id: str) -> str:
-        mac = hmac.new(self._key, user_id.encode(), hashlib.sha256).digest()[:16]
+    def _sign(self, user_id: str, key: bytes | None = None) -> str:
+        mac = hmac.new(key or self._key, user_id.encode(), hashlib.sha256).digest()[:16]
         return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
     def mint(self, user_id: str) -> str:
@@ -46,6 +55,12 @@ class UserTokens:
         if not dot or len(sig) != _SIG_LEN or not USER_ID.fullmatch(user_id):
             return None
         if not hmac.compare_digest(sig, self._sign(user_id)):
+            # Not the current secret's. Within the grace period the previous secret's tokens still
+            # pass; they are not cached, so that they stop passing the moment the period ends.
+            if self._previous is not None and (self._previous_until is None
+                                               or time.time() < self._previous_until):
+                if hmac.compare_digest(sig, self._sign(user_id, self._previous)):
+                    return user_id
             return None
         if len(self._seen) >= self.CACHE:
             self._seen.clear()

@@ -1,6 +1,7 @@
 """What every handler shares: the error middleware, JSON responses, client addresses, admin auth."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import ipaddress
 import time
@@ -12,8 +13,8 @@ import redis.exceptions
 import structlog
 from aiohttp import web
 
-from .. import metrics
-from ..errors import BadRequest, DomainError, TooLarge, Unauthorized
+from .. import keys, metrics
+from ..errors import BadRequest, DomainError, RequestTimeout, TooLarge, Unauthorized
 from ..settings import IPNetwork
 
 log = structlog.get_logger("tracker.web")
@@ -33,7 +34,7 @@ DEPENDENCY_DOWN = (OSError, TimeoutError, asyncpg.PostgresConnectionError, async
                    asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError,
                    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "too_large", 414: "too_large", 429: "rate_limited"}
+               405: "method_not_allowed", 408: "timeout", 413: "too_large", 414: "too_large", 429: "rate_limited"}
 
 
 @web.middleware
@@ -89,13 +90,22 @@ def client_ip(request: web.Request, trusted: tuple[IPNetwork, ...]) -> str:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (declared or actually sent)."""
+    """The request body, refused with 413 past `limit` bytes (declared or actually sent), and with
+    408 when it has not all arrived within the body timeout (a slow or stalled client)."""
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the body is larger than {limit} bytes")
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise TooLarge(f"the body is larger than {limit} bytes")
-    return body
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(request.app[keys.SETTINGS].body_timeout):
+            while chunk := await request.content.read(limit + 1 - size):
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise TooLarge(f"the body is larger than {limit} bytes")
+    except TimeoutError:
+        raise RequestTimeout("the request body did not arrive in time") from None
+    return b"".join(chunks)
 
 
 def json_object(body: bytes) -> dict[str, Any]:

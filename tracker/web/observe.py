@@ -59,9 +59,11 @@ async def observe(request: web.Request) -> web.Response:
         raise Unauthorized("a valid user token is required: Authorization: Bearer <token>")
     settings = app[keys.SETTINGS]
     over = app[keys.SESSIONS].over_limit([("ip", client_ip(request, settings.trusted_proxies),
-                                           settings.rate_limit_ip)])
+                                           settings.rate_limit_ip),
+                                          ("observer", user_id, settings.rate_limit_observe_user)])
     if over is not None:
-        raise RateLimited("too many requests from this address, retry later", over[1])
+        raise RateLimited(f"too many reports per {'address' if over[0] == 'ip' else 'user'}, retry later",
+                          over[1])
     doc = await _body(request)
     click_id = doc["click_id"]
     if not is_click_id(click_id):

@@ -1,0 +1,214 @@
+"""Abuse and secrets: secret rotation, unguessable click ids, per-user limits on reports, slow
+clients, and a full run's logs that never show a secret."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import time
+from urllib.parse import urlsplit, urlunsplit
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from tracker import settings as settings_module
+from tracker.app import create_app
+from tracker.domain.clickid import LENGTH, click_time_ms, new_click_id
+from tracker.domain.tokens import UserTokens
+from tracker.serve import server_options
+
+from .conftest import BROWSER, SECRET, serve_process
+
+OLD_SECRET = "the-old-secret-0123456789"
+
+
+# -- secret rotation ------------------------------------------------------------------------------
+def test_tokens_of_the_previous_secret_pass_only_during_the_grace_period():
+    old = UserTokens(OLD_SECRET).mint("rotating-user")
+    rotated = UserTokens(SECRET, previous=OLD_SECRET, previous_until=time.time() + 60)
+    assert rotated.verify(old) == "rotating-user"
+    assert rotated.verify(old) == "rotating-user"  # asked again: still checked against the period
+    fresh = rotated.mint("rotating-user")
+    assert fresh != old and UserTokens(SECRET).verify(fresh) == "rotating-user"
+    assert UserTokens(OLD_SECRET).verify(fresh) is None  # new tokens are signed with the new secret
+    ended = UserTokens(SECRET, previous=OLD_SECRET, previous_until=time.time() - 1)
+    assert ended.verify(old) is None and ended.verify(fresh) == "rotating-user"
+    assert UserTokens(SECRET).verify(old) is None  # the previous secret removed: refused
+    forged = old[:-1] + ("A" if old[-1] != "A" else "B")
+    assert rotated.verify(forged) is None
+
+
+def test_rotation_settings_are_read_and_checked(tmp_path):
+    env = {"TRACKER_DATA_DIR": str(tmp_path), "TRACKER_SECRET": SECRET, "TRACKER_SECRET_PREVIOUS": OLD_SECRET,
+           "TRACKER_SECRET_PREVIOUS_UNTIL": "2026-12-01T00:00:00Z"}
+    loaded = settings_module.load(env)
+    assert loaded.secret_previous == OLD_SECRET and loaded.secret_previous_until == 1796083200.0
+    assert settings_module.load({**env, "TRACKER_SECRET_PREVIOUS_UNTIL": "2026-12-01"}).secret_previous_until \
+        == 1796083200.0
+    for bad in ({"TRACKER_SECRET_PREVIOUS_UNTIL": "next week"}, {"TRACKER_SECRET_PREVIOUS": "short"}):
+        with pytest.raises(settings_module.SettingsError):
+            settings_module.load({**env, **bad})
+
+
+async def test_the_service_accepts_a_previous_secrets_token_while_rotating(aiohttp_client, settings):
+    app = create_app(dataclasses.replace(settings, secret_previous=OLD_SECRET,
+                                         secret_previous_until=time.time() + 3600))
+    client = await aiohttp_client(app)
+    old = UserTokens(OLD_SECRET).mint("rot-user")
+    resp = await client.get("/go/nike", params={"u": old}, allow_redirects=False, headers=BROWSER)
+    assert resp.status == 302
+    stranger = UserTokens("some-other-secret-entirely").mint("rot-user")
+    resp = await client.get("/go/nike", params={"u": stranger}, allow_redirects=False, headers=BROWSER)
+    assert resp.status == 401
+
+
+# -- click ids ------------------------------------------------------------------------------------
+def _random_part(click_id: str) -> int:
+    import base64
+
+    from tracker.domain.clickid import _FROM_SORTED
+
+    raw = base64.urlsafe_b64decode(click_id.encode().translate(_FROM_SORTED) + b"==")
+    return int.from_bytes(raw[6:], "big")
+
+
+def test_click_ids_minted_together_share_nothing_but_their_time():
+    ids = [new_click_id(1_795_000_000_000)[0] for _ in range(20_000)]
+    assert len(set(ids)) == len(ids) and all(len(i) == LENGTH for i in ids)
+    assert {click_time_ms(i) for i in ids} == {1_795_000_000_000}
+    parts = [_random_part(i) for i in ids]
+    # Every one of the 80 random bits takes both values, about half the time each.
+    for bit in range(80):
+        ones = sum((p >> bit) & 1 for p in parts)
+        assert 9_000 < ones < 11_000, (bit, ones)
+    # Neighbours are not related by a small step (a counter would be guessable from one id).
+    assert sum(abs(b - a) < 2**40 for a, b in zip(parts, parts[1:])) < 5
+
+
+def test_a_forked_worker_does_not_repeat_the_parents_ids():
+    new_click_id()  # the parent has a random pool before forking
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        os.write(write, orjson.dumps([new_click_id(1)[0] for _ in range(100)]))
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as fh:
+        child = set(orjson.loads(fh.read()))
+    os.waitpid(pid, 0)
+    parent = {new_click_id(1)[0] for _ in range(100)}
+    assert len(child) == 100 and not child & parent
+
+
+async def test_another_users_click_id_shows_nothing(client, tokens):
+    resp = await client.get("/go/nike", params={"u": tokens.mint("owner")}, allow_redirects=False,
+                            headers=BROWSER)
+    cid = resp.headers["X-Click-Id"]
+    stranger = {"Authorization": f"Bearer {tokens.mint('stranger')}"}
+    resp = await client.post("/v1/observe", json={"click_id": cid, "events": []}, headers=stranger)
+    assert resp.status == 404
+    resp = await client.get(f"/v1/clicks/{cid}/events", headers=stranger)
+    assert resp.status == 404
+    resp = await client.get(f"/v1/clicks/{cid}", headers=stranger)  # a user token is not the admin key
+    assert resp.status == 401
+
+
+# -- rate limits on reports -------------------------------------------------------------------------
+async def test_observe_rate_limit_per_user(aiohttp_client, settings, tokens):
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, rate_limit_observe_user=2)))
+    resp = await client.get("/go/nike", params={"u": tokens.mint("chatty")}, allow_redirects=False,
+                            headers=BROWSER)
+    cid = resp.headers["X-Click-Id"]
+    auth = {"Authorization": f"Bearer {tokens.mint('chatty')}"}
+    statuses = []
+    for _ in range(3):
+        resp = await client.post("/v1/observe", json={"click_id": cid, "events": []}, headers=auth)
+        statuses.append(resp.status)
+    assert statuses == [200, 200, 429]
+    assert int(resp.headers["Retry-After"]) >= 1 and (await resp.json())["error"] == "rate_limited"
+    # Another user on the same address is not held back by the first one's reports.
+    other = {"Authorization": f"Bearer {tokens.mint('quiet')}"}
+    resp = await client.post("/v1/observe", json={"click_id": cid, "events": []}, headers=other)
+    assert resp.status == 404  # not 429: it is simply not their click
+
+
+# -- slow clients -----------------------------------------------------------------------------------
+async def test_a_body_that_does_not_arrive_gets_408(aiohttp_client, settings, tokens):
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, body_timeout=1)))
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    token = tokens.mint("slow-body")
+    writer.write(b"POST /v1/observe HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 500\r\n\r\n{\"click_id\":")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 408 ")
+    writer.close()
+
+
+async def test_a_connection_that_trickles_its_request_head_is_closed(settings):
+    app = create_app(dataclasses.replace(settings, idle_timeout=1))
+    runner = web.AppRunner(app, **server_options(dataclasses.replace(settings, idle_timeout=1)))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /go/nike HTTP/1.1\r\nHost: x\r\n")  # and never the end of the head
+        await writer.drain()
+        closed = await asyncio.wait_for(reader.read(), 10)  # EOF once the server gives up
+        assert closed == b""
+        writer.close()
+        # A prompt client on the same server is served.
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert resp.status == 200
+    finally:
+        await runner.cleanup()
+
+
+# -- secrets never reach the logs ---------------------------------------------------------------------
+async def test_a_full_run_logs_no_secret(settings, tokens, tmp_path):
+    password = "dsn-password-8d1c"  # trust auth ignores it; it must still never be printed
+    parts = urlsplit(settings.database_url)
+    dsn = urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:{password}@{parts.hostname}:{parts.port}"))
+    admin_key = "admin-key-for-the-log-test-5f2e"
+    output = tmp_path / "run.log"
+    run_settings = dataclasses.replace(settings, database_url=dsn)
+    token = tokens.mint("log-user")
+    async with serve_process(run_settings, env={"TRACKER_ADMIN_KEY": admin_key, "TRACKER_LOG_FORMAT": "json",
+                                                "TRACKER_SECRET_PREVIOUS": OLD_SECRET},
+                             output=output) as (proc, base):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(base + "/go/nike", params={"u": token}, allow_redirects=False,
+                                   headers=BROWSER) as resp:
+                assert resp.status == 302
+                cid = resp.headers["X-Click-Id"]
+            async with session.get(base + "/go/nike", params={"u": token + "x"}, allow_redirects=False) as resp:
+                assert resp.status == 401
+            async with session.post(base + "/v1/observe", headers={"Authorization": f"Bearer {token}"},
+                                    json={"click_id": cid, "events": [
+                                        {"type": "navigation", "url": "https://www.nike.com/?awc=1_2_3"}]}) as resp:
+                assert resp.status == 200
+            for key in (admin_key, "wrong-" + admin_key):
+                async with session.get(f"{base}/v1/clicks/{cid}", headers={"Authorization": f"Bearer {key}"}) as resp:
+                    assert resp.status == (200 if key == admin_key else 401)
+            params = {"subid": cid, "order_id": "LOG-1", "status": "pending", "amount": "10", "commission": "1",
+                      "token": "test-generic-token"}
+            async with session.get(base + "/postback/generic", params=params) as resp:
+                assert resp.status == 200
+            async with session.get(base + "/postback/generic", params={**params, "token": "wrong-token-77"}) as resp:
+                assert resp.status == 403
+            async with session.get(base + "/readyz") as resp:
+                assert resp.status == 200
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)
+    text = output.read_text()
+    assert "postgres_ready" in text and "***" in text  # the run did log, and the DSN was censored
+    for secret in (SECRET, OLD_SECRET, admin_key, "wrong-" + admin_key, token, token.split(".")[1], password,
+                   "test-generic-token", "wrong-token-77"):
+        assert secret not in text, secret
