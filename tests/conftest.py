@@ -10,11 +10,13 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
-import aiohttp
 import asyncpg
 import pytest
 import redis
@@ -128,9 +130,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextlib.asynccontextmanager
-async def serve_process(settings: Settings, workers: int = 1, env: dict[str, str] | None = None,
-                        output: Path | None = None) -> AsyncIterator[tuple[subprocess.Popen, str]]:
+@contextlib.contextmanager
+def served(settings: Settings, workers: int = 1, env: dict[str, str] | None = None,
+           output: Path | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
     """The real `tracker serve` in a subprocess against the test database, ready when this yields
     (process, base URL); killed afterwards. Its stdout and stderr go to `output` when given."""
     port = free_port()
@@ -145,18 +147,27 @@ async def serve_process(settings: Settings, workers: int = 1, env: dict[str, str
                             stdout=log if output else subprocess.DEVNULL, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as session:
-            for _ in range(200):
-                try:
-                    async with session.get(base + "/readyz") as resp:
-                        if resp.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(base + "/readyz", timeout=1) as resp:
+                    if resp.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"tracker serve exited with {proc.returncode}")
+            time.sleep(0.05)
         yield proc, base
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         log.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_process(settings: Settings, workers: int = 1, env: dict[str, str] | None = None,
+                        output: Path | None = None) -> AsyncIterator[tuple[subprocess.Popen, str]]:
+    """`served` for async tests (its start-up wait blocks the loop briefly; nothing else runs)."""
+    with served(settings, workers, env, output) as running:
+        yield running

@@ -22,7 +22,7 @@ from .store.signals import SignalWriter
 from .store.spool import Spool
 from .store.tasks import cancel_and_wait
 from .web import activation, events, observe, ops, postbacks, support
-from .web.common import errors
+from .web.common import answer_protocol_errors_as_json, errors
 
 log = structlog.get_logger("tracker.app")
 
@@ -107,20 +107,22 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024,
                           handler_args={"max_line_size": 16384, "max_field_size": 16384})
     app[keys.SETTINGS] = settings
+    answer_protocol_errors_as_json()
     metrics.prime()
     app[keys.TOKENS] = UserTokens(settings.secret, settings.secret_previous, settings.secret_previous_until)
     app[keys.DETECTOR] = Detector(load_catalog())
     app[keys.CLOSING] = asyncio.Event()
     app.on_shutdown.append(_closing)
     app.cleanup_ctx.extend([_tally, _postgres, _catalog, _redis, _writer, _signals])
-    app.router.add_get("/go/{merchant}", activation.activate, name="go")  # HEAD too
-    app.router.add_get("/healthz", ops.healthz, name="healthz")
-    app.router.add_get("/readyz", ops.readyz, name="readyz")
-    app.router.add_get("/metrics", ops.metrics_view, name="metrics")
-    app.router.add_get("/v1/clicks/{click_id}", support.click_view, name="click")
+    app.router.add_get("/go/{merchant}", activation.activate, name="go")  # HEAD too: link previews
+    app.router.add_get("/healthz", ops.healthz, name="healthz", allow_head=False)
+    app.router.add_get("/readyz", ops.readyz, name="readyz", allow_head=False)
+    app.router.add_get("/metrics", ops.metrics_view, name="metrics", allow_head=False)
+    app.router.add_get("/openapi.json", ops.openapi, name="openapi", allow_head=False)
+    app.router.add_get("/v1/clicks/{click_id}", support.click_view, name="click", allow_head=False)
     app.router.add_post("/v1/observe", observe.observe, name="observe")
-    app.router.add_get("/v1/clicks/{click_id}/events", events.events, name="click_events")
-    app.router.add_route("GET", "/postback/{network}", postbacks.postback, name="postback")
-    app.router.add_route("POST", "/postback/{network}", postbacks.postback, name="postback_post")
+    app.router.add_get("/v1/clicks/{click_id}/events", events.events, name="click_events", allow_head=False)
+    app.router.add_get("/postback/{network}", postbacks.postback, name="postback", allow_head=False)
+    app.router.add_post("/postback/{network}", postbacks.postback, name="postback_post")
     log.debug("app_created", pid=os.getpid())
     return app

@@ -12,6 +12,7 @@ import orjson
 import redis.exceptions
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from .. import keys, metrics
 from ..errors import BadRequest, DomainError, RequestTimeout, TooLarge, Unauthorized
@@ -34,7 +35,8 @@ DEPENDENCY_DOWN = (OSError, TimeoutError, asyncpg.PostgresConnectionError, async
                    asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError,
                    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 408: "timeout", 413: "too_large", 414: "too_large", 429: "rate_limited"}
+               405: "method_not_allowed", 408: "timeout", 413: "too_large", 414: "too_large", 429: "rate_limited",
+               431: "too_large"}
 
 
 @web.middleware
@@ -51,7 +53,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
             raise
         code = _HTTP_CODES.get(exc.status, "error")
         metrics.REFUSALS.labels(route, code).inc()
-        response = error_response(code, exc.reason, exc.status)
+        allow = exc.headers.get("Allow")  # a 405 names the methods that are allowed
+        response = error_response(code, exc.reason, exc.status, {"Allow": allow} if allow else None)
     except DEPENDENCY_DOWN as exc:
         # PostgreSQL or Redis is away (not a client's doing): 503 so that networks retry and load
         # balancers notice; the outage itself is logged by the parts that watch it.
@@ -65,6 +68,34 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     if route != "go":  # the redirect has its own histogram (tracker_redirect_duration_seconds)
         metrics.http_seconds(route).observe(time.perf_counter() - started)
     return response
+
+
+_PROTOCOL_MESSAGES = {400: "the request could not be parsed: a malformed or oversized request line or header",
+                      413: "the request is too large", 431: "the request headers are too large"}
+
+
+def _protocol_error(self: RequestHandler, request: web.BaseRequest, status: int = 500,
+                    exc: BaseException | None = None, message: str | None = None) -> web.StreamResponse:
+    """aiohttp answers what its HTTP parser refuses (an oversized request line, a garbled header)
+    itself, before any middleware, as text with the request's bytes in the message and an ERROR
+    log line that would carry them too (user tokens ride in /go's query). This answers with the
+    contract's JSON instead and logs only the status and the kind of error."""
+    if request.writer.output_size > 0:
+        raise ConnectionError("the response is already being sent")
+    log.info("http_protocol_error", status=status, error=type(exc).__name__ if exc else None)
+    if status >= 500:
+        response = error_response("internal", "internal error", status)
+    else:
+        response = error_response(_HTTP_CODES.get(status, "bad_request"),
+                                  _PROTOCOL_MESSAGES.get(status, "the request could not be parsed"), status)
+    response.force_close()
+    metrics.tally.count(metrics.http_requests("unparsed", str(status)))
+    return response
+
+
+def answer_protocol_errors_as_json() -> None:
+    """Install `_protocol_error` as aiohttp's handler for requests its parser refuses (idempotent)."""
+    RequestHandler.handle_error = _protocol_error  # type: ignore[method-assign]
 
 
 def client_ip(request: web.Request, trusted: tuple[IPNetwork, ...]) -> str:

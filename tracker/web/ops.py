@@ -1,8 +1,12 @@
-"""Operations endpoints: /healthz, /readyz, /metrics."""
+"""Operations endpoints: /healthz, /readyz, /metrics, /openapi.json."""
 from __future__ import annotations
 
 import asyncio
+import functools
+from importlib import resources
 
+import orjson
+import yaml
 from aiohttp import web
 
 from .. import keys, metrics
@@ -34,6 +38,17 @@ async def readyz(request: web.Request) -> web.Response:
     if down:
         body["message"] = f"not ready: {', '.join(down)} unreachable"
     return json_response(body, 200 if not down else 503)
+
+
+@functools.cache
+def openapi_json() -> bytes:
+    """The packaged OpenAPI document (tracker/data/openapi.yaml) as JSON, read once."""
+    text = resources.files("tracker.data").joinpath("openapi.yaml").read_text()
+    return orjson.dumps(yaml.safe_load(text))
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=openapi_json(), content_type="application/json")
 
 
 async def metrics_view(request: web.Request) -> web.Response:
