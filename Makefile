@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test stop bench clean
+.PHONY: run test fuzz stop bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m tracker.devstack test $(PYTEST_ARGS)
+
+# The fuzzing of `make test` (schemathesis and hypothesis) with 50 times the examples: for nightly runs.
+fuzz: $(STAMP)
+	TRACKER_FUZZ_EXAMPLES=$${TRACKER_FUZZ_EXAMPLES:-1000} $(BIN)/python -m tracker.devstack test tests/test_openapi.py tests/test_properties.py $(PYTEST_ARGS)
 
 stop: $(STAMP)
 	$(BIN)/python -m tracker.devstack stop

@@ -49,9 +49,10 @@ def wait_http(port: int, path: str = "/healthz", timeout: float = 30) -> None:
     raise RuntimeError(f"nothing answers on port {port}")
 
 
-def wrk(port: int, script: str, env: dict[str, str], seconds: int = SECONDS) -> dict[str, float]:
+def wrk(port: int, script: str, env: dict[str, str], seconds: int = SECONDS,
+        connections: int = CONNECTIONS) -> dict[str, float]:
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", "-s", script,
+        ["wrk", "-t2" if connections > 1 else "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script,
          f"http://127.0.0.1:{port}"], capture_output=True, text=True, check=True,
         env={**os.environ, "BENCH_LUA_DIR": str(ROOT / "benchmarks"), **env})
     match = re.search(r"^JSON (.*)$", out.stdout, re.M)

@@ -100,7 +100,7 @@ def redis_prefix(servers: tuple[str, str]) -> Iterator[str]:
 def settings(servers: tuple[str, str], database: str, redis_prefix: str, tmp_path: Path) -> Settings:
     return Settings(database_url=database, redis_url=servers[1], data_dir=tmp_path, secret=SECRET,
                     admin_key=ADMIN_KEY, redis_prefix=redis_prefix, workers=1,
-                    rate_limit_user=0, rate_limit_ip=0)
+                    rate_limit_user=0, rate_limit_ip=0, rate_limit_delay_ms=0)
 
 
 @pytest.fixture

@@ -212,3 +212,23 @@ async def test_a_full_run_logs_no_secret(settings, tokens, tmp_path):
     for secret in (SECRET, OLD_SECRET, admin_key, "wrong-" + admin_key, token, token.split(".")[1], password,
                    "test-generic-token", "wrong-token-77"):
         assert secret not in text, secret
+
+
+async def test_a_rate_limited_answer_is_held_so_a_retry_loop_cannot_spin(aiohttp_client, settings, tokens):
+    held = dataclasses.replace(settings, rate_limit_user=1, rate_limit_delay_ms=400)
+    client = await aiohttp_client(create_app(held))
+    params = {"u": tokens.mint("spinner")}
+    assert (await client.get("/go/nike", params=params, allow_redirects=False, headers=BROWSER)).status == 302
+    finished: dict[str, float] = {}
+    started = time.monotonic()
+
+    async def go(user_params: dict[str, str], name: str) -> aiohttp.ClientResponse:
+        resp = await client.get("/go/nike", params=user_params, allow_redirects=False, headers=BROWSER)
+        finished[name] = time.monotonic()
+        return resp
+
+    held_resp, other = await asyncio.gather(go(params, "held"), go({"u": tokens.mint("patient")}, "other"))
+    assert held_resp.status == 429 and "Retry-After" in held_resp.headers
+    assert finished["held"] - started >= 0.35  # held for the configured delay, not answered at once
+    # Meanwhile another user was answered without waiting behind the held request.
+    assert other.status == 302 and finished["other"] < finished["held"]

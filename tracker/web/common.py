@@ -48,6 +48,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except DomainError as exc:
         metrics.REFUSALS.labels(route, exc.code).inc()
         response = error_response(exc.code, exc.message, exc.status, exc.headers)
+        if exc.status == 429:
+            await _hold(request)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -96,6 +98,28 @@ def _protocol_error(self: RequestHandler, request: web.BaseRequest, status: int 
 def answer_protocol_errors_as_json() -> None:
     """Install `_protocol_error` as aiohttp's handler for requests its parser refuses (idempotent)."""
     RequestHandler.handle_error = _protocol_error  # type: ignore[method-assign]
+
+
+_held = 0
+
+
+async def _hold(request: web.Request) -> None:
+    """Hold a rate-limited answer for TRACKER_RATE_LIMIT_DELAY_MS: a client that retries at once
+    (a script, a runaway extension) then sends one request per delay per connection instead of
+    thousands, and the CPU goes to everyone else. A held request is a sleeping coroutine; past
+    MAX_HELD at once, answers go out at once rather than pile up."""
+    global _held
+    delay = request.app[keys.SETTINGS].rate_limit_delay_ms
+    if delay <= 0 or _held >= MAX_HELD:
+        return
+    _held += 1
+    try:
+        await asyncio.sleep(delay / 1000)
+    finally:
+        _held -= 1
+
+
+MAX_HELD = 10_000
 
 
 def client_ip(request: web.Request, trusted: tuple[IPNetwork, ...]) -> str:
