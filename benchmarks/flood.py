@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from bench import (ROOT, SECONDS, SECRET, WORKERS, free_port, prepare_db, stop, wait_http, wrk)
+from bench import ROOT, SECONDS, SECRET, WORKERS, free_port, prepare_db, stop, wait_http, wrk
 
 sys.path.insert(0, str(ROOT))
 from tracker.devstack import _servers  # noqa: E402
