@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import re
 import signal
 import time
 from urllib.parse import urlsplit, urlunsplit
@@ -232,3 +233,31 @@ async def test_a_rate_limited_answer_is_held_so_a_retry_loop_cannot_spin(aiohttp
     assert finished["held"] - started >= 0.35  # held for the configured delay, not answered at once
     # Meanwhile another user was answered without waiting behind the held request.
     assert other.status == 302 and finished["other"] < finished["held"]
+
+
+# -- oversized requests get the contract's JSON, and their bytes are not logged ------------------------
+async def _raw(client, request: bytes) -> tuple[bytes, bytes]:
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(request)
+    await writer.drain()
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return head, body
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /go/nike?u=secret-token-in-a-long-line&to=" + b"a" * 20_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 20_000 + b"\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(300)) + b"\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS hello\r\n\r\n",
+], ids=["long-request-line", "long-header", "300-headers", "bad-content-length", "tls-on-plain-port"])
+async def test_requests_the_http_parser_refuses_get_json_400(client, request_bytes, capsys):
+    head, body = await _raw(client, request_bytes)
+    assert re.match(rb"HTTP/1\.[01] 400 ", head), head[:100]
+    assert b"application/json" in head
+    doc = orjson.loads(body)
+    assert doc["error"] == "bad_request" and doc["message"]
+    captured = capsys.readouterr()
+    assert b"secret-token-in-a-long-line" not in (captured.out + captured.err).encode()
