@@ -79,6 +79,22 @@ def sanitize(url: str, keep: frozenset[str]) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path[:200], query, ""))[:512]
 
 
+# The JSON types each event field may have (absent or null always may): a field of another type is
+# a client bug, refused with 400, while a time that does not parse means now. A navigation's `url` is
+# not here: the contract ignores a URL that cannot be parsed, whatever it is.
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "code": (str,), "device": (str,), "at": (str, int, float),
+    "basket_items_before_activation": (int,), "store_id": (str, int),
+}
+
+
+def check_field_types(event: dict[str, Any]) -> None:
+    for name, types in _FIELD_TYPES.items():
+        value = event.get(name)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
+            raise BadEvent(f"{str(event.get('type'))[:20]}: {name} has the wrong type")
+
+
 def parse_at(raw: Any, created_ms: int, now_ms: int) -> int:
     """An event's time in ms, from the client's clock, clamped to [click creation, server now]."""
     ms = now_ms
@@ -105,6 +121,8 @@ class Detector:
     def observe(self, ctx: ClickContext, state: SessionState, events: list[dict[str, Any]],
                 now_ms: int) -> list[dict[str, Any]]:
         """Apply events in time order; return the new signals (state is updated in place)."""
+        for event in events:
+            check_field_types(event)
         signals: list[dict[str, Any]] = []
         ttl_ms = ctx.merchant.session_ttl * 1000
         timed = sorted(((parse_at(e.get("at"), ctx.created_ms, now_ms), i, e) for i, e in enumerate(events)),
