@@ -115,8 +115,8 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_closing)
     app.cleanup_ctx.extend([_tally, _postgres, _catalog, _redis, _writer, _signals])
     app.router.add_get("/go/{merchant}", activation.activate, name="go")  # HEAD too: link previews
-    app.router.add_get("/healthz", ops.healthz, name="healthz", allow_head=False)
-    app.router.add_get("/readyz", ops.readyz, name="readyz", allow_head=False)
+    app.router.add_get("/healthz", ops.healthz, name="healthz")  # HEAD too: some load balancers probe so
+    app.router.add_get("/readyz", ops.readyz, name="readyz")
     app.router.add_get("/metrics", ops.metrics_view, name="metrics", allow_head=False)
     app.router.add_get("/openapi.json", ops.openapi, name="openapi", allow_head=False)
     app.router.add_get("/v1/clicks/{click_id}", support.click_view, name="click", allow_head=False)
