@@ -203,3 +203,29 @@ async def test_hostile_queries_never_answer_5xx(client, tokens, db, query):
 async def test_oversized_request_line_is_refused_without_5xx(client, tokens):
     resp = await client.get("/go/aliexpress?u=" + tokens.mint("big") + "&to=" + "a" * 20000, allow_redirects=False)
     assert 400 <= resp.status < 500
+
+
+async def test_the_direct_go_path_answers_as_the_routed_one(aiohttp_client, settings, tokens, db):
+    """/go/<slug> skips aiohttp's router and middleware (create_app's direct_go): every kind of
+    request gets the same status, error code and headers both ways."""
+    direct = await aiohttp_client(create_app(settings))
+    routed = await aiohttp_client(create_app(settings, direct_go=False))
+    assert direct.app._handle.__qualname__.startswith("_route_go_directly")  # the server calls this one
+    token = tokens.mint("direct-user")
+    cases = [
+        ("GET", "/go/nike", {"u": token}), ("HEAD", "/go/nike", {"u": token}),
+        ("GET", "/go/n%69ke", {"u": token}), ("GET", "/go/nike", {"u": token, "src": "tv"}),
+        ("GET", "/go/nike", {"u": token, "to": "https://evil.example/"}), ("GET", "/go/nike", {}),
+        ("GET", "/go/nike", {"u": token + "x"}), ("GET", "/go/unknown-shop", {"u": token}),
+        ("GET", "/go/nike/", {"u": token}), ("GET", "/go/", {"u": token}), ("POST", "/go/nike", {"u": token}),
+        ("GET", "/go/nike", {"u": token, "device": "d\x01"}),
+    ]
+    for method, path, params in cases:
+        answers = []
+        for client in (direct, routed):
+            resp = await client.request(method, path, params=params, allow_redirects=False, headers=BROWSER)
+            body = await resp.read()
+            code = orjson.loads(body).get("error") if body and resp.content_type == "application/json" else None
+            answers.append((resp.status, code, resp.headers.get("Allow"), resp.headers.get("Cache-Control"),
+                            "X-Click-Id" in resp.headers))
+        assert answers[0] == answers[1], (method, path, params, answers)

@@ -22,7 +22,7 @@ from .store.signals import SignalWriter
 from .store.spool import Spool
 from .store.tasks import cancel_and_wait
 from .web import activation, events, observe, ops, postbacks, support
-from .web.common import answer_protocol_errors_as_json, errors
+from .web.common import answer, answer_protocol_errors_as_json, errors
 
 log = structlog.get_logger("tracker.app")
 
@@ -102,7 +102,29 @@ async def _closing(app: web.Application) -> None:
     app[keys.CLOSING].set()  # live event streams end so that shutdown does not wait for them
 
 
-def create_app(settings: Settings) -> web.Application:
+def _route_go_directly(app: web.Application) -> None:
+    """Send `GET|HEAD /go/<slug>` straight to the activation handler, past aiohttp's router and
+    middleware chain, with the same error handling (`answer`). Every other request, and any /go path
+    that is not a plain slug (escapes, more segments, empty), goes the routed way. Measured in
+    alternating wrk runs (README, benchmark history): 160 -> 131 us of worker CPU per redirect.
+
+    aiohttp's server calls `app._handle` for each request (AppRunner -> Application._make_handler),
+    so the instance attribute takes its place; tests/test_activation.py checks both ways agree."""
+    routed = app._handle
+    go = activation.activate_in
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        path = request.raw_path
+        if path.startswith("/go/") and (request.method == "GET" or request.method == "HEAD"):
+            slug = path[4:].partition("?")[0]
+            if slug and "/" not in slug and "%" not in slug:
+                return await answer(app, request, "go", lambda: go(app, request, slug))
+        return await routed(request)  # type: ignore[arg-type]
+
+    app._handle = handle  # type: ignore[method-assign]
+
+
+def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application:
     # Long query strings (deep links) get our own 400 rather than aiohttp's bare one.
     app = web.Application(middlewares=[errors], client_max_size=64 * 1024,
                           handler_args={"max_line_size": 16384, "max_field_size": 16384})
@@ -124,5 +146,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/clicks/{click_id}/events", events.events, name="click_events", allow_head=False)
     app.router.add_get("/postback/{network}", postbacks.postback, name="postback", allow_head=False)
     app.router.add_post("/postback/{network}", postbacks.postback, name="postback_post")
+    if direct_go:
+        _route_go_directly(app)
     log.debug("app_created", pid=os.getpid())
     return app

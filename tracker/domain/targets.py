@@ -31,10 +31,15 @@ def normalize_host(host: str) -> str:
     host = host.strip().rstrip(".")
     if not host:
         raise BadTarget("empty host")
-    try:
-        ascii_host = host.encode("idna").decode("ascii").lower()
-    except UnicodeError:
-        raise BadTarget("host is not a valid internationalised name") from None
+    if host.isascii():
+        # What the idna codec does to an ASCII name (each label passes through unchanged), without
+        # the codec's per-label Python work; the label checks below still apply.
+        ascii_host = host.lower()
+    else:
+        try:
+            ascii_host = host.encode("idna").decode("ascii").lower()
+        except UnicodeError:
+            raise BadTarget("host is not a valid internationalised name") from None
     labels = ascii_host.split(".")
     if len(ascii_host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
         raise BadTarget("host is not a DNS name")

@@ -25,13 +25,16 @@ def _printable(value: str) -> bool:
 
 
 async def activate(request: web.Request) -> web.Response:
+    return await activate_in(request.app, request, request.match_info["merchant"])
+
+
+async def activate_in(app: web.Application, request: web.BaseRequest, slug: str) -> web.Response:
     started = time.perf_counter()
-    app = request.app
     query = request.query
     user_id = app[keys.TOKENS].verify(query.get("u"))
     if user_id is None:
         raise Unauthorized("a valid signed user token is required in 'u'")
-    merchant = app[keys.CATALOG].merchants.get(request.match_info["merchant"])
+    merchant = app[keys.CATALOG].merchants.get(slug)
     if merchant is None or not merchant.active:
         raise NotFound("no such merchant")
     source = query.get("src", "web")

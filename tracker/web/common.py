@@ -41,15 +41,21 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    route = request.match_info.route.name or "unmatched"
+    return await answer(request.app, request, request.match_info.route.name or "unmatched",
+                        lambda: handler(request))
+
+
+async def answer(app: web.Application, request: web.BaseRequest, route: str,
+                 call: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Run a handler and turn whatever it raises into the contract's JSON error."""
     started = time.perf_counter()
     try:
-        response = await handler(request)
+        response = await call()
     except DomainError as exc:
         metrics.REFUSALS.labels(route, exc.code).inc()
         response = error_response(exc.code, exc.message, exc.status, exc.headers)
         if exc.status == 429:
-            await _hold(request)
+            await _hold(app)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -103,13 +109,13 @@ def answer_protocol_errors_as_json() -> None:
 _held = 0
 
 
-async def _hold(request: web.Request) -> None:
+async def _hold(app: web.Application) -> None:
     """Hold a rate-limited answer for TRACKER_RATE_LIMIT_DELAY_MS: a client that retries at once
     (a script, a runaway extension) then sends one request per delay per connection instead of
     thousands, and the CPU goes to everyone else. A held request is a sleeping coroutine; past
     MAX_HELD at once, answers go out at once rather than pile up."""
     global _held
-    delay = request.app[keys.SETTINGS].rate_limit_delay_ms
+    delay = app[keys.SETTINGS].rate_limit_delay_ms
     if delay <= 0 or _held >= MAX_HELD:
         return
     _held += 1
@@ -122,7 +128,7 @@ async def _hold(request: web.Request) -> None:
 MAX_HELD = 10_000
 
 
-def client_ip(request: web.Request, trusted: tuple[IPNetwork, ...]) -> str:
+def client_ip(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> str:
     """The peer address; behind a trusted proxy, the nearest X-Forwarded-For hop that is not one."""
     peer = request.remote or ""
     if not trusted:
