@@ -29,7 +29,7 @@ async def main(dsn: str, n: int) -> None:
     async with pool.acquire() as conn:
         await ensure_near_partitions(conn)
     with tempfile.TemporaryDirectory() as tmp:
-        writer = ClickWriter(pool, Spool(Path(tmp) / "spool"), durability="async", queue_limit=10**7)
+        writer = ClickWriter(pool, Spool(Path(tmp) / "spool"), durability="async", queue_limit=10**7, dsn=dsn)
         await writer.start()
         batch = rows(n, "bench-writer")
         started = time.perf_counter()
@@ -41,7 +41,7 @@ async def main(dsn: str, n: int) -> None:
         stored = await pool.fetchval("SELECT count(*) FROM clicks WHERE user_id = 'bench-writer'")
         assert stored == n, (stored, n)
         print(f"writer: {n} rows in {elapsed:.2f}s = {n / elapsed:,.0f} rows/s "
-              f"(async mode, 2 flushers, batches up to {writer.batch_limit})")
+              f"(async mode, 2 flushers, batches of {writer.batch_limit}, merged up to {writer.merge_limit} under a backlog)")
         await writer.close()
 
         spool = Spool(Path(tmp) / "spool2")

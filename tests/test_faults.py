@@ -19,7 +19,7 @@ from tracker import embedded
 from tracker.domain.clickid import new_click_id
 from tracker.domain.tokens import UserTokens
 from tracker.store.clicks import ClickWriter
-from tracker.store.db import create_pool
+from tracker.store.db import create_pool, ensure_near_partitions
 from tracker.store.spool import Spool
 
 from .conftest import BROWSER, SECRET, prepare_database
@@ -374,6 +374,37 @@ async def test_rows_with_lone_surrogates_are_quarantined_too(stack: Stack, tmp_p
         assert stored == {good_id}
         record = await pool.fetchval("SELECT record FROM clicks_quarantine WHERE click_id = $1", bad_id)
         assert "\\\\ud800" in record
+    finally:
+        await writer.close()
+        await pool.close()
+
+
+async def test_a_backlog_is_written_in_merged_batches_and_every_waiter_is_released(settings, db):
+    """Sealed batches waiting behind a busy writer go out as one COPY (up to merge_limit rows), and
+    each request waiting on any of them is released once that COPY commits."""
+    pool = await create_pool(settings.database_url)
+    async with pool.acquire() as conn:
+        await ensure_near_partitions(conn)  # as the app does at start: no COPY is retried here
+    writer = ClickWriter(pool, Spool(settings.data_dir / "merge-spool"), durability="commit",
+                         batch_limit=10, merge_limit=35, dsn=settings.database_url)
+    copies: list[int] = []
+    real_copy = writer._copy_records
+
+    async def counting(records, slot=None):  # noqa: ANN001, ANN202 - a spy on the real COPY
+        copies.append(len(records))
+        await real_copy(records, slot)
+
+    writer._copy_records = counting  # type: ignore[method-assign]
+    try:
+        # 100 clicks queued before the flushers run: ten sealed batches of ten.
+        ids = [new_click_id() for _ in range(100)]
+        waiters = [asyncio.ensure_future(writer.write((cid, ms, "merge-user", "nike", "web", "https://www.nike.com/",
+                                                        None, "127.0.0.1", "ua", False, "GET")))
+                   for cid, ms in ids]
+        await writer.start()
+        await asyncio.wait_for(asyncio.gather(*waiters), 10)
+        assert sum(copies) == 100 and max(copies) <= 35 and max(copies) > 10
+        assert await db.fetchval("SELECT count(*) FROM clicks WHERE user_id = 'merge-user'") == 100
     finally:
         await writer.close()
         await pool.close()

@@ -43,7 +43,7 @@ class Settings:
     # runs can share one Redis, and the click writer's limits.
     redis_prefix: str = "trk:"
     queue_limit: int = 50_000
-    batch_limit: int = 1_000
+    batch_limit: int = 100
     retention_days: int = 400
     # Slow clients: a connection that has not sent a whole request head (or idles between
     # requests) this long is closed; a body that has not arrived in `body_timeout` gets 408.
@@ -155,7 +155,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         log_format=log_format,
         redis_prefix=env.get("TRACKER_REDIS_PREFIX") or "trk:",
         queue_limit=_int(env, "TRACKER_QUEUE_LIMIT", 50_000, 100),
-        batch_limit=_int(env, "TRACKER_BATCH_LIMIT", 1_000, 1),
+        batch_limit=_int(env, "TRACKER_BATCH_LIMIT", 100, 1),
         retention_days=_int(env, "TRACKER_RETENTION_DAYS", 400, 1),
         idle_timeout=_int(env, "TRACKER_IDLE_TIMEOUT", 15, 1, 3600),
         body_timeout=_int(env, "TRACKER_BODY_TIMEOUT", 10, 1, 3600),

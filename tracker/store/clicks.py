@@ -36,10 +36,11 @@ def to_record(row: Row | list[Any]) -> tuple[Any, ...]:
 
 
 class _Batch:
-    __slots__ = ("rows", "done")
+    __slots__ = ("rows", "done", "parts")
 
     def __init__(self) -> None:
         self.rows: list[Row] = []
+        self.parts: list[_Batch] = []  # the batches a merged batch stands for
         # An Event, not a shared Future: each waiter gets its own future inside wait(), so one
         # cancelled request cannot cancel the others' wait (and it is cheaper than shield()).
         self.done = asyncio.Event()
@@ -47,11 +48,12 @@ class _Batch:
 
 class ClickWriter:
     def __init__(self, pool: asyncpg.Pool, spool: Spool, *, durability: str = "commit",
-                 queue_limit: int = 50_000, batch_limit: int = 1_000, flushers: int = 2,
+                 queue_limit: int = 50_000, batch_limit: int = 100, merge_limit: int = 300, flushers: int = 2,
                  flush_timeout: float = 5.0, dsn: str | None = None) -> None:
         self.pool, self.spool = pool, spool
         self.wait_commit = durability == "commit"
         self.queue_limit, self.batch_limit = queue_limit, batch_limit
+        self.merge_limit = max(batch_limit, merge_limit)
         self.flush_timeout = flush_timeout
         self.pg_ok = True
         self._flushers = flushers
@@ -100,7 +102,20 @@ class ClickWriter:
 
     def _take(self) -> _Batch | None:
         if self._sealed:
-            return self._sealed.pop(0)
+            batch = self._sealed.pop(0)
+            if not self._sealed or self.merge_limit <= self.batch_limit:
+                return batch
+            # A backlog (the writer fell behind): one COPY for several sealed batches, up to
+            # merge_limit rows, so that throughput grows with the backlog while batches stay small
+            # (short loop stalls) when the writer keeps up.
+            merged, parts = _Batch(), [batch]
+            merged.rows = list(batch.rows)
+            while self._sealed and len(merged.rows) + len(self._sealed[0].rows) <= self.merge_limit:
+                part = self._sealed.pop(0)
+                parts.append(part)
+                merged.rows.extend(part.rows)
+            merged.parts = parts
+            return merged
         if self._open.rows:
             batch = self._open
             self._open = _Batch()
@@ -161,6 +176,8 @@ class ClickWriter:
             if self._queued < self.queue_limit:
                 self._room.set()
             batch.done.set()
+            for part in batch.parts:
+                part.done.set()
 
     async def _copy(self, rows: list[Row], slot: int = 0) -> None:
         started = self._loop.time()
@@ -208,6 +225,8 @@ class ClickWriter:
         await self._spill(batch.rows)
         if resolve:
             batch.done.set()
+            for part in batch.parts:
+                part.done.set()
 
     async def _spill(self, rows: list[Row] | list[list[Any]]) -> None:
         async with self._spool_lock:
