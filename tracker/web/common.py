@@ -90,10 +90,11 @@ def _protocol_error(self: RequestHandler, request: web.BaseRequest, status: int 
     contract's JSON instead and logs only the status and the kind of error."""
     if request.writer.output_size > 0:
         raise ConnectionError("the response is already being sent")
-    log.info("http_protocol_error", status=status, error=type(exc).__name__ if exc else None)
-    if status >= 500:
+    if status >= 500:  # not a parse error: an unexpected failure, logged with its traceback
+        log.error("http_server_error", status=status, exc_info=exc)
         response = error_response("internal", "internal error", status)
     else:
+        log.info("http_protocol_error", status=status, error=type(exc).__name__ if exc else None)
         response = error_response(_HTTP_CODES.get(status, "bad_request"),
                                   _PROTOCOL_MESSAGES.get(status, "the request could not be parsed"), status)
     response.force_close()
@@ -107,6 +108,7 @@ def answer_protocol_errors_as_json() -> None:
 
 
 _held = 0
+MAX_HELD = 10_000
 
 
 async def _hold(app: web.Application) -> None:
@@ -123,9 +125,6 @@ async def _hold(app: web.Application) -> None:
         await asyncio.sleep(delay / 1000)
     finally:
         _held -= 1
-
-
-MAX_HELD = 10_000
 
 
 def client_ip(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> str:
