@@ -28,6 +28,12 @@ METHODS = {"get", "post", "head", "put", "patch", "delete", "options"}
 FUZZ_USER = "fuzz-user"
 
 
+def test_the_spec_is_a_valid_openapi_3_document():
+    from openapi_spec_validator import validate
+
+    validate(SPEC)  # raises with the offending path when it is not
+
+
 def test_the_spec_and_the_routes_agree(settings):
     app = create_app(settings)
     routes = set()
