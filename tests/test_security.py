@@ -147,6 +147,7 @@ async def test_a_body_that_does_not_arrive_gets_408(aiohttp_client, settings, to
     await writer.drain()
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
     assert head.startswith(b"HTTP/1.1 408 ")
+    await asyncio.wait_for(reader.read(), 5)  # and the connection is closed, not kept lingering
     writer.close()
 
 
