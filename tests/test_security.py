@@ -138,17 +138,23 @@ async def test_observe_rate_limit_per_user(aiohttp_client, settings, tokens):
 
 
 # -- slow clients -----------------------------------------------------------------------------------
-async def test_a_body_that_does_not_arrive_gets_408(aiohttp_client, settings, tokens):
-    client = await aiohttp_client(create_app(dataclasses.replace(settings, body_timeout=1)))
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
-    token = tokens.mint("slow-body")
-    writer.write(b"POST /v1/observe HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 500\r\n\r\n{\"click_id\":")
-    await writer.drain()
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    assert head.startswith(b"HTTP/1.1 408 ")
-    await asyncio.wait_for(reader.read(), 5)  # and the connection is closed, not kept lingering
-    writer.close()
+async def test_a_body_that_does_not_arrive_gets_408_and_the_connection_is_closed(settings, tokens):
+    slow = dataclasses.replace(settings, body_timeout=1)
+    runner = web.AppRunner(create_app(slow), **server_options(slow))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+        token = tokens.mint("slow-body")
+        writer.write(b"POST /v1/observe HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 500\r\n\r\n{\"click_id\":")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 408 ")
+        await asyncio.wait_for(reader.read(), 6)  # closed after the short lingering, not held open
+        writer.close()
+    finally:
+        await runner.cleanup()
 
 
 async def test_a_connection_that_trickles_its_request_head_is_closed(settings):

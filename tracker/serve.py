@@ -37,8 +37,10 @@ def _serve_worker(settings: Settings, host: str, port: int) -> None:
 
 def server_options(settings: Settings) -> dict[str, Any]:
     """aiohttp server settings: a connection that idles, or trickles a request head, for
-    `idle_timeout` seconds is closed (aiohttp's keep-alive timer runs from the connection's start)."""
-    return {"keepalive_timeout": float(settings.idle_timeout)}
+    `idle_timeout` seconds is closed (aiohttp's keep-alive timer runs from the connection's start);
+    after an answer given before the whole body arrived (413, 408) the rest is read for at most
+    2 s, so that the client can read the answer, then the connection is closed."""
+    return {"keepalive_timeout": float(settings.idle_timeout), "lingering_time": 2.0}
 
 
 def _die_with_parent() -> None:

@@ -56,8 +56,6 @@ async def answer(app: web.Application, request: web.BaseRequest, route: str,
         response = error_response(exc.code, exc.message, exc.status, exc.headers)
         if exc.status == 429:
             await _hold(app)
-        elif exc.status == 408:
-            response.force_close()  # a stalled body is not worth waiting for
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
