@@ -62,7 +62,7 @@ def _redirect_lands_on_allowed_host(url: str) -> None:
 
 
 @PROPERTY
-@given(composed_urls())
+@given(st.one_of(composed_urls(), st.text(max_size=300)))
 def test_a_checked_target_never_leaves_the_allowed_hosts(raw: str) -> None:
     try:
         url = check_target(raw, ALLOWED)
@@ -70,16 +70,6 @@ def test_a_checked_target_never_leaves_the_allowed_hosts(raw: str) -> None:
         return
     _redirect_lands_on_allowed_host(url)
     assert check_target(url, ALLOWED) == url  # canonical: checking it again changes nothing
-
-
-@PROPERTY
-@given(st.text(max_size=300))
-def test_any_text_as_a_target_is_refused_or_safe(raw: str) -> None:
-    try:
-        url = check_target(raw, ALLOWED)
-    except BadTarget:
-        return
-    _redirect_lands_on_allowed_host(url)
 
 
 @PROPERTY
