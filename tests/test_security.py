@@ -268,3 +268,21 @@ async def test_requests_the_http_parser_refuses_get_json_400(client, request_byt
     assert doc["error"] == "bad_request" and doc["message"]
     captured = capsys.readouterr()
     assert b"secret-token-in-a-long-line" not in (captured.out + captured.err).encode()
+
+
+def test_library_log_records_become_redacted_json_lines_on_stdout():
+    """asyncpg, redis, aiohttp and asyncio log through the standard library: their records come out
+    as the same JSON lines as ours, on stdout, and nothing on stderr."""
+    import subprocess
+    import sys
+
+    code = ("import logging\nfrom tracker import logs\nlogs.configure('json')\n"
+            "logging.getLogger('asyncpg.pool').warning('connection lost: %s', 'boom')\n"
+            "logging.getLogger('redis').info('below the threshold')\n"
+            "logging.getLogger('aiohttp.server').error('failed', extra={'token': 'tok-123'})\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and out.stderr == ""
+    lines = [orjson.loads(line) for line in out.stdout.splitlines()]
+    assert [(r["logger"], r["level"], r["event"]) for r in lines] == [
+        ("asyncpg.pool", "warning", "connection lost: boom"), ("aiohttp.server", "error", "failed")]
+    assert "tok-123" not in out.stdout

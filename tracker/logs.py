@@ -19,7 +19,7 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
 
 
 def configure(fmt: str = "json", level: int = logging.INFO) -> None:
-    processors: list[structlog.types.Processor] = [
+    shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -27,14 +27,24 @@ def configure(fmt: str = "json", level: int = logging.INFO) -> None:
         structlog.processors.format_exc_info,
     ]
     if fmt == "console":
-        processors.append(structlog.dev.ConsoleRenderer(colors=False))
+        renderer: structlog.types.Processor = structlog.dev.ConsoleRenderer(colors=False)
         factory: structlog.types.WrappedLogger = structlog.PrintLoggerFactory(sys.stdout)
+        text_renderer = renderer
     else:
-        processors.append(structlog.processors.JSONRenderer(serializer=orjson.dumps))
+        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
         factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
+        text_renderer = structlog.processors.JSONRenderer(serializer=lambda obj, **_: orjson.dumps(obj).decode())
     structlog.configure(
-        processors=processors,
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    # The libraries' own loggers (asyncpg, redis, aiohttp, asyncio) go the same way: one JSON line
+    # on stdout each, redacted like ours, instead of plain text on stderr.
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        processor=text_renderer, foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared]))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
