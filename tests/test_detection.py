@@ -148,6 +148,8 @@ def test_converted_then_late():
     {"type": "checkout", "basket_items_before_activation": -1}, {"type": "checkout", "basket_items_before_activation": "2"},
     {"type": "navigation", "url": "https://aliexpress.ru/", "at": ["2026-11-26"]},
     {"type": "checkout", "store_id": {"id": 1}}, {"type": "promo_code", "code": "X", "at": True},
+    {"type": "promo_code", "code": "X", "basket_items_before_activation": -5},
+    {"type": "checkout", "basket_items_before_activation": 100_001},
 ])
 def test_malformed_events(event):
     with pytest.raises(BadEvent):

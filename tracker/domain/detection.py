@@ -82,6 +82,7 @@ def sanitize(url: str, keep: frozenset[str]) -> str:
 # The JSON types each event field may have (absent or null always may): a field of another type is
 # a client bug, refused with 400, while a time that does not parse means now. A navigation's `url` is
 # not here: the contract ignores a URL that cannot be parsed, whatever it is.
+MAX_BASKET = 100_000
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "code": (str,), "device": (str,), "at": (str, int, float),
     "basket_items_before_activation": (int,), "store_id": (str, int),
@@ -93,6 +94,9 @@ def check_field_types(event: dict[str, Any]) -> None:
         value = event.get(name)
         if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
             raise BadEvent(f"{str(event.get('type'))[:20]}: {name} has the wrong type")
+    items = event.get("basket_items_before_activation")
+    if items is not None and not 0 <= items <= MAX_BASKET:
+        raise BadEvent(f"{str(event.get('type'))[:20]}: basket_items_before_activation must be a count")
 
 
 def parse_at(raw: Any, created_ms: int, now_ms: int) -> int:
@@ -253,9 +257,7 @@ class Detector:
             raise BadEvent("checkout: device must be text")
         if device and ctx.device and device[:128] != ctx.device:
             out.append(("cross_device", None, {"activated_on": ctx.device, "ordered_on": device[:128]}))
-        items = event.get("basket_items_before_activation")
-        if items is not None and (not isinstance(items, int) or isinstance(items, bool) or not 0 <= items <= 100_000):
-            raise BadEvent("checkout: basket_items_before_activation must be a count")
+        items = event.get("basket_items_before_activation")  # type and range: check_field_types
         if items:
             out.append(("prefilled_basket", None, {"items": items}))
         store = event.get("store_id")
