@@ -408,3 +408,27 @@ async def test_a_backlog_is_written_in_merged_batches_and_every_waiter_is_releas
     finally:
         await writer.close()
         await pool.close()
+
+
+async def test_a_cancelled_request_does_not_cancel_the_others_waiting_on_its_batch(settings, db):
+    """In commit mode every request waits for its batch's commit; one of them going away (a client
+    that hangs up) must neither cancel the others' wait nor lose its own click."""
+    pool = await create_pool(settings.database_url)
+    async with pool.acquire() as conn:
+        await ensure_near_partitions(conn)
+    writer = ClickWriter(pool, Spool(settings.data_dir / "cancel-spool"), durability="commit",
+                         dsn=settings.database_url)
+    try:
+        ids = [new_click_id() for _ in range(5)]
+        waiters = [asyncio.ensure_future(writer.write((cid, ms, "cancel-user", "nike", "web", "https://www.nike.com/",
+                                                        None, "127.0.0.1", "ua", False, "GET")))
+                   for cid, ms in ids]
+        await asyncio.sleep(0)  # all five are queued in one batch and waiting
+        waiters[2].cancel()
+        await writer.start()
+        results = await asyncio.wait_for(asyncio.gather(*waiters, return_exceptions=True), 10)
+        assert [isinstance(r, asyncio.CancelledError) for r in results] == [False, False, True, False, False]
+        assert await db.fetchval("SELECT count(*) FROM clicks WHERE user_id = 'cancel-user'") == 5
+    finally:
+        await writer.close()
+        await pool.close()

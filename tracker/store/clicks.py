@@ -36,14 +36,22 @@ def to_record(row: Row | list[Any]) -> tuple[Any, ...]:
 
 
 class _Batch:
-    __slots__ = ("rows", "done", "parts")
+    __slots__ = ("rows", "waiters", "parts")
 
     def __init__(self) -> None:
         self.rows: list[Row] = []
         self.parts: list[_Batch] = []  # the batches a merged batch stands for
-        # An Event, not a shared Future: each waiter gets its own future inside wait(), so one
-        # cancelled request cannot cancel the others' wait (and it is cheaper than shield()).
-        self.done = asyncio.Event()
+        # One future per waiting request, not a shared one: a cancelled request cancels only its
+        # own wait. (An asyncio.Event does the same with a deque and a loop check per wait.)
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def release(self) -> None:
+        """The batch is committed or spooled: wake every request waiting on it (or on its parts)."""
+        for batch in (self, *self.parts):
+            for waiter in batch.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            batch.waiters.clear()
 
 
 class ClickWriter:
@@ -94,7 +102,9 @@ class ClickWriter:
             self._seal()
         self._wake.set()
         if self.wait_commit:
-            await batch.done.wait()
+            waiter = self._loop.create_future()
+            batch.waiters.append(waiter)
+            await waiter
 
     def _seal(self) -> None:
         self._sealed.append(self._open)
@@ -175,9 +185,7 @@ class ClickWriter:
             metrics.WRITER_QUEUE.set(self._queued)
             if self._queued < self.queue_limit:
                 self._room.set()
-            batch.done.set()
-            for part in batch.parts:
-                part.done.set()
+            batch.release()
 
     async def _copy(self, rows: list[Row], slot: int = 0) -> None:
         started = self._loop.time()
@@ -224,9 +232,7 @@ class ClickWriter:
     async def _to_spool(self, batch: _Batch, resolve: bool = True) -> None:
         await self._spill(batch.rows)
         if resolve:
-            batch.done.set()
-            for part in batch.parts:
-                part.done.set()
+            batch.release()
 
     async def _spill(self, rows: list[Row] | list[list[Any]]) -> None:
         async with self._spool_lock:
