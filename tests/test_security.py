@@ -286,3 +286,35 @@ def test_library_log_records_become_redacted_json_lines_on_stdout():
     assert [(r["logger"], r["level"], r["event"]) for r in lines] == [
         ("asyncpg.pool", "warning", "connection lost: boom"), ("aiohttp.server", "error", "failed")]
     assert "tok-123" not in out.stdout
+
+
+async def test_open_event_streams_are_bounded_per_user(client, tokens, monkeypatch):
+    """Every open stream holds a Redis connection: past the per-user bound a new one gets 429, and a
+    closed stream frees its place."""
+    from tracker.web import events
+
+    monkeypatch.setattr(events, "MAX_STREAMS_PER_USER", 2)
+    token = tokens.mint("streamer")
+    cids = []
+    for _ in range(3):
+        resp = await client.get("/go/nike", params={"u": token}, allow_redirects=False, headers=BROWSER)
+        cids.append(resp.headers["X-Click-Id"])
+    streams = [await client.get(f"/v1/clicks/{cid}/events", params={"u": token, "heartbeat": "0.5"})
+               for cid in cids[:2]]
+    assert [s.status for s in streams] == [200, 200]
+    third = await client.get(f"/v1/clicks/{cids[2]}/events", params={"u": token})
+    assert third.status == 429 and int(third.headers["Retry-After"]) >= 1
+    other = await client.get("/go/nike", params={"u": tokens.mint("calm")}, allow_redirects=False, headers=BROWSER)
+    calm = await client.get(f"/v1/clicks/{other.headers['X-Click-Id']}/events",
+                            params={"u": tokens.mint("calm"), "heartbeat": "0.5"})
+    assert calm.status == 200  # another user is not held back
+    calm.close()
+    streams[0].close()
+    for _ in range(50):  # the server notices the closed stream at its next write
+        await asyncio.sleep(0.1)
+        if events._streams.get("streamer", 0) < 2:
+            break
+    again = await client.get(f"/v1/clicks/{cids[2]}/events", params={"u": token, "heartbeat": "0.5"})
+    assert again.status == 200
+    again.close()
+    streams[1].close()

@@ -16,11 +16,17 @@ from aiohttp import web
 
 from .. import keys, metrics
 from ..domain.clickid import is_click_id
-from ..errors import NotFound, Unauthorized
-from .common import bearer
+from ..errors import NotFound, RateLimited, Unauthorized
+from .common import bearer, client_ip
 from .observe import load_click
 
 log = structlog.get_logger("tracker.events")
+# Each open stream holds a Redis connection (its pub/sub subscription) and a task, so a worker
+# bounds them: per user (the extension opens one per active click) and in all.
+MAX_STREAMS_PER_USER = 10
+MAX_STREAMS = 2_000
+_streams: dict[str, int] = {}  # user id -> streams open on this worker
+_open = 0  # all streams open on this worker
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:
@@ -41,9 +47,31 @@ async def events(request: web.Request) -> web.StreamResponse:
     click_id = request.match_info["click_id"]
     if not is_click_id(click_id):
         raise NotFound("no such click")
+    settings = app[keys.SETTINGS]
+    over = app[keys.SESSIONS].over_limit([("ip", client_ip(request, settings.trusted_proxies),
+                                           settings.rate_limit_ip)])
+    if over is not None:
+        raise RateLimited("too many requests from this address, retry later", over[1])
     session, state = await load_click(app, click_id)
     if session is None or session.get("u") != user_id:
         raise NotFound("no such click")
+    global _open
+    if _streams.get(user_id, 0) >= MAX_STREAMS_PER_USER or _open >= MAX_STREAMS:
+        raise RateLimited("too many open event streams, retry later", 5)
+    _streams[user_id] = _streams.get(user_id, 0) + 1
+    _open += 1
+    try:
+        return await _stream(request, app, click_id, state)
+    finally:
+        _open -= 1
+        if _streams[user_id] <= 1:
+            del _streams[user_id]
+        else:
+            _streams[user_id] -= 1
+
+
+async def _stream(request: web.Request, app: web.Application, click_id: str,
+                  state: dict[str, Any] | None) -> web.StreamResponse:
     try:
         heartbeat = float(request.query.get("heartbeat", "15"))
     except ValueError:
