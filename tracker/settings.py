@@ -35,7 +35,7 @@ class Settings:
     rate_limit_user: int = 60
     rate_limit_ip: int = 1200
     rate_limit_observe_user: int = 600
-    rate_limit_delay_ms: int = 1000  # a 429 is held this long (see web.common._hold)
+    rate_limit_delay_ms: int = 250  # a 429 is held this long (see web.common._hold)
     trusted_proxies: tuple[IPNetwork, ...] = ()
     merchants_file: Path | None = None
     log_format: str = "json"
@@ -149,7 +149,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         rate_limit_user=_int(env, "TRACKER_RATE_LIMIT_USER", 60),
         rate_limit_ip=_int(env, "TRACKER_RATE_LIMIT_IP", 1200),
         rate_limit_observe_user=_int(env, "TRACKER_RATE_LIMIT_OBSERVE_USER", 600),
-        rate_limit_delay_ms=_int(env, "TRACKER_RATE_LIMIT_DELAY_MS", 1000, 0, 60_000),
+        rate_limit_delay_ms=_int(env, "TRACKER_RATE_LIMIT_DELAY_MS", 250, 0, 60_000),
         trusted_proxies=tuple(proxies),
         merchants_file=Path(merchants) if merchants else None,
         log_format=log_format,
