@@ -118,7 +118,7 @@ def _route_go_directly(app: web.Application) -> None:
         if path.startswith("/go/") and (request.method == "GET" or request.method == "HEAD"):
             slug = path[4:].partition("?")[0]
             if slug and "/" not in slug and "%" not in slug:
-                return await answer(app, request, "go", lambda: go(app, request, slug))
+                return await answer(app, request, "go", go(app, request, slug))
         return await routed(request)  # type: ignore[arg-type]
 
     app._handle = handle  # type: ignore[method-assign]

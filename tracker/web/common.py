@@ -41,16 +41,15 @@ _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    return await answer(request.app, request, request.match_info.route.name or "unmatched",
-                        lambda: handler(request))
+    return await answer(request.app, request, request.match_info.route.name or "unmatched", handler(request))
 
 
 async def answer(app: web.Application, request: web.BaseRequest, route: str,
-                 call: Callable[[], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
-    """Run a handler and turn whatever it raises into the contract's JSON error."""
+                 handling: Awaitable[web.StreamResponse]) -> web.StreamResponse:
+    """Await a handler's answer and turn whatever it raises into the contract's JSON error."""
     started = time.perf_counter()
     try:
-        response = await call()
+        response = await handling
     except DomainError as exc:
         metrics.REFUSALS.labels(route, exc.code).inc()
         response = error_response(exc.code, exc.message, exc.status, exc.headers)
