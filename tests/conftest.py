@@ -171,3 +171,13 @@ async def serve_process(settings: Settings, workers: int = 1, env: dict[str, str
     """`served` for async tests (its start-up wait blocks the loop briefly; nothing else runs)."""
     with served(settings, workers, env, output) as running:
         yield running
+
+
+async def redis_value(client, key: str, attempts: int = 50) -> bytes | None:  # noqa: ANN001
+    """A Redis key's value once the service's batched writes have put it there (None if never)."""
+    for _ in range(attempts):
+        raw = await client.get(key)
+        if raw:
+            return raw
+        await asyncio.sleep(0.02)
+    return None

@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from tracker.app import create_app
 from tracker.domain.clickid import click_time_ms, is_click_id
 
-from .conftest import BROWSER
+from .conftest import BROWSER, redis_value
 
 
 async def rows_for(db, user):
@@ -96,12 +96,7 @@ async def test_bots_and_head_get_the_redirect_flagged_and_no_session(client, tok
     assert not rows[human.headers["X-Click-Id"]]["bot"]
     r = aioredis.Redis.from_url(settings.redis_url)
     try:
-        for _ in range(50):
-            raw = await r.get(f"{settings.redis_prefix}s:{human.headers['X-Click-Id']}")
-            if raw:
-                break
-            await asyncio.sleep(0.02)
-        session = orjson.loads(raw)
+        session = orjson.loads(await redis_value(r, f"{settings.redis_prefix}s:{human.headers['X-Click-Id']}"))
         assert session["u"] == "erin" and session["m"] == "aliexpress"
         ttl = await r.ttl(f"{settings.redis_prefix}s:{human.headers['X-Click-Id']}")
         assert 7000 < ttl <= 7200  # the merchant's session_ttl (2h)

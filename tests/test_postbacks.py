@@ -15,7 +15,7 @@ from tracker.domain.clickid import click_time, new_click_id
 from tracker.domain.conversions import MalformedPostback, cashback, parse_money, read_postback, transition
 from tracker.domain.profiles import profiles
 
-from .conftest import ADMIN, BROWSER
+from .conftest import ADMIN, BROWSER, redis_value
 
 ADMITAD = "test-admitad-token"
 IMPACT_SECRET = b"test-impact-hmac-secret"
@@ -114,12 +114,7 @@ async def test_admitad_postback_creates_a_conversion_and_is_idempotent(client, t
     assert await db.fetchval("SELECT state FROM click_states WHERE click_id = $1", cid) == "converted"
     r = aioredis.Redis.from_url(settings.redis_url)
     try:
-        for _ in range(50):
-            state = await r.get(f"{settings.redis_prefix}st:{cid}")
-            if state:
-                break
-            await asyncio.sleep(0.02)
-        assert orjson.loads(state)["state"] == "converted"
+        assert orjson.loads(await redis_value(r, f"{settings.redis_prefix}st:{cid}"))["state"] == "converted"
     finally:
         await r.aclose()
     view = await (await client.get(f"/v1/clicks/{cid}", headers=ADMIN)).json()
