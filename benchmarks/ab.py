@@ -1,0 +1,116 @@
+"""A/B of two builds of the /go path: alternating wrk runs against `tracker serve` from each build,
+with the worker processes' CPU time read from /proc around each run. The machine's speed drifts over
+minutes, so only interleaved runs compare; CPU per redirect moves less than requests/s.
+
+    .venv/bin/python benchmarks/ab.py REV_A REV_B [--rounds 4] [--seconds 8] [--durability commit]
+
+A revision is anything `git worktree add` takes (HEAD~1, a commit, a branch) or `.` for the working
+tree. Uses the servers of TRACKER_DATABASE_URL / TRACKER_REDIS_URL, else the embedded ones."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+import bench  # noqa: E402
+from tracker.devstack import _servers  # noqa: E402
+from tracker.domain.tokens import UserTokens  # noqa: E402
+
+
+def tree_of(rev: str, scratch: Path) -> Path:
+    if rev == ".":
+        return ROOT
+    path = scratch / rev.replace("/", "_").replace("~", "_")
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(path), rev],
+                   check=True, capture_output=True)
+    return path
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def run_once(tree: Path, env: dict[str, str], seconds: int, wenv: dict[str, str]) -> dict[str, float]:
+    port = bench.free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(port),
+                             "--workers", "2"], env={**env, "PYTHONPATH": str(tree)}, cwd=tree,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        bench.wait_http(port, "/readyz")
+        script = str(ROOT / "benchmarks/go.lua")
+        bench.wrk(port, script, wenv, 2)
+        time.sleep(0.5)
+        workers = children(proc.pid) or [proc.pid]
+        before = cpu_seconds(workers)
+        result = bench.wrk(port, script, wenv, seconds)
+        result["cpu_us"] = (cpu_seconds(workers) - before) / result["requests"] * 1e6
+        return result
+    finally:
+        bench.stop(proc)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("a")
+    parser.add_argument("b")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--durability", default="commit")
+    args = parser.parse_args()
+    env = dict(os.environ)
+    env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
+    _servers(env)
+    dsn = asyncio.run(bench.prepare_db(env["TRACKER_DATABASE_URL"]))
+    scratch = Path(tempfile.mkdtemp(prefix="tracker-ab-"))
+    tenv = {**env, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET": bench.SECRET, "TRACKER_LOG_FORMAT": "json",
+            "TRACKER_RATE_LIMIT_IP": "1000000000", "TRACKER_RATE_LIMIT_USER": "100000",
+            "TRACKER_REDIS_PREFIX": "trkbench:", "TRACKER_DATA_DIR": str(scratch / "data"),
+            "TRACKER_DURABILITY": args.durability}
+    subprocess.run([sys.executable, "-m", "tracker.cli", "migrate"], env=tenv, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([sys.executable, "-m", "tracker.cli", "merchants", "sync",
+                    str(ROOT / "deploy/merchants.example.yaml")], env=tenv, check=True, stdout=subprocess.DEVNULL)
+    tokens = scratch / "tokens.txt"
+    signer = UserTokens(bench.SECRET)
+    tokens.write_text("\n".join(signer.mint(f"bench-{i}") for i in range(5000)) + "\n")
+    trees = {"A": tree_of(args.a, scratch), "B": tree_of(args.b, scratch)}
+    results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+    try:
+        for i in range(args.rounds):
+            for name in (("A", "B") if i % 2 == 0 else ("B", "A")):
+                r = run_once(trees[name], tenv, args.seconds, {"TOKENS_FILE": str(tokens)})
+                results[name].append(r)
+                print(f"round {i + 1} {name}: {r['rps']:,.0f} req/s  {r['cpu_us']:.1f} us CPU/redirect  "
+                      f"p99 {r['p99_ms']:.2f} ms  non-3xx {r['non_3xx']}", flush=True)
+    finally:
+        for name, rev in (("A", args.a), ("B", args.b)):
+            if rev != ".":
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(trees[name])],
+                               capture_output=True)
+    for name, rev in (("A", args.a), ("B", args.b)):
+        rs = results[name]
+        print(f"{name} ({rev}): median {statistics.median(r['rps'] for r in rs):,.0f} req/s, "
+              f"{statistics.median(r['cpu_us'] for r in rs):.1f} us CPU/redirect, "
+              f"p99 {statistics.median(r['p99_ms'] for r in rs):.2f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
