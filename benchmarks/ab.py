@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +49,17 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in out]
 
 
+def writer_totals(port: int) -> dict[str, float]:
+    """Sums and counts of the writer's batch-size and flush-time histograms, from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    totals = {}
+    for name in ("tracker_writer_batch_size_sum", "tracker_writer_batch_size_count",
+                 "tracker_writer_flush_seconds_sum"):
+        totals[name] = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+    return totals
+
+
 def run_once(tree: Path, env: dict[str, str], seconds: int, wenv: dict[str, str]) -> dict[str, float]:
     port = bench.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(port),
@@ -59,9 +71,13 @@ def run_once(tree: Path, env: dict[str, str], seconds: int, wenv: dict[str, str]
         bench.wrk(port, script, wenv, 2)
         time.sleep(0.5)
         workers = children(proc.pid) or [proc.pid]
-        before = cpu_seconds(workers)
+        before, writer_before = cpu_seconds(workers), writer_totals(port)
         result = bench.wrk(port, script, wenv, seconds)
         result["cpu_us"] = (cpu_seconds(workers) - before) / result["requests"] * 1e6
+        writer = {k: v - writer_before[k] for k, v in writer_totals(port).items()}
+        copies = writer["tracker_writer_batch_size_count"] or 1
+        result["rows_per_copy"] = writer["tracker_writer_batch_size_sum"] / copies
+        result["flush_ms"] = writer["tracker_writer_flush_seconds_sum"] / copies * 1000
         return result
     finally:
         bench.stop(proc)
@@ -98,7 +114,8 @@ def main() -> int:
                 r = run_once(trees[name], tenv, args.seconds, {"TOKENS_FILE": str(tokens)})
                 results[name].append(r)
                 print(f"round {i + 1} {name}: {r['rps']:,.0f} req/s  {r['cpu_us']:.1f} us CPU/redirect  "
-                      f"p99 {r['p99_ms']:.2f} ms  non-3xx {r['non_3xx']}", flush=True)
+                      f"p99 {r['p99_ms']:.2f} ms  non-3xx {r['non_3xx']}  "
+                      f"{r['rows_per_copy']:.1f} rows/COPY, {r['flush_ms']:.2f} ms/COPY", flush=True)
     finally:
         for name, rev in (("A", args.a), ("B", args.b)):
             if rev != ".":

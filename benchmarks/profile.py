@@ -1,0 +1,90 @@
+"""Profile one `tracker serve` worker under wrk with py-spy and print where its samples go.
+
+    .venv/bin/python benchmarks/profile.py [--seconds 10] [--durability commit] [--top 40]
+
+Needs py-spy (`.venv/bin/pip install py-spy`) and wrk. Prints the functions with the most samples,
+inclusive (the function or anything it calls) and self (the function's own code), as shares of all
+samples of the worker; the raw collapsed stacks are left in benchmarks/results/profile.txt."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT))
+import ab  # noqa: E402
+import bench  # noqa: E402
+from tracker.devstack import _servers  # noqa: E402
+from tracker.domain.tokens import UserTokens  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--durability", default="commit")
+    parser.add_argument("--top", type=int, default=40)
+    args = parser.parse_args()
+    env = dict(os.environ)
+    env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
+    _servers(env)
+    dsn = asyncio.run(bench.prepare_db(env["TRACKER_DATABASE_URL"]))
+    bench.OUT.mkdir(parents=True, exist_ok=True)
+    tenv = {**env, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET": bench.SECRET, "TRACKER_LOG_FORMAT": "json",
+            "TRACKER_RATE_LIMIT_IP": "1000000000", "TRACKER_RATE_LIMIT_USER": "100000",
+            "TRACKER_REDIS_PREFIX": "trkbench:", "TRACKER_DATA_DIR": str(bench.OUT / "data"),
+            "TRACKER_DURABILITY": args.durability}
+    tracker = [sys.executable, "-m", "tracker.cli"]
+    subprocess.run([*tracker, "migrate"], env=tenv, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*tracker, "merchants", "sync", str(ROOT / "deploy/merchants.example.yaml")],
+                   env=tenv, check=True, stdout=subprocess.DEVNULL)
+    tokens = bench.OUT / "tokens.txt"
+    signer = UserTokens(bench.SECRET)
+    tokens.write_text("\n".join(signer.mint(f"bench-{i}") for i in range(5000)) + "\n")
+    wenv = {"TOKENS_FILE": str(tokens)}
+    port = bench.free_port()
+    proc = subprocess.Popen([*tracker, "serve", "--port", str(port), "--workers", "2"], env=tenv,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = bench.OUT / "profile.txt"
+    try:
+        bench.wait_http(port, "/readyz")
+        script = str(ROOT / "benchmarks/go.lua")
+        bench.wrk(port, script, wenv, 2)
+        load = threading.Thread(target=bench.wrk, args=(port, script, wenv, args.seconds + 3))
+        load.start()
+        time.sleep(1)
+        worker = ab.children(proc.pid)[0]
+        subprocess.run(["py-spy", "record", "-r", "200", "-d", str(args.seconds), "-p", str(worker), "-f", "raw",
+                        "-o", str(out), "--nonblocking"], check=True, capture_output=True)
+        load.join()
+    finally:
+        bench.stop(proc)
+    inclusive: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in out.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        n = int(count)
+        total += n
+        frames = [f.rsplit(" (", 1)[0] + " (" + f.rsplit(" (", 1)[-1].split("/")[-1] for f in stack.split(";")]
+        for frame in set(frames):
+            inclusive[frame] += n
+        own[frames[-1]] += n
+    print(f"{total} samples\n\ninclusive:")
+    for frame, n in inclusive.most_common(args.top):
+        print(f"{100 * n / total:5.1f}%  {frame}")
+    print("\nself:")
+    for frame, n in own.most_common(args.top):
+        print(f"{100 * n / total:5.1f}%  {frame}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
