@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
+
 from tracker.devstack import _servers  # noqa: E402
 from tracker.domain.tokens import UserTokens  # noqa: E402
 

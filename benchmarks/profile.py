@@ -22,6 +22,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import ab  # noqa: E402
 import bench  # noqa: E402
+
 from tracker.devstack import _servers  # noqa: E402
 from tracker.domain.tokens import UserTokens  # noqa: E402
 

@@ -432,3 +432,49 @@ async def test_a_cancelled_request_does_not_cancel_the_others_waiting_on_its_bat
     finally:
         await writer.close()
         await pool.close()
+
+
+async def test_rows_that_arrive_within_the_linger_share_one_copy(settings, db):
+    """A batch that is not full waits `linger` after the previous COPY's start (async mode), so
+    clicks arriving one by one go out together; commit mode starts at once when no COPY runs."""
+    pool = await create_pool(settings.database_url)
+    async with pool.acquire() as conn:
+        await ensure_near_partitions(conn)
+    writers = [ClickWriter(pool, Spool(settings.data_dir / f"linger-spool-{mode}"), durability=mode,
+                           linger=linger, dsn=settings.database_url)
+               for mode, linger in (("async", 0.5), ("async", 0.0), ("commit", 60.0))]
+    copies: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for i, writer in enumerate(writers):
+        real_copy = writer._copy_records
+
+        async def counting(records, slot=None, real=real_copy, seen=copies[i]):  # noqa: ANN001, ANN202 - a spy
+            seen.append(len(records))
+            await real(records, slot)
+
+        writer._copy_records = counting  # type: ignore[method-assign]
+        await writer.start()
+    try:
+        for i, writer in enumerate(writers[:2]):
+            for _ in range(20):  # one by one, each a little after the last
+                cid, ms = new_click_id()
+                await writer.write((cid, ms, f"linger-user-{i}", "nike", "web", "https://www.nike.com/", None,
+                                    "127.0.0.1", "ua", False, "GET"))
+                await asyncio.sleep(0.005)
+            for _ in range(200):
+                if writer.queued == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert await db.fetchval("SELECT count(*) FROM clicks WHERE user_id = $1", f"linger-user-{i}") == 20
+        # With a 0.5 s linger the first click goes at once (nothing ran before) and the other 19,
+        # spread over ~0.1 s, in one COPY; with none, the flushers take them as they come.
+        assert copies[0] == [1, 19]
+        assert len(copies[1]) > 2
+        # Commit mode with nothing in flight does not wait out its (here: one minute) linger.
+        cid, ms = new_click_id()
+        await asyncio.wait_for(writers[2].write((cid, ms, "linger-commit", "nike", "web", "https://www.nike.com/",
+                                                 None, "127.0.0.1", "ua", False, "GET")), 10)
+        assert await db.fetchval("SELECT count(*) FROM clicks WHERE user_id = 'linger-commit'") == 1
+    finally:
+        for writer in writers:
+            await writer.close()
+        await pool.close()
