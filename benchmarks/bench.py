@@ -136,11 +136,17 @@ def main() -> int:
     # scenarios and compare against the mean of the two.
     def run_go(durability: str) -> tuple[dict[str, float], str, bool]:
         port = free_port()
-        log = (OUT / f"tracker-{durability}.log").open("wb")
-        proc = subprocess.Popen([*tracker, "serve", "--port", str(port), "--workers", str(WORKERS)],
-                                env={**tenv, "TRACKER_DURABILITY": durability}, stdout=log, stderr=log)
+        floor = durability.startswith("floor-")
+        if floor:  # the plain app that also hands each click to the writer, and does nothing else
+            log = (OUT / f"{durability}.log").open("wb")
+            proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/plain_app.py"), str(port), str(WORKERS),
+                                     durability.removeprefix("floor-"), dsn], env=tenv, stdout=log, stderr=log)
+        else:
+            log = (OUT / f"tracker-{durability}.log").open("wb")
+            proc = subprocess.Popen([*tracker, "serve", "--port", str(port), "--workers", str(WORKERS)],
+                                    env={**tenv, "TRACKER_DURABILITY": durability}, stdout=log, stderr=log)
         try:
-            wait_http(port, "/readyz")
+            wait_http(port, "/go/x" if floor else "/readyz")
             wrk(port, script, wenv, 2)
             time.sleep(1)
             before = asyncio.run(count_clicks(dsn))
@@ -156,7 +162,8 @@ def main() -> int:
     # of /go scenarios, and each scenario's ratio is to the mean of the two ceilings around it.
     # BENCH_ROUNDS > 1 repeats the rounds and reports the round with the median ratio.
     ceilings = [run_ceiling()]
-    rounds: dict[str, list[tuple[dict[str, float], str, bool]]] = {"commit": [], "async": []}
+    rounds: dict[str, list[tuple[dict[str, float], str, bool]]] = {
+        "commit": [], "async": [], "floor-commit": [], "floor-async": []}
     for _ in range(ROUNDS):
         for durability in rounds:
             rounds[durability].append(run_go(durability))
@@ -173,7 +180,9 @@ def main() -> int:
         if len(runs) > 1:
             note += (f"; ratios of {len(runs)} rounds: " + ", ".join(f"{r[0]['ratio']:.2f}" for r in runs)
                      + ("" if all(r[2] for r in runs) else " (a round MISMATCHED)"))
-        rows.append((f"tracker /go, durability={durability}", median[0], note))
+        name = (f"floor: plain aiohttp 302 + tracker's click writer only, durability={durability[6:]}"
+                if durability.startswith("floor-") else f"tracker /go, durability={durability}")
+        rows.append((name, median[0], note))
 
     # Observe and postbacks, one worker: requests/s per worker.
     port = free_port()
