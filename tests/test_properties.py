@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from decimal import Decimal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import yarl
 from hypothesis import HealthCheck, given, settings
@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from tracker.domain.catalog import load_catalog
 from tracker.domain.clickid import InvalidClickId, click_time_ms, is_click_id, new_click_id
 from tracker.domain.conversions import MalformedPostback, cashback, minor_unit, money, parse_money, read_postback
+from tracker.domain.merchants import quote_all
 from tracker.domain.profiles import profiles
 from tracker.domain.targets import BadTarget, check_target, host_allowed, normalize_pattern
 from tracker.domain.tokens import UserTokens
@@ -91,6 +92,13 @@ MS = st.integers(min_value=0, max_value=(1 << 46) - 1)
 
 
 @PROPERTY
+@given(st.one_of(st.text(max_size=300), st.text(st.characters(max_codepoint=127), max_size=300), composed_urls()))
+def test_the_partner_link_quoting_is_urllib_quote_with_nothing_safe(value: str) -> None:
+    """partner_link puts the target into the network's URL with quote_all, a table-driven
+    quote(value, safe=""): the two agree on any text, ASCII or not."""
+    assert quote_all(value) == quote(value, safe="")
+
+
 @given(MS)
 def test_click_id_time_round_trips(ms: int) -> None:
     click_id, created = new_click_id(ms)

@@ -14,6 +14,15 @@ _DURATION = re.compile(r"(\d{1,9})(s|m|h|d)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
 _BAD_APP_SCHEMES = {"javascript", "data", "vbscript", "file", "blob", "about"}
+# quote(value, safe="") for ASCII text as one str.translate: checked targets are ASCII, and this is
+# 1.2 instead of 2.6 us per redirect (timeit, a 55-character deep link).
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+_QUOTE_ALL = {c: chr(c) if c in _UNRESERVED else f"%{c:02X}" for c in range(128)}
+
+
+def quote_all(value: str) -> str:
+    """The same as urllib.parse.quote(value, safe=""): everything but unreserved characters escaped."""
+    return value.translate(_QUOTE_ALL) if value.isascii() else quote(value, safe="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +43,7 @@ class Merchant:
 
     def partner_link(self, click_id: str, target: str, app: bool = False) -> str:
         template = self.app_url if app and self.app_url else self.partner_url
-        return template.replace("{click_id}", click_id).replace("{target}", quote(target, safe=""))
+        return template.replace("{click_id}", click_id).replace("{target}", quote_all(target))
 
     def is_own_code(self, code: str) -> bool:
         return code.strip().casefold() in self.own_promo_codes
