@@ -17,7 +17,7 @@ from tracker.domain.clickid import InvalidClickId, click_time_ms, is_click_id, n
 from tracker.domain.conversions import MalformedPostback, cashback, minor_unit, money, parse_money, read_postback
 from tracker.domain.merchants import quote_all
 from tracker.domain.profiles import profiles
-from tracker.domain.targets import BadTarget, check_target, host_allowed, normalize_pattern
+from tracker.domain.targets import BadTarget, check_target, check_target_general, host_allowed, normalize_pattern
 from tracker.domain.tokens import UserTokens
 
 EXAMPLES = max(int(os.environ.get("TRACKER_FUZZ_EXAMPLES", "20")) * 10, 50)
@@ -71,6 +71,53 @@ def test_a_checked_target_never_leaves_the_allowed_hosts(raw: str) -> None:
         return
     _redirect_lands_on_allowed_host(url)
     assert check_target(url, ALLOWED) == url  # canonical: checking it again changes nothing
+
+
+PLAIN_LABELS = st.one_of(st.sampled_from(["www", "m", "a-1", "B2"]), st.text(alphabet="abzAZ09-", max_size=6))
+PLAIN_TAIL_CHARS = "/?#:@!$&'()*+,;=-._~%aZ09"
+PLAIN_TAILS = st.tuples(st.sampled_from(["", "/", "?", "#", "/p?"]),
+                        st.one_of(st.text(alphabet=PLAIN_TAIL_CHARS, max_size=12),
+                                  st.text(alphabet=PLAIN_TAIL_CHARS + " \\\x00ü[", max_size=12))).map("".join)
+
+
+@st.composite
+def plain_urls(draw: st.DrawFn) -> str:
+    """Deep links near the fast path's edges: its schemes and host characters, any tail."""
+    labels = draw(st.lists(PLAIN_LABELS, max_size=2))
+    host = ".".join([*labels, draw(st.sampled_from(["shop", "SHOP", "shop", "evil", "", "1"])),
+                     draw(st.sampled_from(["example", "EXAMPLE", "example", "example.", "1", "example:443", ""]))])
+    return draw(st.sampled_from(["http", "https", "HTTP", "HTTPS", "Https", "ftp"])) + "://" + host + draw(PLAIN_TAILS)
+
+
+def _checked(raw: str) -> tuple[str, str]:
+    try:
+        fast = "ok", check_target(raw, ALLOWED)
+    except BadTarget:
+        fast = "refused", ""
+    try:
+        general = "ok", check_target_general(raw, ALLOWED)
+    except BadTarget:
+        general = "refused", ""
+    assert fast == general, (raw, fast, general)
+    return fast
+
+
+@PROPERTY
+@given(st.one_of(plain_urls(), composed_urls(), st.text(max_size=300)))
+def test_the_fast_target_check_answers_as_the_general_one(raw: str) -> None:
+    """check_target answers the common deep link without urlsplit; on any input it must answer
+    exactly as the general path (urlsplit and every check) does: the same URL or a refusal."""
+    _checked(raw)
+
+
+def test_the_fast_target_check_takes_the_common_deep_links() -> None:
+    assert _checked("https://shop.example/item/1.html?sku=2#top") == ("ok", "https://shop.example/item/1.html?sku=2#top")
+    assert _checked("HTTPS://WWW.Shop.Example?q=1") == ("ok", "https://www.shop.example/?q=1")
+    assert _checked("https://shop.example/p?#") == ("ok", "https://shop.example/p")
+    assert _checked("https://a-1.shop.example") == ("ok", "https://a-1.shop.example/")
+    for refused in ("https://shop.example.evil.example/", "https://1.2.3.4/", "https://-a.shop.example/",
+                    "https://shop.example:8443/", "https://x" + "y" * 63 + ".shop.example/"):
+        assert _checked(refused) == ("refused", ""), refused
 
 
 @PROPERTY

@@ -67,8 +67,34 @@ def host_allowed(host: str, patterns: frozenset[str]) -> bool:
     return False
 
 
+# The common deep link: http(s), a plain ASCII host name (no port, userinfo, escapes or trailing
+# dot), nothing to escape anywhere. check_target answers these without urlsplit, exactly as the general
+# path would (tests/test_properties.py checks the two agree on any input): 1.2 instead of 5.4 us
+# per deep link (timeit over unique links).
+_PLAIN_URL = re.compile(r"(https?|HTTPS?)://([A-Za-z0-9.-]{1,253})([/?#][A-Za-z0-9/:@!$&'()*+,;=\-._~%?#]*)?")
+_PLAIN_HOST = re.compile(r"(?:(?!-)[a-z0-9-]{1,63}(?<!-)\.)*(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
 def check_target(raw: str, patterns: frozenset[str]) -> str:
     """The canonical form of `raw` if it is an http(s) URL on an allowed host, else BadTarget."""
+    match = _PLAIN_URL.fullmatch(raw)
+    if match is not None and len(raw) <= MAX_TARGET:
+        host = match[2].lower()
+        rest = match[3] or "/"
+        if (_PLAIN_HOST.fullmatch(host) and not host.rpartition(".")[2].isdigit()
+                and host_allowed(host, patterns)):
+            if rest[0] != "/":  # "https://host?q" and "https://host#f" get their path "/"
+                rest = "/" + rest
+            # Like the general path: an empty query or fragment is dropped, "?" and "#" alike.
+            path, hash_, fragment = rest.partition("#")
+            path, question, query = path.partition("?")
+            return (f"{match[1].lower()}://{host}{path}" + (f"?{query}" if query else "")
+                    + (f"#{fragment}" if fragment else ""))
+    return check_target_general(raw, patterns)
+
+
+def check_target_general(raw: str, patterns: frozenset[str]) -> str:
+    """check_target for any input: parsed with urlsplit, every refusal named."""
     if len(raw) > MAX_TARGET:
         raise BadTarget("target is too long")
     if _BAD_CHARS.search(raw):
