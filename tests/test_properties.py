@@ -19,6 +19,7 @@ from tracker.domain.merchants import quote_all
 from tracker.domain.profiles import profiles
 from tracker.domain.targets import BadTarget, check_target, check_target_general, host_allowed, normalize_pattern
 from tracker.domain.tokens import UserTokens
+from tracker.web.activation import parse_query
 
 EXAMPLES = max(int(os.environ.get("TRACKER_FUZZ_EXAMPLES", "20")) * 10, 50)
 PROPERTY = settings(max_examples=EXAMPLES, deadline=None, database=None,
@@ -144,6 +145,20 @@ def test_the_partner_link_quoting_is_urllib_quote_with_nothing_safe(value: str) 
     """partner_link puts the target into the network's URL with quote_all, a table-driven
     quote(value, safe=""): the two agree on any text, ASCII or not."""
     assert quote_all(value) == quote(value, safe="")
+
+
+QUERY_TEXT = st.text(st.sampled_from("uto=&+%2Fzz41FFC3A9 é\x00;?"), max_size=40)
+
+
+@PROPERTY
+@given(st.one_of(QUERY_TEXT, st.text(max_size=60).filter(lambda q: "#" not in q)))
+def test_the_go_query_parser_reads_what_aiohttp_reads(query_string: str) -> None:
+    """/go parses its query string itself: the same first values and the same repeated names as
+    aiohttp's request.query (a yarl MultiDict) on any query string."""
+    expected = yarl.URL.build(path="/go/x", query_string=query_string, encoded=True).query
+    values, repeated = parse_query(query_string)
+    assert values == {name: expected[name] for name in expected}
+    assert (repeated or set()) == {name for name in expected if len(expected.getall(name)) > 1}
 
 
 @given(MS)

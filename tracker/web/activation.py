@@ -3,6 +3,7 @@ write the session to Redis without waiting, redirect."""
 from __future__ import annotations
 
 import time
+from urllib.parse import unquote
 
 import structlog
 from aiohttp import web
@@ -20,6 +21,28 @@ MAX_DEVICE = 128
 MAX_UA = 512
 
 
+def parse_query(query_string: str) -> tuple[dict[str, str], set[str] | None]:
+    """Each name's first value, decoded as aiohttp's `request.query` decodes them (yarl: the same as
+    parse_qsl with blank values kept), and the names given more than once (None: none). Without
+    the MultiDict and the proxy around it; tests/test_properties.py checks it agrees with yarl."""
+    values: dict[str, str] = {}
+    repeated: set[str] | None = None
+    escaped = "%" in query_string
+    for field in (query_string if escaped else query_string.replace("+", " ")).split("&"):
+        if not field:
+            continue
+        name, _, value = field.partition("=")
+        if escaped:
+            name, value = unquote(name.replace("+", " ")), unquote(value.replace("+", " "))
+        if name in values:
+            if repeated is None:
+                repeated = set()
+            repeated.add(name)
+        else:
+            values[name] = value
+    return values, repeated
+
+
 def _printable(value: str) -> bool:
     return value.isprintable() and value.isascii()
 
@@ -30,7 +53,7 @@ async def activate(request: web.Request) -> web.Response:
 
 async def activate_in(app: web.Application, request: web.BaseRequest, slug: str) -> web.Response:
     started = time.perf_counter()
-    query = request.query
+    query, repeated = parse_query(request.rel_url.raw_query_string)
     user_id = app[keys.TOKENS].verify(query.get("u"))
     if user_id is None:
         raise Unauthorized("a valid signed user token is required in 'u'")
@@ -51,9 +74,9 @@ async def activate_in(app: web.Application, request: web.BaseRequest, slug: str)
     device = query.get("device")
     if device is not None and (len(device) > MAX_DEVICE or not device or not _printable(device)):
         raise BadRequest(f"device: at most {MAX_DEVICE} printable ASCII characters", code="bad_device")
-    if len(query) != len(set(query)):  # some name repeats: is it one of ours?
+    if repeated is not None:  # some name repeats: is it one of ours?
         for name in ("u", "src", "to", "device"):
-            if len(query.getall(name, ())) > 1:
+            if name in repeated:
                 raise BadRequest(f"{name} is given more than once", code="duplicate_parameter")
 
     settings = app[keys.SETTINGS]
