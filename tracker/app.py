@@ -17,7 +17,7 @@ from .settings import Settings, censor_dsn
 from .store.clicks import ClickWriter
 from .store.db import create_pool, ensure_near_partitions
 from .store.merchants import Catalog
-from .store.sessions import SessionStore
+from .store.sessions import SYNC_TIMEOUT, SessionStore
 from .store.signals import SignalWriter
 from .store.spool import Spool
 from .store.tasks import cancel_and_wait
@@ -51,7 +51,9 @@ async def _catalog(app: web.Application) -> AsyncIterator[None]:
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    client = aioredis.Redis.from_url(settings.redis_url or "", socket_timeout=1.0,
+    # Each call has its own, shorter, deadline (wait_for); the socket's is the longest of them, the
+    # batch call's (SessionStore.sync_timeout).
+    client = aioredis.Redis.from_url(settings.redis_url or "", socket_timeout=SYNC_TIMEOUT,
                                      socket_connect_timeout=1.0, health_check_interval=0)
     sessions = SessionStore(client, settings.redis_prefix)
     redis_up = await sessions.ping()

@@ -4,6 +4,11 @@ carries every session write and rate-limit count gathered meanwhile, so no reque
 Redis trouble never blocks a redirect: while Redis is down rate limits hold per worker only and
 session writes are dropped (counted in tracker_redis_fail_open_total, logged once per outage), and a
 probe brings it back. The overwrite detector falls back to PostgreSQL for the session then.
+
+A slow Redis is not a down one: the batch call may take up to SYNC_TIMEOUT (nothing waits for it but
+the next batch, which gathers meanwhile, up to MAX_PENDING sessions). Measured: on a saturated 2-core
+machine an EVAL of 1,000 sessions, ~3 ms when idle, took up to 1.6 s (Redis's own slowlog); with the
+0.5 s timeout of the request-path calls, such a stall dropped every session for a second or more.
 """
 from __future__ import annotations
 
@@ -20,6 +25,8 @@ from .. import metrics
 from .tasks import cancel_and_wait
 
 log = structlog.get_logger("tracker.redis")
+SYNC_TIMEOUT = 5.0
+MAX_PENDING = 100_000
 _SAVE_STATE = """
 local current = redis.call('GET', KEYS[1])
 if ARGV[3] == '0' and current and string.find(current, '"state":"converted"', 1, true) then
@@ -46,8 +53,9 @@ return totals
 
 
 class SessionStore:
-    def __init__(self, client: aioredis.Redis, prefix: str, timeout: float = 0.5) -> None:
-        self.client, self.prefix, self.timeout = client, prefix, timeout
+    def __init__(self, client: aioredis.Redis, prefix: str, timeout: float = 0.5,
+                 sync_timeout: float = SYNC_TIMEOUT) -> None:
+        self.client, self.prefix, self.timeout, self.sync_timeout = client, prefix, timeout, sync_timeout
         self.ok = True
         self._ops: list[tuple[str, bytes, int]] = []  # session writes: key, JSON, TTL
         self._window = 0
@@ -98,7 +106,7 @@ class SessionStore:
 
     def put_session(self, click_id: str, session: dict[str, Any], ttl: int) -> None:
         """Write the activation session without waiting for it."""
-        if not self.ok:
+        if not self.ok or len(self._ops) >= MAX_PENDING:
             metrics.REDIS_FAIL_OPEN.labels("session").inc()
             return
         self._ops.append((self.session_key(click_id), orjson.dumps(session), ttl))
@@ -144,6 +152,8 @@ class SessionStore:
 
     async def stop(self) -> None:
         await cancel_and_wait([self._task, self._probe])
+        if self.ok and (self._ops or self._local):  # the last interval's writes, if Redis takes them now
+            await self._sync_once(self.timeout)
         self._fail_pending()
 
     async def _run(self, sync_interval: float = 0.05) -> None:
@@ -152,36 +162,43 @@ class SessionStore:
                 self._wake.clear()
                 await self._wake.wait()
             if not self.ok:
-                self._ops.clear()
+                self._fail_pending()
                 await asyncio.sleep(sync_interval)
                 continue
-            ops, self._ops = self._ops, []
-            window, deltas, self._local = self._window, self._local, {}
-            # One script call carries the whole interval: every session write and every rate-limit
-            # count, each packed into one argument, so there is one string to build, one command to
-            # pack and one reply to parse instead of two or three per click.
-            sessions = b"\n".join(b"%s\t%d\t%s" % (key.encode(), ttl, body) for key, body, ttl in ops)
-            names = list(deltas)
-            counts = "\n".join(f"{self.prefix}rl:{name}:{window}\t{deltas[name]}" for name in names)
-            try:
-                totals = await asyncio.wait_for(self.client.eval(_SYNC, 0, sessions, counts), self.timeout)
-            except asyncio.CancelledError:
-                raise
-            except ResponseError as exc:
-                log.error("redis_sync_failed", error=str(exc)[:200], sessions=len(ops), counters=len(names))
-                totals = []
-            except Exception as exc:  # noqa: BLE001 - fail open
-                self._down(exc)
-                continue
-            if window == self._window:
-                for name, total in zip(names, totals):
-                    if isinstance(total, int):
-                        self._known[name] = total
+            await self._sync_once(self.sync_timeout)
             # Gather a little before the next round trip: one pipeline per interval, not per request.
             await asyncio.sleep(sync_interval)
 
+    async def _sync_once(self, timeout: float) -> None:
+        ops, self._ops = self._ops, []
+        window, deltas, self._local = self._window, self._local, {}
+        # One script call carries the whole interval: every session write and every rate-limit
+        # count, each packed into one argument, so there is one string to build, one command to
+        # pack and one reply to parse instead of two or three per click.
+        sessions = b"\n".join(b"%s\t%d\t%s" % (key.encode(), ttl, body) for key, body, ttl in ops)
+        names = list(deltas)
+        counts = "\n".join(f"{self.prefix}rl:{name}:{window}\t{deltas[name]}" for name in names)
+        try:
+            totals = await asyncio.wait_for(self.client.eval(_SYNC, 0, sessions, counts), timeout)
+        except asyncio.CancelledError:
+            raise
+        except ResponseError as exc:
+            log.error("redis_sync_failed", error=str(exc)[:200], sessions=len(ops), counters=len(names))
+            metrics.REDIS_FAIL_OPEN.labels("session").inc(len(ops))
+            return
+        except Exception as exc:  # noqa: BLE001 - fail open
+            metrics.REDIS_FAIL_OPEN.labels("session").inc(len(ops))
+            self._down(exc)
+            return
+        if window == self._window:
+            for name, total in zip(names, totals):
+                if isinstance(total, int):
+                    self._known[name] = total
+
     def _fail_pending(self) -> None:
-        self._ops.clear()
+        if self._ops:
+            metrics.REDIS_FAIL_OPEN.labels("session").inc(len(self._ops))
+            self._ops.clear()
 
     def _down(self, exc: BaseException) -> None:
         if self.ok:
