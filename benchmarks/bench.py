@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import asyncpg
+import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -111,6 +112,13 @@ def main() -> int:
     tenv = {**env, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET": SECRET, "TRACKER_LOG_FORMAT": "json",
             "TRACKER_RATE_LIMIT_IP": "1000000000", "TRACKER_RATE_LIMIT_USER": "100000",
             "TRACKER_REDIS_PREFIX": "trkbench:", "TRACKER_DATA_DIR": str(OUT / "data")}
+    # The benchmark's own Redis database, emptied before each /go run so that its sessions can be counted.
+    tenv["TRACKER_REDIS_URL"] = re.sub(r"(/\d*)?$", "/15", env["TRACKER_REDIS_URL"].split("?")[0], count=1)
+    bench_redis = redis.Redis.from_url(tenv["TRACKER_REDIS_URL"])
+
+    def count_sessions() -> int:
+        return sum(1 for _ in bench_redis.scan_iter(match="trkbench:s:*", count=10_000))
+
     tracker = [sys.executable, "-m", "tracker.cli"]
     subprocess.run([*tracker, "migrate"], env=tenv, check=True, stdout=subprocess.DEVNULL)
     subprocess.run([*tracker, "merchants", "sync", str(ROOT / "deploy/merchants.example.yaml")],
@@ -142,12 +150,13 @@ def main() -> int:
             proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/plain_app.py"), str(port), str(WORKERS),
                                      durability.removeprefix("floor-"), dsn], env=tenv, stdout=log, stderr=log)
         else:
+            bench_redis.flushdb()
             log = (OUT / f"tracker-{durability}.log").open("wb")
             proc = subprocess.Popen([*tracker, "serve", "--port", str(port), "--workers", str(WORKERS)],
                                     env={**tenv, "TRACKER_DURABILITY": durability}, stdout=log, stderr=log)
         try:
             wait_http(port, "/go/x" if floor else "/readyz")
-            wrk(port, script, wenv, 2)
+            warm = wrk(port, script, wenv, 2)
             time.sleep(1)
             before = asyncio.run(count_clicks(dsn))
             result = wrk(port, script, wenv)
@@ -156,7 +165,12 @@ def main() -> int:
             log.close()
         after = asyncio.run(count_clicks(dsn))
         ok = result["non_3xx"] == 0 and after - before >= result["requests"]
-        return result, f"{after - before} rows for {result['requests']} requests ({'ok' if ok else 'MISMATCH'})", ok
+        note = f"{after - before} rows for {result['requests']} requests ({'ok' if ok else 'MISMATCH'})"
+        if not floor:  # every 302 also left its session in Redis (none dropped by a slow Redis)
+            sessions, redirects = count_sessions(), int(warm["requests"] + result["requests"])
+            ok = ok and sessions >= redirects
+            note += f", {sessions} sessions for {redirects} redirects ({'ok' if sessions >= redirects else 'MISSING'})"
+        return result, note, ok
 
     # The ceiling moves between runs on a shared machine: it is measured before and after every round
     # of /go scenarios, and each scenario's ratio is to the mean of the two ceilings around it.
