@@ -1,5 +1,6 @@
 import pytest
 
+from tracker import keys
 from tracker.domain.clickid import new_click_id
 
 from .conftest import ADMIN, BROWSER
@@ -78,3 +79,19 @@ def test_tally_adds_up_exactly_like_direct_observation():
     assert registry.get_sample_value("tallied_total", {"k": "a"}) == 500
     tally.flush()  # idempotent when nothing new came
     assert registry.get_sample_value("tallied_total", {"k": "a"}) == 500
+
+
+async def test_a_started_app_keeps_its_startup_objects_out_of_the_gc(settings, aiohttp_client):
+    """Start-up ends with gc.freeze(): what was built by then (the app, its pools and writer) is out
+    of the collector's reach, so a full collection under load scans only what came after."""
+    import gc
+
+    from tracker.app import create_app
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    client = await aiohttp_client(create_app(settings))
+    writer = client.server.app[keys.WRITER]
+    assert gc.get_freeze_count() > 10_000
+    assert gc.is_tracked(writer)  # a GC object, but frozen: get_objects() lists only the collectable ones
+    assert not any(o is writer for o in gc.get_objects())
