@@ -4,8 +4,9 @@ Requests append a row to the open batch. Two flusher tasks, each with its own co
 batches. In `commit` mode a request awaits its batch's commit, so the next COPY starts the moment the
 previous one ends (group commit, no timer); the second flusher starts a batch beside it only when that
 COPY has run for COMMIT_LINGER (a slow commit) or when a full batch is waiting. In `async` mode a
-request does not wait, and a batch that is not full starts ASYNC_LINGER after the previous COPY did. A batch that PostgreSQL cannot take goes to the spool (fsynced, then acknowledged) and is
-replayed when PostgreSQL is back; rows PostgreSQL refuses are found by bisection and quarantined.
+request does not wait, and a batch that is not full starts ASYNC_LINGER after the previous COPY did.
+A batch that PostgreSQL cannot take goes to the spool (fsynced, then acknowledged) and is replayed
+when PostgreSQL is back; rows PostgreSQL refuses are found by bisection and quarantined.
 """
 from __future__ import annotations
 
