@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -101,6 +104,9 @@ def main() -> int:
             "TRACKER_RATE_LIMIT_IP": "1000000000", "TRACKER_RATE_LIMIT_USER": "100000",
             "TRACKER_REDIS_PREFIX": "trkbench:", "TRACKER_DATA_DIR": str(scratch / "data"),
             "TRACKER_DURABILITY": args.durability}
+    # The benchmark's own Redis database (as benchmarks/run), emptied before each run.
+    tenv["TRACKER_REDIS_URL"] = re.sub(r"(/\d*)?$", "/15", env["TRACKER_REDIS_URL"].split("?")[0], count=1)
+    bench_redis = redis.Redis.from_url(tenv["TRACKER_REDIS_URL"])
     subprocess.run([sys.executable, "-m", "tracker.cli", "migrate"], env=tenv, check=True, stdout=subprocess.DEVNULL)
     subprocess.run([sys.executable, "-m", "tracker.cli", "merchants", "sync",
                     str(ROOT / "deploy/merchants.example.yaml")], env=tenv, check=True, stdout=subprocess.DEVNULL)
@@ -112,6 +118,7 @@ def main() -> int:
     try:
         for i in range(args.rounds):
             for name in (("A", "B") if i % 2 == 0 else ("B", "A")):
+                bench_redis.flushdb()
                 r = run_once(trees[name], tenv, args.seconds, {"TOKENS_FILE": str(tokens)})
                 results[name].append(r)
                 print(f"round {i + 1} {name}: {r['rps']:,.0f} req/s  {r['cpu_us']:.1f} us CPU/redirect  "
