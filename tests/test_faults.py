@@ -512,3 +512,25 @@ async def test_a_slow_redis_delays_session_writes_but_does_not_drop_them(setting
         await hurried.stop()
         await client.aclose()
         await admin.aclose()
+
+
+async def test_stopping_during_a_slow_batch_still_writes_its_sessions(settings):
+    """A worker that stops (SIGTERM) while a batch call is waiting on Redis puts that batch's
+    sessions back and writes them in its last call, rather than losing them with the cancelled one."""
+    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    admin = aioredis.Redis.from_url(settings.redis_url)
+    store = SessionStore(client, settings.redis_prefix, timeout=2.0)
+    await store.start()
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", "500", "WRITE")
+        ids = [new_click_id()[0] for _ in range(5)]
+        for click_id in ids:
+            store.put_session(click_id, {"u": "stopping", "m": "nike"}, 600)
+        await asyncio.sleep(0.1)  # the batch call is now waiting for the pause to end
+        assert store._ops == []  # taken by the call in flight
+        await store.stop()  # cancels it; the last call waits out the pause and writes them
+        assert all(await client.mget([store.session_key(i) for i in ids]))
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await client.aclose()
+        await admin.aclose()

@@ -181,6 +181,9 @@ class SessionStore:
         try:
             totals = await asyncio.wait_for(self.client.eval(_SYNC, 0, sessions, counts), timeout)
         except asyncio.CancelledError:
+            # Stopping mid-call: the sessions go back for stop()'s last call (writing one twice is
+            # harmless); the counts are not sent again, so no hit is counted twice.
+            self._ops[:0] = ops
             raise
         except ResponseError as exc:
             log.error("redis_sync_failed", error=str(exc)[:200], sessions=len(ops), counters=len(names))
