@@ -6,6 +6,12 @@ for line in io.lines(os.getenv("TOKENS_FILE")) do tokens[#tokens + 1] = line end
 local i = 0
 wrk.headers["User-Agent"] = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/130.0 Safari/537.36"
 
+-- GO_DELAY_MS: each connection waits that long between its requests (a paced load below saturation).
+local think = tonumber(os.getenv("GO_DELAY_MS") or "0")
+if think > 0 then
+  delay = function() return think end
+end
+
 request = function()
   i = i + 1
   local t = tokens[(i % #tokens) + 1]
