@@ -280,7 +280,10 @@ async def test_redis_killed_under_load(stack: Stack) -> None:
     status, body = seen[0]
     assert status == 503 and body["redis"] == "down" and body["postgres"] == "up"
     status, body = observed[0]
-    assert status == 200 and body["state"] == "overwritten" and body["signals"][0]["network"] == "cj"
+    # (A 503 here was seen once in a full run and never reproduced: the message carries what the
+    # server logged about the dependency it found down.)
+    down = [line for line in (stack.data / "serve.log").read_text().splitlines() if "dependency_unavailable" in line]
+    assert status == 200 and body["state"] == "overwritten" and body["signals"][0]["network"] == "cj", (body, down)
     total, distinct = await wait_rows(stack.dsn, "fault-redis", len(load.ids))
     assert total == distinct == len(load.ids)
     async with aiohttp.ClientSession() as s:
