@@ -9,9 +9,7 @@ tree. Uses the servers of TRACKER_DATABASE_URL / TRACKER_REDIS_URL, else the emb
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -26,9 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
-
-from tracker.devstack import _servers  # noqa: E402
-from tracker.domain.tokens import UserTokens  # noqa: E402
 
 
 def tree_of(rev: str, scratch: Path) -> Path:
@@ -95,24 +90,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--durability", default="commit")
     args = parser.parse_args()
-    env = dict(os.environ)
-    env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
-    _servers(env)
-    dsn = asyncio.run(bench.prepare_db(env["TRACKER_DATABASE_URL"]))
     scratch = Path(tempfile.mkdtemp(prefix="tracker-ab-"))
-    tenv = {**env, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET": bench.SECRET, "TRACKER_LOG_FORMAT": "json",
-            "TRACKER_RATE_LIMIT_IP": "1000000000", "TRACKER_RATE_LIMIT_USER": "100000",
-            "TRACKER_REDIS_PREFIX": "trkbench:", "TRACKER_DATA_DIR": str(scratch / "data"),
-            "TRACKER_DURABILITY": args.durability}
-    # The benchmark's own Redis database (as benchmarks/run), emptied before each run.
-    tenv["TRACKER_REDIS_URL"] = re.sub(r"(/\d*)?$", "/15", env["TRACKER_REDIS_URL"].split("?")[0], count=1)
+    tenv, tokens, _ = bench.setup(scratch)
+    tenv["TRACKER_DURABILITY"] = args.durability
     bench_redis = redis.Redis.from_url(tenv["TRACKER_REDIS_URL"])
-    subprocess.run([sys.executable, "-m", "tracker.cli", "migrate"], env=tenv, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([sys.executable, "-m", "tracker.cli", "merchants", "sync",
-                    str(ROOT / "deploy/merchants.example.yaml")], env=tenv, check=True, stdout=subprocess.DEVNULL)
-    tokens = scratch / "tokens.txt"
-    signer = UserTokens(bench.SECRET)
-    tokens.write_text("\n".join(signer.mint(f"bench-{i}") for i in range(5000)) + "\n")
     trees = {"A": tree_of(args.a, scratch), "B": tree_of(args.b, scratch)}
     results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
     try:

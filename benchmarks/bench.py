@@ -30,6 +30,7 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1"))
 SECRET = "bench-secret-0123456789abcdef"
 BENCH_DB = "trk_bench"
 OUT = ROOT / "benchmarks" / "results"
+TRACKER = [sys.executable, "-m", "tracker.cli"]
 
 
 def free_port() -> int:
@@ -103,29 +104,38 @@ async def make_clicks(port: int, signer: UserTokens, n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> int:
+def setup(data_dir: Path) -> tuple[dict[str, str], Path, bool]:
+    """The servers (the variables' or the embedded ones), a fresh benchmark database, migrated and
+    with the example merchants, the benchmark's own Redis database (15), and 5,000 user tokens.
+    Returns tracker's environment, the tokens file and whether the servers are the embedded ones."""
     env = dict(os.environ)
     env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
     embedded_servers = _servers(env)
     dsn = asyncio.run(prepare_db(env["TRACKER_DATABASE_URL"]))
-    OUT.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(parents=True, exist_ok=True)
     tenv = {**env, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET": SECRET, "TRACKER_LOG_FORMAT": "json",
             "TRACKER_RATE_LIMIT_IP": "1000000000", "TRACKER_RATE_LIMIT_USER": "100000",
-            "TRACKER_REDIS_PREFIX": "trkbench:", "TRACKER_DATA_DIR": str(OUT / "data")}
-    # The benchmark's own Redis database, emptied before each /go run so that its sessions can be counted.
-    tenv["TRACKER_REDIS_URL"] = re.sub(r"(/\d*)?$", "/15", env["TRACKER_REDIS_URL"].split("?")[0], count=1)
+            "TRACKER_REDIS_PREFIX": "trkbench:", "TRACKER_DATA_DIR": str(data_dir / "data"),
+            # Its own Redis database, emptied before each run so that its sessions can be counted.
+            "TRACKER_REDIS_URL": re.sub(r"(/\d*)?$", "/15", env["TRACKER_REDIS_URL"].split("?")[0], count=1)}
+    subprocess.run([*TRACKER, "migrate"], env=tenv, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run([*TRACKER, "merchants", "sync", str(ROOT / "deploy/merchants.example.yaml")],
+                   env=tenv, check=True, stdout=subprocess.DEVNULL)
+    tokens_file = data_dir / "tokens.txt"
+    signer = UserTokens(SECRET)
+    tokens_file.write_text("\n".join(signer.mint(f"bench-{i}") for i in range(5000)) + "\n")
+    return tenv, tokens_file, embedded_servers
+
+
+def main() -> int:
+    tenv, tokens_file, embedded_servers = setup(OUT)
+    dsn = tenv["TRACKER_DATABASE_URL"]
     bench_redis = redis.Redis.from_url(tenv["TRACKER_REDIS_URL"])
+    signer = UserTokens(SECRET)
 
     def count_sessions() -> int:
         return sum(1 for _ in bench_redis.scan_iter(match="trkbench:s:*", count=10_000))
 
-    tracker = [sys.executable, "-m", "tracker.cli"]
-    subprocess.run([*tracker, "migrate"], env=tenv, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([*tracker, "merchants", "sync", str(ROOT / "deploy/merchants.example.yaml")],
-                   env=tenv, check=True, stdout=subprocess.DEVNULL)
-    tokens_file = OUT / "tokens.txt"
-    signer = UserTokens(SECRET)
-    tokens_file.write_text("\n".join(signer.mint(f"bench-{i}") for i in range(5000)) + "\n")
     script = str(ROOT / "benchmarks/go.lua")
     wenv = {"TOKENS_FILE": str(tokens_file)}
     rows: list[tuple[str, dict[str, float], str]] = []
@@ -152,7 +162,7 @@ def main() -> int:
         else:
             bench_redis.flushdb()
             log = (OUT / f"tracker-{durability}.log").open("wb")
-            proc = subprocess.Popen([*tracker, "serve", "--port", str(port), "--workers", str(WORKERS)],
+            proc = subprocess.Popen([*TRACKER, "serve", "--port", str(port), "--workers", str(WORKERS)],
                                     env={**tenv, "TRACKER_DURABILITY": durability}, stdout=log, stderr=log)
         try:
             wait_http(port, "/go/x" if floor else "/readyz")
@@ -209,7 +219,7 @@ def main() -> int:
     # Observe and postbacks, one worker: requests/s per worker.
     port = free_port()
     log = (OUT / "tracker-one.log").open("wb")
-    proc = subprocess.Popen([*tracker, "serve", "--port", str(port), "--workers", "1"],
+    proc = subprocess.Popen([*TRACKER, "serve", "--port", str(port), "--workers", "1"],
                             env={**tenv, "TRACKER_DURABILITY": "commit"}, stdout=log, stderr=log)
     try:
         wait_http(port, "/readyz")
@@ -231,10 +241,10 @@ def main() -> int:
         # PostgreSQL down: redirects go on from the spool; afterwards every 302 has its row.
         from tracker import embedded
 
-        root = Path(env["TRACKER_DATA_DIR"]) / "embedded"
+        root = Path(os.environ.get("TRACKER_DATA_DIR") or ROOT / ".data") / "embedded"
         port = free_port()
         log = (OUT / "tracker-pgdown.log").open("wb")
-        proc = subprocess.Popen([*tracker, "serve", "--port", str(port), "--workers", str(WORKERS)],
+        proc = subprocess.Popen([*TRACKER, "serve", "--port", str(port), "--workers", str(WORKERS)],
                                 env={**tenv, "TRACKER_DURABILITY": "commit"}, stdout=log, stderr=log)
         try:
             wait_http(port, "/readyz")

@@ -8,9 +8,7 @@ samples of the worker; the raw collapsed stacks are left in benchmarks/results/p
 from __future__ import annotations
 
 import argparse
-import asyncio
 import collections
-import os
 import subprocess
 import sys
 import threading
@@ -23,9 +21,6 @@ sys.path.insert(0, str(ROOT))
 import ab  # noqa: E402
 import bench  # noqa: E402
 
-from tracker.devstack import _servers  # noqa: E402
-from tracker.domain.tokens import UserTokens  # noqa: E402
-
 
 def main() -> int:
     parser = argparse.ArgumentParser()
@@ -33,22 +28,9 @@ def main() -> int:
     parser.add_argument("--durability", default="commit")
     parser.add_argument("--top", type=int, default=40)
     args = parser.parse_args()
-    env = dict(os.environ)
-    env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
-    _servers(env)
-    dsn = asyncio.run(bench.prepare_db(env["TRACKER_DATABASE_URL"]))
-    bench.OUT.mkdir(parents=True, exist_ok=True)
-    tenv = {**env, "TRACKER_DATABASE_URL": dsn, "TRACKER_SECRET": bench.SECRET, "TRACKER_LOG_FORMAT": "json",
-            "TRACKER_RATE_LIMIT_IP": "1000000000", "TRACKER_RATE_LIMIT_USER": "100000",
-            "TRACKER_REDIS_PREFIX": "trkbench:", "TRACKER_DATA_DIR": str(bench.OUT / "data"),
-            "TRACKER_DURABILITY": args.durability}
-    tracker = [sys.executable, "-m", "tracker.cli"]
-    subprocess.run([*tracker, "migrate"], env=tenv, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([*tracker, "merchants", "sync", str(ROOT / "deploy/merchants.example.yaml")],
-                   env=tenv, check=True, stdout=subprocess.DEVNULL)
-    tokens = bench.OUT / "tokens.txt"
-    signer = UserTokens(bench.SECRET)
-    tokens.write_text("\n".join(signer.mint(f"bench-{i}") for i in range(5000)) + "\n")
+    tenv, tokens, _ = bench.setup(bench.OUT)
+    tenv["TRACKER_DURABILITY"] = args.durability
+    tracker = bench.TRACKER
     wenv = {"TOKENS_FILE": str(tokens)}
     port = bench.free_port()
     proc = subprocess.Popen([*tracker, "serve", "--port", str(port), "--workers", "2"], env=tenv,
