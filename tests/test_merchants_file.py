@@ -20,7 +20,7 @@ def parse(doc):
 
 
 def test_the_test_and_demo_files_validate():
-    assert {m.slug for m in parse(GOOD).merchants} == {"aliexpress", "nike", "asos", "shop"}
+    assert {m.slug for m in parse(GOOD).merchants} == {"aliexpress", "nike", "asos", "shop", "aliexpress-epn"}
     demo = yaml.safe_load((HERE.parent / "deploy/merchants.example.yaml").read_text())
     assert parse(demo).merchants
 
@@ -118,7 +118,7 @@ async def test_sync_reports_changes_and_is_idempotent(db):
     parsed = load_merchants()
     report = await sync(db, parsed)
     assert report["added"] == [] and report["changed"] == []
-    assert sorted(report["unchanged"]) == ["aliexpress", "asos", "nike", "shop"]
+    assert sorted(report["unchanged"]) == ["aliexpress", "aliexpress-epn", "asos", "nike", "shop"]
     merchants, networks = await load(db)
     assert merchants["aliexpress"].user_share == parsed.merchants[0].user_share
     assert set(networks) == {"admitad", "impact", "epn", "awin", "generic"}

@@ -175,7 +175,7 @@ async def test_racing_pending_and_approved_end_approved(client, tokens, db):
 
 
 async def test_epn_form_post_and_awin_get_and_generic(client, tokens, db):
-    cid = await activate(client, tokens, "p-user-6")
+    cid = await activate(client, tokens, "p-user-6", "aliexpress-epn")
     resp = await client.post("/postback/epn", data={
         "token": "test-epn-token", "click_id": cid, "order_number": "EPN-1", "order_status": "completed",
         "revenue": "20.00", "commission_fee": "2.00", "currency": "USD"})

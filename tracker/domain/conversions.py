@@ -10,11 +10,21 @@ from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Mapping
 
+from .clickid import is_click_id
 from .profiles import Profile
 
 MAX_ID = 128
 MAX_AMOUNT = Decimal("1e12")  # more than any real order; anything above is a broken macro
-_DECIMAL = re.compile(r"[+]?\d{1,13}(\.\d{1,8})?")
+# Money is ASCII digits with at most one dot: `\d` would also take other scripts' digits (١٢ is 12 to
+# Decimal), and a sign or an exponent is never what a network meant.
+_DECIMAL = re.compile(r"[0-9]{1,13}(\.[0-9]{1,8})?")
+_UNIX_TIME = re.compile(r"[0-9]{9,13}(\.[0-9]{1,6})?")
+_ISO_DAY_SPACE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]")
+# An order time outside these bounds is a broken macro, not an order; PostgreSQL could not even
+# store some of what datetime parses (9999-12-31T23:59:59-14:00 is past year 9999 in UTC).
+EARLIEST_ORDER = datetime(2000, 1, 1, tzinfo=timezone.utc)
+LATEST_ORDER = datetime(2100, 1, 1, tzinfo=timezone.utc)
+_SPACE = " \t\r\n"  # only ASCII blanks are trimmed: "12\u00a0" is not a number a network sent
 _CURRENCY = re.compile(r"[A-Za-z]{3}")
 # ISO 4217 currencies whose minor unit is not 2 digits.
 _MINOR_UNITS = {"BIF": 0, "CLP": 0, "DJF": 0, "GNF": 0, "ISK": 0, "JPY": 0, "KMF": 0, "KRW": 0,
@@ -45,8 +55,8 @@ class Postback:
 def _field(params: Mapping[str, str], names: tuple[str, ...]) -> str | None:
     for name in names:
         value = params.get(name)
-        if value is not None and value.strip() != "":
-            return value.strip()
+        if value is not None and value.strip(_SPACE) != "":
+            return value.strip(_SPACE)
     return None
 
 
@@ -63,20 +73,30 @@ def parse_money(raw: str, name: str) -> Decimal:
 
 
 def parse_time(raw: str, fmt: str) -> datetime:
-    if fmt in ("unix", "auto") and re.fullmatch(r"\d{9,13}(\.\d+)?", raw):
+    """An order time (unix seconds or milliseconds, or ISO 8601) between EARLIEST_ORDER and
+    LATEST_ORDER."""
+    parsed: datetime | None = None
+    if not raw.isascii():
+        pass
+    elif fmt in ("unix", "auto") and _UNIX_TIME.fullmatch(raw):
         seconds = float(raw)
         if seconds > 1e11:  # milliseconds
             seconds /= 1000
-        return datetime.fromtimestamp(seconds, tz=timezone.utc)
-    if fmt in ("iso8601", "auto"):
-        text = raw.replace(" ", "T", 1) if re.match(r"\d{4}-\d\d-\d\d \d", raw) else raw
+        parsed = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    elif fmt in ("iso8601", "auto"):
+        text = raw.replace(" ", "T", 1) if _ISO_DAY_SPACE_TIME.match(raw) else raw
         try:
             parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
             pass
         else:
-            return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
-    raise MalformedPostback(f"order_time: {raw[:40]!r} is not a {fmt} time")
+            parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    if parsed is None:
+        raise MalformedPostback(f"order_time: {raw[:40]!r} is not a {fmt} time")
+    # Compared in UTC: the aware comparison never overflows, whatever the offset.
+    if not EARLIEST_ORDER <= parsed < LATEST_ORDER:
+        raise MalformedPostback(f"order_time: {raw[:40]!r} is out of range (years 2000 to 2099)")
+    return parsed
 
 
 def read_postback(params: Mapping[str, str], profile: Profile, default_currency: str = "USD") -> Postback:
@@ -110,6 +130,24 @@ def read_postback(params: Mapping[str, str], profile: Profile, default_currency:
                     currency=currency, order_time=order_time)
 
 
+def orphan_reason(click_id: str | None, found: bool, bot: bool, merchant_network: str | None,
+                  network: str) -> str | None:
+    """Why a postback cannot be attributed to the click it names, or None when it can. A network's
+    credentials speak for that network's orders only: a click whose merchant reports through
+    another network (or whose merchant is gone) is never theirs to convert."""
+    if not click_id:
+        return "no_click_id"
+    if not is_click_id(click_id):
+        return "malformed_click_id"
+    if not found:
+        return "unknown_click"
+    if bot:
+        return "bot_click"
+    if merchant_network != network:
+        return "wrong_network"
+    return None
+
+
 def minor_unit(currency: str) -> int:
     return _MINOR_UNITS.get(currency.upper(), 2)
 
@@ -130,6 +168,42 @@ def transition(current: str, new: str) -> str:
     if (current, new) in FORWARD:
         return "forward"
     return "ignored"
+
+
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """What a conversion says now: the values a postback may change."""
+    status: str
+    amount: Decimal | None
+    commission: Decimal
+    currency: str
+
+
+def settle(current: Terms, pb: Postback) -> str:
+    """What a postback about a known order does to it:
+
+    - `moved`: a forward status move, with the postback's amounts;
+    - `corrected`: same status, new amounts, while the order is pending (nothing is owed yet, and
+      networks fix commissions before they confirm);
+    - `adjusted`: same status after approval, commission and amount only lowered (a partial return);
+    - `refused`: same status after approval with a higher commission or amount, another currency,
+      or any change to a declined or reversed order: money owed never grows without a status move;
+    - `duplicate`: nothing new; `ignored`: a backward or sideways status (a late pending).
+    Whatever it is, the postback is kept in the history with the values it met."""
+    move = transition(current.status, pb.status)
+    if move == "ignored":
+        return "ignored"
+    if move == "forward":
+        return "moved"
+    new_amount = current.amount if pb.amount is None else pb.amount
+    if (pb.commission, new_amount, pb.currency) == (current.commission, current.amount, current.currency):
+        return "duplicate"
+    if current.status == "pending":
+        return "corrected"
+    lowered = (current.status == "approved" and pb.currency == current.currency
+               and pb.commission <= current.commission
+               and (pb.amount is None or current.amount is None or pb.amount <= current.amount))
+    return "adjusted" if lowered else "refused"
 
 
 def money(value: Decimal | None, currency: str | None = None) -> str | None:

@@ -14,13 +14,13 @@ import asyncpg
 import orjson
 
 from ..domain.clickid import click_time, is_click_id
-from ..domain.conversions import Postback, cashback, transition
+from ..domain.conversions import Postback, Terms, cashback, orphan_reason, settle
 from ..domain.merchants import Merchant
 
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
-    outcome: str  # accepted | duplicate | orphan
+    outcome: str  # accepted | duplicate | orphan | adjustment_refused
     conversion_id: int | None = None
     merchant: str | None = None
     status: str | None = None  # the conversion's status after this postback
@@ -28,6 +28,7 @@ class Recorded:
     click_id: str | None = None
     user_id: str | None = None
     reason: str | None = None
+    previous: Terms | None = None  # the conversion as this postback found it
 
 
 async def find_click(conn: asyncpg.Connection, click_id: str | None) -> asyncpg.Record | None:
@@ -43,18 +44,14 @@ async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, 
     raw_json = orjson.dumps(raw).decode()
     async with conn.transaction():
         click = await find_click(conn, pb.click_id)
-        if click is None or click["bot"]:
-            if not pb.click_id:
-                reason = "no_click_id"
-            elif not is_click_id(pb.click_id):
-                reason = "malformed_click_id"
-            else:
-                reason = "unknown_click" if click is None else "bot_click"
+        merchant = merchants(click["merchant"]) if click is not None else None
+        reason = orphan_reason(pb.click_id, click is not None, bool(click and click["bot"]),
+                               merchant.network if merchant else None, network)
+        if reason is not None or click is None:
             await conn.execute(
                 "INSERT INTO orphan_postbacks (network, order_id, click_id, reason, raw) "
                 "VALUES ($1, $2, $3, $4, $5::jsonb)", network, pb.order_id, pb.click_id, reason, raw_json)
             return Recorded("orphan", click_id=pb.click_id, reason=reason)
-        merchant = merchants(click["merchant"])
         share = merchant.user_share if merchant else Decimal(0)
         owed = cashback(pb.commission, share, pb.currency, pb.status)
         conversion_id = await conn.fetchval(
@@ -70,12 +67,16 @@ async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, 
                               click["click_id"], click["user_id"])
         else:
             result = await _update(conn, network, pb)
+        before = result.previous
         await conn.execute(
             "INSERT INTO postback_history (conversion_id, network, order_id, click_id, outcome, status, "
-            "status_word, amount, commission, currency, order_time, raw) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb)",
+            "status_word, amount, commission, currency, order_time, raw, previous_status, previous_amount, "
+            "previous_commission, previous_currency) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15, $16)",
             result.conversion_id, network, pb.order_id, pb.click_id, result.outcome, pb.status,
-            pb.status_word, pb.amount, pb.commission, pb.currency, pb.order_time, raw_json)
+            pb.status_word, pb.amount, pb.commission, pb.currency, pb.order_time, raw_json,
+            before.status if before else None, before.amount if before else None,
+            before.commission if before else None, before.currency if before else None)
         if result.conversion_id is not None:
             conv_click = result.click_id or click["click_id"]
             await conn.execute(
@@ -90,22 +91,21 @@ async def _update(conn: asyncpg.Connection, network: str, pb: Postback) -> Recor
     row = await conn.fetchrow(
         "SELECT id, status, amount, commission, currency, user_share, merchant, click_id, user_id "
         "FROM conversions WHERE network = $1 AND order_id = $2 FOR UPDATE", network, pb.order_id)
-    move = transition(row["status"], pb.status)
+    current = Terms(row["status"], row["amount"], row["commission"], row["currency"].strip())
     base = dict(conversion_id=row["id"], merchant=row["merchant"], click_id=row["click_id"],
-                user_id=row["user_id"])
-    if move == "ignored":
+                user_id=row["user_id"], previous=current)
+    effect = settle(current, pb)
+    if effect in ("ignored", "duplicate"):
         return Recorded("duplicate", status=row["status"], **base)
-    corrected = (pb.commission != row["commission"] or pb.currency != row["currency"].strip()
-                 or (pb.amount is not None and pb.amount != row["amount"]))
-    if move == "same" and not corrected:
-        return Recorded("duplicate", status=row["status"], **base)
+    if effect == "refused":
+        return Recorded("adjustment_refused", status=row["status"], **base)
     owed = cashback(pb.commission, row["user_share"], pb.currency, pb.status)
     await conn.execute(
         "UPDATE conversions SET status = $2, status_word = $3, amount = COALESCE($4, amount), "
         "commission = $5, currency = $6, cashback = $7, order_time = COALESCE($8, order_time), "
         "updated_at = now() WHERE id = $1",
         row["id"], pb.status, pb.status_word, pb.amount, pb.commission, pb.currency, owed, pb.order_time)
-    return Recorded("accepted", status=pb.status, status_changed=move == "forward", **base)
+    return Recorded("accepted", status=pb.status, status_changed=effect == "moved", **base)
 
 
 async def conversions_for_click(conn: asyncpg.Pool | asyncpg.Connection, click_id: str) -> list[dict[str, Any]]:
@@ -115,7 +115,8 @@ async def conversions_for_click(conn: asyncpg.Pool | asyncpg.Connection, click_i
         click_id)
     history = await conn.fetch(
         "SELECT conversion_id, outcome, status, status_word, amount, commission, currency, order_time, "
-        "raw, received_at FROM postback_history WHERE conversion_id = ANY($1::bigint[]) ORDER BY id",
+        "raw, received_at, previous_status, previous_amount, previous_commission, previous_currency "
+        "FROM postback_history WHERE conversion_id = ANY($1::bigint[]) ORDER BY id",
         [r["id"] for r in rows])
     out = []
     for r in rows:
@@ -144,8 +145,10 @@ async def reconcile(conn: asyncpg.Connection, read: Callable[[str, dict[str, Any
         if pb is None:
             continue
         click = await find_click(conn, pb.click_id)
-        if click is None or click["bot"]:
-            continue
+        merchant = merchants(click["merchant"]) if click is not None else None
+        if orphan_reason(pb.click_id, click is not None, bool(click and click["bot"]),
+                         merchant.network if merchant else None, orphan["network"]) is not None:
+            continue  # still not attributable: left open, not recorded again
         async with conn.transaction():
             locked = await conn.fetchval(
                 "SELECT id FROM orphan_postbacks WHERE id = $1 AND reconciled_at IS NULL FOR UPDATE SKIP LOCKED",

@@ -1,4 +1,10 @@
-"""GET|POST /postback/{network}: authenticate, read through the network's profile, record."""
+"""GET|POST /postback/{network}: authenticate, read through the network's profile, record.
+
+What authenticates a postback is exactly what is read from it: a signed GET is read from the raw
+query string it was signed over, a signed POST from its body only (a query beside it is refused),
+and a message that is empty is never taken as signed. Every parameter has one meaning: a name given
+twice, in any case or in both the query and the body, is refused rather than resolved.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -14,6 +20,7 @@ from .. import keys, metrics
 from ..domain.conversions import MalformedPostback, Postback, read_postback
 from ..domain.networks import Network
 from ..domain.profiles import profiles
+from ..domain.text import has_control
 from ..errors import BadRequest, DomainError, Forbidden, NotFound
 from ..store.conversions import record_postback
 from .common import client_ip, json_object, read_body
@@ -33,37 +40,58 @@ def _pairs(text: str) -> list[tuple[str, str]]:
         raise BadRequest("too many parameters", code="malformed") from None
 
 
-async def _params(request: web.Request) -> tuple[dict[str, str], bytes]:
-    """All parameters (query, then form or JSON body) and the raw bytes a signature covers."""
-    raw_query = request.rel_url.raw_query_string.encode()
-    pairs = _pairs(request.rel_url.raw_query_string) if raw_query else []
-    signed = raw_query
-    if request.method == "POST":
-        body = await read_body(request, MAX_BODY)
-        signed = body
-        if request.content_type == "application/json":
-            doc = json_object(body)
-            for key, value in doc.items():
-                if isinstance(value, (dict, list)):
-                    raise BadRequest(f"{key[:40]}: nested values are not allowed", code="malformed")
-                pairs.append((key, "" if value is None else str(value).lower() if isinstance(value, bool)
-                              else str(value)))
-        elif body:
-            try:
-                pairs += _pairs(body.decode("utf-8"))
-            except UnicodeDecodeError:
-                raise BadRequest("the body is not UTF-8", code="malformed") from None
+def _body_pairs(request: web.Request, body: bytes) -> list[tuple[str, str]]:
+    if request.content_type == "application/json":
+        pairs = []
+        for key, value in json_object(body).items():
+            if isinstance(value, (dict, list)):
+                raise BadRequest(f"{key[:40]}: nested values are not allowed", code="malformed")
+            pairs.append((key, "" if value is None else str(value).lower() if isinstance(value, bool)
+                          else str(value)))
+        return pairs
+    if not body:
+        return []
+    try:
+        return _pairs(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not UTF-8", code="malformed") from None
+
+
+async def _message(request: web.Request, network: Network) -> tuple[str, bytes | None]:
+    """The raw query string and, for a POST, the body: what a signature covers and what the
+    parameters are read from."""
+    # The request target as it came off the wire, not a re-quoted form of it: the signature was
+    # computed over these bytes, and the parameters are read from the same bytes.
+    query = request.raw_path.partition("?")[2]
+    if request.method != "POST":
+        return query, None
+    body = await read_body(request, MAX_BODY)
+    if network.hmac_secret is not None and query:
+        raise Forbidden("a signed postback carries its parameters in the signed body, not in the query")
+    return query, body
+
+
+def _one_meaning(pairs: list[tuple[str, str]]) -> tuple[dict[str, str], dict[str, str]]:
+    """(parameters by lower-cased name, parameters as sent): each name once, whatever its case."""
     if len(pairs) > MAX_FIELDS:
         raise BadRequest("too many parameters", code="malformed")
     params: dict[str, str] = {}
+    sent: dict[str, str] = {}
     for key, value in pairs:
-        if len(key) > 64 or len(value) > MAX_VALUE or "\x00" in key or "\x00" in value:
-            raise BadRequest(f"parameter {key[:40]!r} is oversized or has NUL bytes", code="malformed")
-        params.setdefault(key, value)
-    return params, signed
+        if len(key) > 64 or len(value) > MAX_VALUE:
+            raise BadRequest(f"parameter {key[:40]!r} is oversized", code="malformed")
+        if has_control(key) or has_control(value):
+            raise BadRequest(f"parameter {key[:40]!r} has control characters", code="malformed")
+        name = key.lower()
+        if name in params:
+            raise BadRequest(f"parameter {key[:40]!r} is given more than once", code="duplicate_parameter")
+        params[name] = value
+        sent[key] = value
+    return params, sent
 
 
-def _authenticate(request: web.Request, network: Network, params: dict[str, str], signed: bytes) -> None:
+def _authenticate(request: web.Request, network: Network, signed: bytes,
+                  pairs: list[tuple[str, str]]) -> None:
     if network.allow_ips:
         peer = client_ip(request, request.app[keys.SETTINGS].trusted_proxies)
         try:
@@ -72,16 +100,18 @@ def _authenticate(request: web.Request, network: Network, params: dict[str, str]
             raise Forbidden("the sender's address is not allowed") from None
         if not any(addr in ipaddress.ip_network(cidr) for cidr in network.allow_ips):
             raise Forbidden("the sender's address is not allowed")
-    if network.token is not None:
-        given = params.get("token", "")
-        if not hmac.compare_digest(given.encode(), network.token.encode()):
-            raise Forbidden("the token is missing or wrong")
     if network.hmac_secret is not None:
+        if not signed:
+            raise Forbidden("an empty postback is not signed")
         given = request.headers.get("X-Signature", "").strip().lower()
         given = given.removeprefix("sha256=")
         expected = hmac.new(network.hmac_secret.encode(), signed, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise Forbidden("the X-Signature header is missing or does not match")
+    if network.token is not None:
+        given_tokens = [value for key, value in pairs if key.lower() in SECRET_PARAMS]
+        if len(given_tokens) != 1 or not hmac.compare_digest(given_tokens[0].encode(), network.token.encode()):
+            raise Forbidden("the token is missing, wrong or given more than once")
 
 
 def read_raw(network: Network, raw: dict[str, Any]) -> Postback | None:
@@ -99,8 +129,13 @@ async def postback(request: web.Request) -> web.Response:
     if network is None:
         raise NotFound("no such network")
     try:
-        params, signed = await _params(request)
-        _authenticate(request, network, params, signed)
+        query, body = await _message(request, network)
+        signed = query.encode() if body is None else body
+        pairs = _pairs(query) if query else []
+        if body is not None:
+            pairs += _body_pairs(request, body)
+        _authenticate(request, network, signed, pairs)
+        params, sent = _one_meaning(pairs)
     except Forbidden:
         metrics.postbacks(name, "rejected_auth").inc()
         log.warning("postback_refused", network=name, outcome="rejected_auth")
@@ -108,9 +143,9 @@ async def postback(request: web.Request) -> web.Response:
     except DomainError:
         metrics.postbacks(name, "malformed").inc()
         raise
-    raw = {k: v for k, v in params.items() if k.lower() not in SECRET_PARAMS}
+    raw = {k: v for k, v in sent.items() if k.lower() not in SECRET_PARAMS}
     try:
-        pb = read_postback({k.lower(): v for k, v in params.items()}, profiles()[network.profile])
+        pb = read_postback(params, profiles()[network.profile])
     except MalformedPostback as exc:
         metrics.postbacks(name, "malformed").inc()
         log.info("postback_malformed", network=name, reason=str(exc))

@@ -35,6 +35,10 @@ def _conversion(row: dict[str, Any]) -> dict[str, Any]:
             "amount": money(h["amount"], cur), "commission": money(h["commission"], cur),
             "currency": (h["currency"] or "").strip() or None, "order_time": _iso(h["order_time"]),
             "received_at": _iso(h["received_at"]),
+            "previous": None if h["previous_status"] is None else {
+                "status": h["previous_status"], "amount": money(h["previous_amount"], cur),
+                "commission": money(h["previous_commission"], cur),
+                "currency": (h["previous_currency"] or "").strip() or None},
             "raw": h["raw"] if isinstance(h["raw"], dict) else orjson.loads(h["raw"]),
         } for h in row["history"]],
     }
