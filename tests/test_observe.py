@@ -179,3 +179,64 @@ async def test_event_stream_ignores_a_nonsense_heartbeat(client, tokens):
         [first] = await read_events(stream, 1)
         assert first[1]["state"] == "active"
         stream.close()
+
+
+async def _stored(db, sql, *args, attempts=100):
+    """A query's value once the batched signal writer has written it (None if it never did)."""
+    for _ in range(attempts):
+        value = await db.fetchval(sql, *args)
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    return None
+
+
+async def test_a_nul_in_a_promo_code_is_refused_and_stops_nobody(client, tokens, db):
+    attacker, _ = await activate(client, tokens, "nul-attacker")
+    resp = await observe(client, tokens, "nul-attacker", attacker, [{"type": "promo_code", "code": "X\u0000Y"}])
+    assert resp.status == 400 and (await resp.json())["error"] == "bad_event"
+    for field, event in (("device", {"type": "checkout", "device": "d\u0000"}),
+                         ("store_id", {"type": "checkout", "store_id": "1\u001b2"}),
+                         ("code", {"type": "promo_code", "code": "SAVE\u000710"})):
+        resp = await observe(client, tokens, "nul-attacker", attacker, [event])
+        assert resp.status == 400 and field in (await resp.json())["message"]
+    # Another shopper's overwrite is still stored, signal and state.
+    victim, _ = await activate(client, tokens, "nul-victim")
+    resp = await observe(client, tokens, "nul-victim", victim, [{"type": "promo_code", "code": "COUPONSITE"}])
+    assert (await resp.json())["state"] == "overwritten"
+    assert await _stored(db, "SELECT kind FROM signals WHERE click_id = $1", victim) == "foreign_promo_code"
+    assert await _stored(db, "SELECT state FROM click_states WHERE click_id = $1", victim) == "overwritten"
+    assert await db.fetchval("SELECT count(*) FROM signals WHERE click_id = $1", attacker) == 0
+
+
+async def test_control_characters_decoded_from_a_url_are_kept_as_evidence_without_them(client, tokens, db):
+    cid, location = await activate(client, tokens, "nul-user-2")
+    resp = await observe(client, tokens, "nul-user-2", cid, [
+        {"type": "navigation", "url": location},
+        {"type": "navigation", "url": "https://aliexpress.ru/item/1.html?admitad_uid=ours%00%01"},
+        {"type": "navigation", "url": "https://aliexpress.ru/?cjevent=th%00eirs&ulp=https%3A%2F%2Fx.com%2F%00"}])
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["state"] == "overwritten"
+    [signal] = [s for s in body["signals"] if s["network"] == "cj"]
+    assert signal["evidence"]["value"] == "th\ufffdeirs"
+    evidence = await _stored(db, "SELECT evidence::text FROM signals WHERE click_id = $1 AND network = 'cj'", cid)
+    assert evidence is not None and "\\u0000" not in evidence
+    detector = await _stored(db, "SELECT detector::text FROM click_states WHERE click_id = $1", cid)
+    assert detector is not None and "ours\ufffd\ufffd" in detector
+    # A URL with raw control characters is garbled, not a page: ignored, as any unparseable URL.
+    resp = await observe(client, tokens, "nul-user-2", cid, [
+        {"type": "navigation", "url": "https://aliexpress.ru/?awc=1\u0000"}])
+    assert resp.status == 200 and (await resp.json())["signals"] == []
+
+
+async def test_deeply_nested_values_are_a_400(client, tokens):
+    cid, _ = await activate(client, tokens, "deep-user")
+    for depth in (20, 990, 1100):
+        body = b'{"click_id": "%s", "events": [{"type": %s}]}' % (cid.encode(), b"[" * depth + b"]" * depth)
+        resp = await client.post("/v1/observe", data=body, headers={**auth(tokens, "deep-user"),
+                                                                     "Content-Type": "application/json"})
+        assert resp.status == 400 and (await resp.json())["error"] == "malformed", depth
+    for kind in (["navigation"], {"a": 1}, 7, None, "nav\u0000"):
+        resp = await observe(client, tokens, "deep-user", cid, [{"type": kind, "url": "https://aliexpress.ru/"}])
+        assert resp.status == 400 and (await resp.json())["error"] == "bad_event", kind

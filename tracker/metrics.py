@@ -26,6 +26,8 @@ SPOOL_PENDING = Gauge("tracker_spool_pending_clicks", "Clicks in the local spool
 SPOOLED = Counter("tracker_spooled_clicks_total", "Clicks appended to the local spool")
 REPLAYED = Counter("tracker_replayed_clicks_total", "Spooled clicks replayed into PostgreSQL")
 QUARANTINED = Counter("tracker_quarantined_clicks_total", "Clicks PostgreSQL refused, kept with the reason")
+QUARANTINED_SIGNALS = Counter("tracker_quarantined_signals_total",
+                              "Signals and click states PostgreSQL refused, kept with the reason")
 WRITER_BATCH = Histogram("tracker_writer_batch_size", "Clicks per committed batch",
                          buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000))
 WRITER_FLUSH_SECONDS = Histogram("tracker_writer_flush_seconds", "Time to COPY and commit one batch",

@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from .catalog import AffiliateCatalog, Hit, host_of
 from .merchants import Merchant
 from .targets import host_allowed
+from .text import has_control, without_control
 
 DEFINITIVE = frozenset(("foreign_affiliate_param", "foreign_redirect_host", "foreign_promo_code"))
 _STORE_PATH = re.compile(r"/store/(\d{1,20})")
@@ -89,14 +90,28 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def event_type(event: dict[str, Any]) -> str:
+    """The event's type, for messages: only ever a short plain string (a client can nest anything
+    there, and turning a deeply nested value into text recurses without bound)."""
+    kind = event.get("type")
+    return kind[:20] if isinstance(kind, str) and not has_control(kind) else "event"
+
+
 def check_field_types(event: dict[str, Any]) -> None:
+    kind = event.get("type")
+    if not isinstance(kind, str) or has_control(kind):
+        raise BadEvent("type must be text")
     for name, types in _FIELD_TYPES.items():
         value = event.get(name)
         if value is not None and (not isinstance(value, types) or isinstance(value, bool)):
-            raise BadEvent(f"{str(event.get('type'))[:20]}: {name} has the wrong type")
+            raise BadEvent(f"{event_type(event)}: {name} has the wrong type")
+        # What a shopper typed or a device reported never holds control characters, and PostgreSQL
+        # could not store a NUL: refused here rather than stopping the signal writer later.
+        if isinstance(value, str) and name != "at" and has_control(value):
+            raise BadEvent(f"{event_type(event)}: {name} has control characters")
     items = event.get("basket_items_before_activation")
     if items is not None and not 0 <= items <= MAX_BASKET:
-        raise BadEvent(f"{str(event.get('type'))[:20]}: basket_items_before_activation must be a count")
+        raise BadEvent(f"{event_type(event)}: basket_items_before_activation must be a count")
 
 
 def parse_at(raw: Any, created_ms: int, now_ms: int) -> int:
@@ -147,7 +162,7 @@ class Detector:
             elif kind == "checkout":
                 found = self._checkout(ctx, event)
             else:
-                raise BadEvent(f"unknown event type {str(kind)[:20]!r}")
+                raise BadEvent(f"unknown event type {event_type(event)!r}")
             for sig_kind, network, evidence in found:
                 signals.append(self._signal(sig_kind, network, evidence, at, late))
                 if not late and sig_kind in DEFINITIVE and state.state == "active":
@@ -159,11 +174,14 @@ class Detector:
 
     @staticmethod
     def _signal(kind: str, network: str | None, evidence: dict[str, Any], at: int, late: bool) -> dict[str, Any]:
+        # Evidence quotes decoded URL values (a parameter's value, a nested URL): kept, but with
+        # any control character replaced, so that what is stored is what PostgreSQL can store.
+        evidence = {k: without_control(v) if isinstance(v, str) else v for k, v in evidence.items()}
         return {"kind": kind, "network": network, "evidence": evidence, "at": at, "late": late}
 
     def _navigation(self, ctx: ClickContext, state: SessionState, url: Any) -> list[tuple[str, str | None, dict[str, Any]]]:
-        if not isinstance(url, str) or len(url) > 8192:
-            return []
+        if not isinstance(url, str) or len(url) > 8192 or has_control(url):
+            return []  # browsers report URLs percent-encoded: one with raw control characters is garbled
         host = host_of(url)
         if host is None:
             return []  # a URL that does not parse is ignored, not refused
@@ -202,16 +220,16 @@ class Detector:
                 continue
             if ours_prefix or in_chain:
                 if hit.kind == "param":
-                    state.bound.setdefault(f"{hit.network}:{hit.param}", hit.value or "")
+                    state.bound.setdefault(f"{hit.network}:{hit.param}", without_control(hit.value or ""))
                 continue
             if hit.kind == "param":
                 key = f"{hit.network}:{hit.param}"
                 bound = state.bound.get(key)
                 if bound is not None:
-                    if bound != hit.value:
+                    if bound != without_control(hit.value or ""):
                         add("foreign_affiliate_param", hit, same_network=True)
                 elif hit.network == ctx.our_network:
-                    state.bound[key] = hit.value or ""
+                    state.bound[key] = without_control(hit.value or "")
                 else:
                     add("foreign_affiliate_param", hit)
             elif hit.kind == "marker":

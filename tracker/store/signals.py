@@ -3,6 +3,10 @@
 A flusher task COPYs the signals gathered since the last flush and upserts the changed click states
 in one transaction, every `interval` seconds or sooner when `batch_limit` rows wait. What is queued
 when the process is killed is lost (the state also lives in Redis); a clean stop flushes it.
+
+A batch that PostgreSQL refuses (a value it cannot store) is bisected, as the click writer does:
+every good row is written and each bad one kept in signals_quarantine with the reason, so one row
+never stops everyone's signals. Only an unreachable PostgreSQL makes a batch wait for the next round.
 """
 from __future__ import annotations
 
@@ -14,11 +18,23 @@ import asyncpg
 import orjson
 import structlog
 
+from .. import metrics
 from ..domain.clickid import click_time
+from .refused import REFUSED, storable
 from .tasks import cancel_and_wait
 
 log = structlog.get_logger("tracker.signals")
 COLUMNS = ("click_id", "merchant", "kind", "network", "evidence", "at", "late")
+_UPSERT_STATE = (
+    "INSERT INTO click_states (click_id, created_at, state, overwritten_at, detector, "
+    "user_id, merchant) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7) "
+    "ON CONFLICT (click_id) DO UPDATE SET "
+    "state = CASE WHEN click_states.state = 'converted' THEN 'converted' "
+    "ELSE EXCLUDED.state END, "
+    "overwritten_at = COALESCE(click_states.overwritten_at, EXCLUDED.overwritten_at), "
+    "detector = EXCLUDED.detector, user_id = EXCLUDED.user_id, "
+    "merchant = EXCLUDED.merchant, updated_at = now()")
+Row = tuple[str, tuple[Any, ...]]  # ("signal" | "state", the row's values)
 
 
 class SignalWriter:
@@ -77,26 +93,58 @@ class SignalWriter:
             return
         signals, self._signals = self._signals, []
         states, self._states = self._states, {}
-        try:
-            async with self.pool.acquire() as conn:
-                async with conn.transaction():
-                    if signals:
-                        await conn.copy_records_to_table("signals", records=signals, columns=COLUMNS)
-                    if states:
-                        await conn.executemany(
-                            "INSERT INTO click_states (click_id, created_at, state, overwritten_at, detector, "
-                            "user_id, merchant) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7) "
-                            "ON CONFLICT (click_id) DO UPDATE SET "
-                            "state = CASE WHEN click_states.state = 'converted' THEN 'converted' "
-                            "ELSE EXCLUDED.state END, "
-                            "overwritten_at = COALESCE(click_states.overwritten_at, EXCLUDED.overwritten_at), "
-                            "detector = EXCLUDED.detector, user_id = EXCLUDED.user_id, "
-                            "merchant = EXCLUDED.merchant, updated_at = now()", list(states.values()))
-        except BaseException:
-            self._signals[:0] = signals
-            for key, value in states.items():
-                self._states.setdefault(key, value)
-            raise
+        await self._store([("signal", r) for r in signals] + [("state", r) for r in states.values()])
+
+    async def _store(self, rows: list[Row]) -> None:
+        """Write rows in one transaction; a refused batch is bisected down to the rows PostgreSQL
+        will not take, which are quarantined. On any other failure (PostgreSQL away, a stop) what is
+        not written yet goes back to the queue and the failure is raised."""
+        todo: list[tuple[list[Row], BaseException | None]] = [(rows, None)]
+        while todo:
+            batch, refused = todo.pop()
+            try:
+                if refused is None:
+                    await self._write(batch)
+                elif len(batch) == 1:
+                    await self._quarantine(batch[0], refused)
+                else:
+                    mid = len(batch) // 2
+                    todo += [(batch[mid:], None), (batch[:mid], None)]
+            except REFUSED as exc:
+                if refused is not None:  # even the quarantine refused it: say so and go on
+                    log.error("signal_lost", error=repr(exc)[:200])
+                    continue
+                todo.append((batch, exc))
+            except BaseException:
+                for pending, _ in [(batch, None), *todo]:
+                    self._requeue(pending)
+                raise
+
+    async def _write(self, rows: list[Row]) -> None:
+        signals = [r for kind, r in rows if kind == "signal"]
+        states = [r for kind, r in rows if kind == "state"]
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                if signals:
+                    await conn.copy_records_to_table("signals", records=signals, columns=COLUMNS)
+                if states:
+                    await conn.executemany(_UPSERT_STATE, states)
+
+    def _requeue(self, rows: list[Row]) -> None:
+        self._signals[:0] = [r for kind, r in rows if kind == "signal"]
+        for kind, r in rows:
+            if kind == "state":
+                self._states.setdefault(r[0], r)
+
+    async def _quarantine(self, row: Row, exc: BaseException) -> None:
+        kind, values = row
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO signals_quarantine (click_id, record, reason) VALUES ($1, $2, $3)",
+                storable(values[0]), orjson.dumps({"kind": kind, "values": [storable(v) for v in values]}).decode(),
+                storable(f"{type(exc).__name__}: {exc}")[:500])
+        metrics.QUARANTINED_SIGNALS.inc()
+        log.warning("signal_quarantined", click_id=str(values[0])[:32], row=kind, reason=str(exc)[:200])
 
 
 def _ts(ms: int | None) -> datetime | None:

@@ -167,15 +167,34 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+MAX_JSON_DEPTH = 16  # our bodies nest three levels; a client's deep nesting is an attack on recursion
+
+
 def json_object(body: bytes) -> dict[str, Any]:
-    """A JSON object from a body, or the contract's 400."""
+    """A JSON object from a body, or the contract's 400 (also for one nested deeper than
+    MAX_JSON_DEPTH: whatever later walks or prints it recursively stays far from the stack's end)."""
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadRequest("the body is not valid JSON", code="malformed") from None
     if not isinstance(doc, dict):
         raise BadRequest("the body must be a JSON object", code="malformed")
+    if json_depth(doc) > MAX_JSON_DEPTH:
+        raise BadRequest(f"the body nests deeper than {MAX_JSON_DEPTH} levels", code="malformed")
     return doc
+
+
+def json_depth(doc: Any) -> int:
+    """How deep a parsed JSON value nests (a scalar is 0), without recursion."""
+    deepest = 0
+    level: list[Any] = [doc]
+    while level:
+        containers = [v for v in level if isinstance(v, (dict, list))]
+        if not containers:
+            break
+        deepest += 1
+        level = [child for c in containers for child in (c.values() if isinstance(c, dict) else c)]
+    return deepest
 
 
 def require_admin(request: web.Request, admin_key: str) -> None:

@@ -1,0 +1,46 @@
+"""The signal writer against real PostgreSQL: a row PostgreSQL refuses is bisected out and
+quarantined, every other row is stored, and nothing is retried for ever."""
+import asyncpg
+
+from tracker.domain.clickid import new_click_id
+from tracker.store.signals import SignalWriter
+
+
+def signal(kind="foreign_promo_code", evidence=None):
+    return {"kind": kind, "network": None, "evidence": evidence or {"code": "SAVE10"}, "at": 1_795_660_800_000,
+            "late": False}
+
+
+async def test_a_refused_row_is_quarantined_and_the_rest_stored(database):
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    writer = SignalWriter(pool)
+    try:
+        good = [new_click_id()[0] for _ in range(7)]
+        bad_signal, bad_state = new_click_id()[0], new_click_id()[0]
+        for i, cid in enumerate(good[:4]):
+            writer.add(cid, "aliexpress", f"u{i}", [signal()], {"state": "overwritten", "overwritten_at": None})
+        # Evidence that reached the writer with a NUL (jsonb cannot hold \u0000): whatever let it
+        # through, the writer must not stop on it.
+        writer.add(bad_signal, "aliexpress", "u-bad", [signal(evidence={"code": "X\u0000Y"})], None)
+        writer.add(bad_state, "aliexpress", "u-bad", [], {"state": "overwritten", "bound": {"a:b": "\u0000"}})
+        for i, cid in enumerate(good[4:]):
+            writer.add(cid, "aliexpress", f"v{i}", [signal(), signal("cross_device")], None)
+        await writer.flush()
+        assert writer._signals == [] and writer._states == {}  # nothing left to retry
+        async with pool.acquire() as conn:
+            stored = await conn.fetch("SELECT click_id, count(*) AS n FROM signals WHERE click_id = ANY($1) "
+                                      "GROUP BY click_id", good + [bad_signal])
+            assert {r["click_id"]: r["n"] for r in stored} == {**{c: 1 for c in good[:4]}, **{c: 2 for c in good[4:]}}
+            states = await conn.fetch("SELECT click_id FROM click_states WHERE click_id = ANY($1)",
+                                      good + [bad_state])
+            assert {r["click_id"] for r in states} == set(good[:4])
+            quarantined = await conn.fetch("SELECT click_id, record, reason FROM signals_quarantine "
+                                           "WHERE click_id = ANY($1) ORDER BY click_id", [bad_signal, bad_state])
+            assert {r["click_id"] for r in quarantined} == {bad_signal, bad_state}
+            assert all("Unicode" in r["reason"] or "\\u0000" in r["reason"] for r in quarantined), quarantined
+        await writer.flush()  # and the next round has nothing to do
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM signals_quarantine WHERE click_id = ANY($1)",
+                                       [bad_signal, bad_state]) == 2
+    finally:
+        await pool.close()
