@@ -230,3 +230,20 @@ async def test_the_direct_go_path_answers_as_the_routed_one(aiohttp_client, sett
             answers.append((resp.status, code, resp.headers.get("Allow"), resp.headers.get("Cache-Control"),
                             "X-Click-Id" in resp.headers))
         assert answers[0] == answers[1], (method, path, params, answers)
+
+
+async def test_a_user_agent_that_is_not_utf8_is_stored_not_quarantined(client, tokens, db):
+    """A header's bytes that are not UTF-8 reach the handler as lone surrogates, which PostgreSQL
+    cannot store: the click must still land in `clicks`, with the bytes replaced."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.port)
+    token = tokens.mint("ua-bytes-user")
+    writer.write(b"GET /go/aliexpress?u=" + token.encode() + b" HTTP/1.1\r\nHost: t\r\n"
+                 b"User-Agent: Mozilla/5.0 \xff\xed\xa0\x80 Chrome/130\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    head = (await reader.read()).split(b"\r\n\r\n")[0].decode()
+    writer.close()
+    assert head.startswith("HTTP/1.1 302"), head
+    [click_id] = [line.split(": ", 1)[1] for line in head.split("\r\n") if line.lower().startswith("x-click-id")]
+    ua = await db.fetchval("SELECT user_agent FROM clicks WHERE click_id = $1", click_id)
+    assert ua == "Mozilla/5.0 \ufffd\ufffd\ufffd\ufffd Chrome/130"
+    assert await db.fetchval("SELECT count(*) FROM clicks_quarantine WHERE click_id = $1", click_id) == 0

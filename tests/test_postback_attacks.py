@@ -222,3 +222,12 @@ async def test_an_approved_commission_only_goes_down_and_every_change_is_kept(cl
                                                "currency": "RUB"}
     metrics = await (await client.get("/metrics")).text()
     assert 'tracker_postbacks_total{network="admitad",outcome="adjustment_refused"} 2.0' in metrics
+
+
+async def test_a_json_member_given_twice_is_refused(client, tokens, db):
+    cid = await activate(client, tokens, "atk-user-11", "shop")
+    body = ('{"token": "%s", "subid": "%s", "order_id": "DUP-J", "status": "pending", "status": "approved",'
+            ' "commission": "1"}' % (GENERIC, cid)).encode()
+    resp = await client.post("/postback/generic", data=body, headers={"Content-Type": "application/json"})
+    assert resp.status == 400 and (await resp.json())["error"] == "duplicate_parameter"
+    assert await conversion(db, "generic", "DUP-J") is None

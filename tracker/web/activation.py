@@ -12,6 +12,7 @@ from .. import keys, metrics
 from ..domain.bots import is_bot
 from ..domain.clickid import new_click_id
 from ..domain.targets import BadTarget, check_target
+from ..domain.text import without_control
 from ..errors import BadRequest, NotFound, RateLimited, Unauthorized
 from .common import client_ip
 
@@ -91,7 +92,12 @@ async def activate_in(app: web.Application, request: web.BaseRequest, slug: str)
     bot = request.method == "HEAD" or is_bot(user_agent)
     click_id, created_ms = new_click_id()
     location = merchant.partner_link(click_id, target, app=source == "app")
-    ua = user_agent[:MAX_UA].replace("\x00", "")
+    ua = user_agent[:MAX_UA]
+    # The HTTP parser lets no control character but HTAB into a header, but a header's bytes that
+    # are not UTF-8 arrive as lone surrogates, which PostgreSQL cannot store: replaced here (an
+    # ASCII check is 20 ns; the full scan only for the rare header that is not ASCII).
+    if not ua.isascii() or "\x00" in ua:
+        ua = without_control(ua)
     await app[keys.WRITER].write((click_id, created_ms, user_id, merchant.slug, source, target, device,
                                   ip, ua, bot, request.method))
     if not bot:

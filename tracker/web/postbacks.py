@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import json
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -42,8 +43,11 @@ def _pairs(text: str) -> list[tuple[str, str]]:
 
 def _body_pairs(request: web.Request, body: bytes) -> list[tuple[str, str]]:
     if request.content_type == "application/json":
+        json_object(body)  # valid JSON (orjson's strict reading), an object, not nested deep
+        # Read again keeping every member: a name given twice is refused, not silently resolved to
+        # its last value as a dict would.
         pairs = []
-        for key, value in json_object(body).items():
+        for key, value in json.loads(body, object_pairs_hook=list):
             if isinstance(value, (dict, list)):
                 raise BadRequest(f"{key[:40]}: nested values are not allowed", code="malformed")
             pairs.append((key, "" if value is None else str(value).lower() if isinstance(value, bool)
