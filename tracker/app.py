@@ -17,6 +17,7 @@ from .domain.tokens import UserTokens
 from .settings import Settings, censor_dsn
 from .store.clicks import ClickWriter
 from .store.db import create_pool, ensure_near_partitions
+from .store.feed import StateFeed
 from .store.merchants import Catalog
 from .store.sessions import SYNC_TIMEOUT, SessionStore
 from .store.signals import SignalWriter
@@ -50,12 +51,27 @@ async def _catalog(app: web.Application) -> AsyncIterator[None]:
     await catalog.stop()
 
 
+# The worker's Redis connections for everything but the event streams (those share the one
+# connection of the state feed). Each user holds a connection for one round trip at a time: the
+# session batcher (one call in flight), observe (a session read, then maybe a state write), an event
+# stream's opening read, /readyz and the outage probe (a PING each); the open streams' own reads
+# take at most feed.STREAM_READS (4) at a time. An observe worker at full speed (3,000 requests/s)
+# keeps about 3 busy; 32 leaves ten times that, and a burst past it waits for a connection
+# (BlockingConnectionPool) within each call's own deadline. redis-py's default pool has 100 and
+# raises MaxConnectionsError past them, which the fail-open code took for "Redis is down".
+# Per worker: at most REDIS_MAX_CONNECTIONS + 1 connections, whatever the number of streams.
+REDIS_MAX_CONNECTIONS = 32
+
+
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     # Each call has its own, shorter, deadline (wait_for); the socket's is the longest of them, the
-    # batch call's (SessionStore.sync_timeout).
-    client = aioredis.Redis.from_url(settings.redis_url or "", socket_timeout=SYNC_TIMEOUT,
-                                     socket_connect_timeout=1.0, health_check_interval=0)
+    # batch call's (SessionStore.sync_timeout). The name shows the worker in Redis's CLIENT LIST.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        settings.redis_url or "", max_connections=REDIS_MAX_CONNECTIONS, timeout=SYNC_TIMEOUT,
+        socket_timeout=SYNC_TIMEOUT, socket_connect_timeout=1.0, health_check_interval=0,
+        client_name=f"tracker-{os.getpid()}")
+    client = aioredis.Redis.from_pool(pool)
     sessions = SessionStore(client, settings.redis_prefix)
     redis_up = await sessions.ping()
     metrics.DEPENDENCY_UP.labels("redis").set(int(redis_up))
@@ -67,6 +83,15 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     yield
     await sessions.stop()
     await client.aclose()
+
+
+async def _feed(app: web.Application) -> AsyncIterator[None]:
+    """The one pub/sub connection of this worker, for all its event streams (store/feed.py)."""
+    feed = StateFeed(app[keys.SETTINGS].redis_url or "", name=f"tracker-feed-{os.getpid()}")
+    await feed.start()
+    app[keys.FEED] = feed
+    yield
+    await feed.stop()
 
 
 async def _writer(app: web.Application) -> AsyncIterator[None]:
@@ -111,6 +136,8 @@ async def _freeze_startup_objects(app: web.Application) -> None:
 
 async def _closing(app: web.Application) -> None:
     app[keys.CLOSING].set()  # live event streams end so that shutdown does not wait for them
+    if keys.FEED in app:
+        app[keys.FEED].wake_listeners()  # now, not at their next heartbeat
 
 
 def _route_go_directly(app: web.Application) -> None:
@@ -147,7 +174,7 @@ def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application
     app[keys.CLOSING] = asyncio.Event()
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts' start-up
     app.on_shutdown.append(_closing)
-    app.cleanup_ctx.extend([_tally, _postgres, _catalog, _redis, _writer, _signals])
+    app.cleanup_ctx.extend([_tally, _postgres, _catalog, _redis, _feed, _writer, _signals])
     app.router.add_get("/go/{merchant}", activation.activate, name="go")  # HEAD too: link previews
     app.router.add_get("/healthz", ops.healthz, name="healthz")  # HEAD too: some load balancers probe so
     app.router.add_get("/readyz", ops.readyz, name="readyz")

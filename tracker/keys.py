@@ -11,6 +11,7 @@ from .domain.detection import Detector
 from .domain.tokens import UserTokens
 from .settings import Settings
 from .store.clicks import ClickWriter
+from .store.feed import StateFeed
 from .store.merchants import Catalog
 from .store.sessions import SessionStore
 from .store.signals import SignalWriter
@@ -22,6 +23,7 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 CATALOG = web.AppKey("catalog", Catalog)
 WRITER = web.AppKey("writer", ClickWriter)
 SESSIONS = web.AppKey("sessions", SessionStore)
+FEED = web.AppKey("feed", StateFeed)
 SIGNALS = web.AppKey("signals", SignalWriter)
 DETECTOR = web.AppKey("detector", Detector)
 CLOSING = web.AppKey("closing", asyncio.Event)

@@ -1,8 +1,10 @@
 """GET /v1/clicks/{click_id}/events: the click's state changes as server-sent events.
 
 Changes are published on Redis (pub/sub), so the stream gets them from whichever worker or pod
-handled the observe or the postback. A comment line every `heartbeat` seconds keeps proxies from
-closing an idle stream. Without Redis the stream polls the state instead.
+handled the observe or the postback. A stream holds no Redis connection: it listens on the worker's
+state feed (store/feed.py), one pub/sub connection for all of them. A comment line every `heartbeat`
+seconds keeps proxies from closing an idle stream. Until the feed has the click's channel
+subscribed, and while it has lost Redis, the stream polls the state instead.
 """
 from __future__ import annotations
 
@@ -17,11 +19,12 @@ from aiohttp import web
 from .. import keys, metrics
 from ..domain.clickid import is_click_id
 from ..errors import NotFound, RateLimited, Unauthorized
+from ..store.feed import Link
 from .common import bearer, client_ip
 from .observe import load_click
 
 log = structlog.get_logger("tracker.events")
-# Each open stream holds a Redis connection (its pub/sub subscription) and a task, so a worker
+# Each open stream holds a task, a socket and, while Redis is away, a poll every 2 s, so a worker
 # bounds them: per user (the extension opens one per active click) and in all.
 MAX_STREAMS_PER_USER = 10
 MAX_STREAMS = 2_000
@@ -70,6 +73,12 @@ async def events(request: web.Request) -> web.StreamResponse:
             _streams[user_id] -= 1
 
 
+async def _read_state(app: web.Application, click_id: str) -> dict[str, Any] | None:
+    async with app[keys.FEED].reads:  # a few streams at a time, whatever the number open
+        _, state = await load_click(app, click_id)
+    return state
+
+
 async def _stream(request: web.Request, app: web.Application, click_id: str,
                   state: dict[str, Any] | None) -> web.StreamResponse:
     try:
@@ -85,23 +94,19 @@ async def _stream(request: web.Request, app: web.Application, click_id: str,
     last = _public(click_id, state)
     try:
         await resp.write(_event("state", last))
-        pubsub = app[keys.REDIS].pubsub()
-        try:
-            await asyncio.wait_for(pubsub.subscribe(app[keys.SESSIONS].channel(click_id)), 1.0)
-            subscribed = True
-        except Exception:  # noqa: BLE001 - Redis away: poll instead
-            subscribed = False
-        try:
+        with app[keys.FEED].listen(app[keys.SESSIONS].channel(click_id)) as changes:
+            live = False  # polls until the feed has the channel subscribed
             while not closing.is_set():
-                if subscribed:
-                    try:
-                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=heartbeat)
-                    except Exception:  # noqa: BLE001 - Redis went away mid-stream
-                        subscribed, msg = False, None
-                    data = orjson.loads(msg["data"]) if msg else None
-                else:
-                    await asyncio.sleep(min(heartbeat, 2.0))
-                    _, data = await load_click(app, click_id)
+                item = await changes.next(heartbeat if live else min(heartbeat, 2.0))
+                if item is Link.LIVE:  # read once what may have been published before the subscription
+                    live = True
+                    data = await _read_state(app, click_id)
+                elif item is Link.LOST:
+                    live, data = False, None
+                elif item is None:
+                    data = None if live else await _read_state(app, click_id)
+                else:  # a message: the whole new state
+                    live, data = True, orjson.loads(item)
                 if data is not None:
                     current = _public(click_id, data)
                     if current != last:
@@ -109,11 +114,6 @@ async def _stream(request: web.Request, app: web.Application, click_id: str,
                         await resp.write(_event("state", current))
                         continue
                 await resp.write(b": heartbeat\n\n")
-        finally:
-            try:
-                await asyncio.wait_for(pubsub.aclose(), 1.0)
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     finally:

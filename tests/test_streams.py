@@ -1,0 +1,212 @@
+"""Live event streams share the worker's one pub/sub connection (store/feed.py) and take nothing from
+the Redis connections that redirects, observe and the session batcher use (issue 13: 200 streams, each
+holding a connection of redis-py's 100-connection pool, dropped sessions and made Redis flap)."""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import aiohttp
+import orjson
+import psutil
+import redis.asyncio as aioredis
+
+from tracker import embedded
+from tracker.app import REDIS_MAX_CONNECTIONS
+from tracker.store.feed import QUEUE_SIZE, Link, StateFeed
+from tracker.store.sessions import SessionStore
+
+from .conftest import BROWSER, serve_process
+
+STREAMS = 150  # more than redis-py's default pool, which the streams used to empty
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, attempts: int = 400) -> None:
+    """Wait for a condition that the service reaches by itself (no timing is asserted)."""
+    for _ in range(attempts):
+        if await check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"never: {what}")
+
+
+async def activate(http: aiohttp.ClientSession, base: str, token: str) -> str:
+    async with http.get(f"{base}/go/nike", params={"u": token}, allow_redirects=False, headers=BROWSER) as r:
+        assert r.status == 302
+        return r.headers["X-Click-Id"]
+
+
+async def open_stream(http: aiohttp.ClientSession, base: str, token: str, cid: str) -> aiohttp.ClientResponse:
+    resp = await http.get(f"{base}/v1/clicks/{cid}/events", params={"u": token, "heartbeat": "60"})
+    assert resp.status == 200
+    return resp
+
+
+async def next_state(resp: aiohttp.ClientResponse) -> dict[str, Any]:
+    """The data of the stream's next `state` event (heartbeat comments skipped)."""
+    async with asyncio.timeout(30):  # a guard against hanging, not a timed assertion
+        event = None
+        while True:
+            line = (await resp.content.readline()).rstrip(b"\n")
+            if line.startswith(b"event: "):
+                event = line[7:]
+            elif line.startswith(b"data: ") and event == b"state":
+                return orjson.loads(line[6:])
+
+
+async def subscribers(admin: aioredis.Redis, channels: list[str]) -> list[int]:
+    return [n for _, n in await admin.pubsub_numsub(*channels)]
+
+
+def worker_clients(clients: list[dict[str, Any]], pid: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(every connection of the worker, its state-feed connections), by the names it gives them."""
+    mine = [c for c in clients if c["name"] in (f"tracker-{pid}", f"tracker-feed-{pid}")]
+    return mine, [c for c in mine if c["name"].startswith("tracker-feed-")]
+
+
+async def test_many_streams_leave_the_redirects_their_redis_connections(settings, tokens, tmp_path: Path):
+    log = tmp_path / "serve.log"
+    admin = aioredis.Redis.from_url(settings.redis_url)
+    prefix = settings.redis_prefix
+    users = [tokens.mint(f"streamer-{i}") for i in range(STREAMS)]
+    async with serve_process(settings, output=log) as (proc, base), \
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+        cids = await asyncio.gather(*(activate(http, base, token) for token in users))
+        streams = await asyncio.gather(*(open_stream(http, base, t, c) for t, c in zip(users, cids)))
+        firsts = await asyncio.gather(*(next_state(s) for s in streams))
+        assert {f["state"] for f in firsts} == {"active"}
+        channels = [f"{prefix}ev:{cid}" for cid in cids]
+
+        async def all_subscribed() -> bool:
+            return min(await subscribers(admin, channels)) == 1
+        await until(all_subscribed, "every stream's channel subscribed")
+
+        # Redirects while the streams are open: each one's session reaches Redis.
+        walkers = [tokens.mint(f"walker-{i}") for i in range(60)]
+        more = await asyncio.gather(*(activate(http, base, token) for token in walkers))
+
+        async def sessions_written() -> bool:
+            return all(await admin.mget([f"{prefix}s:{cid}" for cid in more]))
+        await until(sessions_written, "the redirects' sessions in Redis")
+
+        # Redis's own view: one pub/sub connection carries every stream; the rest stays bounded.
+        mine, feed = worker_clients(await admin.client_list(), proc.pid)
+        assert len(feed) == 1 and int(feed[0]["sub"]) == STREAMS, feed
+        assert len(mine) <= REDIS_MAX_CONNECTIONS + 1, len(mine)
+
+        # A change of one click reaches that click's stream, and no other: each other stream's next
+        # state is the one published for its own click afterwards.
+        store = SessionStore(admin, prefix)
+        assert await store.save_state(cids[0], {"state": "overwritten"}, 600)
+        assert (await next_state(streams[0]))["state"] == "overwritten"
+        for cid in cids[1:]:
+            assert await store.save_state(cid, {"state": "converted"}, 600)
+        nexts = await asyncio.gather(*(next_state(s) for s in streams[1:]))
+        assert [n["click_id"] for n in nexts] == cids[1:]
+        assert {n["state"] for n in nexts} == {"converted"}
+
+        async with http.get(f"{base}/metrics") as r:
+            metrics = await r.text()
+        for stream in streams:
+            stream.close()
+    dropped = [line for line in metrics.splitlines() if line.startswith("tracker_redis_fail_open_total{")]
+    assert dropped and all(float(line.rsplit(" ", 1)[1]) == 0 for line in dropped), dropped
+    text = log.read_text()
+    assert "redis_unreachable" not in text and "Too many connections" not in text
+    await admin.aclose()
+
+
+async def test_two_streams_of_one_click_share_one_subscription(client, settings, tokens):
+    token = tokens.mint("twice")
+    resp = await client.get("/go/nike", params={"u": token}, allow_redirects=False, headers=BROWSER)
+    cid = resp.headers["X-Click-Id"]
+    admin = aioredis.Redis.from_url(settings.redis_url)
+    channel = f"{settings.redis_prefix}ev:{cid}"
+    store = SessionStore(admin, settings.redis_prefix)
+    first, second = [await client.get(f"/v1/clicks/{cid}/events", params={"u": token, "heartbeat": "60"})
+                     for _ in range(2)]
+    assert [(await next_state(s))["state"] for s in (first, second)] == ["active", "active"]
+
+    async def subscribed() -> bool:
+        return await subscribers(admin, [channel]) == [1]
+    await until(subscribed, "the click's channel subscribed")
+    assert await store.save_state(cid, {"state": "overwritten"}, 600)
+    assert [(await next_state(s))["state"] for s in (first, second)] == ["overwritten", "overwritten"]
+
+    first.close()  # the other one keeps the subscription
+    assert await store.save_state(cid, {"state": "converted"}, 600, force=True)
+    assert (await next_state(second))["state"] == "converted"
+    assert await subscribers(admin, [channel]) == [1]
+    second.close()
+
+    async def unsubscribed() -> bool:
+        return await subscribers(admin, [channel]) == [0]
+    await until(unsubscribed, "the channel unsubscribed after its last stream left")
+    await admin.aclose()
+
+
+async def test_a_listener_that_does_not_read_keeps_only_the_newest(settings):
+    feed = StateFeed(settings.redis_url, name="tracker-feed-test")
+    admin = aioredis.Redis.from_url(settings.redis_url)
+    slow, fence = f"{settings.redis_prefix}ev:slow", f"{settings.redis_prefix}ev:fence"
+    await feed.start()
+    try:
+        with feed.listen(slow) as idle, feed.listen(fence) as reader:
+            assert await idle.next(10) is Link.LIVE and await reader.next(10) is Link.LIVE
+            for i in range(50):
+                await admin.publish(slow, str(i))
+            await admin.publish(fence, "after")
+            assert await reader.next(10) == b"after"  # so every message of `slow` was handed out
+            kept = []
+            while (item := await idle.next(0)) is not None:
+                kept.append(item)
+            assert kept == [str(i).encode() for i in range(50 - QUEUE_SIZE, 50)]
+    finally:
+        await feed.stop()
+        await admin.aclose()
+
+
+def kill_redis(root: Path) -> None:
+    pid = int((root / "redis" / "redis.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    if psutil.pid_exists(pid):
+        psutil.Process(pid).wait(10)
+    (root / "redis" / "redis.pid").unlink(missing_ok=True)
+
+
+async def test_a_stream_gets_its_change_again_after_redis_comes_back(settings, tokens, tmp_path: Path):
+    """The feed reconnects and subscribes again by itself: a change that is only published (no state
+    key to poll) reaches the stream that was open through the outage."""
+    root = tmp_path / "private"
+    url = embedded.start_redis(root, preferred_port=64100)
+    log = tmp_path / "serve.log"
+    token = tokens.mint("survivor")
+    try:
+        async with serve_process(dataclasses.replace(settings, redis_url=url), output=log) as (_, base), \
+                aiohttp.ClientSession() as http:
+            cid = await activate(http, base, token)
+            stream = await open_stream(http, base, token, cid)
+            assert (await next_state(stream))["state"] == "active"
+            channel = f"{settings.redis_prefix}ev:{cid}"
+            admin = aioredis.Redis.from_url(url)
+
+            async def subscribed() -> bool:
+                try:
+                    return await subscribers(admin, [channel]) == [1]
+                except aioredis.ConnectionError:
+                    return False
+            await until(subscribed, "the channel subscribed")
+            await asyncio.to_thread(kill_redis, root)
+            await until(lambda: asyncio.sleep(0, "state_feed_lost" in log.read_text()), "the feed saw the loss")
+            await asyncio.to_thread(embedded.start_redis, root)
+            await until(subscribed, "the channel subscribed again")
+            await admin.publish(channel, orjson.dumps({"state": "overwritten"}))
+            assert (await next_state(stream))["state"] == "overwritten"
+            stream.close()
+            await admin.aclose()
+    finally:
+        embedded.stop_redis(root)
