@@ -289,8 +289,8 @@ def test_library_log_records_become_redacted_json_lines_on_stdout():
 
 
 async def test_open_event_streams_are_bounded_per_user(client, tokens, monkeypatch):
-    """Every open stream holds a Redis connection: past the per-user bound a new one gets 429, and a
-    closed stream frees its place."""
+    """Every open stream holds a task and a place in the worker's fan-out: past the per-user bound a new
+    one gets 429, and a closed stream frees its place."""
     from tracker.web import events
 
     monkeypatch.setattr(events, "MAX_STREAMS_PER_USER", 2)
