@@ -537,3 +537,32 @@ async def test_stopping_during_a_slow_batch_still_writes_its_sessions(settings):
         await admin.execute_command("CLIENT", "UNPAUSE")
         await client.aclose()
         await admin.aclose()
+
+
+async def test_an_event_stream_outlives_redis_and_postgres_both_down(stack: Stack) -> None:
+    """A stream polls while Redis is away; PostgreSQL going away then too must mean heartbeats (no
+    news), not a broken stream or an unhandled error."""
+    stack.serve(workers=1)
+    await stack.wait_ready()
+    token = UserTokens(SECRET).mint("fault-stream")
+    base = f"http://127.0.0.1:{stack.port}"
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{base}/go/nike", params={"u": token}, headers=BROWSER, allow_redirects=False) as r:
+            cid = r.headers["X-Click-Id"]
+        async with s.get(f"{base}/v1/clicks/{cid}/events", params={"u": token, "heartbeat": "0.2"}) as stream:
+            assert stream.status == 200
+            assert (await stream.content.readuntil(b"\n\n")).startswith(b"event: state")
+            await asyncio.to_thread(stack.kill_redis)
+            await asyncio.to_thread(stack.stop_pg)
+            try:
+                beats = 0
+                for _ in range(30):  # several polls of both (each at most every 2 s, at 0.2 s here)
+                    chunk = await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 10)
+                    beats += chunk == b": heartbeat\n\n"
+                assert beats >= 10
+            finally:
+                await asyncio.to_thread(stack.start_pg)
+                await asyncio.to_thread(stack.start_redis)
+    log = (stack.data / "serve.log").read_text()
+    assert "unhandled_error" not in log and "Error handling request" not in log
+    stack.stop()

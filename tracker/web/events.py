@@ -20,7 +20,7 @@ from .. import keys, metrics
 from ..domain.clickid import is_click_id
 from ..errors import NotFound, RateLimited, Unauthorized
 from ..store.feed import Link
-from .common import bearer, client_ip
+from .common import DEPENDENCY_DOWN, bearer, client_ip
 from .observe import load_click
 
 log = structlog.get_logger("tracker.events")
@@ -74,8 +74,13 @@ async def events(request: web.Request) -> web.StreamResponse:
 
 
 async def _read_state(app: web.Application, click_id: str) -> dict[str, Any] | None:
-    async with app[keys.FEED].reads:  # a few streams at a time, whatever the number open
-        _, state = await load_click(app, click_id)
+    """The click's state, or None when neither Redis nor PostgreSQL can tell now: the stream is
+    already open, so an outage means no news (a heartbeat), not the end of the stream."""
+    try:
+        async with app[keys.FEED].reads:  # a few streams at a time, whatever the number open
+            _, state = await load_click(app, click_id)
+    except DEPENDENCY_DOWN:
+        return None
     return state
 
 
