@@ -231,3 +231,95 @@ async def test_a_json_member_given_twice_is_refused(client, tokens, db):
     resp = await client.post("/postback/generic", data=body, headers={"Content-Type": "application/json"})
     assert resp.status == 400 and (await resp.json())["error"] == "duplicate_parameter"
     assert await conversion(db, "generic", "DUP-J") is None
+
+
+# -- found by repeating the attack pass ----------------------------------------------------------
+async def test_a_signed_json_body_sent_as_a_form_is_refused(client, tokens, db):
+    """A signature covers the bytes, not how they are read: a sub-id the shopper shaped, passed
+    through by the network inside a JSON body, must not become form parameters of its own."""
+    cid = await activate(client, tokens, "atk-user-12", "nike")
+    injected = f"x&SubId1={cid}&ActionId=FORGED-CT&Status=APPROVED&Payout=9999.00&Currency=USD&z="
+    body = json.dumps({"SubId1": injected, "ActionId": "REAL-CT", "Status": "PENDING", "Payout": "1.00"}).encode()
+    for ctype in ("application/x-www-form-urlencoded", "text/plain", ""):
+        resp = await client.post("/postback/impact", data=body, headers={"X-Signature": sign(body),
+                                                                          "Content-Type": ctype})
+        assert resp.status == 400, ctype
+    assert await conversion(db, "impact", "FORGED-CT") is None
+    resp = await client.post("/postback/impact", data=body, headers={"X-Signature": sign(body),
+                                                                      "Content-Type": "application/json"})
+    assert resp.status == 200  # read as the JSON it is: the odd sub-id names no click, an orphan
+    assert await conversion(db, "impact", "FORGED-CT") is None
+
+
+async def test_a_signature_header_given_twice_does_not_authenticate(client, tokens, db):
+    cid = await activate(client, tokens, "atk-user-13", "nike")
+    query = f"SubId1={cid}&ActionId=TWO-SIG&Status=PENDING&Payout=1"
+    for pair in ((sign(query.encode()), "0" * 64), ("0" * 64, sign(query.encode()))):
+        resp = await client.get(f"/postback/impact?{query}", headers=[("X-Signature", pair[0]), ("X-Signature", pair[1])])
+        assert resp.status == 403
+    assert await conversion(db, "impact", "TWO-SIG") is None
+
+
+async def test_two_names_of_one_field_with_different_values_are_refused(client, tokens, db):
+    cid = await activate(client, tokens, "atk-user-14", "asos")
+    base = {"token": "test-awin-token", "clickRef": cid, "transactionId": "ALIAS-1", "commission": "5"}
+    resp = await client.get("/postback/awin", params={**base, "status": "approved", "commissionStatus": "declined"})
+    assert resp.status == 400 and (await resp.json())["error"] == "malformed"
+    assert await conversion(db, "awin", "ALIAS-1") is None
+    resp = await client.get("/postback/awin", params={**base, "status": "approved", "commissionStatus": "approved"})
+    assert resp.status == 200  # the same value under both names is one meaning
+    assert (await conversion(db, "awin", "ALIAS-1"))["status"] == "approved"
+
+
+async def test_json_numbers_are_read_as_their_text(client, tokens, db):
+    cid = await activate(client, tokens, "atk-user-15", "shop")
+    base = '{"token": "%s", "subid": "%s", "status": "pending", "order_id": "%s", "commission": %s}'
+    for order, number in (("NUM-1", "1E3"), ("NUM-2", "1.5e2"), ("NUM-3", "-0"), ("NUM-4", "1e-400")):
+        resp = await client.post("/postback/generic", data=(base % (GENERIC, cid, order, number)).encode(),
+                                 headers={"Content-Type": "application/json"})
+        assert resp.status == 400, number
+        assert await conversion(db, "generic", order) is None
+    resp = await client.post("/postback/generic", data=(base % (GENERIC, cid, "NUM-5", "1234567890.12345678")).encode(),
+                             headers={"Content-Type": "application/json"})
+    assert resp.status == 200
+    assert (await conversion(db, "generic", "NUM-5"))["commission"] == Decimal("1234567890.12345678")
+
+
+@pytest.mark.parametrize("params,status", [
+    ({"status": "chargebac\u212a"}, 400),  # a Kelvin sign lower-cases to "k"
+    ({"currency": "\ufb00x"}, 400),          # "ﬀx" upper-cases to "FFX"
+    ({"order_id": "O1%FF"}, 400),           # not UTF-8: would collapse with O1%FE into O1\ufffd
+])
+async def test_no_unicode_folding_or_replacement_makes_two_values_one(client, tokens, db, params, status):
+    cid = await activate(client, tokens, "atk-user-16", "shop")
+    query = {"token": GENERIC, "subid": cid, "order_id": "FOLD-1", "status": "pending", **params}
+    text = "&".join(f"{k}={v}" for k, v in query.items())  # O1%FF is sent as it is written
+    resp = await client.session.get(URL(f"{client.make_url('/postback/generic')}?{text}", encoded=False))
+    assert resp.status == status
+    assert await db.fetchval("SELECT count(*) FROM conversions WHERE click_id = $1", cid) == 0
+
+
+async def test_a_kelvin_sign_token_name_is_not_the_token(client, tokens, db):
+    cid = await activate(client, tokens, "atk-user-17", "shop")
+    resp = await client.get("/postback/generic", params={"to\u212aen": GENERIC, "subid": cid, "order_id": "KELVIN-1",
+                                                         "status": "pending"})
+    assert resp.status == 403
+
+
+async def test_what_a_postback_leaves_out_stays_as_it_was(client, tokens, db):
+    cid = await activate(client, tokens, "atk-user-18", "shop")
+
+    async def send(**params):
+        resp = await client.get("/postback/generic", params={"token": GENERIC, "subid": cid, "order_id": "KEEP-1",
+                                                             **params})
+        assert resp.status == 200
+
+    await send(status="pending", commission="7.50", currency="EUR", amount="75")
+    await send(status="approved")  # no commission, no currency, no amount: the order keeps them
+    conv = await conversion(db, "generic", "KEEP-1")
+    assert (conv["status"], conv["commission"], conv["currency"], conv["amount"], conv["cashback"]) == (
+        "approved", Decimal("7.5"), "EUR", Decimal("75"), Decimal("7.50"))
+    await send(status="approved")  # the same again: a duplicate, not a lowering to 0 in USD
+    rows = await history(db, "generic", "KEEP-1")
+    assert [r["outcome"] for r in rows] == ["accepted", "accepted", "duplicate"]
+    assert (await conversion(db, "generic", "KEEP-1"))["commission"] == Decimal("7.5")

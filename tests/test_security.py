@@ -318,3 +318,49 @@ async def test_open_event_streams_are_bounded_per_user(client, tokens, monkeypat
     assert again.status == 200
     again.close()
     streams[1].close()
+
+
+# -- hostile bytes where a secret is compared, and bodies that do not decode -----------------------
+async def raw_request(port: int, head: bytes, body: bytes = b"") -> tuple[int, bytes]:
+    """Send bytes exactly as given (a client library would re-encode them) and read the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head + b"Host: t\r\nConnection: close\r\n" + (b"Content-Length: %d\r\n" % len(body) if body else b"")
+                 + b"\r\n" + body)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return int(answer.split(b" ", 2)[1]), answer.split(b"\r\n\r\n", 1)[-1]
+
+
+async def test_a_token_with_non_ascii_characters_is_a_401_everywhere(client, tokens):
+    fake = "alice." + "é" * 22  # the signature's length, but not ASCII: compare_digest refuses such str
+    resp = await client.get("/go/nike", params={"u": fake}, allow_redirects=False, headers=BROWSER)
+    assert resp.status == 401
+    resp = await client.post("/v1/observe", json={"click_id": "x", "events": []},
+                             headers={"Authorization": f"Bearer {fake}"})
+    assert resp.status == 401
+    resp = await client.get(f"/v1/clicks/{new_click_id()[0]}/events", params={"u": fake})
+    assert resp.status == 401
+    resp = await client.get(f"/v1/clicks/{new_click_id()[0]}", headers={"Authorization": "Bearer é" * 3})
+    assert resp.status == 401
+
+
+@pytest.mark.parametrize("path,header,status", [
+    (b"/postback/impact?a=1", b"X-Signature: \xff\xfe", 403),
+    (b"/v1/clicks/%s" % new_click_id()[0].encode(), b"Authorization: Bearer \xff\xfe", 401),
+    (b"/v1/observe", b"Authorization: Bearer alice.\xff\xfe", 401),
+])
+async def test_secrets_in_bytes_that_are_not_utf8_are_refused_not_a_500(client, path, header, status):
+    method = b"POST" if path == b"/v1/observe" else b"GET"
+    got, body = await raw_request(client.port, method + b" " + path + b" HTTP/1.1\r\n" + header + b"\r\n", b"{}")
+    assert got == status, body
+
+
+@pytest.mark.parametrize("path", ["/postback/generic", "/v1/observe"])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_a_body_that_is_not_in_its_content_encoding_is_a_400(client, tokens, path, encoding):
+    headers = {"Content-Encoding": encoding, "Content-Type": "application/json",
+               "Authorization": f"Bearer {tokens.mint('enc-user')}"}
+    resp = await client.post(path, data=b'{"not": "compressed"}', headers=headers)
+    # (aiohttp itself refuses an encoding it does not support at all, with its own 400, as JSON here)
+    assert resp.status == 400 and (await resp.json())["error"] in ("malformed", "bad_request")

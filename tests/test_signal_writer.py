@@ -44,3 +44,34 @@ async def test_a_refused_row_is_quarantined_and_the_rest_stored(database):
                                        [bad_signal, bad_state]) == 2
     finally:
         await pool.close()
+
+
+async def test_an_older_state_flushed_later_does_not_move_a_click_back(database):
+    """Two workers' writers flush one click's states in the wrong order: overwritten stays."""
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    first, second = SignalWriter(pool), SignalWriter(pool)
+    try:
+        cid = new_click_id()[0]
+        newer = {"state": "overwritten", "landed": True, "bound": {"admitad:admitad_uid": "ours"},
+                 "overwritten_at": 1_795_660_900_000}
+        older = {"state": "active", "landed": True, "bound": {"admitad:admitad_uid": "ours"},
+                 "overwritten_at": None}
+        first.add(cid, "aliexpress", "race-user", [signal()], newer)
+        second.add(cid, "aliexpress", "race-user", [], older)
+        await first.flush()
+        await second.flush()
+        async with pool.acquire() as conn:
+            row = await conn.fetchrow("SELECT state, overwritten_at, detector::text FROM click_states "
+                                      "WHERE click_id = $1", cid)
+        assert row["state"] == "overwritten" and row["overwritten_at"] is not None
+        assert '"overwritten"' in row["detector"]
+        # Forward moves still happen: expired and converted clicks are not pinned to older states.
+        other = new_click_id()[0]
+        first.add(other, "aliexpress", "race-user", [], older)
+        await first.flush()
+        second.add(other, "aliexpress", "race-user", [], {**older, "state": "expired"})
+        await second.flush()
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT state FROM click_states WHERE click_id = $1", other) == "expired"
+    finally:
+        await pool.close()

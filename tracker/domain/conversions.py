@@ -25,7 +25,8 @@ _ISO_DAY_SPACE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]")
 EARLIEST_ORDER = datetime(2000, 1, 1, tzinfo=timezone.utc)
 LATEST_ORDER = datetime(2100, 1, 1, tzinfo=timezone.utc)
 _SPACE = " \t\r\n"  # only ASCII blanks are trimmed: "12\u00a0" is not a number a network sent
-_CURRENCY = re.compile(r"[A-Za-z]{3}")
+_CURRENCY = re.compile(r"[A-Za-z]{3}", re.ASCII)
+DEFAULT_CURRENCY = "USD"  # the currency of a postback that names none
 # ISO 4217 currencies whose minor unit is not 2 digits.
 _MINOR_UNITS = {"BIF": 0, "CLP": 0, "DJF": 0, "GNF": 0, "ISK": 0, "JPY": 0, "KMF": 0, "KRW": 0,
                 "PYG": 0, "RWF": 0, "UGX": 0, "UYI": 0, "VND": 0, "VUV": 0, "XAF": 0, "XOF": 0,
@@ -41,23 +42,50 @@ class MalformedPostback(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Terms:
+    """What a conversion says now: the values a postback may change."""
+    status: str
+    amount: Decimal | None
+    commission: Decimal
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
 class Postback:
     click_id: str | None
     order_id: str
     status: str
     status_word: str
     amount: Decimal | None
-    commission: Decimal
-    currency: str
+    commission: Decimal | None  # None: the postback does not say
+    currency: str | None  # None: the postback does not say
     order_time: datetime | None
+
+    def terms(self, current: Terms | None) -> Terms:
+        """The conversion's terms once this postback applies. What it leaves out stays as it was; a
+        new conversion without them has commission 0 (a network that reports none pays none we know
+        of, corrected by any later postback that carries one) in DEFAULT_CURRENCY."""
+        if current is None:
+            return Terms(self.status, self.amount, Decimal(0) if self.commission is None else self.commission,
+                         self.currency or DEFAULT_CURRENCY)
+        return Terms(self.status, current.amount if self.amount is None else self.amount,
+                     current.commission if self.commission is None else self.commission,
+                     self.currency or current.currency)
 
 
 def _field(params: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    """The value of a field the profile reads under several names: the one given, trimmed of ASCII
+    blanks. Two of its names with different values are two meanings: refused."""
+    found = None
     for name in names:
         value = params.get(name)
-        if value is not None and value.strip(_SPACE) != "":
-            return value.strip(_SPACE)
-    return None
+        if value is None or value.strip(_SPACE) == "":
+            continue
+        value = value.strip(_SPACE)
+        if found is not None and value != found:
+            raise MalformedPostback(f"{'/'.join(names)}: given twice with different values")
+        found = value
+    return found
 
 
 def parse_money(raw: str, name: str) -> Decimal:
@@ -99,7 +127,7 @@ def parse_time(raw: str, fmt: str) -> datetime:
     return parsed
 
 
-def read_postback(params: Mapping[str, str], profile: Profile, default_currency: str = "USD") -> Postback:
+def read_postback(params: Mapping[str, str], profile: Profile) -> Postback:
     """The canonical postback from a network's parameters (names already lower-cased)."""
     p = profile.params
     order_id = _field(params, p["order_id"])
@@ -110,18 +138,19 @@ def read_postback(params: Mapping[str, str], profile: Profile, default_currency:
     word = _field(params, p["status"])
     if word is None:
         raise MalformedPostback("status is missing")
-    status = profile.statuses.get(word.lower())
+    # ASCII case folding only: "chargebac\u212a" (a Kelvin sign) must not read as "chargeback".
+    status = profile.statuses.get(word.lower()) if word.isascii() else None
     if status is None:
         raise MalformedPostback(f"status: {word[:40]!r} is not a status word of {profile.name}")
-    # A network that reports no commission (some generic set-ups) pays none we know of: 0, shown
-    # as a zero-commission order, corrected by any later postback that carries one.
     raw_commission = _field(params, p["commission"])
-    commission = parse_money(raw_commission, "commission") if raw_commission is not None else Decimal(0)
+    commission = parse_money(raw_commission, "commission") if raw_commission is not None else None
     raw_amount = _field(params, p["amount"])
     amount = parse_money(raw_amount, "amount") if raw_amount is not None else None
-    currency = (_field(params, p["currency"]) or default_currency).upper()
-    if not _CURRENCY.fullmatch(currency):
-        raise MalformedPostback(f"currency: {currency[:10]!r} is not an ISO 4217 code")
+    currency = _field(params, p["currency"])
+    if currency is not None:
+        if not _CURRENCY.fullmatch(currency):
+            raise MalformedPostback(f"currency: {currency[:10]!r} is not an ISO 4217 code")
+        currency = currency.upper()
     raw_time = _field(params, p["order_time"])
     order_time = parse_time(raw_time, profile.time) if raw_time is not None else None
     click_id = _field(params, p["click_id"])
@@ -170,15 +199,6 @@ def transition(current: str, new: str) -> str:
     return "ignored"
 
 
-@dataclass(frozen=True, slots=True)
-class Terms:
-    """What a conversion says now: the values a postback may change."""
-    status: str
-    amount: Decimal | None
-    commission: Decimal
-    currency: str
-
-
 def settle(current: Terms, pb: Postback) -> str:
     """What a postback about a known order does to it:
 
@@ -195,14 +215,14 @@ def settle(current: Terms, pb: Postback) -> str:
         return "ignored"
     if move == "forward":
         return "moved"
-    new_amount = current.amount if pb.amount is None else pb.amount
-    if (pb.commission, new_amount, pb.currency) == (current.commission, current.amount, current.currency):
+    new = pb.terms(current)
+    if (new.commission, new.amount, new.currency) == (current.commission, current.amount, current.currency):
         return "duplicate"
     if current.status == "pending":
         return "corrected"
-    lowered = (current.status == "approved" and pb.currency == current.currency
-               and pb.commission <= current.commission
-               and (pb.amount is None or current.amount is None or pb.amount <= current.amount))
+    lowered = (current.status == "approved" and new.currency == current.currency
+               and new.commission <= current.commission
+               and (current.amount is None or (new.amount is not None and new.amount <= current.amount)))
     return "adjusted" if lowered else "refused"
 
 

@@ -16,6 +16,13 @@ class InvalidUserId(ValueError):
     pass
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Constant-time equality of a secret sent to us and ours, for any text a client can send: a
+    header's bytes that are not UTF-8 arrive as lone surrogates, and non-ASCII `str`s are refused by
+    compare_digest itself, so both sides are compared as bytes."""
+    return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected.encode("utf-8", "surrogatepass"))
+
+
 def _derive(secret: str) -> bytes:
     # A derived key, so the same secret can sign other things without cross-use.
     return hmac.new(secret.encode(), b"tracker/user-token/v1", hashlib.sha256).digest()
@@ -54,12 +61,12 @@ class UserTokens:
         user_id, dot, sig = token.rpartition(".")
         if not dot or len(sig) != _SIG_LEN or not USER_ID.fullmatch(user_id):
             return None
-        if not hmac.compare_digest(sig, self._sign(user_id)):
+        if not same_secret(sig, self._sign(user_id)):
             # Not the current secret's. Within the grace period the previous secret's tokens still
             # pass; they are not cached, so that they stop passing the moment the period ends.
             if self._previous is not None and (self._previous_until is None
                                                or time.time() < self._previous_until):
-                if hmac.compare_digest(sig, self._sign(user_id, self._previous)):
+                if same_secret(sig, self._sign(user_id, self._previous)):
                     return user_id
             return None
         if len(self._seen) >= self.CACHE:

@@ -53,15 +53,16 @@ async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, 
                 "VALUES ($1, $2, $3, $4, $5::jsonb)", network, pb.order_id, pb.click_id, reason, raw_json)
             return Recorded("orphan", click_id=pb.click_id, reason=reason)
         share = merchant.user_share if merchant else Decimal(0)
-        owed = cashback(pb.commission, share, pb.currency, pb.status)
+        terms = pb.terms(None)
+        owed = cashback(terms.commission, share, terms.currency, terms.status)
         conversion_id = await conn.fetchval(
             "INSERT INTO conversions (network, order_id, click_id, click_created_at, user_id, merchant, "
             "status, status_word, amount, commission, currency, user_share, cashback, order_time) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) "
             "ON CONFLICT (network, order_id) DO NOTHING RETURNING id",
             network, pb.order_id, click["click_id"], click["created_at"], click["user_id"],
-            click["merchant"], pb.status, pb.status_word, pb.amount, pb.commission, pb.currency, share,
-            owed, pb.order_time)
+            click["merchant"], terms.status, pb.status_word, terms.amount, terms.commission, terms.currency,
+            share, owed, pb.order_time)
         if conversion_id is not None:
             result = Recorded("accepted", conversion_id, click["merchant"], pb.status, True,
                               click["click_id"], click["user_id"])
@@ -99,12 +100,12 @@ async def _update(conn: asyncpg.Connection, network: str, pb: Postback) -> Recor
         return Recorded("duplicate", status=row["status"], **base)
     if effect == "refused":
         return Recorded("adjustment_refused", status=row["status"], **base)
-    owed = cashback(pb.commission, row["user_share"], pb.currency, pb.status)
+    new = pb.terms(current)
+    owed = cashback(new.commission, row["user_share"], new.currency, new.status)
     await conn.execute(
-        "UPDATE conversions SET status = $2, status_word = $3, amount = COALESCE($4, amount), "
-        "commission = $5, currency = $6, cashback = $7, order_time = COALESCE($8, order_time), "
-        "updated_at = now() WHERE id = $1",
-        row["id"], pb.status, pb.status_word, pb.amount, pb.commission, pb.currency, owed, pb.order_time)
+        "UPDATE conversions SET status = $2, status_word = $3, amount = $4, commission = $5, currency = $6, "
+        "cashback = $7, order_time = COALESCE($8, order_time), updated_at = now() WHERE id = $1",
+        row["id"], new.status, pb.status_word, new.amount, new.commission, new.currency, owed, pb.order_time)
     return Recorded("accepted", status=pb.status, status_changed=effect == "moved", **base)
 
 

@@ -25,14 +25,20 @@ from .tasks import cancel_and_wait
 
 log = structlog.get_logger("tracker.signals")
 COLUMNS = ("click_id", "merchant", "kind", "network", "evidence", "at", "late")
+# Several workers (and pods) flush states of one click, each from its own queue, so an older state
+# can arrive after a newer one. A click's state only moves forward (active -> overwritten | expired
+# -> converted; overwritten and expired are for good), so a state that would move it back is older
+# news and leaves the row, detector included, as it is.
 _UPSERT_STATE = (
     "INSERT INTO click_states (click_id, created_at, state, overwritten_at, detector, "
     "user_id, merchant) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7) "
     "ON CONFLICT (click_id) DO UPDATE SET "
     "state = CASE WHEN click_states.state = 'converted' THEN 'converted' "
+    "WHEN click_states.state <> 'active' AND EXCLUDED.state = 'active' THEN click_states.state "
     "ELSE EXCLUDED.state END, "
     "overwritten_at = COALESCE(click_states.overwritten_at, EXCLUDED.overwritten_at), "
-    "detector = EXCLUDED.detector, user_id = EXCLUDED.user_id, "
+    "detector = CASE WHEN click_states.state <> 'active' AND EXCLUDED.state = 'active' "
+    "THEN click_states.detector ELSE EXCLUDED.detector END, user_id = EXCLUDED.user_id, "
     "merchant = EXCLUDED.merchant, updated_at = now()")
 Row = tuple[str, tuple[Any, ...]]  # ("signal" | "state", the row's values)
 

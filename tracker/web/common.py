@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import ipaddress
 import time
 from typing import Any, Awaitable, Callable
@@ -12,9 +11,10 @@ import orjson
 import redis.exceptions
 import structlog
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from .. import keys, metrics
+from ..domain.tokens import same_secret
 from ..errors import BadRequest, DomainError, RequestTimeout, TooLarge, Unauthorized
 from ..settings import IPNetwork
 
@@ -164,6 +164,10 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                     raise TooLarge(f"the body is larger than {limit} bytes")
     except TimeoutError:
         raise RequestTimeout("the request body did not arrive in time") from None
+    except RequestPayloadError:  # a Content-Encoding the body is not in, a broken chunked framing
+        raise BadRequest("the request body could not be decoded", code="malformed") from None
+    except ConnectionError:  # the client went away mid-body: its doing, not a backing service's
+        raise BadRequest("the connection closed before the body arrived", code="malformed") from None
     return b"".join(chunks)
 
 
@@ -201,7 +205,7 @@ def require_admin(request: web.Request, admin_key: str) -> None:
     key = bearer(request)
     if key is None:
         raise Unauthorized("an admin key is required: Authorization: Bearer <key>")
-    if not hmac.compare_digest(key.encode(), admin_key.encode()):
+    if not same_secret(key, admin_key):
         raise Unauthorized("the admin key is not valid")
 
 

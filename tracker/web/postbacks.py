@@ -22,6 +22,7 @@ from ..domain.conversions import MalformedPostback, Postback, read_postback
 from ..domain.networks import Network
 from ..domain.profiles import profiles
 from ..domain.text import has_control
+from ..domain.tokens import same_secret
 from ..errors import BadRequest, DomainError, Forbidden, NotFound
 from ..store.conversions import record_postback
 from .common import client_ip, json_object, read_body
@@ -36,18 +37,28 @@ CONVERTED_STATE_TTL = 120 * 86400
 
 def _pairs(text: str) -> list[tuple[str, str]]:
     try:
-        return parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FIELDS)
+        # Strict UTF-8: replacing bad escapes would make `o1%FF` and `o1%FE` the same order id.
+        return parse_qsl(text, keep_blank_values=True, max_num_fields=MAX_FIELDS, errors="strict")
+    except UnicodeDecodeError:
+        raise BadRequest("a parameter is not UTF-8", code="malformed") from None
     except ValueError:  # more fields than MAX_FIELDS
         raise BadRequest("too many parameters", code="malformed") from None
+
+
+def fold(name: str) -> str:
+    """A parameter name as profiles spell them: ASCII letters lower-cased, nothing else folded
+    ("to\u212aen", with a Kelvin sign, lower-cases to "token" and must not read as it)."""
+    return name.lower() if name.isascii() else name
 
 
 def _body_pairs(request: web.Request, body: bytes) -> list[tuple[str, str]]:
     if request.content_type == "application/json":
         json_object(body)  # valid JSON (orjson's strict reading), an object, not nested deep
-        # Read again keeping every member: a name given twice is refused, not silently resolved to
-        # its last value as a dict would.
+        # Read again keeping every member (a name given twice is refused, not silently resolved to
+        # its last value as a dict would) and every number as its text: 1E3 is not money, and
+        # 1234567890.12345678 must not go through a float.
         pairs = []
-        for key, value in json.loads(body, object_pairs_hook=list):
+        for key, value in json.loads(body, object_pairs_hook=list, parse_float=str, parse_int=str):
             if isinstance(value, (dict, list)):
                 raise BadRequest(f"{key[:40]}: nested values are not allowed", code="malformed")
             pairs.append((key, "" if value is None else str(value).lower() if isinstance(value, bool)
@@ -55,6 +66,10 @@ def _body_pairs(request: web.Request, body: bytes) -> list[tuple[str, str]]:
         return pairs
     if not body:
         return []
+    if body.lstrip()[:1] in (b"{", b"["):
+        # A signature covers the bytes, not how they are read: a JSON body read as a form would let
+        # a value the network passed through (a sub-id) carry `&name=value` pairs of its own.
+        raise BadRequest("a JSON body must be sent as application/json", code="malformed")
     try:
         return _pairs(body.decode("utf-8"))
     except UnicodeDecodeError:
@@ -86,7 +101,7 @@ def _one_meaning(pairs: list[tuple[str, str]]) -> tuple[dict[str, str], dict[str
             raise BadRequest(f"parameter {key[:40]!r} is oversized", code="malformed")
         if has_control(key) or has_control(value):
             raise BadRequest(f"parameter {key[:40]!r} has control characters", code="malformed")
-        name = key.lower()
+        name = fold(key)
         if name in params:
             raise BadRequest(f"parameter {key[:40]!r} is given more than once", code="duplicate_parameter")
         params[name] = value
@@ -107,21 +122,21 @@ def _authenticate(request: web.Request, network: Network, signed: bytes,
     if network.hmac_secret is not None:
         if not signed:
             raise Forbidden("an empty postback is not signed")
-        given = request.headers.get("X-Signature", "").strip().lower()
-        given = given.removeprefix("sha256=")
+        headers = request.headers.getall("X-Signature", [])
+        given = headers[0].strip().lower().removeprefix("sha256=") if len(headers) == 1 else ""
         expected = hmac.new(network.hmac_secret.encode(), signed, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise Forbidden("the X-Signature header is missing or does not match")
+        if not same_secret(given, expected):
+            raise Forbidden("the X-Signature header is missing, given more than once or does not match")
     if network.token is not None:
-        given_tokens = [value for key, value in pairs if key.lower() in SECRET_PARAMS]
-        if len(given_tokens) != 1 or not hmac.compare_digest(given_tokens[0].encode(), network.token.encode()):
+        given_tokens = [value for key, value in pairs if fold(key) in SECRET_PARAMS]
+        if len(given_tokens) != 1 or not same_secret(given_tokens[0], network.token):
             raise Forbidden("the token is missing, wrong or given more than once")
 
 
 def read_raw(network: Network, raw: dict[str, Any]) -> Postback | None:
     """Re-read a stored raw postback (reconciliation); None if it no longer reads."""
     try:
-        return read_postback({k.lower(): str(v) for k, v in raw.items()}, profiles()[network.profile])
+        return read_postback({fold(k): str(v) for k, v in raw.items()}, profiles()[network.profile])
     except (MalformedPostback, KeyError):
         return None
 
@@ -147,7 +162,7 @@ async def postback(request: web.Request) -> web.Response:
     except DomainError:
         metrics.postbacks(name, "malformed").inc()
         raise
-    raw = {k: v for k, v in sent.items() if k.lower() not in SECRET_PARAMS}
+    raw = {k: v for k, v in sent.items() if fold(k) not in SECRET_PARAMS}
     try:
         pb = read_postback(params, profiles()[network.profile])
     except MalformedPostback as exc:
