@@ -29,6 +29,33 @@ def _servers(env: dict[str, str]) -> bool:
     return True
 
 
+def _users_dir(env: dict[str, str]) -> Path:
+    return Path(env["TRACKER_DATA_DIR"]).absolute() / "embedded" / "users"
+
+
+def _join(env: dict[str, str]) -> None:
+    """Note this process as a user of the embedded servers (several `make test` runs may share them)."""
+    users = _users_dir(env)
+    users.mkdir(parents=True, exist_ok=True)
+    (users / str(os.getpid())).touch()
+
+
+def _leave_and_stop(env: dict[str, str]) -> None:
+    """Stop the embedded servers unless another live process still uses them."""
+    users = _users_dir(env)
+    (users / str(os.getpid())).unlink(missing_ok=True)
+    for entry in users.glob("*"):
+        try:
+            os.kill(int(entry.name), 0)
+        except (ValueError, ProcessLookupError):
+            entry.unlink(missing_ok=True)  # a run that died without cleaning up
+        except PermissionError:
+            return  # alive, another user's
+        else:
+            return  # alive: it stops them when it is done
+    embedded.stop(Path(env["TRACKER_DATA_DIR"]))
+
+
 def _interrupt(signum: int, _: object) -> None:
     raise KeyboardInterrupt
 
@@ -39,6 +66,8 @@ def run() -> int:
     env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
     env.setdefault("TRACKER_LOG_FORMAT", "console")
     started = _servers(env)
+    if started:
+        _join(env)
     try:
         subprocess.run([*TRACKER, "migrate"], env=env, check=True)
         subprocess.run([*TRACKER, "merchants", "sync", str(ROOT / "deploy/merchants.example.yaml")],
@@ -64,7 +93,7 @@ def run() -> int:
         return 0
     finally:
         if started:
-            embedded.stop(Path(env["TRACKER_DATA_DIR"]))
+            _leave_and_stop(env)
 
 
 def _ensure_promtool() -> None:
@@ -86,11 +115,13 @@ def test(pytest_args: list[str]) -> int:
     env = dict(os.environ)
     env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
     started = _servers(env)
+    if started:
+        _join(env)
     try:
         rc = subprocess.run([sys.executable, "-m", "pytest", *pytest_args], env=env, cwd=ROOT).returncode
     finally:
         if started:
-            embedded.stop(Path(env["TRACKER_DATA_DIR"]))
+            _leave_and_stop(env)
     return rc
 
 
