@@ -17,7 +17,11 @@ def resolve_servers(settings: Settings) -> Settings:
         return settings
     from . import embedded
 
-    servers = embedded.start(settings.data_dir)
+    try:
+        servers = embedded.start(settings.data_dir)
+    except embedded.EmbeddedMissing as exc:
+        print(f"tracker: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     return settings.with_servers(settings.database_url or servers.database_url,
                                  settings.redis_url or servers.redis_url)
 
@@ -93,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p_serve.add_argument("--host")
     p_serve.add_argument("--port", type=int)
     p_serve.add_argument("--workers", type=int)
-    sub.add_parser("migrate", help="apply sql/ migrations")
+    sub.add_parser("migrate", help="apply the migrations shipped in the package (tracker/sql)")
     p_m = sub.add_parser("merchants", help="merchants file commands")
     p_m_sub = p_m.add_subparsers(dest="action", required=True)
     p_sync = p_m_sub.add_parser("sync", help="make the merchants table match FILE")
@@ -138,7 +142,14 @@ def main(argv: list[str] | None = None) -> int:
                      settings.port if args.port is None else args.port,
                      args.workers or settings.workers)
     if args.command == "migrate":
-        applied = asyncio.run(_migrate(settings))
+        from .store.db import MigrationsError
+
+        try:
+            applied = asyncio.run(_migrate(settings))
+        except MigrationsError as exc:
+            print(f"tracker: {exc}; nothing was applied (the package ships them in tracker/sql; "
+                  "TRACKER_SQL_DIR, when set, must name a directory that holds them)", file=sys.stderr)
+            return 1
         print(json.dumps({"applied": applied}))
         return 0
     if args.command == "merchants":

