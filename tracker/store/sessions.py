@@ -1,5 +1,6 @@
-"""Activation sessions and rate limits in Redis, batched: one pipeline every few milliseconds
-carries every session write and rate-limit count gathered meanwhile, so no request waits for Redis.
+"""Activation sessions and rate limits in Redis, batched: one script call every few milliseconds
+carries every session write and rate-limit count gathered meanwhile, so no request waits for Redis
+(rate limits: ratelimit.py; only a user at the edge of a limit waits for one round trip).
 
 Redis trouble never blocks a redirect: while Redis is down rate limits hold per worker only and
 session writes are dropped (counted in tracker_redis_fail_open_total, logged once per outage), and a
@@ -13,8 +14,11 @@ machine an EVAL of 1,000 sessions, ~3 ms when idle, took up to 1.6 s (Redis's ow
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
+import socket
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import orjson
 import redis.asyncio as aioredis
@@ -22,10 +26,12 @@ import structlog
 from redis.exceptions import ResponseError
 
 from .. import metrics
+from .ratelimit import COUNTS_LUA, EDGE, Check, RateLimits, Sent, Verdict
 from .tasks import cancel_and_wait
 
 log = structlog.get_logger("tracker.redis")
 SYNC_TIMEOUT = 5.0
+HEARTBEAT = 20.0  # seconds between calls of an idle worker (it counts in W for LIVE_FOR = 60 s)
 MAX_PENDING = 100_000
 _SAVE_STATE = """
 local current = redis.call('GET', KEYS[1])
@@ -36,34 +42,34 @@ redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', KEYS[2], ARGV[1])
 return 1
 """
+# One call per interval: every session write, then every rate-limit line (ratelimit.COUNTS_LUA).
 _SYNC = r"""
 for key, ttl, value in string.gmatch(ARGV[1], '([^\t\n]+)\t(%d+)\t([^\n]*)') do
   redis.call('SET', key, value, 'EX', ttl)
 end
-local totals = {}
-for key, delta in string.gmatch(ARGV[2], '([^\t\n]+)\t(%d+)') do
-  local total = redis.call('INCRBY', key, delta)
-  if total == tonumber(delta) then
-    redis.call('EXPIRE', key, 61)  -- a new window's key: give it its end
-  end
-  totals[#totals + 1] = total
-end
-return totals
-"""
+""" + COUNTS_LUA
 
 
 class SessionStore:
     def __init__(self, client: aioredis.Redis, prefix: str, timeout: float = 0.5,
                  sync_timeout: float = SYNC_TIMEOUT) -> None:
         self.client, self.prefix, self.timeout, self.sync_timeout = client, prefix, timeout, sync_timeout
-        self.ok = True
         self._ops: list[tuple[str, bytes, int]] = []  # session writes: key, JSON, TTL
-        self._window = 0
-        self._known: dict[str, int] = {}  # rate-limit key -> all workers' count at the last sync
-        self._local: dict[str, int] = {}  # rate-limit key -> this worker's hits since the last sync
         self._wake = asyncio.Event()
+        self.limits = RateLimits(self._wake)
+        self.ok = True
+        # This worker in Redis's set of live workers (W of the rate limits): unique across pods.
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._task: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.limits.up
+
+    @ok.setter
+    def ok(self, up: bool) -> None:
+        self.limits.up = up
 
     # -- public -------------------------------------------------------------------------------
     def state_key(self, click_id: str) -> str:
@@ -112,33 +118,52 @@ class SessionStore:
         self._ops.append((self.session_key(click_id), orjson.dumps(session), ttl))
         self._wake.set()
 
-    def over_limit(self, checks: list[tuple[str, str, int]]) -> tuple[str, int] | None:
+    def over_limit(self, checks: Sequence[Check]) -> Verdict:
         """Count one hit for each (scope, key, limit-per-minute); the first scope over its limit and
-        the seconds until its window ends, or None.
+        the seconds to wait, or None. Decided in memory (ratelimit.py), without waiting; at the edge
+        of a limit from this worker's view alone (over_limit_exact holds the bound across workers)."""
+        return self.limits.check(checks)
 
-        Decided locally, without a Redis round trip: the count is the total all workers had reached
-        at the last sync plus this worker's hits since. A sync every `sync_interval` adds the local
-        hits to Redis (INCRBY) and reads the new totals, so across workers a limit can be overshot by
-        at most what the other workers admit within one interval. While Redis is down the limits
-        still hold per worker."""
-        now = time.time()
-        window = int(now // 60)
-        if window != self._window:
-            self._window, self._known, self._local = window, {}, {}
-        keys = []
-        for scope, key, limit in checks:
-            if limit <= 0:
-                continue
-            name = f"{scope}:{key}"
-            if self._known.get(name, 0) + self._local.get(name, 0) >= limit:
-                metrics.RATE_LIMITED.labels(scope).inc()
-                return scope, int(60 - now % 60) + 1
-            keys.append(name)
-        for name in keys:
-            self._local[name] = self._local.get(name, 0) + 1
-        if keys:
-            self._wake.set()
-        return None
+    async def over_limit_exact(self, checks: Sequence[Check]) -> Verdict:
+        """over_limit with the bound across workers: decided in memory, except for a key at the edge
+        of its limit, which Redis decides (one atomic script call each: only a user at the edge
+        waits for a round trip). /go calls `limits.check(checks, edge=True)` itself first and
+        this only for EDGE. A request refused by a later key keeps its count for an earlier one
+        (a hit more, only at the edge)."""
+        limits, pending = self.limits, list(checks)
+        for _ in range(len(pending)):
+            verdict = limits.check(pending, edge=True)
+            if verdict is not EDGE:
+                return verdict
+            for scope, key, limit in list(pending):
+                prepared = limits.edge_line(f"{scope}:{key}") if limit > 0 else None
+                if prepared is None:
+                    continue
+                answer = await self._count(*prepared)
+                if answer is None:  # no answer in time: this worker's view decides
+                    return limits.check(pending)
+                admitted, counted = answer
+                if not admitted:  # until the minute ends, or a second when others hold the rest
+                    metrics.RATE_LIMITED.labels(scope).inc()
+                    return scope, (int(60 - limits.clock() % 60) + 1) if counted >= limit else 1
+                pending.remove((scope, key, limit))
+        return limits.check(pending)
+
+    async def _count(self, line: str, sent: Sent, window: int) -> tuple[bool, int] | None:
+        """One edge call: admitted or not and the count, None if Redis did not answer. Its failure
+        does not mark Redis down (the batch call finds that out, with its longer deadline)."""
+        try:
+            reply = await asyncio.wait_for(self.client.eval(
+                _SYNC, 0, b"", line, self.prefix, self.worker_id, int(time.time())), self.timeout)
+        except asyncio.CancelledError:
+            self.limits.settle(sent, None, window)
+            raise
+        except Exception:  # noqa: BLE001 - fail open: decided per worker
+            self.limits.settle(sent, None, window)
+            metrics.REDIS_FAIL_OPEN.labels("rate_limit").inc()
+            return None
+        admitted = self.limits.settle_edge(sent, reply, window)
+        return bool(admitted), int(reply[1])
 
     async def ping(self) -> bool:
         try:
@@ -152,51 +177,54 @@ class SessionStore:
 
     async def stop(self) -> None:
         await cancel_and_wait([self._task, self._probe])
-        if self.ok and (self._ops or self._local):  # the last interval's writes, if Redis takes them now
-            await self._sync_once(self.timeout)
+        if self.ok and (self._ops or self.limits.active):  # the last interval's writes, reservations back
+            await self._sync_once(self.timeout, final=True)
         self._fail_pending()
 
     async def _run(self, sync_interval: float = 0.05) -> None:
         while True:
-            if not self._ops and not self._local:
-                self._wake.clear()
-                await self._wake.wait()
-            if not self.ok:
+            # The first call, and one after HEARTBEAT seconds with nothing to send, only tell Redis
+            # that this worker is alive: the rate limits' shares are per live worker.
+            if self.ok:
+                await self._sync_once(self.sync_timeout)
+            else:
                 self._fail_pending()
-                await asyncio.sleep(sync_interval)
-                continue
-            await self._sync_once(self.sync_timeout)
-            # Gather a little before the next round trip: one pipeline per interval, not per request.
+            # Gather a little before the next round trip: one call per interval, not per request.
             await asyncio.sleep(sync_interval)
+            if not self._ops and not self.limits.active:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), HEARTBEAT)
+                except TimeoutError:
+                    pass
 
-    async def _sync_once(self, timeout: float) -> None:
+    async def _sync_once(self, timeout: float, final: bool = False) -> None:
         ops, self._ops = self._ops, []
-        window, deltas, self._local = self._window, self._local, {}
+        counts, sent, window = self.limits.batch(final)
         # One script call carries the whole interval: every session write and every rate-limit
-        # count, each packed into one argument, so there is one string to build, one command to
+        # line, each packed into one argument, so there is one string to build, one command to
         # pack and one reply to parse instead of two or three per click.
         sessions = b"\n".join(b"%s\t%d\t%s" % (key.encode(), ttl, body) for key, body, ttl in ops)
-        names = list(deltas)
-        counts = "\n".join(f"{self.prefix}rl:{name}:{window}\t{deltas[name]}" for name in names)
         try:
-            totals = await asyncio.wait_for(self.client.eval(_SYNC, 0, sessions, counts), timeout)
+            reply = await asyncio.wait_for(self.client.eval(
+                _SYNC, 0, sessions, counts, self.prefix, self.worker_id, int(time.time())), timeout)
         except asyncio.CancelledError:
             # Stopping mid-call: the sessions go back for stop()'s last call (writing one twice is
             # harmless); the counts are not sent again, so no hit is counted twice.
             self._ops[:0] = ops
+            self.limits.settle(sent, None, window)
             raise
         except ResponseError as exc:
-            log.error("redis_sync_failed", error=str(exc)[:200], sessions=len(ops), counters=len(names))
+            log.error("redis_sync_failed", error=str(exc)[:200], sessions=len(ops), counters=len(sent))
             metrics.REDIS_FAIL_OPEN.labels("session").inc(len(ops))
+            self.limits.settle(sent, None, window)
             return
         except Exception as exc:  # noqa: BLE001 - fail open
             metrics.REDIS_FAIL_OPEN.labels("session").inc(len(ops))
+            self.limits.settle(sent, None, window)
             self._down(exc)
             return
-        if window == self._window:
-            for name, total in zip(names, totals):
-                if isinstance(total, int):
-                    self._known[name] = total
+        self.limits.settle(sent, reply, window)
 
     def _fail_pending(self) -> None:
         if self._ops:

@@ -14,6 +14,7 @@ from ..domain.clickid import new_click_id
 from ..domain.targets import BadTarget, check_target
 from ..domain.text import without_control
 from ..errors import BadRequest, NotFound, RateLimited, Unauthorized
+from ..store.ratelimit import EDGE
 from .common import client_ip
 
 log = structlog.get_logger("tracker.activation")
@@ -83,10 +84,13 @@ async def activate_in(app: web.Application, request: web.BaseRequest, slug: str)
     settings = app[keys.SETTINGS]
     ip = client_ip(request, settings.trusted_proxies)
     sessions = app[keys.SESSIONS]
-    over = sessions.over_limit([("ip", ip, settings.rate_limit_ip),
-                                      ("user", user_id, settings.rate_limit_user)])
+    checks = (("ip", ip, settings.rate_limit_ip), ("user", user_id, settings.rate_limit_user))
+    over = sessions.limits.check(checks, edge=True)  # decided in memory
     if over is not None:
-        raise RateLimited(f"too many activations per {over[0]}, retry later", over[1])
+        if over is EDGE:  # a limit nearly reached: Redis decides, one round trip
+            over = await sessions.over_limit_exact(checks)
+        if over is not None:
+            raise RateLimited(f"too many activations per {over[0]}, retry later", over[1])
 
     user_agent = request.headers.get("User-Agent", "")
     bot = request.method == "HEAD" or is_bot(user_agent)

@@ -1,0 +1,188 @@
+"""Rate limits across workers (store/ratelimit.py): the real `tracker serve` with several worker
+processes against one Redis, one user far over the limit from many connections at once; the
+allowance arithmetic against the real script with every order of calls and answers; Redis down."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import random
+import time
+from typing import Callable
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from tracker.store.ratelimit import EDGE, RateLimits, Sent, blind_budget
+from tracker.store.sessions import _SYNC, SessionStore
+
+from .conftest import BROWSER, free_port, serve_process
+
+LIMIT = 60
+
+
+async def _burst(base: str, token: str, requests: int, connections: int) -> collections.Counter[int]:
+    """`requests` activations of one user over `connections` concurrent clients, each request on a
+    new connection so that the kernel spreads them over the workers (SO_REUSEPORT)."""
+    statuses: collections.Counter[int] = collections.Counter()
+    queue = iter(range(requests))
+
+    async def client() -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            for _ in queue:
+                async with session.get(base + "/go/nike", params={"u": token}, allow_redirects=False,
+                                       headers=BROWSER) as resp:
+                    statuses[resp.status] += 1
+
+    await asyncio.gather(*(client() for _ in range(connections)))
+    return statuses
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4])
+async def test_a_user_flooding_every_worker_gets_the_limit_and_at_most_ten_percent_more(
+        settings, tokens, workers):
+    env = {"TRACKER_RATE_LIMIT_USER": str(LIMIT), "TRACKER_RATE_LIMIT_DELAY_MS": "20"}
+    async with serve_process(settings, workers=workers, env=env) as (_, base):
+        token = tokens.mint(f"flood-{workers}-{time.time_ns()}")
+        if time.time() % 60 > 45:  # the counts are per minute: do not straddle a window's end
+            await asyncio.sleep(60 - time.time() % 60 + 0.1)
+        statuses = await _burst(base, token, requests=6 * LIMIT, connections=32)
+    assert set(statuses) <= {302, 429}, statuses
+    assert LIMIT <= statuses[302] <= LIMIT * 1.1, statuses
+
+
+# -- the allowance arithmetic against the real script, with adversarial timing ------------------------
+Call = tuple["Worker", str, str, Sent, int]  # worker, "sync" or "edge", line, what it carried, minute
+
+
+class Worker:
+    """A RateLimits whose calls to Redis are sent, run and answered when the simulation says."""
+
+    def __init__(self, n: int, clock: Callable[[], float]) -> None:
+        self.id, self.limits, self.syncing = f"sim-{n}", RateLimits(clock=clock), False
+
+
+async def _simulate(redis_url: str, prefix: str, workers: int, limit: int, seed: int,
+                    steps: int = 2000) -> tuple[int, list[int]]:
+    """One user hits random workers while their syncs and edge calls are sent, run by Redis and
+    answered in a random order (a sync at a time per worker, as SessionStore does). Asserts the
+    bound at every step; returns the hits admitted in the end (after a quiet sync of every worker
+    and more hits) and, for each refusal, the hits admitted before it."""
+    rng = random.Random(seed)
+    sim = [Worker(n, lambda: 60_000_000 + 5.0) for n in range(workers)]
+    client = aioredis.Redis.from_url(redis_url)
+    sent: list[Call] = []  # not yet run by Redis
+    ran: list[tuple[Call, list[int]]] = []  # run, the answer not yet back
+    admitted, refused_at = 0, []
+    bound = limit + max(limit // 10, workers)
+
+    async def run(call: Call) -> None:
+        reply = await client.eval(_SYNC, 0, b"", call[2], prefix, call[0].id, int(time.time()))
+        ran.append((call, reply))
+
+    def deliver(call: Call, reply: list[int]) -> None:
+        nonlocal admitted
+        worker, kind, _, what, window = call
+        if kind == "sync":
+            worker.syncing = False
+            worker.limits.settle(what, reply, window)
+        elif worker.limits.settle_edge(what, reply, window):
+            admitted += 1
+        else:
+            refused_at.append(admitted)
+
+    def hit(worker: Worker) -> None:
+        nonlocal admitted
+        verdict = worker.limits.check([("user", "flood", limit)], edge=True)
+        if verdict is None:
+            admitted += 1
+        elif verdict is EDGE:
+            prepared = worker.limits.edge_line("user:flood")
+            assert prepared is not None
+            sent.append((worker, "edge", *prepared))
+        else:
+            refused_at.append(admitted)
+
+    def sync(worker: Worker) -> None:
+        line, what, window = worker.limits.batch()
+        if line:
+            worker.syncing = True
+            sent.append((worker, "sync", line, what, window))
+
+    try:
+        for worker in sim:  # each worker's first call, at its start: it counts in W from then on
+            await client.eval(_SYNC, 0, b"", "", prefix, worker.id, int(time.time()))
+        for _ in range(steps):
+            worker, roll = rng.choice(sim), rng.random()
+            if roll < 0.5:
+                hit(worker)
+            elif roll < 0.7 and not worker.syncing:
+                sync(worker)
+            elif roll < 0.85 and sent:
+                await run(sent.pop(rng.randrange(len(sent))))
+            elif ran:
+                deliver(*ran.pop(rng.randrange(len(ran))))
+            assert admitted <= bound, (admitted, bound)
+        for _ in range(3):  # everything answered, then a sync with no hits: reservations go back
+            while sent or ran:
+                if sent:
+                    await run(sent.pop(0))
+                deliver(*ran.pop(0))
+            for worker in sim:
+                sync(worker)
+        for _ in range(2 * limit):
+            hit(rng.choice(sim))
+            while sent or ran:
+                if sent:
+                    await run(sent.pop(0))
+                deliver(*ran.pop(0))
+            assert admitted <= bound, (admitted, bound)
+    finally:
+        await client.aclose()
+    return admitted, refused_at
+
+
+@pytest.mark.parametrize("workers,limit", [(1, 60), (2, 60), (3, 60), (4, 60), (4, 5), (8, 60), (3, 1200)])
+async def test_any_timing_of_syncs_keeps_the_overshoot_within_the_bound(settings, workers, limit):
+    """The bound (ratelimit.py): at most max(limit // 10, W) over, whatever order Redis runs the
+    workers' calls in and answers them; and the whole limit is admitted once the workers have
+    synced."""
+    for seed in range(8):
+        prefix = f"{settings.redis_prefix}sim:{workers}:{limit}:{seed}:"
+        admitted, refused_at = await _simulate(settings.redis_url, prefix, workers, limit, seed)
+        assert limit <= admitted <= limit + max(limit // 10, workers), (seed, admitted)
+
+
+def test_the_blind_budget_is_a_tenth_of_the_limit_shared_by_the_workers():
+    assert [blind_budget(60, w) for w in (1, 2, 3, 4, 6, 7, 100)] == [6, 3, 2, 1, 1, 1, 1]
+    assert blind_budget(1200, 4) == 30 and blind_budget(1, 1) == 1 and blind_budget(5, 0) == 1
+    for limit in range(1, 200):
+        for workers in range(1, 9):
+            assert workers * blind_budget(limit, workers) <= max(limit // 10, workers)
+
+
+def test_a_new_minute_starts_from_zero_and_one_worker_alone_is_exact():
+    now = [60_000_000 * 60 + 58.0]
+    limits = RateLimits(clock=lambda: now[0])  # never synced: every hit is decided in memory
+    verdicts = [limits.check([("user", "minute", 5)]) for _ in range(7)]
+    assert verdicts[:5] == [None] * 5 and [v[0] for v in verdicts[5:]] == ["user", "user"]
+    now[0] += 2.5  # the next minute
+    assert limits.check([("user", "minute", 5)]) is None
+    assert limits.check([("ip", "10.0.0.1", 0), ("user", "other", 5)]) is None  # 0: no limit
+
+
+async def test_while_redis_is_down_each_worker_holds_the_limit_on_its_own(settings):
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    store = SessionStore(client, settings.redis_prefix, timeout=0.2, sync_timeout=0.2)
+    await store.start()  # its first call (the heartbeat) finds Redis down
+    try:
+        for _ in range(200):
+            if not store.ok:
+                break
+            await asyncio.sleep(0.01)
+        assert not store.ok
+        verdicts = [await store.over_limit_exact([("user", "offline", 5)]) for _ in range(7)]
+        assert verdicts[:5] == [None] * 5 and [v[0] for v in verdicts[5:]] == ["user", "user"]
+    finally:
+        await store.stop()
+        await client.aclose()

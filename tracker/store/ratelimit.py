@@ -1,0 +1,247 @@
+"""Per-minute rate limits, decided in each worker's memory and bounded across workers and pods.
+
+Redis keeps two numbers per key and minute: `rl:` the hits counted and `rr:` the hits reserved by
+workers, and a set of the workers that synced in the last minute (`rl-workers`, W). A worker admits a
+hit without asking Redis in two cases:
+- from its reservation: a share of what is left, ceil((limit - counted - reserved) / W), taken
+  atomically by the sync script (every 50 ms while the key is busy, given back after a quiet
+  interval). Hits admitted this way can never pass the limit: the script never lets counted +
+  reserved pass it.
+- "blind", without a reservation (a key this worker has not seen busy): at most
+  blind_budget(limit, W) such hits not yet counted in Redis at any time, and only while the last
+  answer from Redis showed counted + reserved below the limit.
+Past both, the key is at its edge and one script call counts this worker's pending hits and the
+request's hit atomically (SessionStore.over_limit_exact): only a user at the edge of a limit pays a
+round trip. A caller that cannot wait (`check(..., edge=False)`) decides there from what this
+worker knows, as before this bound: exact per worker, not across workers.
+
+Bound: only blind hits can pass a limit, and at most W * blind_budget of them can be admitted
+against a full count (each worker stops at its first answer showing the count full), so a limit L is
+overshot by at most max(L // 10, W) hits across all workers (60/min with 2-4 workers: 66 at most).
+While Redis is down each worker holds each limit on its own (W workers: up to W * L).
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Callable, Sequence
+
+from .. import metrics
+
+Check = tuple[str, str, int]  # scope, key, limit per minute (0: none)
+Verdict = tuple[str, int] | None  # the refused scope and seconds to wait, or None: admitted
+EDGE: tuple[str, int] = ("edge", 1)  # check(..., edge=True): ask Redis (SessionStore.over_limit_exact)
+ASSUMED_WORKERS = 8  # until the first sync tells how many workers there are (a small blind budget)
+LIVE_FOR = 60  # seconds a worker counts in W after its last sync
+
+# Appended to the batch script (sessions.py). ARGV[2]: one line per key: name (scope:key:minute),
+# hits to count, reserved hits given back (used or released), reserved hits kept, limit, the
+# reservation wanted, this worker's blind hits that an earlier call (maybe not yet run) carries,
+# and 1 to admit one more hit if it fits. ARGV[3]: the key prefix, ARGV[4]: this worker's id,
+# ARGV[5]: the time. Every call is also the worker's heartbeat. Replies W, then per key: counted,
+# counted + reserved, this worker's reservation, admitted (0/1).
+COUNTS_LUA = r"""
+local prefix, live, now = ARGV[3], ARGV[3] .. 'rl-workers', tonumber(ARGV[5])
+redis.call('ZADD', live, now, ARGV[4])
+redis.call('ZREMRANGEBYSCORE', live, '-inf', now - """ + str(LIVE_FOR) + r""")
+redis.call('EXPIRE', live, """ + str(2 * LIVE_FOR) + r""")
+local workers = redis.call('ZCARD', live)
+local reply = {workers}
+for name, hits, back, kept, limit, want, pending, admit in string.gmatch(ARGV[2],
+    '([^\t\n]+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\t([01])') do
+  hits, back, kept, limit = tonumber(hits), tonumber(back), tonumber(kept), tonumber(limit)
+  want, pending = tonumber(want), tonumber(pending)
+  local counted, reserved = prefix .. 'rl:' .. name, prefix .. 'rr:' .. name
+  local c = redis.call('INCRBY', counted, hits)
+  if c == hits then
+    redis.call('EXPIRE', counted, 61)  -- a new minute's key: give it its end
+  end
+  local r0 = tonumber(redis.call('GET', reserved) or 0)
+  local r = math.max(r0 - back, 0)
+  local admitted = 0
+  if admit == '1' then
+    if c + r + pending < limit then
+      c = redis.call('INCRBY', counted, 1)
+      admitted = 1
+    else
+      want = 0
+    end
+  end
+  local held = kept
+  if want > kept then  -- a share of what is left, no more than this worker asks for
+    local free = limit - c - (r - kept) - pending
+    local share = math.min(free, math.ceil(free / workers), want)
+    if share > held then
+      r, held = r + share - held, share
+    end
+  end
+  if r ~= r0 then
+    redis.call('SET', reserved, r, 'EX', 61)
+  end
+  local n = #reply
+  reply[n + 1], reply[n + 2], reply[n + 3], reply[n + 4] = c, c + r, held, admitted
+end
+return reply
+"""
+
+
+def blind_budget(limit: int, workers: int) -> int:
+    """Hits one worker may admit for a key without a reservation and not yet counted in Redis: a
+    tenth of the limit shared by the workers, at least one (so the overshoot is at most
+    max(limit // 10, workers))."""
+    return max(1, limit // (10 * max(1, workers)))
+
+
+class _Count:
+    """One key's state in this worker for the current minute."""
+    __slots__ = ("name", "limit", "allow", "base", "fresh", "blind", "counted", "full")
+
+    def __init__(self, name: str, limit: int) -> None:
+        self.name, self.limit = name, limit
+        self.allow = 0  # reserved hits this worker may still admit
+        self.base = 0  # the reservation as Redis knows it: allow + reserved hits admitted since the last send
+        self.fresh = 0  # hits admitted without a reservation since the last send
+        self.blind = 0  # of those, hits admitted blind that no answer from Redis has counted yet
+        self.counted = 0  # Redis's count at its latest answer
+        self.full = 0  # counted + reserved at that answer
+
+
+Sent = list[tuple[str, _Count, int, int]]  # name, state, reservation kept, blind hits carried
+
+
+class RateLimits:
+    """This worker's side: local decisions and what to tell Redis. No I/O: SessionStore sends the
+    lines (`batch`, `edge_line`) and hands the answers back (`settle`, `settle_edge`)."""
+
+    def __init__(self, wake: asyncio.Event | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.clock, self._wake = clock, wake or asyncio.Event()
+        self.up = True  # False while Redis is down: each worker then holds the limits on its own
+        self.workers = ASSUMED_WORKERS
+        self.window = 0
+        self.counts: dict[str, _Count] = {}
+        self.active: dict[str, _Count] = {}  # keys with something to tell Redis at the next sync
+
+    def check(self, checks: Sequence[Check], edge: bool = False) -> Verdict:
+        """Count one hit for each (scope, key, limit) if every scope admits it. Refused: the first
+        scope over its limit and the seconds to wait. At a key's edge: EDGE if `edge` (the caller
+        then awaits SessionStore.over_limit_exact), else decided from this worker's view alone."""
+        now = self.clock()
+        window = int(now // 60)
+        if window != self.window:
+            self.window, self.counts, self.active = window, {}, {}
+        counts, up, shared = self.counts, self.up, 10 * self.workers
+        passed = []
+        at_edge = False
+        for scope, key, limit in checks:
+            if limit <= 0:
+                continue
+            name = f"{scope}:{key}"
+            st = counts.get(name)
+            if st is None:
+                st = counts[name] = _Count(name, limit)
+            if st.allow > 0:
+                pass
+            elif not up:
+                if st.counted + st.fresh + st.base - st.allow >= limit:
+                    return self._refuse(scope, int(60 - now % 60) + 1)
+            elif st.counted >= limit:
+                return self._refuse(scope, int(60 - now % 60) + 1)
+            elif st.blind < (limit // shared or 1) and st.full + st.blind < limit:  # blind_budget
+                pass
+            elif edge:
+                at_edge = True
+                continue
+            elif st.full + st.blind >= limit:  # cannot wait: past the budget, bounded per worker only
+                return self._refuse(scope, 1)
+            passed.append(st)
+        if at_edge:
+            return EDGE
+        active = self.active
+        for st in passed:
+            if st.allow > 0:
+                st.allow -= 1
+            else:
+                st.fresh += 1
+                if up:
+                    st.blind += 1
+            active[st.name] = st
+        if passed:
+            self._wake.set()
+        return None
+
+    @staticmethod
+    def _refuse(scope: str, retry: int) -> Verdict:
+        metrics.RATE_LIMITED.labels(scope).inc()
+        return scope, retry
+
+    def _line(self, name: str, st: _Count, release: bool, admit: bool) -> tuple[str, int, int]:
+        taken = st.base - st.allow
+        hits = taken + st.fresh
+        fresh, st.fresh = st.fresh, 0
+        pending = max(0, st.blind - fresh)  # blind hits an earlier call carries: maybe not counted yet
+        if release:  # quiet for an interval (or stopping): the whole reservation goes back
+            back, kept, want = st.base, 0, 0
+            st.allow = 0
+        else:
+            # A busy key asks for twice its last interval's hits (a quiet one for none: blind hits
+            # serve it), so that no worker holds much more than it uses.
+            back, kept = taken, st.allow
+            want = 2 * (hits + 1) if admit else (2 * hits if hits > 1 or taken > 0 else 0)
+        st.base = kept
+        if "\t" in name or "\n" in name:  # the line's separators (a forwarded address is a header)
+            name = name.replace("\t", " ").replace("\n", " ")
+        line = f"{name}:{self.window}\t{hits}\t{back}\t{kept}\t{st.limit}\t{want}\t{pending}\t{int(admit)}"
+        return line, kept, fresh
+
+    def batch(self, final: bool = False) -> tuple[str, Sent, int]:
+        """The lines of the next sync: keys with hits to count or a reservation to renew or give
+        back (all of it when `final`), what was sent, and the minute."""
+        active, self.active = self.active, {}
+        lines, sent = [], []
+        for name, st in active.items():
+            if st.base == 0 and st.fresh == 0:
+                continue
+            quiet = st.base == st.allow and st.fresh == 0
+            line, kept, fresh = self._line(name, st, final or quiet, False)
+            lines.append(line)
+            sent.append((name, st, kept, fresh))
+        return "\n".join(lines), sent, self.window
+
+    def settle(self, sent: Sent, reply: list[int] | None, window: int) -> None:
+        """Apply a sync's answer (None: it failed; what it carried is dropped, reservations it
+        may have taken stay in Redis until the minute ends)."""
+        if reply:
+            self.workers = max(1, int(reply[0]))
+        for i, (name, st, kept, fresh) in enumerate(sent):
+            st.blind = max(0, st.blind - fresh)
+            if reply:
+                self._learn(name, st, kept, reply[1 + 4 * i:5 + 4 * i], window)
+
+    def edge_line(self, name: str) -> tuple[str, Sent, int] | None:
+        """For a key at the edge of its limit, the line that counts its pending hits and admits one
+        more if it fits; None for a key that is not (or no longer) at its edge."""
+        st = self.counts.get(name)
+        if (st is None or st.allow > 0 or not self.up or st.counted >= st.limit
+                or (st.blind < blind_budget(st.limit, self.workers) and st.full + st.blind < st.limit)):
+            return None
+        line, kept, fresh = self._line(name, st, False, True)
+        return line, [(name, st, kept, fresh)], self.window
+
+    def settle_edge(self, sent: Sent, reply: list[int] | None, window: int) -> bool | None:
+        """Apply an edge call's answer: admitted or not, None when it failed."""
+        self.settle(sent, reply, window)
+        return bool(reply[4]) if reply else None
+
+    def _learn(self, name: str, st: _Count, kept: int, answer: list[int], window: int) -> None:
+        counted, full, held = int(answer[0]), int(answer[1]), int(answer[2])
+        # Answers can arrive out of order (several connections): the count only grows, so an answer
+        # with a smaller one is older and its "full" is not taken; on a tie the larger is kept.
+        if counted > st.counted:
+            st.counted, st.full = counted, full
+        elif counted == st.counted and full > st.full:
+            st.full = full
+        if held > kept:
+            st.allow += held - kept
+            st.base += held - kept
+        if st.base > 0 and window == self.window:
+            self.active[name] = st  # renewed or given back at the next sync
