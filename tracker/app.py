@@ -23,7 +23,7 @@ from .store.sessions import SYNC_TIMEOUT, SessionStore
 from .store.signals import SignalWriter
 from .store.spool import Spool
 from .store.tasks import cancel_and_wait
-from .web import activation, events, observe, ops, postbacks, support
+from .web import activation, events, lookups, observe, ops, postbacks, support
 from .web.common import answer, answer_protocol_errors_as_json, errors
 
 log = structlog.get_logger("tracker.app")
@@ -181,6 +181,10 @@ def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application
     app.router.add_get("/metrics", ops.metrics_view, name="metrics", allow_head=False)
     app.router.add_get("/openapi.json", ops.openapi, name="openapi", allow_head=False)
     app.router.add_get("/v1/clicks/{click_id}", support.click_view, name="click", allow_head=False)
+    app.router.add_get("/v1/users/{user_id}/clicks", lookups.user_clicks, name="user_clicks", allow_head=False)
+    app.router.add_get("/v1/conversions", lookups.conversions, name="conversions", allow_head=False)
+    app.router.add_get("/v1/postbacks/orphans", lookups.orphans, name="orphans", allow_head=False)
+    app.router.add_post("/v1/postbacks/orphans/reconcile", lookups.reconcile_view, name="orphans_reconcile")
     app.router.add_post("/v1/observe", observe.observe, name="observe")
     app.router.add_get("/v1/clicks/{click_id}/events", events.events, name="click_events", allow_head=False)
     app.router.add_get("/postback/{network}", postbacks.postback, name="postback", allow_head=False)

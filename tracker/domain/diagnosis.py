@@ -46,18 +46,24 @@ class ClickFacts:
         ttl = merchant.session_ttl if merchant else 7200
         window = merchant.confirmation_window if merchant else 90 * 86400
         stored_state = (stored or {}).get("state")
-        if conversions or stored_state == "converted":
-            state = "converted"
-        elif stored_state == "overwritten" or any(s["kind"] in DEFINITIVE and not s.get("late")
-                                                  for s in signals):
-            state = "overwritten"
-        elif now - click["created_at"] > timedelta(seconds=ttl):
-            state = "expired"
-        else:
-            state = "active"
+        state = click_state(click["created_at"], now, ttl, stored_state, bool(conversions),
+                            any(s["kind"] in DEFINITIVE and not s.get("late") for s in signals))
         return cls(created_at=click["created_at"], now=now, bot=bool(click["bot"]), session_ttl=ttl,
                    confirmation_window=window, merchant_name=merchant.name if merchant else click["merchant"],
                    state=state, signals=signals, conversions=conversions)
+
+
+def click_state(created_at: datetime, now: datetime, session_ttl: int, stored_state: str | None,
+                converted: bool, overwritten: bool) -> str:
+    """A click's state from what is recorded: a conversion wins, an overwrite is for good, and a
+    session past its TTL has expired (the detector writes `expired` only when it hears of it)."""
+    if converted or stored_state == "converted":
+        return "converted"
+    if overwritten or stored_state == "overwritten":
+        return "overwritten"
+    if now - created_at > timedelta(seconds=session_ttl):
+        return "expired"
+    return "active"
 
 
 def _after(facts: ClickFacts, at: datetime) -> str:

@@ -1,0 +1,84 @@
+"""Support lookups: a user's clicks newest first, orders by id, open orphan postbacks.
+
+A user's clicks come from `clicks_user_idx (user_id, created_at)` read backwards: the planner walks
+the daily partitions newest first (an ordered Append) and stops as soon as it has the page, so a
+page costs one short index range per day it spans, whatever the table's size. The page's key is
+(created_at, click_id): the time a click id carries, then the id for clicks of the same millisecond.
+Measured plans and timings at 20 million clicks: docs/performance.md.
+"""
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import asyncpg
+
+from ..domain.clickid import click_time
+
+Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection
+
+_CLICK_COLUMNS = "click_id, created_at, merchant, source, bot"
+USER_CLICKS = (f"SELECT {_CLICK_COLUMNS} FROM clicks WHERE user_id = $1 "
+               "ORDER BY created_at DESC, click_id DESC LIMIT $2")
+# `created_at <= $3` names the partitions to skip; the row comparison breaks ties within a millisecond.
+USER_CLICKS_BEFORE = (f"SELECT {_CLICK_COLUMNS} FROM clicks WHERE user_id = $1 AND created_at <= $3 "
+                      "AND (created_at, click_id) < ($3, $4) ORDER BY created_at DESC, click_id DESC LIMIT $2")
+CONVERSION_COLUMNS = ("id, network, order_id, click_id, user_id, merchant, status, status_word, amount, "
+                      "commission, currency, user_share, cashback, order_time, created_at, updated_at")
+ORDER = f"SELECT {CONVERSION_COLUMNS} FROM conversions WHERE order_id = $1 ORDER BY id"
+ORPHAN_COLUMNS = "id, network, order_id, click_id, reason, raw, received_at"
+ORDER_IN_NETWORK = f"SELECT {CONVERSION_COLUMNS} FROM conversions WHERE order_id = $1 AND network = $2 ORDER BY id"
+
+
+async def user_clicks(conn: Conn, user_id: str, limit: int, before: str | None = None) -> list[dict[str, Any]]:
+    """Up to `limit` of the user's clicks, newest first, older than the click `before` if given;
+    each with its stored state (or None) and its conversions."""
+    if before is None:
+        rows = await conn.fetch(USER_CLICKS, user_id, limit)
+    else:
+        rows = await conn.fetch(USER_CLICKS_BEFORE, user_id, limit, click_time(before), before)
+    clicks = [dict(r) for r in rows]
+    if not clicks:
+        return clicks
+    ids = [c["click_id"] for c in clicks]
+    states = {r["click_id"]: dict(r) for r in await conn.fetch(
+        "SELECT click_id, state, overwritten_at FROM click_states WHERE click_id = ANY($1::text[])", ids)}
+    conversions: dict[str, list[dict[str, Any]]] = {}
+    for r in await conn.fetch(
+            "SELECT click_id, network, order_id, status, cashback, currency FROM conversions "
+            "WHERE click_id = ANY($1::text[]) ORDER BY id", ids):
+        conversions.setdefault(r["click_id"], []).append(dict(r))
+    for click in clicks:
+        click["stored"] = states.get(click["click_id"])
+        click["conversions"] = conversions.get(click["click_id"], [])
+    return clicks
+
+
+async def orders(conn: Conn, order_id: str, network: str | None = None) -> list[dict[str, Any]]:
+    """The conversions of an order id (one per network that reported it)."""
+    if network is None:
+        rows = await conn.fetch(ORDER, order_id)
+    else:
+        rows = await conn.fetch(ORDER_IN_NETWORK, order_id, network)
+    return [dict(r) for r in rows]
+
+
+async def open_orphans(conn: Conn, limit: int, before: int | None = None) -> list[dict[str, Any]]:
+    """Orphan postbacks not reconciled yet, newest first, older than the orphan `before` if given."""
+    if before is None:
+        rows = await conn.fetch(f"SELECT {ORPHAN_COLUMNS} FROM orphan_postbacks WHERE reconciled_at IS NULL "
+                                "ORDER BY id DESC LIMIT $1", limit)
+    else:
+        rows = await conn.fetch(f"SELECT {ORPHAN_COLUMNS} FROM orphan_postbacks WHERE reconciled_at IS NULL "
+                                "AND id < $2 ORDER BY id DESC LIMIT $1", limit, before)
+    return [dict(r) for r in rows]
+
+
+async def orphans_of_order(conn: Conn, order_id: str) -> list[dict[str, Any]]:
+    """Every orphan postback of an order id, reconciled or not (the search shows both)."""
+    rows = await conn.fetch(f"SELECT {ORPHAN_COLUMNS}, reconciled_at FROM orphan_postbacks "
+                            "WHERE order_id = $1 ORDER BY id DESC LIMIT 100", order_id)
+    return [dict(r) for r in rows]
+
+
+async def count_open_orphans(conn: Conn) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM orphan_postbacks WHERE reconciled_at IS NULL"))

@@ -1,0 +1,150 @@
+"""Support lookups (admin key): a user's clicks, an order's conversions, orphan postbacks."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from .. import keys
+from ..domain.clickid import is_click_id
+from ..domain.conversions import Postback, money
+from ..domain.diagnosis import click_state
+from ..domain.tokens import USER_ID
+from ..errors import BadRequest, NotFound
+from ..store import lookups
+from ..store.conversions import reconcile
+from .common import json_response, require_admin
+from .postbacks import read_raw
+
+log = structlog.get_logger("tracker.lookups")
+MAX_ORDER_ID = 256  # as a postback's order id (openapi.yaml)
+MAX_NETWORK = 64
+
+
+def iso(value: datetime | None) -> str | None:
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if value else None
+
+
+def one(request: web.Request, name: str) -> str | None:
+    """A query parameter given at most once (twice is a 400: one meaning per parameter)."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"{name} is given more than once", code="duplicate_parameter")
+    return values[0] if values else None
+
+
+def limit_of(request: web.Request, default: int = 50, high: int = 200) -> int:
+    raw = one(request, "limit")
+    if raw is None:
+        return default
+    if not raw.isascii() or not raw.isdigit() or not 1 <= int(raw) <= high:
+        raise BadRequest(f"limit must be a whole number from 1 to {high}")
+    return int(raw)
+
+
+def click_item(app: web.Application, click: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """A click of a user's list, with its state as the support view would decide it."""
+    merchant = app[keys.CATALOG].merchants.get(click["merchant"])
+    stored = click["stored"] or {}
+    state = click_state(click["created_at"], now, merchant.session_ttl if merchant else 7200,
+                        stored.get("state"), bool(click["conversions"]), stored.get("overwritten_at") is not None)
+    return {"click_id": click["click_id"], "merchant": click["merchant"], "source": click["source"],
+            "created_at": iso(click["created_at"]), "bot": click["bot"], "state": state,
+            "conversions": [{"network": c["network"], "order_id": c["order_id"], "status": c["status"],
+                             "cashback": money(c["cashback"], c["currency"].strip()),
+                             "currency": c["currency"].strip()} for c in click["conversions"]]}
+
+
+def conversion_item(row: dict[str, Any]) -> dict[str, Any]:
+    cur = row["currency"].strip()
+    return {"network": row["network"], "order_id": row["order_id"], "click_id": row["click_id"],
+            "user_id": row["user_id"], "merchant": row["merchant"], "status": row["status"],
+            "status_word": row["status_word"], "amount": money(row["amount"], cur),
+            "commission": money(row["commission"], cur), "currency": cur, "user_share": money(row["user_share"]),
+            "cashback": money(row["cashback"], cur), "order_time": iso(row["order_time"]),
+            "created_at": iso(row["created_at"]), "updated_at": iso(row["updated_at"])}
+
+
+def orphan_item(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "network": row["network"], "order_id": row["order_id"], "click_id": row["click_id"],
+            "reason": row["reason"], "received_at": iso(row["received_at"])}
+
+
+async def user_page(app: web.Application, user_id: str, limit: int,
+                    before: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    """A page of a user's clicks as the API shapes them, and the `before` of the next page."""
+    rows = await lookups.user_clicks(app[keys.POOL], user_id, limit + 1, before)
+    now = datetime.now(timezone.utc)
+    items = [click_item(app, r, now) for r in rows[:limit]]
+    return items, (items[-1]["click_id"] if len(rows) > limit else None)
+
+
+async def user_clicks(request: web.Request) -> web.Response:
+    require_admin(request, request.app[keys.SETTINGS].admin_key)
+    user_id = request.match_info["user_id"]
+    if not USER_ID.fullmatch(user_id):
+        raise NotFound("no such user")
+    limit = limit_of(request)
+    before = one(request, "before")
+    if before is not None and not is_click_id(before):
+        raise BadRequest("before must be a click id (the `next` of the previous page)")
+    items, nxt = await user_page(request.app, user_id, limit, before)
+    return json_response({"clicks": items, "next": nxt})
+
+
+def order_query(request: web.Request) -> tuple[str, str | None]:
+    order_id, network = one(request, "order_id"), one(request, "network")
+    if not order_id or len(order_id) > MAX_ORDER_ID:
+        raise BadRequest(f"order_id is required, at most {MAX_ORDER_ID} characters")
+    if network is not None and not 0 < len(network) <= MAX_NETWORK:
+        raise BadRequest(f"network must be 1 to {MAX_NETWORK} characters")
+    return order_id, network
+
+
+async def conversions(request: web.Request) -> web.Response:
+    require_admin(request, request.app[keys.SETTINGS].admin_key)
+    order_id, network = order_query(request)
+    rows = await lookups.orders(request.app[keys.POOL], order_id, network)
+    return json_response({"conversions": [conversion_item(r) for r in rows]})
+
+
+async def orphan_page(app: web.Application, limit: int, before: int | None) -> tuple[list[dict[str, Any]], int | None]:
+    rows = await lookups.open_orphans(app[keys.POOL], limit + 1, before)
+    return rows[:limit], (rows[limit - 1]["id"] if len(rows) > limit else None)
+
+
+def before_id(request: web.Request) -> int | None:
+    raw = one(request, "before")
+    if raw is None:
+        return None
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 18:
+        raise BadRequest("before must be an orphan id (the `next` of the previous page)")
+    return int(raw)
+
+
+async def orphans(request: web.Request) -> web.Response:
+    require_admin(request, request.app[keys.SETTINGS].admin_key)
+    rows, nxt = await orphan_page(request.app, limit_of(request), before_id(request))
+    return json_response({"orphans": [orphan_item(r) for r in rows], "next": nxt})
+
+
+async def reconcile_orphans(app: web.Application) -> dict[str, int]:
+    """Attach the open orphans whose click has arrived (the CLI's `postbacks reconcile`)."""
+    catalog = app[keys.CATALOG]
+
+    def reader(network: str, raw: dict[str, Any]) -> Postback | None:
+        known = catalog.networks.get(network)
+        return read_raw(known, raw) if known else None
+
+    async with app[keys.POOL].acquire() as conn:
+        attached = await reconcile(conn, reader, catalog.merchants.get)
+        still = await lookups.count_open_orphans(conn)
+    log.info("orphans_reconciled", attached=len(attached), still_orphaned=still)
+    return {"attached": len(attached), "still_orphaned": still}
+
+
+async def reconcile_view(request: web.Request) -> web.Response:
+    require_admin(request, request.app[keys.SETTINGS].admin_key)
+    return json_response(await reconcile_orphans(request.app))
