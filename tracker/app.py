@@ -17,13 +17,14 @@ from .domain.tokens import UserTokens
 from .settings import Settings, censor_dsn
 from .store.clicks import ClickWriter
 from .store.db import create_pool, ensure_near_partitions
+from .store.delivery import Dispatcher, options_from
 from .store.feed import StateFeed
 from .store.merchants import Catalog
 from .store.sessions import SYNC_TIMEOUT, SessionStore
 from .store.signals import SignalWriter
 from .store.spool import Spool
 from .store.tasks import cancel_and_wait
-from .web import activation, events, lookups, observe, ops, postbacks, support
+from .web import activation, event_feed, events, lookups, observe, ops, postbacks, support
 from .web.common import answer, answer_protocol_errors_as_json, errors
 
 log = structlog.get_logger("tracker.app")
@@ -114,6 +115,19 @@ async def _signals(app: web.Application) -> AsyncIterator[None]:
     await writer.stop()
 
 
+async def _webhooks(app: web.Application) -> AsyncIterator[None]:
+    """This worker's webhook dispatcher: its own pool and HTTP client, off the request path."""
+    settings = app[keys.SETTINGS]
+    if not settings.webhooks:
+        yield
+        return
+    dispatcher = Dispatcher(settings.database_url or "", options_from(settings))
+    await dispatcher.start()
+    app[keys.WEBHOOKS] = dispatcher
+    yield
+    await dispatcher.stop()
+
+
 async def _tally(app: web.Application) -> AsyncIterator[None]:
     async def flush_every_second() -> None:
         while True:
@@ -174,7 +188,7 @@ def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application
     app[keys.CLOSING] = asyncio.Event()
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts' start-up
     app.on_shutdown.append(_closing)
-    app.cleanup_ctx.extend([_tally, _postgres, _catalog, _redis, _feed, _writer, _signals])
+    app.cleanup_ctx.extend([_tally, _postgres, _catalog, _redis, _feed, _writer, _signals, _webhooks])
     app.router.add_get("/go/{merchant}", activation.activate, name="go")  # HEAD too: link previews
     app.router.add_get("/healthz", ops.healthz, name="healthz")  # HEAD too: some load balancers probe so
     app.router.add_get("/readyz", ops.readyz, name="readyz")
@@ -185,6 +199,7 @@ def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application
     app.router.add_get("/v1/conversions", lookups.conversions, name="conversions", allow_head=False)
     app.router.add_get("/v1/postbacks/orphans", lookups.orphans, name="orphans", allow_head=False)
     app.router.add_post("/v1/postbacks/orphans/reconcile", lookups.reconcile_view, name="orphans_reconcile")
+    app.router.add_get("/v1/events", event_feed.events_feed, name="events_feed", allow_head=False)
     app.router.add_post("/v1/observe", observe.observe, name="observe")
     app.router.add_get("/v1/clicks/{click_id}/events", events.events, name="click_events", allow_head=False)
     app.router.add_get("/postback/{network}", postbacks.postback, name="postback", allow_head=False)

@@ -11,6 +11,7 @@ from .domain.detection import Detector
 from .domain.tokens import UserTokens
 from .settings import Settings
 from .store.clicks import ClickWriter
+from .store.delivery import Dispatcher
 from .store.feed import StateFeed
 from .store.merchants import Catalog
 from .store.sessions import SessionStore
@@ -27,3 +28,4 @@ FEED = web.AppKey("feed", StateFeed)
 SIGNALS = web.AppKey("signals", SignalWriter)
 DETECTOR = web.AppKey("detector", Detector)
 CLOSING = web.AppKey("closing", asyncio.Event)
+WEBHOOKS = web.AppKey("webhooks", Dispatcher)

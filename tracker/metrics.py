@@ -44,6 +44,13 @@ CONVERSIONS = Counter("tracker_conversions_total", "Conversion status changes", 
 SIGNALS = Counter("tracker_signals_total", "Overwrite and risk signals", ["merchant", "kind", "network"])
 OBSERVE_EVENTS = Counter("tracker_observe_events_total", "Events reported by the extension", ["type"])
 SSE_CLIENTS = Gauge("tracker_sse_clients", "Open live event streams", multiprocess_mode="livesum")
+EVENTS = Counter("tracker_events_total", "Events written to the outbox", ["type"])
+WEBHOOK_DELIVERIES = Counter("tracker_webhook_deliveries_total",
+                             "Webhook delivery attempts by outcome (delivered, retried, failed)",
+                             ["webhook", "outcome"])
+# Every worker measures it (a query every few seconds); the freshest live reading is the largest.
+WEBHOOK_BACKLOG = Gauge("tracker_webhook_backlog_seconds", "Age of the oldest event not yet delivered",
+                        ["webhook"], multiprocess_mode="livemax")
 
 
 class Children:
@@ -109,6 +116,7 @@ http_seconds = Children(HTTP_SECONDS)
 signals = Children(SIGNALS)
 postbacks = Children(POSTBACKS)
 conversions = Children(CONVERSIONS)
+events = Children(EVENTS)
 
 
 def prime() -> None:

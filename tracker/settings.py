@@ -45,10 +45,21 @@ class Settings:
     queue_limit: int = 50_000
     batch_limit: int = 100
     retention_days: int = 400
+    # How long a support console sign-in lasts, in seconds (TRACKER_CONSOLE_SESSION_HOURS).
+    console_session: int = 8 * 3600
     # Slow clients: a connection that has not sent a whole request head (or idles between
     # requests) this long is closed; a body that has not arrived in `body_timeout` gets 408.
     idle_timeout: int = 15
     body_timeout: int = 10
+    # Events out: the outbox's retention (`tracker maintain` prunes older events), and the webhook
+    # dispatcher of each worker (`webhooks`: off in processes that should not deliver).
+    event_retention_days: int = 30
+    webhooks: bool = True
+    webhook_concurrency: int = 8  # requests in flight per subscriber per worker
+    webhook_timeout: int = 10
+    webhook_lease: int = 60  # a delivery whose worker died is sent again after this long
+    webhook_retry_base_ms: int = 5000  # first retry after 2.5-5 s, doubling up to an hour
+    webhook_poll_ms: int = 500
     secret_generated: bool = field(default=False, compare=False)
 
     def with_servers(self, database_url: str, redis_url: str) -> "Settings":
@@ -134,6 +145,14 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     previous_until = _instant(env, "TRACKER_SECRET_PREVIOUS_UNTIL")
     admin_key = env.get("TRACKER_ADMIN_KEY", "") or _dev_key(data_dir, "admin_key")
     merchants = env.get("TRACKER_MERCHANTS")
+    webhooks = (env.get("TRACKER_WEBHOOKS") or "on").strip().lower()
+    if webhooks not in ("on", "off"):
+        raise SettingsError(f"TRACKER_WEBHOOKS={webhooks!r}: use 'on' or 'off'")
+    webhook_timeout = _int(env, "TRACKER_WEBHOOK_TIMEOUT", 10, 1, 300)
+    webhook_lease = _int(env, "TRACKER_WEBHOOK_LEASE", 60, 2, 3600)
+    if webhook_lease <= webhook_timeout:
+        raise SettingsError(f"TRACKER_WEBHOOK_LEASE={webhook_lease} must exceed TRACKER_WEBHOOK_TIMEOUT="
+                            f"{webhook_timeout}: a delivery still being sent would be sent again")
     return Settings(
         database_url=env.get("TRACKER_DATABASE_URL") or None,
         redis_url=env.get("TRACKER_REDIS_URL") or None,
@@ -157,8 +176,16 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         queue_limit=_int(env, "TRACKER_QUEUE_LIMIT", 50_000, 100),
         batch_limit=_int(env, "TRACKER_BATCH_LIMIT", 100, 1),
         retention_days=_int(env, "TRACKER_RETENTION_DAYS", 400, 1),
+        console_session=_int(env, "TRACKER_CONSOLE_SESSION_HOURS", 8, 1, 24 * 30) * 3600,
         idle_timeout=_int(env, "TRACKER_IDLE_TIMEOUT", 15, 1, 3600),
         body_timeout=_int(env, "TRACKER_BODY_TIMEOUT", 10, 1, 3600),
+        event_retention_days=_int(env, "TRACKER_EVENT_RETENTION_DAYS", 30, 1, 3650),
+        webhooks=webhooks == "on",
+        webhook_concurrency=_int(env, "TRACKER_WEBHOOK_CONCURRENCY", 8, 1, 256),
+        webhook_timeout=webhook_timeout,
+        webhook_lease=webhook_lease,
+        webhook_retry_base_ms=_int(env, "TRACKER_WEBHOOK_RETRY_BASE_MS", 5000, 1, 3_600_000),
+        webhook_poll_ms=_int(env, "TRACKER_WEBHOOK_POLL_MS", 500, 10, 60_000),
         secret_generated=generated,
     )
 

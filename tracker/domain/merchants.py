@@ -9,6 +9,7 @@ from urllib.parse import quote, urlsplit
 
 from .networks import SLUG, Network, open_entry, parse_network, str_list
 from .targets import BadTarget, check_target, normalize_pattern
+from .webhooks import Webhook, parse_webhooks, warnings_for
 
 _DURATION = re.compile(r"(\d{1,9})(s|m|h|d)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -54,6 +55,7 @@ class MerchantsFile:
     merchants: tuple[Merchant, ...]
     networks: tuple[Network, ...] = field(default=())
     warnings: tuple[str, ...] = field(default=())
+    webhooks: tuple[Webhook, ...] = field(default=())
 
 
 class MerchantsFileError(ValueError):
@@ -190,7 +192,7 @@ def parse_merchants_file(doc: Any, profiles: frozenset[str]) -> MerchantsFile:
     problems: list[str] = []
     if not isinstance(doc, dict):
         raise MerchantsFileError(["the file must be a mapping with a 'merchants' list"])
-    for key in sorted(set(doc) - {"merchants", "networks"}, key=str):
+    for key in sorted(set(doc) - {"merchants", "networks", "webhooks"}, key=str):
         problems.append(f"{key}: unknown top-level section")
     raw_networks = doc.get("networks") or []
     if not isinstance(raw_networks, list):
@@ -212,11 +214,14 @@ def parse_merchants_file(doc: Any, profiles: frozenset[str]) -> MerchantsFile:
     slugs = [m.get("slug") for m in raw_merchants if isinstance(m, dict)]
     for dup in sorted({s for s in slugs if isinstance(s, str) and slugs.count(s) > 1}):
         problems.append(f"merchant {dup!r}: slug: appears more than once")
+    webhooks = parse_webhooks(doc.get("webhooks"), problems)
     if problems:
         raise MerchantsFileError(problems)
+    warnings += warnings_for(webhooks)
     listed = {n.name for n in networks if n}
     for m in merchants:
         if m and m.network not in listed:
             warnings.append(f"merchant {m.slug!r}: network: {m.network!r} has no entry under networks; "
                             "its postbacks are refused until one is added")
-    return MerchantsFile(tuple(m for m in merchants if m), tuple(n for n in networks if n), tuple(warnings))
+    return MerchantsFile(tuple(m for m in merchants if m), tuple(n for n in networks if n), tuple(warnings),
+                         webhooks)

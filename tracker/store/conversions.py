@@ -13,9 +13,11 @@ from typing import Any, Callable
 import asyncpg
 import orjson
 
+from ..domain import events
 from ..domain.clickid import click_time, is_click_id
 from ..domain.conversions import Postback, Terms, cashback, orphan_reason, settle
 from ..domain.merchants import Merchant
+from .events import emit
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +31,7 @@ class Recorded:
     user_id: str | None = None
     reason: str | None = None
     previous: Terms | None = None  # the conversion as this postback found it
+    event: str | None = None  # the type of the event written for it, if any
 
 
 async def find_click(conn: asyncpg.Connection, click_id: str | None) -> asyncpg.Record | None:
@@ -48,10 +51,8 @@ async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, 
         reason = orphan_reason(pb.click_id, click is not None, bool(click and click["bot"]),
                                merchant.network if merchant else None, network)
         if reason is not None or click is None:
-            await conn.execute(
-                "INSERT INTO orphan_postbacks (network, order_id, click_id, reason, raw) "
-                "VALUES ($1, $2, $3, $4, $5::jsonb)", network, pb.order_id, pb.click_id, reason, raw_json)
-            return Recorded("orphan", click_id=pb.click_id, reason=reason)
+            event = await _orphan(conn, network, pb, reason or "unknown_click", raw_json)
+            return Recorded("orphan", click_id=pb.click_id, reason=reason, event=event)
         share = merchant.user_share if merchant else Decimal(0)
         terms = pb.terms(None)
         owed = cashback(terms.commission, share, terms.currency, terms.status)
@@ -65,7 +66,12 @@ async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, 
             share, owed, pb.order_time)
         if conversion_id is not None:
             result = Recorded("accepted", conversion_id, click["merchant"], pb.status, True,
-                              click["click_id"], click["user_id"])
+                              click["click_id"], click["user_id"], event=events.CONVERSION_CREATED)
+            await emit(conn, events.CONVERSION_CREATED, {"conversion": events.conversion_payload({
+                "network": network, "order_id": pb.order_id, "click_id": click["click_id"],
+                "user_id": click["user_id"], "merchant": click["merchant"], "status": terms.status,
+                "amount": terms.amount, "commission": terms.commission, "currency": terms.currency,
+                "cashback": owed, "order_time": pb.order_time})}, events.conversion_key(conversion_id))
         else:
             result = await _update(conn, network, pb)
         before = result.previous
@@ -90,7 +96,7 @@ async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, 
 
 async def _update(conn: asyncpg.Connection, network: str, pb: Postback) -> Recorded:
     row = await conn.fetchrow(
-        "SELECT id, status, amount, commission, currency, user_share, merchant, click_id, user_id "
+        "SELECT id, status, amount, commission, currency, user_share, merchant, click_id, user_id, cashback "
         "FROM conversions WHERE network = $1 AND order_id = $2 FOR UPDATE", network, pb.order_id)
     current = Terms(row["status"], row["amount"], row["commission"], row["currency"].strip())
     base = dict(conversion_id=row["id"], merchant=row["merchant"], click_id=row["click_id"],
@@ -102,11 +108,43 @@ async def _update(conn: asyncpg.Connection, network: str, pb: Postback) -> Recor
         return Recorded("adjustment_refused", status=row["status"], **base)
     new = pb.terms(current)
     owed = cashback(new.commission, row["user_share"], new.currency, new.status)
-    await conn.execute(
+    order_time = await conn.fetchval(
         "UPDATE conversions SET status = $2, status_word = $3, amount = $4, commission = $5, currency = $6, "
-        "cashback = $7, order_time = COALESCE($8, order_time), updated_at = now() WHERE id = $1",
+        "cashback = $7, order_time = COALESCE($8, order_time), updated_at = now() WHERE id = $1 "
+        "RETURNING order_time",
         row["id"], new.status, pb.status_word, new.amount, new.commission, new.currency, owed, pb.order_time)
-    return Recorded("accepted", status=pb.status, status_changed=effect == "moved", **base)
+    data: dict[str, Any] = {"conversion": events.conversion_payload({
+        "network": network, "order_id": pb.order_id, "click_id": row["click_id"], "user_id": row["user_id"],
+        "merchant": row["merchant"], "status": new.status, "amount": new.amount, "commission": new.commission,
+        "currency": new.currency, "cashback": owed, "order_time": order_time})}
+    if effect == "moved":
+        event = events.CONVERSION_STATUS_CHANGED
+        data["previous_status"] = current.status
+    else:  # corrected (pending) or adjusted (lowered after approval): the money moved, the status did not
+        event = events.CONVERSION_AMOUNT_CHANGED
+        data["previous"] = events.money_payload(current.amount, current.commission, current.currency,
+                                                row["cashback"])
+    await emit(conn, event, data, events.conversion_key(row["id"]))
+    return Recorded("accepted", status=pb.status, status_changed=effect == "moved", event=event, **base)
+
+
+async def _orphan(conn: asyncpg.Connection, network: str, pb: Postback, reason: str, raw_json: str) -> str | None:
+    """Keep an orphan postback; write postback.orphaned unless the same order, click and reason was
+    orphaned before (a network retrying). The advisory lock makes two identical orphans arriving at
+    once agree on which one is first (taken before the check, whose snapshot then sees the other)."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 7403911003))",
+                       f"orphan {network} {pb.order_id}")
+    seen = await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM orphan_postbacks WHERE order_id = $2 AND network = $1 "
+        "AND click_id IS NOT DISTINCT FROM $3 AND reason = $4)", network, pb.order_id, pb.click_id, reason)
+    await conn.execute(
+        "INSERT INTO orphan_postbacks (network, order_id, click_id, reason, raw) "
+        "VALUES ($1, $2, $3, $4, $5::jsonb)", network, pb.order_id, pb.click_id, reason, raw_json)
+    if seen:
+        return None
+    await emit(conn, events.POSTBACK_ORPHANED, {"network": network, "order_id": pb.order_id,
+                                                "click_id": pb.click_id, "reason": reason})
+    return events.POSTBACK_ORPHANED
 
 
 async def conversions_for_click(conn: asyncpg.Pool | asyncpg.Connection, click_id: str) -> list[dict[str, Any]]:

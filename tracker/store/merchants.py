@@ -35,7 +35,7 @@ async def sync(conn: asyncpg.Connection, file: MerchantsFile) -> dict[str, list[
     file are deactivated, not deleted: clicks and conversions still name them."""
     report: dict[str, list[str]] = {"added": [], "changed": [], "deactivated": [], "unchanged": []}
     async with conn.transaction():
-        await conn.execute("LOCK TABLE merchants, networks IN SHARE ROW EXCLUSIVE MODE")
+        await conn.execute("LOCK TABLE merchants, networks, webhooks IN SHARE ROW EXCLUSIVE MODE")
         old_n = {r["name"]: tuple(r.values()) for r in await conn.fetch(
             "SELECT name, profile, token, hmac_secret, allow_ips, active FROM networks")}
         for n in file.networks:
@@ -72,10 +72,31 @@ async def sync(conn: asyncpg.Connection, file: MerchantsFile) -> dict[str, list[
                 "UPDATE merchants SET active = false, updated_at = now() "
                 "WHERE active AND NOT (slug = ANY($1::text[])) RETURNING slug", slugs):
             report["deactivated"].append(r["slug"])
+        await sync_webhooks(conn, file, report)
         if report["added"] or report["changed"] or report["deactivated"]:
             # Delivered at commit, to every worker of every pod listening.
             await conn.execute(f"NOTIFY {CHANNEL}")
     return report
+
+
+async def sync_webhooks(conn: asyncpg.Connection, file: MerchantsFile, report: dict[str, list[str]]) -> None:
+    """The webhooks table as the file says (within sync's transaction). A subscriber missing from the
+    file is deactivated: its deliveries stay, unsent, until it comes back."""
+    old = {r["name"]: tuple(r.values()) for r in await conn.fetch(
+        "SELECT name, url, secret, types, active FROM webhooks")}
+    for w in file.webhooks:
+        row = (w.name, w.url, w.secret, list(w.types) if w.types is not None else None, True)
+        if old.get(w.name) == row:
+            continue
+        await conn.execute(
+            "INSERT INTO webhooks (name, url, secret, types, active) VALUES ($1, $2, $3, $4, $5) "
+            "ON CONFLICT (name) DO UPDATE SET url = $2, secret = $3, types = $4, active = $5, "
+            "updated_at = now()", *row)
+        report["added" if w.name not in old else "changed"].append(f"webhook {w.name}")
+    for r in await conn.fetch(
+            "UPDATE webhooks SET active = false, updated_at = now() "
+            "WHERE active AND NOT (name = ANY($1::text[])) RETURNING name", [w.name for w in file.webhooks]):
+        report["deactivated"].append(f"webhook {r['name']}")
 
 
 def _same(old: tuple[Any, ...], new: tuple[Any, ...]) -> bool:

@@ -20,6 +20,8 @@ import structlog
 
 from .. import metrics
 from ..domain.clickid import click_time
+from ..domain.detection import DEFINITIVE
+from ..domain.events import CLICK_OVERWRITTEN
 from .refused import REFUSED, storable
 from .tasks import cancel_and_wait
 
@@ -40,6 +42,21 @@ _UPSERT_STATE = (
     "detector = CASE WHEN click_states.state <> 'active' AND EXCLUDED.state = 'active' "
     "THEN click_states.detector ELSE EXCLUDED.detector END, user_id = EXCLUDED.user_id, "
     "merchant = EXCLUDED.merchant, updated_at = now()")
+# click.overwritten, once per click: in the transaction whose upsert first leaves the stored state
+# overwritten. The flag is set under the row lock, so a second worker flushing the same click waits,
+# re-reads the row and finds it announced. Its signals are the definitive ones stored so far.
+_ANNOUNCE_OVERWRITES = (
+    "WITH flipped AS (UPDATE click_states SET overwrite_announced = true WHERE click_id = ANY ($1::text[]) "
+    "AND state = 'overwritten' AND NOT overwrite_announced RETURNING click_id, user_id, merchant), "
+    "e AS (INSERT INTO events (type, ordering_key, data) SELECT $2, 'click:' || f.click_id, "
+    "jsonb_build_object('click_id', f.click_id, 'user_id', f.user_id, 'merchant', f.merchant, "
+    "'action', 'reactivate', 'signals', COALESCE((SELECT jsonb_agg(jsonb_build_object('kind', g.kind, "
+    "'network', g.network) ORDER BY g.first_at) FROM (SELECT kind, network, min(at) AS first_at FROM signals s "
+    "WHERE s.click_id = f.click_id AND NOT s.late AND s.kind = ANY ($3::text[]) GROUP BY kind, network) g), "
+    "'[]'::jsonb)) FROM flipped f ORDER BY f.click_id RETURNING id, type, ordering_key), "
+    "d AS (INSERT INTO webhook_deliveries (event_id, webhook, ordering_key) SELECT e.id, w.name, e.ordering_key "
+    "FROM e JOIN webhooks w ON w.active AND (w.types IS NULL OR e.type = ANY (w.types))) "
+    "SELECT count(*) FROM e")
 Row = tuple[str, tuple[Any, ...]]  # ("signal" | "state", the row's values)
 
 
@@ -129,12 +146,19 @@ class SignalWriter:
     async def _write(self, rows: list[Row]) -> None:
         signals = [r for kind, r in rows if kind == "signal"]
         states = [r for kind, r in rows if kind == "state"]
+        overwritten = [r[0] for r in states if r[2] == "overwritten"]
+        announced = 0
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 if signals:
                     await conn.copy_records_to_table("signals", records=signals, columns=COLUMNS)
                 if states:
                     await conn.executemany(_UPSERT_STATE, states)
+                if overwritten:
+                    announced = await conn.fetchval(_ANNOUNCE_OVERWRITES, overwritten, CLICK_OVERWRITTEN,
+                                                    sorted(DEFINITIVE))
+        if announced:
+            metrics.events(CLICK_OVERWRITTEN).inc(announced)
 
     def _requeue(self, rows: list[Row]) -> None:
         self._signals[:0] = [r for kind, r in rows if kind == "signal"]

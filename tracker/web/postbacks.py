@@ -175,6 +175,8 @@ async def postback(request: web.Request) -> web.Response:
     metrics.postbacks(name, result.outcome).inc()
     if result.status_changed and result.merchant:
         metrics.conversions(result.merchant, result.status or "").inc()
+    if result.event:
+        metrics.events(result.event).inc()
     if result.click_id and result.conversion_id is not None:
         await app[keys.SESSIONS].save_state(result.click_id, {"state": "converted", "status": result.status},
                                             CONVERTED_STATE_TTL, force=True)
