@@ -133,29 +133,29 @@ def free_port() -> int:
 @contextlib.contextmanager
 def served(settings: Settings, workers: int = 1, env: dict[str, str] | None = None,
            output: Path | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
-    """The real `tracker serve` in a subprocess against the test database, ready when this yields
-    (process, base URL); killed afterwards. Its stdout and stderr go to `output` when given."""
+    """The real `tracker serve` in a subprocess against the test database, ready (/readyz answers 200)
+    when this yields (process, base URL), else an error: never a server that did not start. Killed
+    afterwards. Its stdout and stderr go to `output` when given. Tests that use it are marked
+    `fault` (pyproject.toml): they take seconds."""
     port = free_port()
     full_env = {**os.environ, "TRACKER_DATABASE_URL": settings.database_url or "",
                 "TRACKER_REDIS_URL": settings.redis_url or "", "TRACKER_DATA_DIR": str(settings.data_dir),
                 "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 20,
                 "TRACKER_REDIS_PREFIX": settings.redis_prefix, "TRACKER_RATE_LIMIT_IP": "0",
                 "TRACKER_RATE_LIMIT_USER": "0", **(env or {})}
-    log = (output or settings.data_dir / "serve.log").open("wb")
+    log_path = output or settings.data_dir / "serve.log"
+    log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(port),
                              "--workers", str(workers)], env=full_env,
                             stdout=log if output else subprocess.DEVNULL, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(300):
-            try:
-                with urllib.request.urlopen(base + "/readyz", timeout=1) as resp:
-                    if resp.status == 200:
-                        break
-            except (OSError, urllib.error.URLError):
-                pass
+        deadline = time.monotonic() + 30
+        while not _ready(base):
             if proc.poll() is not None:
-                raise RuntimeError(f"tracker serve exited with {proc.returncode}")
+                raise RuntimeError(f"tracker serve exited with {proc.returncode} before it was ready; see {log_path}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tracker serve was not ready (/readyz) within 30 s; see {log_path}")
             time.sleep(0.05)
         yield proc, base
     finally:
@@ -163,6 +163,14 @@ def served(settings: Settings, workers: int = 1, env: dict[str, str] | None = No
             proc.kill()
             proc.wait()
         log.close()
+
+
+def _ready(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(base + "/readyz", timeout=1) as resp:
+            return resp.status == 200
+    except (OSError, urllib.error.URLError):
+        return False
 
 
 @contextlib.asynccontextmanager

@@ -27,6 +27,8 @@ from tracker.store.spool import Spool
 
 from .conftest import BROWSER, SECRET, prepare_database
 
+pytestmark = pytest.mark.fault
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -123,6 +123,7 @@ CASES = [(method, path, credentials, mode) for method, path in OPERATIONS for cr
          for mode in MODES if mode == schemathesis.GenerationMode.POSITIVE or _takes_input(method, path)]
 
 
+@pytest.mark.fault  # fuzzes a `tracker serve` process
 @pytest.mark.parametrize(("method", "path", "credentials", "mode"), CASES,
                          ids=[f"{m} {p} {'credentials' if c else 'stranger'} {g.value}" for m, p, c, g in CASES])
 def test_fuzz_every_operation(live, method, path, credentials, mode):

@@ -38,6 +38,7 @@ async def _burst(base: str, token: str, requests: int, connections: int) -> coll
     return statuses
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("workers", [2, 3, 4])
 async def test_a_user_flooding_every_worker_gets_the_limit_and_at_most_ten_percent_more(
         settings, tokens, workers):

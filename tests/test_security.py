@@ -180,6 +180,7 @@ async def test_a_connection_that_trickles_its_request_head_is_closed(settings):
 
 
 # -- secrets never reach the logs ---------------------------------------------------------------------
+@pytest.mark.fault
 async def test_a_full_run_logs_no_secret(settings, tokens, tmp_path):
     password = "dsn-password-8d1c"  # trust auth ignores it; it must still never be printed
     parts = urlsplit(settings.database_url)

@@ -8,6 +8,8 @@ import pytest
 
 from .conftest import BROWSER, serve_process
 
+pytestmark = pytest.mark.fault
+
 
 @pytest.fixture
 async def server(settings):

@@ -1,5 +1,5 @@
 """Live event streams share the worker's one pub/sub connection (store/feed.py) and take nothing from
-the Redis connections that redirects, observe and the session batcher use (issue 13: 200 streams, each
+the Redis connections that redirects, observe and the session batcher use (before, 200 streams, each
 holding a connection of redis-py's 100-connection pool, dropped sessions and made Redis flap)."""
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any, Awaitable, Callable
 import aiohttp
 import orjson
 import psutil
+import pytest
 import redis.asyncio as aioredis
 
 from tracker import embedded
@@ -68,6 +69,7 @@ def worker_clients(clients: list[dict[str, Any]], pid: int) -> tuple[list[dict[s
     return mine, [c for c in mine if c["name"].startswith("tracker-feed-")]
 
 
+@pytest.mark.fault
 async def test_many_streams_leave_the_redirects_their_redis_connections(settings, tokens, tmp_path: Path):
     log = tmp_path / "serve.log"
     admin = aioredis.Redis.from_url(settings.redis_url)
@@ -178,6 +180,7 @@ def kill_redis(root: Path) -> None:
     (root / "redis" / "redis.pid").unlink(missing_ok=True)
 
 
+@pytest.mark.fault
 async def test_a_stream_gets_its_change_again_after_redis_comes_back(settings, tokens, tmp_path: Path):
     """The feed reconnects and subscribes again by itself: a change that is only published (no state
     key to poll) reaches the stream that was open through the outage."""
