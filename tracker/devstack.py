@@ -109,9 +109,11 @@ def _ensure_promtool() -> None:
     print("devstack: installing promtool (apt-get install prometheus) for the rules tests", file=sys.stderr)
     subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"], check=False,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"}, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+    installed = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
+                               check=False, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if installed.returncode != 0 or not shutil.which("promtool"):
+        print("devstack: promtool could not be installed; the rules tests will be skipped", file=sys.stderr)
 
 
 def test(pytest_args: list[str]) -> int:
