@@ -20,6 +20,7 @@ from .store.db import create_pool, ensure_near_partitions
 from .store.delivery import Dispatcher, options_from
 from .store.feed import StateFeed
 from .store.merchants import Catalog
+from .store.sequencer import Sequencer
 from .store.sessions import SYNC_TIMEOUT, SessionStore
 from .store.signals import SignalWriter
 from .store.spool import Spool
@@ -115,6 +116,14 @@ async def _signals(app: web.Application) -> AsyncIterator[None]:
     await writer.stop()
 
 
+async def _sequencer(app: web.Application) -> AsyncIterator[None]:
+    """This worker's offer to number committed events into the feed (one worker at a time does)."""
+    sequencer = Sequencer(app[keys.POOL])
+    await sequencer.start()
+    yield
+    await sequencer.stop()
+
+
 async def _webhooks(app: web.Application) -> AsyncIterator[None]:
     """This worker's webhook dispatcher: its own pool and HTTP client, off the request path."""
     settings = app[keys.SETTINGS]
@@ -188,7 +197,7 @@ def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application
     app[keys.CLOSING] = asyncio.Event()
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts' start-up
     app.on_shutdown.append(_closing)
-    app.cleanup_ctx.extend([_tally, _postgres, _catalog, _redis, _feed, _writer, _signals, _webhooks])
+    app.cleanup_ctx.extend([_tally, _postgres, _catalog, _redis, _feed, _writer, _signals, _sequencer, _webhooks])
     app.router.add_get("/go/{merchant}", activation.activate, name="go")  # HEAD too: link previews
     app.router.add_get("/healthz", ops.healthz, name="healthz")  # HEAD too: some load balancers probe so
     app.router.add_get("/readyz", ops.readyz, name="readyz")

@@ -73,21 +73,23 @@ async def sync_merchants_file(settings: Settings, path: Path) -> dict[str, list[
         await conn.close()
 
 
-async def _maintain(settings: Settings, ahead: int) -> dict[str, list[str]]:
+async def _maintain(settings: Settings, ahead: int) -> dict[str, Any]:
     from datetime import datetime, timedelta, timezone
 
     import asyncpg
 
     from .store.db import drop_old_partitions, ensure_partitions
+    from .store.events import prune
 
     conn = await asyncpg.connect(settings.database_url)
     try:
         today = datetime.now(timezone.utc).date()
         created = await ensure_partitions(conn, today - timedelta(days=1), ahead + 2)
         dropped = await drop_old_partitions(conn, settings.retention_days, today)
+        pruned = await prune(conn, settings.event_retention_days)
     finally:
         await conn.close()
-    return {"created": created, "dropped": dropped}
+    return {"created": created, "dropped": dropped, "events_pruned": pruned}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,13 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     p_sync.add_argument("file", type=Path)
     p_token = sub.add_parser("token", help="print a signed user token")
     p_token.add_argument("user_id")
-    p_maint = sub.add_parser("maintain", help="create upcoming partitions, drop expired ones")
+    p_maint = sub.add_parser("maintain", help="create upcoming partitions, drop expired ones, prune old events")
     p_maint.add_argument("--days-ahead", type=int, default=14)
     p_pb = sub.add_parser("postbacks", help="orphan postbacks")
     p_pb_sub = p_pb.add_subparsers(dest="action", required=True)
     p_orph = p_pb_sub.add_parser("orphans", help="list postbacks whose click is unknown")
     p_orph.add_argument("--limit", type=int, default=100)
     p_pb_sub.add_parser("reconcile", help="attach orphans whose click has arrived since")
+    p_wh = sub.add_parser("webhooks", help="webhook deliveries")
+    p_wh_sub = p_wh.add_subparsers(dest="action", required=True)
+    p_wh_sub.add_parser("status", help="each subscriber's backlog and failures, as JSON")
+    p_retry = p_wh_sub.add_parser("retry", help="send a subscriber's failed deliveries again")
+    p_retry.add_argument("name")
     args = parser.parse_args(argv)
 
     settings = load_or_exit()
@@ -171,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import postbacks_cli
 
         return postbacks_cli.run(settings, args)
+    if args.command == "webhooks":
+        from . import webhooks_cli
+
+        return webhooks_cli.run(settings, args)
     return 2
 
 

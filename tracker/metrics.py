@@ -45,6 +45,7 @@ SIGNALS = Counter("tracker_signals_total", "Overwrite and risk signals", ["merch
 OBSERVE_EVENTS = Counter("tracker_observe_events_total", "Events reported by the extension", ["type"])
 SSE_CLIENTS = Gauge("tracker_sse_clients", "Open live event streams", multiprocess_mode="livesum")
 EVENTS = Counter("tracker_events_total", "Events written to the outbox", ["type"])
+EVENTS_SEQUENCED = Counter("tracker_events_sequenced_total", "Events numbered into the feed by the sequencer")
 WEBHOOK_DELIVERIES = Counter("tracker_webhook_deliveries_total",
                              "Webhook delivery attempts by outcome (delivered, retried, failed)",
                              ["webhook", "outcome"])

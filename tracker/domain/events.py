@@ -1,7 +1,7 @@
 """Events out: the types, their payloads, the envelope and the feed's cursor. Pure code.
 
-A cursor is the event's place in feed order, (transaction id, sequence id), as 23 URL-safe
-characters; clients treat it as opaque. `START` (0, 0) comes before every event.
+A cursor is the event's place in feed order (its sequencer number) as 12 URL-safe characters;
+clients treat it as opaque. `START` (0) comes before every event.
 """
 from __future__ import annotations
 
@@ -25,39 +25,37 @@ POSTBACK_ORPHANED = "postback.orphaned"
 TYPES = (CONVERSION_CREATED, CONVERSION_STATUS_CHANGED, CONVERSION_AMOUNT_CHANGED, CLICK_OVERWRITTEN,
          POSTBACK_ORPHANED)
 
-_CURSOR = struct.Struct(">BQQ")  # version, xid8, id
+_CURSOR = struct.Struct(">BQ")  # version, seq
 _CURSOR_VERSION = 1
-CURSOR_LENGTH = 23  # base64 of 17 bytes, unpadded
+CURSOR_LENGTH = 12  # base64 of 9 bytes
 
 
 class BadCursor(ValueError):
     pass
 
 
-def encode_cursor(xid: int, event_id: int) -> str:
-    return base64.urlsafe_b64encode(_CURSOR.pack(_CURSOR_VERSION, xid, event_id)).decode().rstrip("=")
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(_CURSOR.pack(_CURSOR_VERSION, seq)).decode()
 
 
-START = encode_cursor(0, 0)
+START = encode_cursor(0)
 
 
-def decode_cursor(cursor: str) -> tuple[int, int]:
-    """(xid, id) of a cursor this service handed out; BadCursor for anything else."""
+def decode_cursor(cursor: str) -> int:
+    """The position of a cursor this service handed out; BadCursor for anything else."""
     if len(cursor) != CURSOR_LENGTH or not cursor.isascii():
         raise BadCursor("not a cursor of this feed")
     try:
-        raw = base64.urlsafe_b64decode(cursor + "=")
+        raw = base64.urlsafe_b64decode(cursor)
     except (binascii.Error, ValueError):
         raise BadCursor("not a cursor of this feed") from None
     if len(raw) != _CURSOR.size:
         raise BadCursor("not a cursor of this feed")
-    version, xid, event_id = _CURSOR.unpack(raw)
-    # A non-canonical spelling (the last character's spare bits set) is refused too: one position,
-    # one cursor. PostgreSQL's xid8 and bigint are signed 64-bit.
-    if (version != _CURSOR_VERSION or xid >= 2**63 or event_id >= 2**63
-            or encode_cursor(xid, event_id) != cursor):
+    version, seq = _CURSOR.unpack(raw)
+    # One position, one spelling; PostgreSQL's bigint is signed 64-bit.
+    if version != _CURSOR_VERSION or seq >= 2**63 or encode_cursor(seq) != cursor:
         raise BadCursor("not a cursor of this feed")
-    return xid, event_id
+    return seq
 
 
 def iso(value: datetime | None) -> str | None:

@@ -1,13 +1,16 @@
 -- The outbox: what leaves tracker as events (GET /v1/events, webhooks), each row written in the same
 -- transaction as the change it reports.
 --
--- Feed order is (xid, id): the writing transaction's id, then the sequence. A sequence value becomes
--- visible at commit, in any order, so the feed hands out only rows whose transaction is older than
--- every transaction still running (pg_snapshot_xmin of the reader's snapshot): nothing can commit
--- below that point any more, so no event ever shows up behind a cursor already handed out.
+-- Feed order is `seq`, given after commit by a single sequencer (one transaction at a time, under
+-- an advisory lock; every worker offers to be it): it numbers the committed events that have no
+-- number yet, in id order, and commits them all at once. A reader therefore never sees a number
+-- whose smaller numbers are not all visible already: nothing can appear behind a cursor it handed
+-- out, whatever order the writers committed in. (The ids alone cannot do this: a sequence value is
+-- taken at insert and becomes visible at commit, in any order.) Unlike a visibility horizon taken
+-- from the transaction ids, a long transaction elsewhere in the cluster does not hold the feed back.
 CREATE TABLE events (
     id           bigserial PRIMARY KEY,
-    xid          xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    seq          bigint UNIQUE,  -- NULL until the sequencer numbers it
     -- evt_ + 32 hex digits of a random UUID: unique without an index to keep up on every insert.
     public_id    text NOT NULL DEFAULT 'evt_' || replace(gen_random_uuid()::text, '-', ''),
     type         text NOT NULL,
@@ -17,8 +20,11 @@ CREATE TABLE events (
     created_at   timestamptz NOT NULL DEFAULT now(),
     data         jsonb NOT NULL
 );
-CREATE INDEX events_feed_idx ON events (xid, id);
+CREATE INDEX events_unsequenced_idx ON events (id) WHERE seq IS NULL;
 CREATE INDEX events_created_idx ON events (created_at);
+-- The last number given: never goes back, even when pruning has removed every event.
+CREATE TABLE events_sequencer (top bigint NOT NULL);
+INSERT INTO events_sequencer (top) VALUES (0);
 
 -- Webhook subscribers, as synced from the merchants file's `webhooks:` section.
 CREATE TABLE webhooks (
@@ -30,7 +36,8 @@ CREATE TABLE webhooks (
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
--- One row per event per subscriber, written with the event (same statement). A worker leases a due
+-- One row per event per subscriber, written by the sequencer as it numbers the event (so a postback
+-- writes one row, the event, whatever the number of subscribers). A worker leases a due
 -- row by moving next_attempt_at past the send's timeout in a short transaction, sends, then records
 -- the outcome; a worker killed mid-send leaves the row to be taken again when the lease ends.
 CREATE TABLE webhook_deliveries (

@@ -147,7 +147,7 @@ class Dispatcher:
             await queries.release(self._pool, name, [(row["event_id"], row["attempts"])])
             return
         body = orjson.dumps(envelope(row["public_id"], row["type"], row["created_at"],
-                                     encode_cursor(int(row["xid"]), row["event_id"]), orjson.loads(row["data"])))
+                                     encode_cursor(row["seq"]), orjson.loads(row["data"])))
         status, error = await self._post(webhook, row["public_id"], body)
         try:
             if status is not None and 200 <= status < 300:

@@ -53,9 +53,7 @@ _ANNOUNCE_OVERWRITES = (
     "'action', 'reactivate', 'signals', COALESCE((SELECT jsonb_agg(jsonb_build_object('kind', g.kind, "
     "'network', g.network) ORDER BY g.first_at) FROM (SELECT kind, network, min(at) AS first_at FROM signals s "
     "WHERE s.click_id = f.click_id AND NOT s.late AND s.kind = ANY ($3::text[]) GROUP BY kind, network) g), "
-    "'[]'::jsonb)) FROM flipped f ORDER BY f.click_id RETURNING id, type, ordering_key), "
-    "d AS (INSERT INTO webhook_deliveries (event_id, webhook, ordering_key) SELECT e.id, w.name, e.ordering_key "
-    "FROM e JOIN webhooks w ON w.active AND (w.types IS NULL OR e.type = ANY (w.types))) "
+    "'[]'::jsonb)) FROM flipped f ORDER BY f.click_id RETURNING 1) "
     "SELECT count(*) FROM e")
 Row = tuple[str, tuple[Any, ...]]  # ("signal" | "state", the row's values)
 

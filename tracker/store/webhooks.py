@@ -28,7 +28,7 @@ _CLAIM = (
     "UPDATE webhook_deliveries d SET next_attempt_at = now() + make_interval(secs => $3), "
     "attempts = d.attempts + 1, last_attempt_at = now() FROM due, events e "
     "WHERE d.webhook = $1 AND d.event_id = due.event_id AND e.id = d.event_id "
-    "RETURNING d.event_id, d.attempts, e.public_id, e.type, e.created_at, e.xid::text AS xid, e.data::text AS data")
+    "RETURNING d.event_id, d.attempts, e.public_id, e.type, e.created_at, e.seq, e.data::text AS data")
 # A failed attempt: retried after `delay` seconds, unless the delivery has been retried for
 # `retry_for` seconds already (or the subscriber said 410 Gone): then it has failed for good. Only
 # the lease holder (same attempt number) records it; a success is recorded whoever sent it.

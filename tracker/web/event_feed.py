@@ -49,4 +49,4 @@ async def events_feed(request: web.Request) -> web.Response:
     limit, types = _limit(_one(request, "limit")), _types(_one(request, "types"))
     events, position = await read_feed(app[keys.POOL], after, limit, types)
     # Caught up: no events and `next` is `after` exactly as given (a cursor has one spelling).
-    return json_response({"events": events, "next": encode_cursor(*position)})
+    return json_response({"events": events, "next": encode_cursor(position)})

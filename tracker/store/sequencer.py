@@ -1,0 +1,54 @@
+"""The feed's sequencer, offered by every worker: every `interval` it tries to number the events
+committed since the last run (store/events.py); one worker of all pods does it at a time, the
+others find the lock taken and wait for the next round. A backlog is numbered in batches, one after
+the other, without waiting."""
+from __future__ import annotations
+
+import asyncio
+import random
+
+import asyncpg
+import structlog
+
+from .. import metrics
+from .events import sequence
+from .tasks import cancel_and_wait
+
+log = structlog.get_logger("tracker.sequencer")
+
+
+class Sequencer:
+    def __init__(self, pool: asyncpg.Pool, interval: float = 0.1, batch: int = 5000) -> None:
+        self.pool, self.interval, self.batch = pool, interval, batch
+        self._task: asyncio.Task[None] | None = None
+        self._failing = False
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-sequencer")
+
+    async def stop(self) -> None:
+        await cancel_and_wait([self._task])
+
+    async def run_once(self) -> int | None:
+        async with self.pool.acquire() as conn:
+            return await sequence(conn, self.batch)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                numbered = await self.run_once()
+                if self._failing:
+                    log.info("sequencer_recovered")
+                self._failing = False
+                if numbered:
+                    metrics.EVENTS_SEQUENCED.inc(numbered)
+                    if numbered >= self.batch:
+                        continue  # a backlog: the next batch at once
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - PostgreSQL away: the events wait, try again
+                if not self._failing:
+                    log.warning("sequencer_failed", error=repr(exc)[:200])
+                self._failing = True
+            # Jittered, so that the workers' attempts spread over the interval.
+            await asyncio.sleep(self.interval * random.uniform(0.5, 1.5))
