@@ -7,6 +7,7 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from .domain.console_session import ConsoleKeys, SignInThrottle
 from .domain.detection import Detector
 from .domain.tokens import UserTokens
 from .settings import Settings
@@ -28,4 +29,6 @@ FEED = web.AppKey("feed", StateFeed)
 SIGNALS = web.AppKey("signals", SignalWriter)
 DETECTOR = web.AppKey("detector", Detector)
 CLOSING = web.AppKey("closing", asyncio.Event)
+CONSOLE = web.AppKey("console", ConsoleKeys)
+SIGN_IN = web.AppKey("sign_in", SignInThrottle)
 WEBHOOKS = web.AppKey("webhooks", Dispatcher)

@@ -1,0 +1,100 @@
+"""Support console sessions: signed cookies, CSRF tokens, and the slow-down of wrong admin keys.
+
+A session cookie is `v1.<session id>.<expiry>.<mac>`: 16 random bytes, a Unix time, and an HMAC
+over both with a key derived from TRACKER_SECRET *and* the admin key, so that rotating either one
+ends every session. A form's CSRF token is an HMAC of the session id under another derived key: it
+needs no storage, differs per session, and a page of another site can neither read nor forge it.
+Before sign-in the same is done with a short-lived sign-in nonce cookie (login CSRF).
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+from .tokens import same_secret
+
+LOGIN_NONCE_TTL = 3600
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    session_id: str
+    expires: int  # Unix seconds
+
+
+class ConsoleKeys:
+    __slots__ = ("_cookie", "_csrf", "ttl")
+
+    def __init__(self, secret: str, admin_key: str, ttl: int) -> None:
+        bound = hashlib.sha256(admin_key.encode("utf-8", "surrogatepass")).digest()
+        self._cookie = hmac.new(secret.encode(), b"tracker/console-session/v1" + bound, hashlib.sha256).digest()
+        self._csrf = hmac.new(secret.encode(), b"tracker/console-csrf/v1" + bound, hashlib.sha256).digest()
+        self.ttl = ttl
+
+    def _mac(self, kind: str, ident: str, expires: int) -> str:
+        return _b64(hmac.new(self._cookie, f"{kind}.{ident}.{expires}".encode(), hashlib.sha256).digest()[:18])
+
+    def _sign(self, kind: str, ttl: int, now: float) -> tuple[str, Session]:
+        ident, expires = _b64(secrets.token_bytes(16)), int(now) + ttl
+        return f"{kind}.{ident}.{expires}.{self._mac(kind, ident, expires)}", Session(ident, expires)
+
+    def _read(self, kind: str, value: str | None, now: float) -> Session | None:
+        if not value or len(value) > 200:
+            return None
+        parts = value.split(".")
+        if len(parts) != 4 or parts[0] != kind or not parts[2].isascii() or not parts[2].isdigit():
+            return None
+        ident, expires = parts[1], int(parts[2])
+        if not same_secret(parts[3], self._mac(kind, ident, expires)) or expires <= now:
+            return None
+        return Session(ident, expires)
+
+    def issue(self, now: float) -> tuple[str, Session]:
+        """A new session: (cookie value, session)."""
+        return self._sign("v1", self.ttl, now)
+
+    def read(self, cookie: str | None, now: float) -> Session | None:
+        """The session a cookie carries, if it is ours, unaltered and not expired."""
+        return self._read("v1", cookie, now)
+
+    def issue_nonce(self, now: float) -> tuple[str, Session]:
+        return self._sign("n1", LOGIN_NONCE_TTL, now)
+
+    def read_nonce(self, cookie: str | None, now: float) -> Session | None:
+        return self._read("n1", cookie, now)
+
+    def csrf(self, ident: str) -> str:
+        return _b64(hmac.new(self._csrf, ident.encode(), hashlib.sha256).digest()[:18])
+
+    def csrf_ok(self, ident: str, token: str | None) -> bool:
+        return bool(token) and same_secret(token or "", self.csrf(ident))
+
+
+class SignInThrottle:
+    """Wrong admin keys from one address wait longer each time (0.5 s, 1 s, 2 s ... up to 8 s), so a
+    guesser gets a handful of tries a minute per address instead of thousands. Counts are per worker
+    process, forgotten after `forget` seconds without a failure, and the table is bounded."""
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self, base: float = 0.5, cap: float = 8.0, forget: float = 900.0) -> None:
+        self.base, self.cap, self.forget = base, cap, forget
+        self._failures: dict[str, tuple[int, float]] = {}
+
+    def failed(self, address: str, now: float) -> tuple[int, float]:
+        """Record a failure; (failures in a row from that address, seconds to hold the answer)."""
+        count, last = self._failures.get(address, (0, now))
+        count = 1 if now - last > self.forget else count + 1
+        if len(self._failures) >= self.MAX_ADDRESSES:
+            self._failures.clear()
+        self._failures[address] = (count, now)
+        return count, min(self.cap, self.base * 2 ** (count - 1))
+
+    def succeeded(self, address: str) -> None:
+        self._failures.pop(address, None)

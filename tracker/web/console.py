@@ -1,0 +1,107 @@
+"""The support console at /support/: search, a user's activations, an order, orphan postbacks.
+The click page and the overview are in console_views.py, sign-in in console_auth.py."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+
+from .. import keys
+from ..domain.clickid import is_click_id
+from ..domain.console_session import ConsoleKeys, Session, SignInThrottle
+from ..domain.tokens import USER_ID
+from ..errors import BadRequest, NotFound
+from ..store import lookups as store
+from ..store.support import get_click
+from . import console_auth, console_views, lookups
+from .console_guard import PATH, redirect, render, signed_in, static
+from .console_views import filters
+
+MAX_QUERY = 256
+
+
+async def _home(request: web.Request, session: Session) -> web.StreamResponse:
+    raw = lookups.one(request, "q")
+    if raw is None:
+        return render(request, session, "search.html", q="", searched=False)
+    q = raw.strip()
+    if not q or len(q) > MAX_QUERY:
+        raise BadRequest(f"search for a click id, a user id or an order id (1 to {MAX_QUERY} characters)")
+    pool = request.app[keys.POOL]
+    if is_click_id(q) and await get_click(pool, q) is not None:
+        return redirect(f"{PATH}clicks/{q}")
+    is_user = bool(USER_ID.fullmatch(q)) and bool(
+        await pool.fetchval("SELECT 1 FROM clicks WHERE user_id = $1 LIMIT 1", q))
+    orders = await store.orders(pool, q)
+    orphans = await store.orphans_of_order(pool, q)
+    if is_user and not orders and not orphans:
+        return redirect(f"{PATH}users/{q}")
+    if len(orders) == 1 and not is_user and not orphans:
+        return redirect(f"{PATH}clicks/{orders[0]['click_id']}")
+    # Nothing, or several kinds of match (an order number that is also a user id): let the agent choose.
+    return render(request, session, "search.html", q=q, is_user=is_user, orders=orders, orphans=orphans,
+                  searched=True)
+
+
+async def _user(request: web.Request, session: Session) -> web.StreamResponse:
+    user_id = request.match_info["user_id"]
+    if not USER_ID.fullmatch(user_id):
+        raise NotFound("no such user")
+    before = lookups.one(request, "before")
+    if before is not None and not is_click_id(before):
+        raise BadRequest("before must be a click id")
+    items, nxt = await lookups.user_page(request.app, user_id, 50, before)
+    names = {slug: m.name for slug, m in request.app[keys.CATALOG].merchants.items()}
+    return render(request, session, "user.html", user_id=user_id, clicks=items, next=nxt, names=names,
+                  first_page=before is None)
+
+
+async def _order(request: web.Request, session: Session) -> web.StreamResponse:
+    order_id, network = lookups.order_query(request)
+    pool = request.app[keys.POOL]
+    orders = [lookups.conversion_item(r) for r in await store.orders(pool, order_id, network)]
+    orphans = await store.orphans_of_order(pool, order_id)
+    return render(request, session, "order.html", order_id=order_id, orders=orders, orphans=orphans)
+
+
+async def _orphans(request: web.Request, session: Session) -> web.StreamResponse:
+    rows, nxt = await lookups.orphan_page(request.app, 50, lookups.before_id(request))
+    done = {k: request.query[k] for k in ("attached", "still") if request.query.get(k, "").isdigit()}
+    return render(request, session, "orphans.html", orphans=rows, next=nxt, done=done,
+                  first_page="before" not in request.query)
+
+
+async def _reconcile(request: web.Request, session: Session) -> web.StreamResponse:
+    result = await lookups.reconcile_orphans(request.app)
+    return redirect(f"{PATH}orphans?attached={result['attached']}&still={result['still_orphaned']}")
+
+
+async def _to_console(request: web.Request) -> web.StreamResponse:
+    return redirect(PATH)
+
+
+def setup_console(app: web.Application) -> None:
+    """Templates (autoescaped, package data), the session keys and the console's routes."""
+    settings = app[keys.SETTINGS]
+    env = aiohttp_jinja2.setup(app, loader=jinja2.FileSystemLoader(Path(__file__).parents[1] / "templates"),
+                               autoescape=True, undefined=jinja2.StrictUndefined)
+    env.filters.update(filters())
+    app[keys.CONSOLE] = ConsoleKeys(settings.secret, settings.admin_key, settings.console_session)
+    app[keys.SIGN_IN] = SignInThrottle()
+    r = app.router
+    r.add_get("/support", _to_console, name="console_root", allow_head=False)
+    r.add_get(PATH, signed_in(_home), name="console_home", allow_head=False)
+    r.add_get(PATH + "login", console_auth.login_page, name="console_login_page", allow_head=False)
+    r.add_post(PATH + "login", console_auth.login, name="console_login")
+    r.add_post(PATH + "logout", console_auth.logout, name="console_logout")
+    r.add_get(PATH + "users/{user_id}", signed_in(_user), name="console_user", allow_head=False)
+    r.add_get(PATH + "clicks/{click_id}", signed_in(console_views.click_page), name="console_click",
+              allow_head=False)
+    r.add_get(PATH + "orders", signed_in(_order), name="console_order", allow_head=False)
+    r.add_get(PATH + "orphans", signed_in(_orphans), name="console_orphans", allow_head=False)
+    r.add_post(PATH + "orphans/reconcile", signed_in(_reconcile), name="console_reconcile")
+    r.add_get(PATH + "overview", signed_in(console_views.overview_page), name="console_overview",
+              allow_head=False)
+    r.add_get(PATH + "static/{name}", static, name="console_static", allow_head=False)

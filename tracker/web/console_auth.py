@@ -1,0 +1,82 @@
+"""Signing in to the support console with the admin key, and signing out."""
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import datetime, timezone
+
+import structlog
+from aiohttp import web
+
+from .. import keys
+from ..domain.console_session import LOGIN_NONCE_TTL, Session
+from ..domain.tokens import same_secret
+from ..errors import Forbidden, Unauthorized
+from .common import client_ip
+from .console_guard import (
+    COOKIE,
+    NONCE_COOKIE,
+    PATH,
+    current_session,
+    form,
+    local_next,
+    redirect,
+    render,
+    set_cookie,
+    signed_in,
+    single,
+)
+
+log = structlog.get_logger("tracker.console")
+
+
+async def login_page(request: web.Request) -> web.StreamResponse:
+    if await current_session(request) is not None:
+        return redirect(local_next(request.query.get("next")))
+    console = request.app[keys.CONSOLE]
+    cookie, nonce = console.issue_nonce(time.time())
+    response = render(request, None, "login.html", csrf=console.csrf("login:" + nonce.session_id),
+                      next=local_next(request.query.get("next")))
+    set_cookie(request, response, NONCE_COOKIE, cookie, LOGIN_NONCE_TTL)
+    return response
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    console, settings = app[keys.CONSOLE], app[keys.SETTINGS]
+    fields = await form(request)
+    nonce = console.read_nonce(request.cookies.get(NONCE_COOKIE), time.time())
+    if nonce is None or not console.csrf_ok("login:" + nonce.session_id, single(fields, "csrf")):
+        raise Forbidden("this form's CSRF token is missing or not valid: reload the sign-in page and try again",
+                        code="csrf")
+    address = client_ip(request, settings.trusted_proxies)
+    key = single(fields, "key") or ""
+    if not key or not same_secret(key, settings.admin_key):
+        failures, hold = app[keys.SIGN_IN].failed(address, time.monotonic())
+        # Logged without the key (a typo of the real one is nearly the real one).
+        log.warning("console_sign_in_refused", client_ip=address, failures_in_a_row=failures,
+                    held_seconds=hold, key_given=bool(key))
+        await asyncio.sleep(hold)
+        raise Unauthorized("the admin key is not valid: go back and enter it again")
+    app[keys.SIGN_IN].succeeded(address)
+    cookie, session = console.issue(time.time())
+    log.info("console_signed_in", client_ip=address, session=session.session_id[:8])
+    response = redirect(local_next(single(fields, "next")))
+    set_cookie(request, response, COOKIE, cookie, console.ttl)
+    response.del_cookie(NONCE_COOKIE, path=PATH)
+    return response
+
+
+async def _logout(request: web.Request, session: Session) -> web.StreamResponse:
+    await request.app[keys.POOL].execute(
+        "WITH gone AS (DELETE FROM console_signouts WHERE expires_at < now()) "
+        "INSERT INTO console_signouts (session_id, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        session.session_id, datetime.fromtimestamp(session.expires, timezone.utc))
+    log.info("console_signed_out", client_ip=client_ip(request, request.app[keys.SETTINGS].trusted_proxies),
+             session=session.session_id[:8])
+    response = redirect(f"{PATH}login")
+    response.del_cookie(COOKIE, path=PATH)
+    return response
+
+
+logout = signed_in(_logout)
