@@ -1,6 +1,6 @@
 """How many Redis connections does one worker hold with N live event streams open, and do the
-redirects made meanwhile keep their Redis sessions? (Issue 13: each stream used to hold a connection
-of redis-py's 100-connection pool.)
+redirects made meanwhile keep their Redis sessions? (Each stream used to hold a connection of
+redis-py's 100-connection pool.)
 
 Usage: .venv/bin/python benchmarks/streams.py [N] [--tree DIR]
 `--tree DIR` serves another checkout (e.g. `git archive REV | tar -x -C DIR`) to compare. Servers as

@@ -8,7 +8,7 @@ from tracker.domain.clickid import InvalidClickId, click_time_ms, is_click_id, n
 from tracker.domain.tokens import InvalidUserId, UserTokens
 
 
-def test_click_id_fits_the_contract():
+def test_click_ids_are_unique_url_safe_and_start_with_a_letter():
     ids = {new_click_id()[0] for _ in range(20_000)}
     assert len(ids) == 20_000
     for cid in list(ids)[:500]:

@@ -42,7 +42,7 @@ def test_the_spec_and_the_routes_agree(settings):
         path = info.get("path") or info.get("formatter")
         routes.add((route.method.lower(), path))
     # The support console (/support/...) is a browser UI, not an API: its pages are HTML behind a
-    # session cookie, described in CONTRACT.md and tested in test_console*.py, with a real browser.
+    # session cookie, described in docs/api.md and tested in test_console*.py, with a real browser.
     routes = {(method, path) for method, path in routes if not path.startswith("/support")}
     documented = {(method, path) for path, item in SPEC["paths"].items() for method in item if method in METHODS}
     assert routes == documented
@@ -93,7 +93,7 @@ MODES = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGAT
 CALL = {"allow_redirects": False, "timeout": 10}
 # "Every schema-valid request is accepted" cannot hold here by design: a `to` off the merchant's
 # allowed hosts, a postback without an order id under its profile's name, or an event whose fields
-# contradict each other are valid by the schema and refused with the contract's 400. Every other
+# contradict each other are valid by the schema and refused with a JSON 400. Every other
 # check (no 5xx, negative data refused, status codes, content types, headers, bodies) applies.
 SEMANTIC = [positive_data_acceptance]
 

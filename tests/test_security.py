@@ -243,7 +243,7 @@ async def test_a_rate_limited_answer_is_held_so_a_retry_loop_cannot_spin(aiohttp
     assert other.status == 302 and finished["other"] < finished["held"]
 
 
-# -- oversized requests get the contract's JSON, and their bytes are not logged ------------------------
+# -- oversized requests get the API's JSON error, and their bytes are not logged ------------------------
 async def _raw(client, request: bytes) -> tuple[bytes, bytes]:
     reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
     writer.write(request)

@@ -1,5 +1,5 @@
-"""Domain errors: an exception with a code and a status, turned into the contract's JSON by one
-middleware."""
+"""Domain errors: an exception with a code and a status, turned into the API's JSON error
+(`{"error": code, "message": ...}`, docs/api.md) by one middleware."""
 from __future__ import annotations
 
 

@@ -39,7 +39,7 @@ class Settings:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     merchants_file: Path | None = None
     log_format: str = "json"
-    # Internal knobs (not in the contract): key prefix so that several deployments or test
+    # Internal knobs: key prefix so that several deployments or test
     # runs can share one Redis, and the click writer's limits.
     redis_prefix: str = "trk:"
     queue_limit: int = 50_000

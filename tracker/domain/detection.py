@@ -1,6 +1,6 @@
 """The overwrite detector: from what the shopping tab reports, decide whose link is on the order.
 
-Rules (see shared/DOMAIN.md):
+Rules:
 - The chain our partner URL starts is ours, up to and including the first page on one of the
   merchant's hosts: every network click value seen there is bound to the session as ours.
 - After that, the first value of our own network's click parameter is ours too; a later different value
@@ -82,7 +82,7 @@ def sanitize(url: str, keep: frozenset[str]) -> str:
 
 # The JSON types each event field may have (absent or null always may): a field of another type is
 # a client bug, refused with 400, while a time that does not parse means now. A navigation's `url` is
-# not here: the contract ignores a URL that cannot be parsed, whatever it is.
+# not here: a URL that cannot be parsed is ignored, whatever it is (docs/api.md, POST /v1/observe).
 MAX_BASKET = 100_000
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "code": (str,), "device": (str,), "at": (str, int, float),

@@ -16,7 +16,7 @@ from .conversions import money
 
 CONVERSION_CREATED = "conversion.created"
 CONVERSION_STATUS_CHANGED = "conversion.status_changed"
-# Beyond the contract's four: a conversion's money changed without a status move (a pending order's
+# Besides the status moves: a conversion's money changed without one (a pending order's
 # commission corrected, an approved one partly returned), so that a ledger never pays out on an
 # amount the network has since lowered.
 CONVERSION_AMOUNT_CHANGED = "conversion.amount_changed"
@@ -65,7 +65,7 @@ def iso(value: datetime | None) -> str | None:
 
 
 def conversion_payload(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The contract's `data.conversion` from a conversions row (or a mapping with its columns)."""
+    """An event's `data.conversion` (docs/api.md) from a conversions row (or a mapping with its columns)."""
     currency = str(row["currency"]).strip()
     return {"network": row["network"], "order_id": row["order_id"], "click_id": row["click_id"],
             "user_id": row["user_id"], "merchant": row["merchant"], "status": row["status"],

@@ -1,4 +1,4 @@
--- Support lookups and the console (issue 16). Number 0007: 0006 is taken by the events-out work.
+-- Support lookups and the console.
 --
 -- A shopper quotes an order number, not the network that reported it: orders by id alone (the
 -- unique key (network, order_id) cannot serve that without a network). Orphans too, so that an

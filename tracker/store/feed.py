@@ -1,7 +1,7 @@
 """The state feed: one Redis pub/sub connection per worker, shared by every live event stream.
 
 A stream used to subscribe on a connection of its own, taken from the pool that the session batcher
-and observe use: 100 streams emptied that pool and the redirects' sessions were dropped (issue 13).
+and observe use: 100 streams emptied that pool and the redirects' sessions were dropped.
 Now a stream listens here. The first listener of a click's channel SUBSCRIBEs it, the last one to
 leave UNSUBSCRIBEs it, and one reader task hands each message to that channel's listeners through a
 small queue: a client that does not read loses older changes (each message is the whole state, so

@@ -46,7 +46,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 async def answer(app: web.Application, request: web.BaseRequest, route: str,
                  handling: Awaitable[web.StreamResponse]) -> web.StreamResponse:
-    """Await a handler's answer and turn whatever it raises into the contract's JSON error."""
+    """Await a handler's answer and turn whatever it raises into the API's JSON error."""
     started = time.perf_counter()
     try:
         response = await handling
@@ -86,7 +86,7 @@ def _protocol_error(self: RequestHandler, request: web.BaseRequest, status: int 
     """aiohttp answers what its HTTP parser refuses (an oversized request line, a garbled header)
     itself, before any middleware, as text with the request's bytes in the message and an ERROR
     log line that would carry them too (user tokens ride in /go's query). This answers with the
-    contract's JSON instead and logs only the status and the kind of error."""
+    API's JSON error instead and logs only the status and the kind of error."""
     if request.writer.output_size > 0:
         raise ConnectionError("the response is already being sent")
     if status >= 500:  # not a parse error: an unexpected failure, logged with its traceback
@@ -175,7 +175,7 @@ MAX_JSON_DEPTH = 16  # our bodies nest three levels; a client's deep nesting is 
 
 
 def json_object(body: bytes) -> dict[str, Any]:
-    """A JSON object from a body, or the contract's 400 (also for one nested deeper than
+    """A JSON object from a body, or the API's JSON 400 (also for one nested deeper than
     MAX_JSON_DEPTH: whatever later walks or prints it recursively stays far from the stack's end)."""
     try:
         doc = orjson.loads(body)
