@@ -1,0 +1,106 @@
+"""Deliveries survive `kill -9`: their state is in PostgreSQL. The real `tracker serve` (two workers)
+is killed, every process of it at once, while its deliveries are in flight (the subscriber holds
+them) or waiting; after a restart every event reaches the subscriber, signed, under its own id."""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import aiohttp
+import pytest
+
+from tracker.domain.tokens import UserTokens
+
+from .conftest import BROWSER, SECRET, free_port
+from .receiver import Receiver, new_secret
+from .test_postbacks import admitad
+from .test_webhooks import deliveries, subscribe
+
+pytestmark = pytest.mark.fault
+EVENTS = 30
+CONCURRENCY = 4
+
+
+def serve(settings, port: int, log) -> subprocess.Popen:  # noqa: ANN001
+    env = {**os.environ, "TRACKER_DATABASE_URL": settings.database_url, "TRACKER_REDIS_URL": settings.redis_url,
+           "TRACKER_DATA_DIR": str(settings.data_dir), "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 20,
+           "TRACKER_REDIS_PREFIX": settings.redis_prefix, "TRACKER_RATE_LIMIT_IP": "0",
+           "TRACKER_RATE_LIMIT_USER": "0", "TRACKER_WEBHOOK_TIMEOUT": "2", "TRACKER_WEBHOOK_LEASE": "3",
+           "TRACKER_WEBHOOK_RETRY_BASE_MS": "100", "TRACKER_WEBHOOK_POLL_MS": "20",
+           "TRACKER_WEBHOOK_CONCURRENCY": str(CONCURRENCY)}
+    return subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(port), "--workers", "2"],
+                            env=env, stdout=log, stderr=log, start_new_session=True)
+
+
+async def ready(base: str) -> None:
+    async with aiohttp.ClientSession() as s:
+        for _ in range(600):
+            try:
+                async with s.get(base + "/readyz") as r:
+                    if r.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError("tracker serve did not become ready")
+
+
+async def test_kill9_with_deliveries_in_flight_and_waiting_loses_none(settings, db):
+    holding = {"on": True}
+    answered: set[str] = set()
+
+    def answer(hit):  # noqa: ANN001, ANN202
+        if holding["on"]:
+            return "hang"
+        answered.add(hit.webhook_id)
+        return 204
+
+    receiver = Receiver(new_secret(), answer)
+    await receiver.start()
+    await subscribe(db, {"name": "survivor", "url": receiver.url, "secret": receiver.secret})
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = (settings.data_dir / "serve.log").open("ab")
+    proc = serve(settings, port, log)
+    try:
+        await ready(base)
+        token = UserTokens(SECRET).mint("fault-webhooks")
+        async with aiohttp.ClientSession() as s:
+            for i in range(EVENTS):
+                async with s.get(f"{base}/go/aliexpress", params={"u": token}, headers=BROWSER,
+                                 allow_redirects=False) as r:
+                    cid = r.headers["X-Click-Id"]
+                async with s.get(f"{base}/postback/admitad", params=admitad(cid, f"KILL-{i}")) as r:
+                    assert r.status == 200
+        # Both workers fill their slots with requests the subscriber holds; the rest wait.
+        await receiver.wait(lambda: len(receiver.hits) >= 2 * CONCURRENCY)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        expected = {r["public_id"] for r in await db.fetch(
+            "SELECT public_id FROM events WHERE data->'conversion'->>'order_id' LIKE 'KILL-%'")}
+        assert len(expected) == EVENTS  # committed with their postbacks, whatever the sequencer had done
+        rows = await deliveries(db, "survivor")
+        assert all(r["state"] == "pending" for r in rows)
+        assert sum(r["attempts"] > 0 for r in rows) >= 2 * CONCURRENCY  # leased by the dead workers
+        holding["on"] = False
+        # The killed sends are taken again when their leases end (3 s here); the rest go at once.
+        proc = serve(settings, port, log)
+        await ready(base)
+        await receiver.wait(lambda: expected <= answered, 30)
+        for _ in range(100):
+            rows = await deliveries(db, "survivor")
+            if all(r["state"] == "delivered" for r in rows):
+                break
+            await asyncio.sleep(0.05)
+        assert len(rows) == EVENTS and all(r["state"] == "delivered" for r in rows)
+        assert all(h.verified for h in receiver.hits)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+        await receiver.stop()
+        await subscribe(db)
