@@ -110,7 +110,7 @@ def _credentials(method: str, path: str, live: dict[str, str]) -> dict[str, Any]
         return fixed
     if path in ("/v1/observe", "/v1/clicks/{click_id}/events"):
         return {"headers": {"Authorization": f"Bearer {live['token']}"}}
-    if path == "/v1/clicks/{click_id}" or path.startswith(("/v1/users/", "/v1/conversions", "/v1/postbacks/")):
+    if path == "/v1/clicks/{click_id}" or path.startswith(("/v1/users/", "/v1/conversions", "/v1/postbacks/", "/v1/events")):
         return {"headers": {"Authorization": f"Bearer {ADMIN_KEY}"}}
     return {}
 
