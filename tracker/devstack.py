@@ -116,8 +116,31 @@ def _ensure_promtool() -> None:
         print("devstack: promtool could not be installed; the rules tests will be skipped", file=sys.stderr)
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = "screenshots"  # under TRACKER_DATA_DIR: the console's pages as the browser tests saw them
+
+
+def _ensure_chromium() -> None:
+    """The console's browser tests drive Debian's chromium through Playwright (never a browser build
+    that `playwright install` would download); install it where we can."""
+    import shutil
+
+    if CHROMIUM.exists() or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    print("devstack: installing chromium (apt-get install chromium) for the console's browser tests",
+          file=sys.stderr)
+    subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    installed = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+                               check=False, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if installed.returncode != 0 or not CHROMIUM.exists():
+        print("devstack: chromium could not be installed; the browser tests will be skipped", file=sys.stderr)
+
+
 def test(pytest_args: list[str]) -> int:
     _ensure_promtool()
+    _ensure_chromium()
     env = dict(os.environ)
     env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
     started = _servers(env)
@@ -125,6 +148,9 @@ def test(pytest_args: list[str]) -> int:
         _join(env)
     try:
         rc = subprocess.run([sys.executable, "-m", "pytest", *pytest_args], env=env, cwd=ROOT).returncode
+        shots = Path(env["TRACKER_DATA_DIR"]).absolute() / SCREENSHOTS
+        if any(shots.glob("*.png")):
+            print(f"devstack: screenshots of the support console's pages: {shots}", file=sys.stderr)
     finally:
         if started:
             _leave_and_stop(env)

@@ -17,7 +17,7 @@ def bars(rows: Sequence[tuple[str, Sequence[tuple[float, str]], str]], width: in
          row_height: int = 28) -> BarChart:
     """One row per (label, [(value, css class), ...] stacked left to right, note shown after the bar),
     all to one scale: the longest row fills the plot."""
-    plot = width - label_width - 150
+    plot = width - label_width - 200
     top = max([sum(v for v, _ in parts) for _, parts, _ in rows] + [1e-9])
     out = []
     for i, (label, parts, note) in enumerate(rows):

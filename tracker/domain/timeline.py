@@ -11,10 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
+from .conversions import money
 from .diagnosis import NETWORK_NAMES
 from .merchants import Merchant
+from .text import has_control
 
 UrlParts = list[tuple[str, bool]]  # (text, highlighted)
 
@@ -32,6 +34,13 @@ class Moment:
 
 def network_name(slug: str | None) -> str:
     return NETWORK_NAMES.get(slug or "", slug or "another network")
+
+
+def readable(url: str) -> str:
+    """The URL with its escapes decoded, for reading (it is shown as text, never followed); as it
+    came when decoding would bring out control characters or invalid UTF-8."""
+    decoded = unquote(url, errors="strict") if "%" in url else url
+    return url if has_control(decoded) else decoded
 
 
 def url_parts(url: str, needle: str | None) -> UrlParts:
@@ -66,6 +75,15 @@ def offset_text(seconds: float) -> str:
     return f"+{s // 86400} d {s % 86400 // 3600} h"
 
 
+def _readable_or_none(url: Any) -> str | None:
+    if not isinstance(url, str):
+        return None
+    try:
+        return readable(url)
+    except UnicodeDecodeError:
+        return url
+
+
 def _text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
@@ -73,7 +91,7 @@ def _text(value: Any) -> str:
 def _signal(sig: dict[str, Any]) -> Moment:
     kind, ev = sig["kind"], sig.get("evidence") or {}
     net = network_name(sig.get("network"))
-    url = ev.get("url") if isinstance(ev.get("url"), str) else None
+    url = _readable_or_none(ev.get("url"))
     needle: str | None = None
     if kind == "foreign_affiliate_param":
         title = (f"Overwritten: another {net} publisher's parameter" if ev.get("same_network")
@@ -116,9 +134,8 @@ def _postback(conv: dict[str, Any], h: dict[str, Any]) -> Moment:
     details = [("order", conv["order_id"])]
     for name in ("amount", "commission"):
         if h.get(name) is not None:
-            details.append((name, f"{h[name]} {cur}"))
-    raw = h.get("raw") or {}
-    details += [(f"parameter {k}", _text(v)) for k, v in raw.items()]
+            details.append((name, f"{money(h[name], cur)} {cur}"))
+    # The parameters as sent are under Orders, in the postback's history.
     return Moment(h["received_at"], "postback", title, details)
 
 
@@ -133,14 +150,16 @@ def moments(click: dict[str, Any], merchant: Merchant | None, signals: list[dict
     if merchant is not None:
         link = merchant.partner_link(click["click_id"], click["target"], click["source"] == "app")
         found.append(Moment(start, "ours", f"Redirected to the partner link of {network_name(merchant.network)}",
-                            [("our click id", click["click_id"])], url_parts(link, click["click_id"])))
+                            [("our click id", click["click_id"])],
+                            url_parts(_readable_or_none(link) or link, click["click_id"])))
     found += [_signal(s) for s in signals]
     found.append(Moment(start + timedelta(seconds=session_ttl), "session",
                         f"End of the {offset_text(session_ttl)[1:]} session window: orders after this earn nothing"))
     for conv in conversions:
         if conv.get("order_time"):
             found.append(Moment(conv["order_time"], "order", f"Order {conv['order_id']} placed (network's time)",
-                                [("amount", f"{conv['amount']} {conv['currency'].strip()}")]))
+                                [("amount", f"{money(conv['amount'], conv['currency'].strip())} "
+                                            f"{conv['currency'].strip()}")]))
         found += [_postback(conv, h) for h in conv["history"]]
     found.sort(key=lambda m: m.at)
     for m in found:

@@ -12,7 +12,7 @@ from datetime import datetime
 from .timeline import Moment
 
 WIDTH, LEFT, RIGHT = 960, 24, 24
-AXIS_Y, LANE_H, MIN_GAP, MAX_LANES = 150, 26, 22, 5
+TOP, LANE_H, MIN_GAP, MAX_LANES = 16, 26, 22, 5
 _STEPS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200, 10800, 21600, 43200, 86400,
           2 * 86400, 7 * 86400, 14 * 86400, 30 * 86400, 90 * 86400)
 
@@ -39,6 +39,7 @@ class Drawing:
     markers: list[dict[str, object]] = field(default_factory=list)
     bands: list[tuple[float, float, str, str]] = field(default_factory=list)  # x0, x1, class, label
     break_x: float | None = None
+    label_xs: list[float] = field(default_factory=list)
 
 
 def tick_label(seconds: float) -> str:
@@ -82,8 +83,8 @@ def layout(moments: list[Moment], start: datetime, session_ttl: int, overwritten
         return next((s for s in segs if t <= s.end), segs[-1]).x(t)
 
     lanes: list[float] = []
-    markers = []
-    for number, (m, t) in enumerate(zip(moments, offsets), start=1):
+    placed = []
+    for m, t in zip(moments, offsets):
         x = x_of(t)
         lane = next((i for i, right in enumerate(lanes) if right + MIN_GAP <= x), None)
         if lane is None and len(lanes) < MAX_LANES:
@@ -92,8 +93,10 @@ def layout(moments: list[Moment], start: datetime, session_ttl: int, overwritten
         elif lane is None:  # crowded: the lane free the longest
             lane = min(range(len(lanes)), key=lanes.__getitem__)
         lanes[lane] = x
-        markers.append({"x": round(x, 1), "y": AXIS_Y - 24 - lane * LANE_H, "n": number, "kind": m.kind,
-                        "late": m.late, "title": f"{m.offset} {m.title}"})
+        placed.append((m, x, lane))
+    axis_y = TOP + (len(lanes) - 1) * LANE_H + 24  # as tall as the stacked markers need, no taller
+    markers = [{"x": round(x, 1), "y": axis_y - 24 - lane * LANE_H, "n": n, "kind": m.kind, "late": m.late,
+                "title": f"{m.offset} {m.title}"} for n, (m, x, lane) in enumerate(placed, start=1)]
     session_end = x_of(session_ttl)
     bands: list[tuple[float, float, str, str]] = []
     cut = (overwritten_at - start).total_seconds() if overwritten_at else None
@@ -103,6 +106,15 @@ def layout(moments: list[Moment], start: datetime, session_ttl: int, overwritten
     else:
         bands.append((float(LEFT), session_end, "band-session", f"session window ({tick_label(session_ttl)})"))
     ticks = [tick for i, seg in enumerate(segs) for tick in _ticks(seg, i == 0)]
-    height = AXIS_Y + 44
-    return Drawing(WIDTH, height, AXIS_Y, segs, ticks, markers, bands,
-                   segs[0].x1 + 9 if len(segs) > 1 else None)
+    return Drawing(WIDTH, axis_y + 44, axis_y, segs, ticks, markers, bands,
+                   segs[0].x1 + 9 if len(segs) > 1 else None, _label_xs(bands))
+
+
+def _label_xs(bands: list[tuple[float, float, str, str]]) -> list[float]:
+    """Where each band's label starts: at its band, but never over the previous label."""
+    out: list[float] = []
+    previous = ""
+    for x0, _, _, label in bands:
+        out.append(max(x0 + 4, out[-1] + 7 * len(previous) + 12) if out else x0 + 4)
+        previous = label
+    return out

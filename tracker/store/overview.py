@@ -23,11 +23,12 @@ async def overview(conn: asyncpg.Pool | asyncpg.Connection, since: datetime) -> 
     overwritten = await conn.fetch(
         "SELECT merchant, count(*) AS n FROM click_states WHERE created_at >= $1 "
         "AND overwritten_at IS NOT NULL GROUP BY merchant", since)
-    # Which networks take our clicks: definitive signals heard in the window, one per click and network.
+    # Which networks take our clicks: each click counts once, for whoever overwrote it first.
     by_network = await conn.fetch(
-        "SELECT merchant, COALESCE(network, CASE kind WHEN 'foreign_promo_code' THEN 'promo code' END, '?') "
-        "AS network, count(DISTINCT click_id) AS n FROM signals WHERE received_at >= $1 AND NOT late "
-        "AND kind = ANY($2::text[]) GROUP BY 1, 2", since, sorted(DEFINITIVE))
+        "SELECT merchant, network, count(*) AS n FROM (SELECT DISTINCT ON (click_id) merchant, "
+        "COALESCE(network, CASE kind WHEN 'foreign_promo_code' THEN 'promo code' END, '?') AS network "
+        "FROM signals WHERE received_at >= $1 AND NOT late AND kind = ANY($2::text[]) "
+        "ORDER BY click_id, at, id) first GROUP BY 1, 2", since, sorted(DEFINITIVE))
     conversions = await conn.fetch(
         "SELECT merchant, status, count(*) AS n FROM conversions WHERE created_at >= $1 GROUP BY 1, 2", since)
     return {"activations": [dict(r) for r in activations], "hourly": [dict(r) for r in hourly],

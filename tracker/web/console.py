@@ -36,9 +36,10 @@ async def _home(request: web.Request, session: Session) -> web.StreamResponse:
         await pool.fetchval("SELECT 1 FROM clicks WHERE user_id = $1 LIMIT 1", q))
     orders = await store.orders(pool, q)
     orphans = await store.orphans_of_order(pool, q)
+    waiting = [o for o in orphans if o["reconciled_at"] is None]  # reconciled ones are in `orders` now
     if is_user and not orders and not orphans:
         return redirect(f"{PATH}users/{q}")
-    if len(orders) == 1 and not is_user and not orphans:
+    if len(orders) == 1 and not is_user and not waiting:
         return redirect(f"{PATH}clicks/{orders[0]['click_id']}")
     # Nothing, or several kinds of match (an order number that is also a user id): let the agent choose.
     return render(request, session, "search.html", q=q, is_user=is_user, orders=orders, orphans=orphans,

@@ -54,14 +54,17 @@ def verdict(facts: ClickFacts, findings: list[Finding]) -> tuple[str, str]:
     if due:
         return GOOD, "Cashback due: " + ", ".join(f"{money(c['cashback'], c['currency'].strip())} "
                                                   f"{c['currency'].strip()}" for c in due)
-    for code, text in (("overwritten", "the link was overwritten"), ("foreign_promo_code", "a promo code that is not ours"),
-                       ("order_declined", "the order was declined"), ("order_reversed", "the order was reversed"),
-                       ("zero_commission", "the goods earn no commission"), ("order_after_session",
-                                                                            "the order came after the session")):
+    # An order our network reported settles attribution, whatever the tab saw; then the signals.
+    for code, text in (("order_declined", "the order was declined"), ("order_reversed", "the order was reversed"),
+                       ("zero_commission", "the goods earn no commission")):
         if code in codes:
             return BAD, f"No cashback: {text}"
     if "order_pending" in codes:
         return WAIT, "Order pending: cashback once the store approves it"
+    for code, text in (("overwritten", "the link was overwritten"), ("foreign_promo_code", "a promo code that is not ours"),
+                       ("order_after_session", "the order came after the session")):
+        if code in codes:
+            return BAD, f"No cashback: {text}"
     if "awaiting_postback" in codes:
         return WAIT, "No order reported yet"
     return BAD, "No cashback: no order was reported for this click"
@@ -110,7 +113,7 @@ def _charts(data: dict[str, Any], since: datetime, names: dict[str, str]) -> dic
     for r in data["by_network"]:
         networks[r["network"]] = networks.get(r["network"], 0) + r["n"]
     network_rows = [(network_name(n) if n != "promo code" else "promo codes (no network)", [(v, "bar-bad")],
-                     f"{v:,} clicks") for n, v in sorted(networks.items(), key=lambda kv: -kv[1])]
+                     f"{v:,} click{'s' if v != 1 else ''}") for n, v in sorted(networks.items(), key=lambda kv: -kv[1])]
     statuses: dict[str, dict[str, int]] = {}
     for r in data["conversions"]:
         statuses.setdefault(r["merchant"], {})[r["status"]] = r["n"]
