@@ -169,7 +169,7 @@ def _route_go_directly(app: web.Application) -> None:
     """Send `GET|HEAD /go/<slug>` straight to the activation handler, past aiohttp's router and
     middleware chain, with the same error handling (`answer`). Every other request, and any /go path
     that is not a plain slug (escapes, more segments, empty), goes the routed way. Measured in
-    alternating wrk runs (README, benchmark history): 160 -> 131 us of worker CPU per redirect.
+    alternating wrk runs (docs/performance.md, history): 160 -> 131 us of worker CPU per redirect.
 
     aiohttp's server calls `app._handle` for each request (AppRunner -> Application._make_handler),
     so the instance attribute takes its place; tests/test_activation.py checks both ways agree."""

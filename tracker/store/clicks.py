@@ -32,7 +32,7 @@ _UNREACHABLE = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnecti
                 asyncpg.AdminShutdownError, asyncpg.TooManyConnectionsError)
 
 
-# Measured with benchmarks/ab.py (README): commit 1 -> 10 ms, 11 -> 14 rows per COPY, worker CPU per
+# Measured with benchmarks/ab.py (docs/performance.md): commit 1 -> 10 ms, 11 -> 14 rows per COPY, worker CPU per
 # redirect 112 -> 97 us (6 alternating rounds); async 0 -> 10 ms, 65-109 -> 201-268 rows per COPY.
 COMMIT_LINGER = 0.010
 ASYNC_LINGER = 0.010
@@ -220,7 +220,7 @@ class ClickWriter:
         records = [to_record(r) for r in rows]
         try:
             # asyncio.timeout, not wait_for: wait_for wraps the COPY in a task of its own, which
-            # costs ~20 us of the ~150 us of client CPU a small COPY takes (benchmarks in the README).
+            # costs ~20 us of the ~150 us of client CPU a small COPY takes (docs/performance.md).
             async with asyncio.timeout(self.flush_timeout):
                 await self._copy_records(records, slot)
         except REFUSED as exc:
