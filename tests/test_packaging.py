@@ -21,6 +21,7 @@ from .conftest import _admin, with_database
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_SQL = ROOT / "tracker" / "sql"
+SHIPPED_SUFFIXES = {".py", ".sql", ".yaml", ".html", ".css", ".js", ".json", ".svg", ".png"}
 
 
 def _cli_env(settings, **extra: str) -> dict[str, str]:  # noqa: ANN001
@@ -79,8 +80,12 @@ def test_a_wheel_installed_outside_the_checkout_applies_every_migration(servers,
                     "--disable-pip-version-check", "-w", str(tmp_path / "wheels"), str(src)],
                    check=True, capture_output=True, timeout=120)
     [wheel] = (tmp_path / "wheels").glob("tracker-*.whl")
-    shipped = {n for n in zipfile.ZipFile(wheel).namelist() if n.startswith("tracker/sql/")}
-    assert shipped == {f"tracker/sql/{p.name}" for p in PACKAGE_SQL.glob("*.sql")}
+    shipped = set(zipfile.ZipFile(wheel).namelist())
+    # Every file the code reads at run time ships: modules, migrations, data, the console's templates.
+    package = {f"tracker/{p.relative_to(src / 'tracker').as_posix()}" for p in (src / "tracker").rglob("*")
+               if p.suffix in SHIPPED_SUFFIXES}
+    assert sorted(package - shipped) == []
+    assert {n for n in shipped if n.startswith("tracker/sql/")} == {f"tracker/sql/{p.name}" for p in PACKAGE_SQL.glob("*.sql")}
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
