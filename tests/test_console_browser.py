@@ -23,7 +23,7 @@ from tracker.store.db import ensure_partitions
 from .conftest import ADMIN_KEY, BROWSER, SECRET, served
 
 CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = [pytest.mark.fault, pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")]
+pytestmark = [pytest.mark.fault, pytest.mark.browser, pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")]
 SHOTS = Path(os.environ.get("TRACKER_DATA_DIR") or Path(__file__).resolve().parents[1] / ".data").absolute() / "screenshots"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]
