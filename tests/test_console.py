@@ -2,6 +2,7 @@
 Real-browser tests are in test_console_browser.py."""
 from __future__ import annotations
 
+import asyncio
 import re
 from datetime import datetime, timedelta, timezone
 
@@ -165,3 +166,26 @@ def test_timeline_is_to_scale_with_a_break_for_what_comes_days_later():
     assert len(short.segments) == 1 and [b[2] for b in short.bands] == ["band-session", "band-lost"]
     assert url_parts("https://x.example/?a=1&AWC=9&b=2", "awc=9") == [
         ("https://x.example/?a=1&", False), ("AWC=9", True), ("&b=2", False)]
+
+
+async def test_the_click_page_shows_the_tabs_redirect_chain_landing_codes_and_checkout(client, tokens, db):
+    assert (await sign_in(client)).status == 303
+    resp = await client.get("/go/aliexpress", params={"u": tokens.mint("tab-user")}, allow_redirects=False,
+                            headers={"User-Agent": "Mozilla/5.0 Chrome/130.0"})
+    cid, location = resp.headers["X-Click-Id"], resp.headers["Location"]
+    events = [{"type": "navigation", "url": location},
+              {"type": "navigation", "url": "https://aliexpress.ru/item/1005001.html"},
+              {"type": "navigation", "url": "https://aliexpress.ru/item/2.html"},  # browsing: not recorded
+              *({"type": "promo_code", "code": "MEGA5"} for _ in range(12)),
+              {"type": "checkout", "device": "dev-1", "basket_items_before_activation": 0}]
+    resp = await client.post("/v1/observe", json={"click_id": cid, "events": events},
+                             headers={"Authorization": f"Bearer {tokens.mint('tab-user')}"})
+    assert resp.status == 200
+    for _ in range(100):  # the signal writer flushes the detector state within 100 ms
+        if await db.fetchval("SELECT detector FROM click_states WHERE click_id = $1", cid):
+            break
+        await asyncio.sleep(0.05)
+    text = await (await client.get(f"/support/clicks/{cid}")).text()
+    assert "Redirect through ad.admitad.com" in text and "Landed on the store (aliexpress.ru)" in text
+    assert "item/2.html" not in text and "Checkout" in text
+    assert text.count(">Our promo code MEGA5 entered<") == 8  # each kind keeps its first few

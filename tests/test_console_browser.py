@@ -185,6 +185,7 @@ def test_click_page_says_why_first_then_the_timeline(browser, site):
     assert page.locator("svg.timeline circle.m-overwrite").count() >= 2  # the CJ parameter, the promo code
     assert page.locator("ol.story li.k-overwrite mark").first.inner_text().startswith("cjevent=")
     assert "+14 min" in story.filter(has_text="CJ affiliate parameter").inner_text()
+    assert "+4 s" in story.filter(has_text="Landed on the store (aliexpress.ru)").inner_text()
     assert page.locator("rect.band-lost").count() == 1
     shot(page, "04-click-overwritten")
     page.goto(f"{site['base']}/support/clicks/{site['paid']}")

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from . import trail
 from .catalog import AffiliateCatalog, Hit, host_of
 from .merchants import Merchant
 from .targets import host_allowed
@@ -40,17 +41,19 @@ class SessionState:
     bound: dict[str, str] = field(default_factory=dict)  # "network:param" -> value that is ours
     overwritten_at: int | None = None
     expired_signalled: bool = False
+    trail: list[dict[str, Any]] = field(default_factory=list)  # for support: domain/trail.py
 
     def dump(self) -> dict[str, Any]:
         return {"state": self.state, "landed": self.landed, "bound": self.bound,
-                "overwritten_at": self.overwritten_at, "expired_signalled": self.expired_signalled}
+                "overwritten_at": self.overwritten_at, "expired_signalled": self.expired_signalled,
+                "trail": list(self.trail)}
 
     @classmethod
     def load(cls, raw: dict[str, Any] | None) -> "SessionState":
         raw = raw or {}
         return cls(state=raw.get("state", "active"), landed=bool(raw.get("landed")),
                    bound=dict(raw.get("bound") or {}), overwritten_at=raw.get("overwritten_at"),
-                   expired_signalled=bool(raw.get("expired_signalled")))
+                   expired_signalled=bool(raw.get("expired_signalled")), trail=trail.load(raw.get("trail")))
 
 
 @dataclass(frozen=True)
@@ -156,11 +159,15 @@ class Detector:
                     "session_ttl_s": ctx.merchant.session_ttl}, ctx.created_ms + ttl_ms, False))
             kind = event.get("type")
             if kind == "navigation":
-                found = self._navigation(ctx, state, event.get("url"))
+                found = self._navigation(ctx, state, event.get("url"), at)
             elif kind == "promo_code":
                 found = self._promo(ctx, event.get("code"))
+                typed = trail.promo(at, event.get("code"), not found)
+                if typed is not None:
+                    trail.record(state.trail, typed)
             elif kind == "checkout":
                 found = self._checkout(ctx, event)
+                trail.record(state.trail, trail.checkout(at, event))
             else:
                 raise BadEvent(f"unknown event type {event_type(event)!r}")
             for sig_kind, network, evidence in found:
@@ -179,7 +186,8 @@ class Detector:
         evidence = {k: without_control(v) if isinstance(v, str) else v for k, v in evidence.items()}
         return {"kind": kind, "network": network, "evidence": evidence, "at": at, "late": late}
 
-    def _navigation(self, ctx: ClickContext, state: SessionState, url: Any) -> list[tuple[str, str | None, dict[str, Any]]]:
+    def _navigation(self, ctx: ClickContext, state: SessionState, url: Any,
+                    at: int = 0) -> list[tuple[str, str | None, dict[str, Any]]]:
         if not isinstance(url, str) or len(url) > 8192 or has_control(url):
             return []  # browsers report URLs percent-encoded: one with raw control characters is garbled
         host = host_of(url)
@@ -241,6 +249,9 @@ class Detector:
             store = self._store_id(url)
             if store and store in merchant.excluded_stores:
                 out.append(("excluded_store", None, {"store_id": store, "url": sanitize(url, keep)}))
+        if in_chain:  # the redirect chain and the landing, for support's timeline
+            ours = frozenset([ctx.click_id, *state.bound.values()])
+            trail.record(state.trail, trail.navigation(at, sanitize(url, ours), state.landed))
         return out
 
     @staticmethod

@@ -9,7 +9,7 @@ markup."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -24,7 +24,7 @@ UrlParts = list[tuple[str, bool]]  # (text, highlighted)
 @dataclass
 class Moment:
     at: datetime
-    kind: str  # ours | overwrite | risk | session | order | postback
+    kind: str  # ours | tab | overwrite | risk | session | order | postback
     title: str
     details: list[tuple[str, str]] = field(default_factory=list)
     url: UrlParts | None = None
@@ -139,8 +139,27 @@ def _postback(conv: dict[str, Any], h: dict[str, Any]) -> Moment:
     return Moment(h["received_at"], "postback", title, details)
 
 
+def _tab(entry: dict[str, Any]) -> Moment | None:
+    """A step of the shopping tab (domain/trail.py) that no signal tells."""
+    at = datetime.fromtimestamp(entry["t"] / 1000, timezone.utc)
+    kind = entry["e"]
+    if kind in ("chain", "landing"):
+        url = _readable_or_none(entry.get("url")) or ""
+        host = urlsplit(url).hostname or "?"
+        title = f"Landed on the store ({host})" if kind == "landing" else f"Redirect through {host}"
+        return Moment(at, "tab", title, [], url_parts(url, None))
+    if kind == "promo":
+        if not entry.get("own"):
+            return None  # a foreign code is a signal, listed as such
+        return Moment(at, "tab", f"Our promo code {_text(entry.get('code', '?'))} entered")
+    details = [(name, _text(entry[key])) for name, key in (("device", "device"), ("items carted before", "items"),
+                                                           ("store id", "store")) if entry.get(key) is not None]
+    return Moment(at, "tab", "Checkout", details)
+
+
 def moments(click: dict[str, Any], merchant: Merchant | None, signals: list[dict[str, Any]],
-            conversions: list[dict[str, Any]], session_ttl: int) -> list[Moment]:
+            conversions: list[dict[str, Any]], session_ttl: int,
+            tab: list[dict[str, Any]] | None = None) -> list[Moment]:
     start = click["created_at"]
     name = merchant.name if merchant else click["merchant"]
     found = [Moment(start, "ours", f"Activation: {name}, from {click['source']}",
@@ -152,6 +171,7 @@ def moments(click: dict[str, Any], merchant: Merchant | None, signals: list[dict
         found.append(Moment(start, "ours", f"Redirected to the partner link of {network_name(merchant.network)}",
                             [("our click id", click["click_id"])],
                             url_parts(_readable_or_none(link) or link, click["click_id"])))
+    found += [m for m in map(_tab, tab or []) if m is not None]
     found += [_signal(s) for s in signals]
     found.append(Moment(start + timedelta(seconds=session_ttl), "session",
                         f"End of the {offset_text(session_ttl)[1:]} session window: orders after this earn nothing"))

@@ -14,6 +14,7 @@ from typing import Any, TypeAlias
 import asyncpg
 import orjson
 
+from ..domain import trail
 from ..domain.clickid import click_time
 
 Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection
@@ -85,3 +86,10 @@ async def orphans_of_order(conn: Conn, order_id: str) -> list[dict[str, Any]]:
 
 async def count_open_orphans(conn: Conn) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM orphan_postbacks WHERE reconciled_at IS NULL"))
+
+
+async def tab_trail(conn: Conn, click_id: str) -> list[dict[str, Any]]:
+    """What the shopping tab did (the detector state's trail, domain/trail.py), oldest first."""
+    detector = await conn.fetchval("SELECT detector FROM click_states WHERE click_id = $1", click_id)
+    doc = orjson.loads(detector) if isinstance(detector, str) else detector
+    return sorted(trail.load((doc or {}).get("trail")), key=lambda e: e["t"])

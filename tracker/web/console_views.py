@@ -19,6 +19,7 @@ from ..domain.timeline import moments, network_name
 from ..domain.timeline_svg import layout
 from ..errors import NotFound
 from ..store.conversions import conversions_for_click
+from ..store.lookups import tab_trail
 from ..store.overview import overview
 from ..store.support import get_click, get_signals, get_state
 from .console_guard import render
@@ -87,7 +88,7 @@ async def click_page(request: web.Request, session: Session) -> web.StreamRespon
     facts = ClickFacts.build(click, merchant, await get_state(pool, click_id), signals, conversions,
                              datetime.now(timezone.utc))
     findings = diagnose(facts)
-    story = moments(click, merchant, signals, conversions, facts.session_ttl)
+    story = moments(click, merchant, signals, conversions, facts.session_ttl, await tab_trail(pool, click_id))
     lost = next((s["at"] for s in signals if s["kind"] in DEFINITIVE and not s.get("late")), None)
     tone, headline = verdict(facts, findings)
     return render(request, session, "click.html", click=click, merchant=merchant, facts=facts, findings=findings,
