@@ -25,7 +25,7 @@ from tracker.store.db import create_pool, ensure_near_partitions
 from tracker.store.sessions import SessionStore
 from tracker.store.spool import Spool
 
-from .conftest import BROWSER, SECRET, prepare_database
+from .conftest import BROWSER, SECRET, prepare_database, redis_value
 
 pytestmark = pytest.mark.fault
 
@@ -568,3 +568,28 @@ async def test_an_event_stream_outlives_redis_and_postgres_both_down(stack: Stac
     log = (stack.data / "serve.log").read_text()
     assert "unhandled_error" not in log and "Error handling request" not in log
     stack.stop()
+
+
+async def test_a_slow_answer_on_the_request_path_does_not_mark_redis_down(settings):
+    """A request-path call that outlives its deadline (a busy worker, a Redis slow for a moment)
+    fails open for that request alone; only a connection error takes the worker into fail-open."""
+    client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    admin = aioredis.Redis.from_url(settings.redis_url)
+    store = SessionStore(client, settings.redis_prefix, timeout=0.3)
+    await store.start()
+    try:
+        await admin.execute_command("CLIENT", "PAUSE", "1000", "ALL")
+        assert await store.get_session_and_state("any-click") == (None, None, False)
+        assert store.ok  # still trusted: the next request asks Redis again
+        await asyncio.sleep(1.0)
+        store.put_session("after-pause", {"u": "slow", "m": "nike"}, 600)
+        assert await redis_value(client, store.session_key("after-pause")) is not None
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await store.stop()
+        await client.aclose()
+        await admin.aclose()
+    broken = SessionStore(aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0"), "x:", timeout=0.3)
+    assert await broken.get_session_and_state("any-click") == (None, None, False)
+    assert not broken.ok  # a refused connection is Redis away
+    await broken.stop()
