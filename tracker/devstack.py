@@ -85,6 +85,7 @@ def run() -> int:
               f"    {base}/go/aliexpress?u={token}&to=https://aliexpress.ru/item/1005001.html\n"
               f"  Admin key (support API, Authorization: Bearer …): {settings.admin_key}\n"
               f"    curl -H 'Authorization: Bearer {settings.admin_key}' {base}/v1/clicks/<X-Click-Id>\n"
+              f"  Support console: {base}/support/ (sign in with the admin key)\n"
               f"  Metrics: {base}/metrics   Ready: {base}/readyz\n", flush=True)
         proc = subprocess.Popen([*TRACKER, "serve"], env=env)
         try:
