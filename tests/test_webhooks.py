@@ -300,3 +300,32 @@ async def test_types_filter_what_a_subscriber_receives(aiohttp_client, settings,
         await client.close()
         await receiver.stop()
         await subscribe(db)
+
+
+async def test_deliveries_waiting_behind_a_failing_one_do_not_starve_the_rest(aiohttp_client, settings, tokens, db):
+    """Forty conversions whose created keeps failing, each with its status_changed waiting behind it:
+    more blocked deliveries than a claim looks at. Other conversions' events still go out."""
+    def answer(hit):  # noqa: ANN001, ANN202
+        return 500 if hit.payload["data"]["conversion"]["order_id"].startswith("WH-STUCK") else 204
+
+    receiver = Receiver(new_secret(), answer)
+    await receiver.start()
+    await subscribe(db, {"name": "stuck", "url": receiver.url, "secret": receiver.secret})
+    client = await start_app(aiohttp_client, settings, webhook_retry_base_ms=2000)
+    try:
+        for i in range(40):
+            cid = await activate(client, tokens, "wh-user-7")
+            await client.get("/postback/admitad", params=admitad(cid, f"WH-STUCK-{i}"))
+            await client.get("/postback/admitad", params=admitad(cid, f"WH-STUCK-{i}", "approved"))
+        for i in range(10):
+            cid = await activate(client, tokens, "wh-user-7")
+            await client.get("/postback/admitad", params=admitad(cid, f"WH-FREE-{i}"))
+        free = lambda: {h.payload["data"]["conversion"]["order_id"] for h in receiver.hits  # noqa: E731
+                        if h.payload["data"]["conversion"]["order_id"].startswith("WH-FREE")}
+        await receiver.wait(lambda: len(free()) == 10)
+        stuck = [h for h in receiver.hits if h.payload["data"]["conversion"]["order_id"].startswith("WH-STUCK")]
+        assert {h.payload["type"] for h in stuck} == {"conversion.created"}  # never a status_changed first
+    finally:
+        await client.close()
+        await receiver.stop()
+        await subscribe(db)

@@ -55,13 +55,17 @@ CREATE TABLE webhook_deliveries (
     delivered_at    timestamptz,
     PRIMARY KEY (event_id, webhook)
 );
-CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (webhook, next_attempt_at)
+CREATE INDEX webhook_deliveries_due_idx ON webhook_deliveries (webhook, next_attempt_at, event_id)
     WHERE state = 'pending';
 CREATE INDEX webhook_deliveries_order_idx ON webhook_deliveries (webhook, ordering_key, event_id)
     WHERE state = 'pending';
 CREATE INDEX webhook_deliveries_backlog_idx ON webhook_deliveries (webhook, created_at)
     WHERE state = 'pending';
 CREATE INDEX webhook_deliveries_failed_idx ON webhook_deliveries (webhook) WHERE state = 'failed';
+-- A queue: every row is updated two or three times within seconds of its insert. Vacuum and analyze
+-- it far more often than the defaults (20 % and 10 % of the table) so that dead rows and stale
+-- statistics do not pile up behind a backlog.
+ALTER TABLE webhook_deliveries SET (autovacuum_vacuum_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
 
 -- click.overwritten is announced once per click: the transaction that first finds the stored state
 -- overwritten sets this (under the row lock, so two workers flushing one click cannot both do it).

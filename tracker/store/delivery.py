@@ -53,8 +53,11 @@ class Dispatcher:
         self._db_down = False
 
     async def start(self) -> None:
+        # synchronous_commit off: a lease or an outcome lost in a PostgreSQL crash means a send again
+        # (deliveries are at least once anyway), and no send waits for a WAL flush.
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, command_timeout=30, timeout=5,
-                                               server_settings={"application_name": "tracker-webhooks"})
+                                               server_settings={"application_name": "tracker-webhooks",
+                                                                "synchronous_commit": "off"})
         # No connection limit here: each subscriber's own limit bounds it. No cookies, no redirects.
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),

@@ -3,7 +3,7 @@
 A delivery is leased by moving its next_attempt_at past the send's timeout, in a transaction of its
 own that commits at once (`FOR UPDATE SKIP LOCKED`: workers and pods racing for the same rows each
 take different ones, none waits). No transaction stays open while a request is out, so a slow
-subscriber holds neither a connection nor the event feed's horizon. A worker that dies mid-send
+subscriber holds no connection. A worker that dies mid-send
 leaves its rows leased; they are taken again when the lease ends (at least once).
 
 Order: a delivery is due only when no earlier delivery with the same ordering key (one conversion)
@@ -19,27 +19,44 @@ import asyncpg
 
 from ..domain.webhooks import Webhook
 
+# Candidates come from the due index in order, a bounded number of them, so the work per call stays
+# small whatever the backlog and whatever the planner's statistics say of a table that just grew. A
+# candidate behind a pending delivery of the same conversion is not sent: it is deferred to that
+# delivery's next attempt (and woken when it ends), so that blocked rows do not fill the head of the
+# due index and starve the rest.
 _CLAIM = (
-    "WITH due AS (SELECT d.event_id FROM webhook_deliveries d "
+    "WITH cand AS MATERIALIZED (SELECT d.event_id, d.next_attempt_at, (SELECT p.next_attempt_at "
+    "FROM webhook_deliveries p WHERE p.webhook = $1 AND p.ordering_key = d.ordering_key AND p.state = 'pending' "
+    "AND p.event_id < d.event_id ORDER BY p.event_id LIMIT 1) AS blocked_until FROM webhook_deliveries d "
     "WHERE d.webhook = $1 AND d.state = 'pending' AND d.next_attempt_at <= now() "
-    "AND NOT EXISTS (SELECT 1 FROM webhook_deliveries p WHERE p.webhook = d.webhook AND p.state = 'pending' "
-    "AND p.ordering_key = d.ordering_key AND p.event_id < d.event_id) "
-    "ORDER BY d.next_attempt_at, d.event_id LIMIT $2 FOR UPDATE OF d SKIP LOCKED) "
+    "ORDER BY d.next_attempt_at, d.event_id LIMIT $4 FOR UPDATE OF d SKIP LOCKED), "
+    "deferred AS (UPDATE webhook_deliveries d SET next_attempt_at = greatest(c.blocked_until, now() + interval '1 s') "
+    "FROM cand c WHERE d.webhook = $1 AND d.event_id = c.event_id AND c.blocked_until IS NOT NULL), "
+    "due AS (SELECT event_id FROM cand WHERE blocked_until IS NULL ORDER BY next_attempt_at, event_id LIMIT $2) "
     "UPDATE webhook_deliveries d SET next_attempt_at = now() + make_interval(secs => $3), "
     "attempts = d.attempts + 1, last_attempt_at = now() FROM due, events e "
     "WHERE d.webhook = $1 AND d.event_id = due.event_id AND e.id = d.event_id "
     "RETURNING d.event_id, d.attempts, e.public_id, e.type, e.created_at, e.seq, e.data::text AS data")
+# A delivery that stops being pending (delivered, or failed for good) wakes the next delivery of its
+# conversion, deferred while it was pending. One statement each: one round trip per outcome.
+_WAKE_NEXT = (
+    "UPDATE webhook_deliveries n SET next_attempt_at = now() FROM done WHERE n.webhook = $1 "
+    "AND n.ordering_key = done.ordering_key AND n.state = 'pending' AND n.event_id > $2 "
+    "AND n.next_attempt_at > now()")
 # A failed attempt: retried after `delay` seconds, unless the delivery has been retried for
 # `retry_for` seconds already (or the subscriber said 410 Gone): then it has failed for good. Only
 # the lease holder (same attempt number) records it; a success is recorded whoever sent it.
 _FAILED = (
-    "UPDATE webhook_deliveries SET last_status = $4, last_error = $5, "
+    "WITH done AS (UPDATE webhook_deliveries SET last_status = $4, last_error = $5, "
     "state = CASE WHEN $6 OR now() - retry_from >= make_interval(secs => $7) THEN 'failed' ELSE 'pending' END, "
     "next_attempt_at = now() + make_interval(secs => $8) "
-    "WHERE webhook = $1 AND event_id = $2 AND attempts = $3 AND state = 'pending' RETURNING state")
+    "WHERE webhook = $1 AND event_id = $2 AND attempts = $3 AND state = 'pending' RETURNING state, ordering_key), "
+    "woken AS (" + _WAKE_NEXT.replace("FROM done WHERE", "FROM done WHERE done.state = 'failed' AND") + ") "
+    "SELECT state FROM done")
 _DELIVERED = (
-    "UPDATE webhook_deliveries SET state = 'delivered', delivered_at = now(), last_status = $3, last_error = NULL "
-    "WHERE webhook = $1 AND event_id = $2 AND state = 'pending'")
+    "WITH done AS (UPDATE webhook_deliveries SET state = 'delivered', delivered_at = now(), last_status = $3, "
+    "last_error = NULL WHERE webhook = $1 AND event_id = $2 AND state = 'pending' RETURNING ordering_key) "
+    + _WAKE_NEXT)
 
 
 async def load(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, Webhook]:
@@ -50,7 +67,7 @@ async def load(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, Webhook]:
 
 async def claim(pool: asyncpg.Pool, webhook: str, limit: int, lease: float) -> list[asyncpg.Record]:
     async with pool.acquire() as conn:
-        return await conn.fetch(_CLAIM, webhook, limit, float(lease))
+        return await conn.fetch(_CLAIM, webhook, limit, float(lease), max(4 * limit, 32))
 
 
 async def delivered(pool: asyncpg.Pool, webhook: str, event_id: int, status: int) -> None:
@@ -63,8 +80,9 @@ async def failed(pool: asyncpg.Pool, webhook: str, event_id: int, attempt: int, 
     """Record a failed attempt; the delivery's state after it ('pending' or 'failed'), or None when
     the lease had passed to another worker meanwhile."""
     async with pool.acquire() as conn:
-        return await conn.fetchval(_FAILED, webhook, event_id, attempt, status, error, gone, float(retry_for),
-                                   float(delay))
+        state: str | None = await conn.fetchval(_FAILED, webhook, event_id, attempt, status, error, gone,
+                                                float(retry_for), float(delay))
+        return state
 
 
 async def release(pool: asyncpg.Pool, webhook: str, leases: list[tuple[int, int]]) -> None:
