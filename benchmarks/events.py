@@ -94,7 +94,7 @@ async def insert_events(dsn: str, n: int) -> None:
         await conn.close()
 
 
-def delivery_rate(env: dict[str, str], scratch: Path, n: int) -> tuple[float, float]:
+def delivery_rate(env: dict[str, str], scratch: Path, n: int) -> tuple[float, int, float, float]:
     port, hook_port = bench.free_port(), bench.free_port()
     hook = subprocess.Popen([sys.executable, __file__, "--receiver", str(hook_port)])
     doc = yaml.safe_load((ROOT / "deploy/merchants.example.yaml").read_text())
@@ -114,6 +114,8 @@ def delivery_rate(env: dict[str, str], scratch: Path, n: int) -> tuple[float, fl
         time.sleep(6)  # the dispatchers load the new subscriber within 5 s
         done_sql = "SELECT count(*) FROM webhook_deliveries WHERE webhook = 'bench' AND state = 'delivered'"
         already = asyncio.run(count(dsn, done_sql))
+        workers = ab.children(proc.pid)
+        cpu_before, hook_before = ab.cpu_seconds(workers), ab.cpu_seconds([hook.pid])
         started = time.monotonic()
         asyncio.run(insert_events(dsn, n))
         while asyncio.run(count(dsn, done_sql)) < already + n:
@@ -121,9 +123,11 @@ def delivery_rate(env: dict[str, str], scratch: Path, n: int) -> tuple[float, fl
             if time.monotonic() - started > 600:
                 raise RuntimeError("deliveries did not finish in 10 minutes")
         elapsed = time.monotonic() - started
+        cpu_us = (ab.cpu_seconds(workers) - cpu_before) / n * 1e6
+        hook_us = (ab.cpu_seconds([hook.pid]) - hook_before) / n * 1e6
         retried = asyncio.run(count(dsn, "SELECT count(*) FROM webhook_deliveries WHERE webhook = 'bench' "
                                          "AND attempts > 1"))
-        return n / elapsed, retried
+        return n / elapsed, retried, cpu_us, hook_us
     finally:
         bench.stop(proc)
         log.close()
@@ -178,9 +182,10 @@ def main() -> int:
               f"p99 {statistics.median(r['p99_ms'] for r in rs):.2f} ms")
     events = asyncio.run(count(env["TRACKER_DATABASE_URL"], "SELECT count(*) FROM events"))
     print(f"events written by the outbox rounds: {events:,}")
-    rate, retried = delivery_rate(env, scratch, args.events)
+    rate, retried, cpu_us, hook_us = delivery_rate(env, scratch, args.events)
     print(f"webhook deliveries to one fast subscriber (2 workers, concurrency 8 each): {args.events:,} events "
-          f"in {args.events / rate:.1f} s = {rate:,.0f} events/s ({retried} retried)")
+          f"in {args.events / rate:.1f} s = {rate:,.0f} events/s ({retried} retried); workers' CPU "
+          f"{cpu_us:.0f} us per delivery, the receiver's {hook_us:.0f} us")
     return 0
 
 
