@@ -44,6 +44,17 @@ def test_relative_links_in_the_markdown_lead_to_files_of_the_repository():
     assert broken == []
 
 
+def test_every_setting_the_documentation_names_exists():
+    """A `TRACKER_*` name in the prose is one docs/configuration.md documents (or the tests' own)."""
+    configuration = (ROOT / "docs" / "configuration.md").read_text()
+    documented = set(re.findall(r"^\| `(TRACKER_[A-Z0-9_]+)`", configuration, re.M)) | {"TRACKER_FUZZ_EXAMPLES"}
+    named = {f"{path.relative_to(ROOT)}: {name}"
+             for path in [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md")),
+                          *sorted((ROOT / "deploy").rglob("*.yaml"))]
+             for name in re.findall(r"\bTRACKER_[A-Z0-9_]*[A-Z0-9]\b", path.read_text()) if name not in documented}
+    assert sorted(named) == []
+
+
 def test_nothing_refers_to_documents_outside_the_repository():
     found = [f"{path.relative_to(ROOT)}:{n}" for path in tracked("*.md", "*.py", "*.yaml", "*.sql", "*.toml", "Makefile")
              if path.name != "test_docs.py"
