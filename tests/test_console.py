@@ -145,7 +145,8 @@ async def test_search_by_each_kind_of_id(client, tokens):
     nothing = await client.get("/support/", params={"q": "<b>no such thing</b>"})
     text = await nothing.text()
     assert nothing.status == 200 and "Nothing found" in text and "&lt;b&gt;no such thing&lt;/b&gt;" in text
-    assert (await client.get("/support/", params={"q": "x" * 300})).status == 400
+    for bad in ("x" * 300, "81\x0012"):  # too long; a NUL no id can hold (PostgreSQL could not even compare it)
+        assert (await client.get("/support/", params={"q": bad})).status == 400
     for path in (f"/support/clicks/{cid}", "/support/users/search-user", "/support/orders?order_id=8101234567",
                  "/support/overview", "/support/orphans"):
         resp = await client.get(path)

@@ -68,7 +68,8 @@ async def test_conversion_by_order_id_and_network(client, tokens):
     assert (await other.json()) == {"conversions": []}
     none = await client.get("/v1/conversions", params={"order_id": "no-such-order"}, headers=ADMIN)
     assert (await none.json()) == {"conversions": []}
-    for params in ({}, {"order_id": ""}, {"order_id": "x" * 257}, {"order_id": "1", "network": ""}):
+    for params in ({}, {"order_id": ""}, {"order_id": "x" * 257}, {"order_id": "1", "network": ""},
+                   {"order_id": "81\x0012"}, {"order_id": "1", "network": "a\x00"}):
         assert (await client.get("/v1/conversions", params=params, headers=ADMIN)).status == 400
 
 

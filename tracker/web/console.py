@@ -11,6 +11,7 @@ from aiohttp import web
 from .. import keys
 from ..domain.clickid import is_click_id
 from ..domain.console_session import ConsoleKeys, Session, SignInThrottle
+from ..domain.text import has_control
 from ..domain.tokens import USER_ID
 from ..errors import BadRequest, NotFound
 from ..store import lookups as store
@@ -27,7 +28,7 @@ async def _home(request: web.Request, session: Session) -> web.StreamResponse:
     if raw is None:
         return render(request, session, "search.html", q="", searched=False)
     q = raw.strip()
-    if not q or len(q) > MAX_QUERY:
+    if not q or len(q) > MAX_QUERY or has_control(q):  # no id holds a control character (nor can be stored)
         raise BadRequest(f"search for a click id, a user id or an order id (1 to {MAX_QUERY} characters)")
     pool = request.app[keys.POOL]
     if is_click_id(q) and await get_click(pool, q) is not None:

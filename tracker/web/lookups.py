@@ -11,6 +11,7 @@ from .. import keys
 from ..domain.clickid import is_click_id
 from ..domain.conversions import Postback, money
 from ..domain.diagnosis import click_state
+from ..domain.text import has_control
 from ..domain.tokens import USER_ID
 from ..errors import BadRequest, NotFound
 from ..store import lookups
@@ -96,10 +97,10 @@ async def user_clicks(request: web.Request) -> web.Response:
 
 def order_query(request: web.Request) -> tuple[str, str | None]:
     order_id, network = one(request, "order_id"), one(request, "network")
-    if not order_id or len(order_id) > MAX_ORDER_ID:
-        raise BadRequest(f"order_id is required, at most {MAX_ORDER_ID} characters")
-    if network is not None and not 0 < len(network) <= MAX_NETWORK:
-        raise BadRequest(f"network must be 1 to {MAX_NETWORK} characters")
+    if not order_id or len(order_id) > MAX_ORDER_ID or has_control(order_id):
+        raise BadRequest(f"order_id is required: at most {MAX_ORDER_ID} characters, no control characters")
+    if network is not None and (not 0 < len(network) <= MAX_NETWORK or has_control(network)):
+        raise BadRequest(f"network must be 1 to {MAX_NETWORK} characters, no control characters")
     return order_id, network
 
 
