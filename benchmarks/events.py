@@ -5,7 +5,10 @@
    existed (BEFORE), so that nothing else differs (the sequencer and dispatcher run in both),
    alternately, wrk with benchmarks/postback.lua (a new order per request: every postback writes a
    conversion and, with the outbox, an event); the worker's CPU per postback from /proc.
-2. Webhook deliveries per second to one fast subscriber: a local aiohttp receiver (its own process,
+2. The same on the store level, without HTTP: record_postback on one connection, blocks of 500 new
+   orders alternating with and without the event INSERT (`emit` replaced by a no-op), wall time
+   and this process's CPU per postback: the INSERT's own cost, less at the mercy of other load.
+3. Webhook deliveries per second to one fast subscriber: a local aiohttp receiver (its own process,
    answers 204), `tracker serve --workers 2`, N events inserted at once; the time from their commit
    until every delivery is recorded delivered.
 
@@ -94,6 +97,49 @@ async def insert_events(dsn: str, n: int) -> None:
         await conn.close()
 
 
+async def store_level(dsn: str, clicks: Path, rounds: int = 6, block: int = 500) -> dict[str, list[float]]:
+    from decimal import Decimal
+
+    import tracker.store.conversions as conversions
+    from tracker.domain.conversions import Postback
+    from tracker.store.merchants import load
+
+    real_emit = conversions.emit
+
+    async def no_emit(*_: object, **__: object) -> None:
+        return None
+
+    cids = [line.split()[1] for line in clicks.read_text().splitlines() if line.strip()]
+    conn = await asyncpg.connect(dsn)
+    merchants, _ = await load(conn)
+    out: dict[str, list[float]] = {"before": [], "outbox": [], "before_cpu": [], "outbox_cpu": []}
+    n = 0
+    try:
+        for i in range(rounds * 2):
+            name = ("before", "outbox")[(i + i // 2) % 2]  # ABBA order
+            conversions.emit = real_emit if name == "outbox" else no_emit  # type: ignore[assignment]
+            wall, cpu = time.perf_counter(), time.process_time()
+            for _ in range(block):
+                n += 1
+                pb = Postback(click_id=cids[n % len(cids)], order_id=f"STORE-{os.getpid()}-{n}", status="pending",
+                              status_word="pending", amount=Decimal("250"), commission=Decimal("12.5"), currency="RUB",
+                              order_time=None)
+                await conversions.record_postback(conn, "admitad", pb, {"order_id": pb.order_id}, merchants.get)
+            out[name].append((time.perf_counter() - wall) / block * 1e6)
+            out[name + "_cpu"].append((time.process_time() - cpu) / block * 1e6)
+    finally:
+        conversions.emit = real_emit  # type: ignore[assignment]
+        await conn.close()
+    return out
+
+
+def report_store(store: dict[str, list[float]]) -> None:
+    for name in ("before", "outbox"):
+        print(f"record_postback {name}: median {statistics.median(store[name]):.0f} us wall, "
+              f"{statistics.median(store[name + '_cpu']):.0f} us client CPU per postback "
+              f"(blocks: {', '.join(f'{v:.0f}' for v in store[name])})", flush=True)
+
+
 def delivery_rate(env: dict[str, str], scratch: Path, n: int) -> tuple[float, int, float, float]:
     port, hook_port = bench.free_port(), bench.free_port()
     hook = subprocess.Popen([sys.executable, __file__, "--receiver", str(hook_port)])
@@ -140,7 +186,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--events", type=int, default=20000)
-    parser.add_argument("--skip-postbacks", action="store_true")
+    parser.add_argument("--skip-postbacks", action="store_true", help="only the delivery rate")
+    parser.add_argument("--store-only", action="store_true", help="only the store-level postback A/B")
     parser.add_argument("--receiver", type=int)
     args = parser.parse_args()
     if args.receiver:
@@ -160,6 +207,9 @@ def main() -> int:
     finally:
         bench.stop(proc)
     # Two worktrees of HEAD; in one, the postback path goes back to BEFORE's (no event written).
+    if args.store_only:
+        report_store(asyncio.run(store_level(env["TRACKER_DATABASE_URL"], clicks)))
+        return 0
     trees = {"before": ab.tree_of("HEAD", scratch), "outbox": scratch / "outbox"}
     subprocess.run(["git", "-C", str(trees["before"]), "checkout", args.before, "--", *POSTBACK_PATH], check=True)
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(trees["outbox"]), "HEAD"],
@@ -182,6 +232,8 @@ def main() -> int:
               f"p99 {statistics.median(r['p99_ms'] for r in rs):.2f} ms")
     events = asyncio.run(count(env["TRACKER_DATABASE_URL"], "SELECT count(*) FROM events"))
     print(f"events written by the outbox rounds: {events:,}")
+    if not args.skip_postbacks:
+        report_store(asyncio.run(store_level(env["TRACKER_DATABASE_URL"], clicks)))
     rate, retried, cpu_us, hook_us = delivery_rate(env, scratch, args.events)
     print(f"webhook deliveries to one fast subscriber (2 workers, concurrency 8 each): {args.events:,} events "
           f"in {args.events / rate:.1f} s = {rate:,.0f} events/s ({retried} retried); workers' CPU "
