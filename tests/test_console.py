@@ -190,3 +190,20 @@ async def test_the_click_page_shows_the_tabs_redirect_chain_landing_codes_and_ch
     assert "Redirect through ad.admitad.com" in text and "Landed on the store (aliexpress.ru)" in text
     assert "item/2.html" not in text and "Checkout" in text
     assert text.count(">Our promo code MEGA5 entered<") == 8  # each kind keeps its first few
+
+
+async def test_odd_input_on_every_page_is_never_a_server_error(client):
+    assert (await sign_in(client)).status == 303
+    odd = ["", " ", "x" * 5000, "<script>", "٣", "a\x00b", "%00", "../../etc", "😀", "\u202e", "1e9", "-1",
+           "FP7nipaOl86qYW93w2uKh-", "9" * 30]
+    for value in odd:
+        for path, params in (("/support/", {"q": value}), ("/support/orphans", {"before": value}),
+                             ("/support/orders", {"order_id": value}), ("/support/orders", {"order_id": "1", "network": value}),
+                             ("/support/users/u1", {"before": value})):
+            resp = await client.get(path, params=params, allow_redirects=False)
+            assert resp.status < 500, (path, value, resp.status)
+        for path in (f"/support/users/{value}", f"/support/clicks/{value}"):
+            resp = await client.get(path, allow_redirects=False)
+            assert resp.status < 500, (path, resp.status)
+    form = await client.post("/support/login", data=b"\xff\xfe=%%%", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert form.status < 500
