@@ -268,7 +268,10 @@ def test_any_postback_parameters_read_or_are_refused_cleanly(profile: str, param
     assert pb.order_id and pb.order_id.isprintable()
     for amount in (pb.commission, pb.amount):
         assert amount is None or (isinstance(amount, Decimal) and amount.is_finite() and amount >= 0)
-    assert len(pb.currency) == 3 and pb.currency.isupper()
+    # A postback that names no currency leaves it to the order (or the default for a new one).
+    assert pb.currency is None or (len(pb.currency) == 3 and pb.currency.isascii() and pb.currency.isupper())
+    terms = pb.terms(None)
+    assert len(terms.currency) == 3 and terms.currency.isupper() and terms.commission >= 0
 
 
 AMOUNTS = st.decimals(min_value=0, max_value=10**9, allow_nan=False, allow_infinity=False, places=4)
