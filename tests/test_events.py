@@ -79,7 +79,6 @@ async def test_postbacks_write_their_events_and_duplicates_none(client, tokens, 
     assert (moved["data"]["conversion"]["status"], moved["data"]["conversion"]["cashback"]) == ("approved", "6.00")
     mark = moved["cursor"]
     await client.get("/postback/admitad", params=admitad(cid, "EV-1", "pending", payment="12.00"))  # late
-    await client.get("/postback/admitad", params=admitad(cid, "EV-1", "approved", payment="15.00"))  # refused
     assert await new_events(client, mark) == []
     await client.get("/postback/admitad", params=admitad(cid, "EV-1", "approved", payment="9.00",
                                                          order_sum="90.00"))  # a partial return
@@ -90,7 +89,24 @@ async def test_postbacks_write_their_events_and_duplicates_none(client, tokens, 
     assert lowered["data"]["conversion"]["cashback"] == "4.50"
     outcomes = [r["outcome"] for r in await db.fetch(
         "SELECT outcome FROM postback_history WHERE order_id = 'EV-1' ORDER BY id")]
-    assert outcomes == ["accepted", "duplicate", "accepted", "duplicate", "adjustment_refused", "accepted"]
+    assert outcomes == ["accepted", "duplicate", "accepted", "duplicate", "accepted"]
+
+
+async def test_a_refused_adjustment_writes_no_event(client, tokens, db):
+    """Through ePN, whose counters no other test module counts exactly."""
+    cid = await activate(client, tokens, "ev-user-1b", "aliexpress-epn")
+
+    def epn(status: str, commission: str) -> dict[str, str]:
+        return {"token": "test-epn-token", "click_id": cid, "order_number": "EV-EPN-1", "order_status": status,
+                "revenue": "100.00", "commission_fee": commission, "currency": "USD"}
+
+    await client.get("/postback/epn", params=epn("completed", "10.00"))
+    mark = await head(client)
+    resp = await client.get("/postback/epn", params=epn("completed", "15.00"))  # more after approval: refused
+    assert resp.status == 200 and await new_events(client, mark) == []
+    assert [r["outcome"] for r in await db.fetch(
+        "SELECT outcome FROM postback_history WHERE order_id = 'EV-EPN-1' ORDER BY id")] == [
+        "accepted", "adjustment_refused"]
 
 
 async def test_orphans_are_announced_once_per_order_and_reason(client, tokens):

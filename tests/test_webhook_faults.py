@@ -97,6 +97,9 @@ async def test_kill9_with_deliveries_in_flight_and_waiting_loses_none(settings, 
             await asyncio.sleep(0.05)
         assert len(rows) == EVENTS and all(r["state"] == "delivered" for r in rows)
         assert all(h.verified for h in receiver.hits)
+        log.flush()
+        output = (settings.data_dir / "serve.log").read_text()
+        assert receiver.secret.removeprefix("whsec_") not in output  # the signing secret never in a log line
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

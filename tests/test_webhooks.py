@@ -329,3 +329,25 @@ async def test_deliveries_waiting_behind_a_failing_one_do_not_starve_the_rest(ai
         await client.close()
         await receiver.stop()
         await subscribe(db)
+
+
+async def test_two_workers_share_the_work_without_sending_an_event_twice(aiohttp_client, settings, tokens, db):
+    """Two apps (two workers' dispatchers) lease from one subscriber's deliveries at the same time:
+    every event arrives exactly once."""
+    receiver = Receiver(new_secret())
+    await receiver.start()
+    await subscribe(db, {"name": "shared", "url": receiver.url, "secret": receiver.secret})
+    first = await start_app(aiohttp_client, settings, webhook_concurrency=4)
+    second = await start_app(aiohttp_client, settings, webhook_concurrency=4)
+    try:
+        for i in range(40):
+            cid = await activate(first, tokens, "wh-user-8")
+            await first.get("/postback/admitad", params=admitad(cid, f"WH-SHARED-{i}"))
+        await receiver.wait(lambda: len(set(receiver.ids())) == 40)
+        await asyncio.sleep(0.3)  # time for a duplicate to show
+        assert len(receiver.ids()) == 40 and all(h.verified for h in receiver.hits)
+    finally:
+        await first.close()
+        await second.close()
+        await receiver.stop()
+        await subscribe(db)

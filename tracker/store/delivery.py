@@ -144,6 +144,14 @@ class Dispatcher:
                 await asyncio.sleep(opts.poll)
 
     async def _deliver(self, name: str, row: asyncpg.Record) -> None:
+        try:
+            await self._deliver_one(name, row)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - one send's failure must not go unseen, nor stop the others
+            log.exception("webhook_delivery_error", webhook=name, event_id=row["public_id"])
+
+    async def _deliver_one(self, name: str, row: asyncpg.Record) -> None:
         assert self._http is not None and self._pool is not None
         webhook = self.webhooks.get(name)
         if webhook is None:  # removed meanwhile: give it back for when it returns
