@@ -527,6 +527,10 @@ async def test_stopping_during_a_slow_batch_still_writes_its_sessions(settings):
     store = SessionStore(client, settings.redis_prefix, timeout=2.0)
     await store.start()
     try:
+        # The batcher's first calls (this worker's heartbeat, a first session) are done before the
+        # pause, so that the next call in flight is the one carrying the batch below.
+        store.put_session("warm-up", {"u": "stopping", "m": "nike"}, 600)
+        assert await redis_value(client, store.session_key("warm-up")) is not None
         await admin.execute_command("CLIENT", "PAUSE", "500", "WRITE")
         ids = [new_click_id()[0] for _ in range(5)]
         for click_id in ids:
