@@ -87,4 +87,24 @@ def test_defaults_not_written_as_code_are_the_few_that_are_not_constants():
     # and values that are simply absent unless given.
     assert prose == {"TRACKER_DATABASE_URL", "TRACKER_REDIS_URL", "TRACKER_WORKERS", "TRACKER_SECRET",
                      "TRACKER_ADMIN_KEY", "TRACKER_SECRET_PREVIOUS", "TRACKER_SECRET_PREVIOUS_UNTIL",
-                     "TRACKER_TRUSTED_PROXIES", "TRACKER_MERCHANTS"}
+                     "TRACKER_TRUSTED_PROXIES", "TRACKER_MERCHANTS", "TRACKER_PUBLIC_URL"}
+
+
+@pytest.mark.parametrize("env,url", [
+    ({}, "http://127.0.0.1:8080"),
+    ({"TRACKER_HOST": "0.0.0.0", "TRACKER_PORT": "9000"}, "http://0.0.0.0:9000"),
+    ({"TRACKER_HOST": "::1"}, "http://[::1]:8080"),
+    ({"TRACKER_PUBLIC_URL": "https://t.example.com/"}, "https://t.example.com"),
+    ({"TRACKER_PUBLIC_URL": "https://t.example.com/tracker"}, "https://t.example.com/tracker"),
+])
+def test_the_public_url_and_its_default(env, url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert settings_module.load({**BASE, **env}).public_url == url
+
+
+@pytest.mark.parametrize("bad", ["t.example.com", "ftp://t.example.com", "https://", "https://u:p@t.example.com",
+                                 "javascript:alert(1)", "https://t.example.com/?a=1"])
+def test_a_public_url_that_is_not_one_is_refused_at_start(bad, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(settings_module.SettingsError, match="TRACKER_PUBLIC_URL"):
+        settings_module.load({**BASE, "TRACKER_PUBLIC_URL": bad})

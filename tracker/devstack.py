@@ -80,7 +80,7 @@ def run() -> int:
         settings = load_or_exit()
         token = subprocess.run([*TRACKER, "token", "demo-user"], env=env, check=True,
                                capture_output=True, text=True).stdout.strip()
-        base = f"http://{settings.host}:{settings.port}"
+        base = settings.public_url
         print("\n  tracker is starting. Open an activation link for the demo user:\n"
               f"    {base}/go/aliexpress?u={token}&to=https://aliexpress.ru/item/1005001.html\n"
               f"  Admin key (support API, Authorization: Bearer …): {settings.admin_key}\n"

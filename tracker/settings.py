@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import urlsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -24,6 +25,8 @@ class Settings:
     data_dir: Path = Path(".data")
     host: str = "127.0.0.1"
     port: int = 8080
+    # The service's own public base URL (links printed and shown to people; no trailing slash).
+    public_url: str = "http://127.0.0.1:8080"
     workers: int = 1
     secret: str = ""
     # Secret rotation: tokens signed with the previous secret still pass until `previous_until`
@@ -153,12 +156,16 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     if webhook_lease <= webhook_timeout:
         raise SettingsError(f"TRACKER_WEBHOOK_LEASE={webhook_lease} must exceed TRACKER_WEBHOOK_TIMEOUT="
                             f"{webhook_timeout}: a delivery still being sent would be sent again")
+    host = env.get("TRACKER_HOST") or "127.0.0.1"
+    port = _int(env, "TRACKER_PORT", 8080, 0, 65535)
+    public_url = _public_url(env.get("TRACKER_PUBLIC_URL") or "", host, port)
     return Settings(
         database_url=env.get("TRACKER_DATABASE_URL") or None,
         redis_url=env.get("TRACKER_REDIS_URL") or None,
         data_dir=data_dir,
-        host=env.get("TRACKER_HOST") or "127.0.0.1",
-        port=_int(env, "TRACKER_PORT", 8080, 0, 65535),
+        host=host,
+        port=port,
+        public_url=public_url,
         workers=_int(env, "TRACKER_WORKERS", os.cpu_count() or 1, 1, 256),
         secret=secret,
         secret_previous=previous,
@@ -188,6 +195,20 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         webhook_poll_ms=_int(env, "TRACKER_WEBHOOK_POLL_MS", 500, 10, 60_000),
         secret_generated=generated,
     )
+
+
+def _public_url(raw: str, host: str, port: int) -> str:
+    """TRACKER_PUBLIC_URL, or the listen address as a URL when it is not set."""
+    if not raw.strip():
+        shown = f"[{host}]" if ":" in host else host
+        return f"http://{shown}:{port}"
+    url = raw.strip().rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.query \
+            or parts.fragment:
+        raise SettingsError(f"TRACKER_PUBLIC_URL={raw!r}: an http(s) URL with a host, such as "
+                            "https://t.example.com")
+    return url
 
 
 def load_or_exit() -> Settings:
