@@ -45,8 +45,8 @@ def signing_key(secret: str) -> bytes:
     encoded = secret[len(SECRET_PREFIX):]
     if not _BASE64.fullmatch(encoded):
         raise ValueError(f"the part after {SECRET_PREFIX} must be standard base64")
-    try:
-        key = base64.b64decode(encoded, validate=True)
+    try:  # unpadded base64 is accepted too, as the reference libraries do
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError(f"the part after {SECRET_PREFIX} must be standard base64") from None
     if not MIN_KEY <= len(key) <= MAX_KEY:
