@@ -87,7 +87,8 @@ def test_defaults_not_written_as_code_are_the_few_that_are_not_constants():
     # and values that are simply absent unless given.
     assert prose == {"TRACKER_DATABASE_URL", "TRACKER_REDIS_URL", "TRACKER_WORKERS", "TRACKER_SECRET",
                      "TRACKER_ADMIN_KEY", "TRACKER_SECRET_PREVIOUS", "TRACKER_SECRET_PREVIOUS_UNTIL",
-                     "TRACKER_TRUSTED_PROXIES", "TRACKER_MERCHANTS", "TRACKER_PUBLIC_URL"}
+                     "TRACKER_TRUSTED_PROXIES", "TRACKER_MERCHANTS", "TRACKER_PUBLIC_URL",
+                     "TRACKER_CORS_ORIGINS"}
 
 
 @pytest.mark.parametrize("env,url", [

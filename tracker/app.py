@@ -29,6 +29,7 @@ from .web import activation, event_feed, events, lookups, observe, ops, postback
 from .web.common import answer, answer_protocol_errors_as_json, errors
 from .web.console import setup_console
 from .web.console_guard import console_headers
+from .web.cors import preflight, setup_cors
 
 log = structlog.get_logger("tracker.app")
 
@@ -189,7 +190,7 @@ def _route_go_directly(app: web.Application) -> None:
 
 def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application:
     # Long query strings (deep links) get our own 400 rather than aiohttp's bare one.
-    app = web.Application(middlewares=[console_headers, errors], client_max_size=64 * 1024,
+    app = web.Application(middlewares=[preflight, console_headers, errors], client_max_size=64 * 1024,
                           handler_args={"max_line_size": 16384, "max_field_size": 16384})
     app[keys.SETTINGS] = settings
     answer_protocol_errors_as_json()
@@ -211,6 +212,7 @@ def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application
     app.router.add_get("/v1/postbacks/orphans", lookups.orphans, name="orphans", allow_head=False)
     app.router.add_post("/v1/postbacks/orphans/reconcile", lookups.reconcile_view, name="orphans_reconcile")
     setup_console(app)  # the support console at /support/
+    setup_cors(app)  # TRACKER_CORS_ORIGINS on /v1/observe and the event stream, nowhere else
     app.router.add_get("/v1/events", event_feed.events_feed, name="events_feed", allow_head=False)
     app.router.add_post("/v1/observe", observe.observe, name="observe")
     app.router.add_get("/v1/clicks/{click_id}/events", events.events, name="click_events", allow_head=False)

@@ -40,6 +40,8 @@ class Settings:
     rate_limit_observe_user: int = 600
     rate_limit_delay_ms: int = 250  # a 429 is held this long (see web.common._hold)
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    # Origins (scheme://host[:port]) whose pages may call /v1/observe and the event stream (web/cors.py).
+    cors_origins: frozenset[str] = frozenset()
     merchants_file: Path | None = None
     log_format: str = "json"
     # Internal knobs: key prefix so that several deployments or test
@@ -177,6 +179,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         rate_limit_observe_user=_int(env, "TRACKER_RATE_LIMIT_OBSERVE_USER", 600),
         rate_limit_delay_ms=_int(env, "TRACKER_RATE_LIMIT_DELAY_MS", 250, 0, 60_000),
         trusted_proxies=tuple(proxies),
+        cors_origins=_origins(env.get("TRACKER_CORS_ORIGINS") or ""),
         merchants_file=Path(merchants) if merchants else None,
         log_format=log_format,
         redis_prefix=env.get("TRACKER_REDIS_PREFIX") or "trk:",
@@ -209,6 +212,29 @@ def _public_url(raw: str, host: str, port: int) -> str:
         raise SettingsError(f"TRACKER_PUBLIC_URL={raw!r}: an http(s) URL with a host, such as "
                             "https://t.example.com")
     return url
+
+
+def _origins(raw: str) -> frozenset[str]:
+    """TRACKER_CORS_ORIGINS: comma-separated origins, each exactly as a browser sends it in `Origin`
+    (scheme, host, a port only when it is not the default): compared as strings, never as patterns."""
+    found = set()
+    for item in raw.split(","):
+        origin = item.strip().rstrip("/")
+        if not origin:
+            continue
+        parts = urlsplit(origin)
+        try:
+            port = parts.port
+        except ValueError:
+            port = -1
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.username or parts.path \
+                or parts.query or parts.fragment or port == -1 or "*" in origin:
+            raise SettingsError(f"TRACKER_CORS_ORIGINS: {item.strip()!r} is not an origin such as "
+                                "https://app.example.com (no path, no wildcard)")
+        default = {"http": 80, "https": 443}[parts.scheme]
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        found.add(f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else ""))
+    return frozenset(found)
 
 
 def load_or_exit() -> Settings:
