@@ -1,0 +1,1 @@
+../js/tracker-client.js
