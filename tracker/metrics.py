@@ -11,6 +11,8 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
+from . import internals
+
 _LATENCY = (.0005, .001, .0025, .005, .0075, .01, .015, .02, .03, .05, .1, .25, .5, 1, 2.5)
 
 CLICKS = Counter("tracker_clicks_total", "Activation clicks redirected", ["merchant", "source", "bot"])
@@ -84,7 +86,7 @@ class Tally:
     def __init__(self, histogram: Histogram) -> None:
         self.counts: dict[Any, int] = {}
         self._histogram = histogram
-        self._bounds = list(histogram._upper_bounds)  # same buckets, same order
+        self._bounds = internals.histogram_bounds(histogram)  # same buckets, same order
         self._bucket_counts = [0] * len(self._bounds)
         self._sum = 0.0
 
@@ -102,12 +104,7 @@ class Tally:
         if self._sum or any(self._bucket_counts):
             buckets, self._bucket_counts = self._bucket_counts, [0] * len(self._bounds)
             total, self._sum = self._sum, 0.0
-            # Histogram.observe() does exactly this per observation: the sum, then the one
-            # (non-cumulative) bucket the value falls in.
-            self._histogram._sum.inc(total)
-            for i, n in enumerate(buckets):
-                if n:
-                    self._histogram._buckets[i].inc(n)
+            internals.histogram_add(self._histogram, total, buckets)
 
 
 tally = Tally(REDIRECT_SECONDS)

@@ -13,7 +13,7 @@ import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
-from .. import keys, metrics
+from .. import internals, keys, metrics
 from ..domain.tokens import same_secret
 from ..errors import BadRequest, DomainError, RequestTimeout, TooLarge, Unauthorized
 from ..settings import IPNetwork
@@ -103,7 +103,7 @@ def _protocol_error(self: RequestHandler, request: web.BaseRequest, status: int 
 
 def answer_protocol_errors_as_json() -> None:
     """Install `_protocol_error` as aiohttp's handler for requests its parser refuses (idempotent)."""
-    RequestHandler.handle_error = _protocol_error  # type: ignore[method-assign]
+    internals.replace_protocol_error_handler(_protocol_error)
 
 
 _held = 0
