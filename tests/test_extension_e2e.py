@@ -94,7 +94,9 @@ def sites(tmp_path_factory) -> Iterator[int]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Sites)
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(folder / "cert.pem", folder / "key.pem")
-    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    # The handshake happens in the request thread: a preconnected socket that sends nothing must not
+    # block accept() for everyone.
+    server.socket = tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.server_address[1]
@@ -151,7 +153,10 @@ def activate(browser: Any, to: str) -> tuple[Any, str]:
     with context.expect_page() as opened:
         worker.evaluate("(to) => trackerExtension.activate('aliexpress', to)", to)
     page = opened.value
-    page.wait_for_url("https://aliexpress.ru/**", timeout=10_000, wait_until="commit")
+    try:
+        page.wait_for_url("https://aliexpress.ru/**", timeout=10_000, wait_until="commit")
+    except Exception as exc:
+        raise AssertionError(f"the activation tab never reached the store; it is at {page.url}") from exc
     page.wait_for_selector("#title")
     return page, tab_click(worker, page)
 

@@ -54,6 +54,7 @@ function activationUrl(merchant, to) {
 
 async function activate(merchant, to, tabId) {
   await ready;
+  Object.assign(settings, await chrome.storage.local.get(["baseUrl", "token"])); // just signed in, perhaps
   if (!tracker()) throw new Error("set the service's URL and the user token first (options page)");
   const url = activationUrl(merchant, to);
   return tabId === undefined ? (await chrome.tabs.create({ url })).id : (await chrome.tabs.update(tabId, { url })).id;
