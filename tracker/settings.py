@@ -94,7 +94,7 @@ def _instant(env: Mapping[str, str], name: str) -> float | None:
     if not raw:
         return None
     try:
-        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        moment = datetime.fromisoformat(raw)
     except ValueError:
         raise SettingsError(f"{name}={raw!r} is not an ISO 8601 date or date-time") from None
     if moment.tzinfo is None:

@@ -114,7 +114,7 @@ def parse_time(raw: str, fmt: str) -> datetime:
     elif fmt in ("iso8601", "auto"):
         text = raw.replace(" ", "T", 1) if _ISO_DAY_SPACE_TIME.match(raw) else raw
         try:
-            parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            parsed = datetime.fromisoformat(text)
         except ValueError:
             pass
         else:

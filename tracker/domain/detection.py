@@ -122,7 +122,7 @@ def parse_at(raw: Any, created_ms: int, now_ms: int) -> int:
     ms = now_ms
     if isinstance(raw, str) and raw:
         try:
-            parsed = datetime.fromisoformat(raw.strip().replace("Z", "+00:00"))
+            parsed = datetime.fromisoformat(raw.strip())
             if parsed.tzinfo is None:
                 parsed = parsed.replace(tzinfo=timezone.utc)
             ms = int(parsed.timestamp() * 1000)

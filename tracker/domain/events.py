@@ -8,11 +8,12 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
-from datetime import datetime, timezone
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Mapping
 
 from .conversions import money
+from .times import iso
 
 CONVERSION_CREATED = "conversion.created"
 CONVERSION_STATUS_CHANGED = "conversion.status_changed"
@@ -56,12 +57,6 @@ def decode_cursor(cursor: str) -> int:
     if version != _CURSOR_VERSION or seq >= 2**63 or encode_cursor(seq) != cursor:
         raise BadCursor("not a cursor of this feed")
     return seq
-
-
-def iso(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def conversion_payload(row: Mapping[str, Any]) -> dict[str, Any]:

@@ -21,15 +21,15 @@ from .. import metrics
 from .refused import COLUMNS, REFUSED, add_partitions, all_rows, insert_missing, isolate, missing_partition
 from .spool import SegmentLock, Spool, count_rows
 from .tasks import cancel_and_wait
+from .unreachable import POSTGRES_DOWN
 
 log = structlog.get_logger("tracker.clicks")
 
 # Row: the tuple above, with created_at as Unix milliseconds (converted at flush time, in bulk).
 Row = tuple[str, int, str, str, str, str, str | None, str | None, str | None, bool, str]
 
-_UNREACHABLE = (OSError, ConnectionError, TimeoutError, asyncpg.PostgresConnectionError,
-                asyncpg.InterfaceError, asyncpg.CannotConnectNowError, asyncpg.QueryCanceledError,
-                asyncpg.AdminShutdownError, asyncpg.TooManyConnectionsError)
+# A COPY that PostgreSQL cancelled (QueryCanceledError) is spooled too, as one it could not take.
+_UNREACHABLE = POSTGRES_DOWN + (asyncpg.QueryCanceledError,)
 
 
 # Measured with benchmarks/ab.py (docs/performance.md): commit 1 -> 10 ms, 11 -> 14 rows per COPY, worker CPU per

@@ -18,6 +18,7 @@ from ..domain.clickid import click_time, is_click_id
 from ..domain.conversions import Postback, Terms, cashback, orphan_reason, settle
 from ..domain.merchants import Merchant
 from .events import emit
+from .support import get_click
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +35,11 @@ class Recorded:
     event: str | None = None  # the type of the event written for it, if any
 
 
-async def find_click(conn: asyncpg.Connection, click_id: str | None) -> asyncpg.Record | None:
+async def find_click(conn: asyncpg.Connection, click_id: str | None) -> dict[str, Any] | None:
+    """The click a postback names, if that is a click id at all."""
     if not click_id or not is_click_id(click_id):
         return None
-    return await conn.fetchrow(
-        "SELECT click_id, created_at, user_id, merchant, bot FROM clicks "
-        "WHERE click_id = $1 AND created_at = $2", click_id, click_time(click_id))
+    return await get_click(conn, click_id)
 
 
 async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, raw: dict[str, Any],

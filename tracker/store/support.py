@@ -13,6 +13,8 @@ Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
 
 async def get_click(conn: Conn, click_id: str) -> dict[str, Any] | None:
+    """A click by id (the one query that reads a click by id: the support view, observe's fallback,
+    the console, postbacks)."""
     row = await conn.fetchrow(
         "SELECT click_id, created_at, user_id, merchant, source, target, device, client_ip, "
         "user_agent, bot, method FROM clicks WHERE click_id = $1 AND created_at = $2",

@@ -6,9 +6,7 @@ import ipaddress
 import time
 from typing import Any, Awaitable, Callable
 
-import asyncpg
 import orjson
-import redis.exceptions
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
@@ -17,6 +15,7 @@ from .. import internals, keys, metrics
 from ..domain.tokens import same_secret
 from ..errors import BadRequest, DomainError, RequestTimeout, TooLarge, Unauthorized
 from ..settings import IPNetwork
+from ..store.unreachable import DEPENDENCY_DOWN
 
 log = structlog.get_logger("tracker.web")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -31,9 +30,6 @@ def error_response(code: str, message: str, status: int, headers: dict[str, str]
     return json_response({"error": code, "message": message}, status, headers)
 
 
-DEPENDENCY_DOWN = (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
-                   asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError,
-                   redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                405: "method_not_allowed", 408: "timeout", 413: "too_large", 414: "too_large", 429: "rate_limited",
                431: "too_large"}

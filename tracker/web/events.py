@@ -18,9 +18,11 @@ from aiohttp import web
 
 from .. import keys, metrics
 from ..domain.clickid import is_click_id
+from ..domain.states import action
 from ..errors import NotFound, RateLimited, Unauthorized
 from ..store.feed import Link
-from .common import DEPENDENCY_DOWN, bearer, client_ip
+from ..store.unreachable import DEPENDENCY_DOWN
+from .common import bearer, client_ip
 from .observe import load_click
 
 log = structlog.get_logger("tracker.events")
@@ -38,8 +40,7 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
 
 def _public(click_id: str, state: dict[str, Any] | None) -> dict[str, Any]:
     name = (state or {}).get("state", "active")
-    return {"click_id": click_id, "state": name,
-            "action": "reactivate" if name in ("overwritten", "expired") else "none"}
+    return {"click_id": click_id, "state": name, "action": action(name)}
 
 
 async def events(request: web.Request) -> web.StreamResponse:

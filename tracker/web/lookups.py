@@ -12,6 +12,7 @@ from ..domain.clickid import is_click_id
 from ..domain.conversions import Postback, money
 from ..domain.diagnosis import click_state
 from ..domain.text import has_control
+from ..domain.times import iso
 from ..domain.tokens import USER_ID
 from ..errors import BadRequest, NotFound
 from ..store import lookups
@@ -22,10 +23,6 @@ from .postbacks import read_raw
 log = structlog.get_logger("tracker.lookups")
 MAX_ORDER_ID = 256  # as a postback's order id (openapi.yaml)
 MAX_NETWORK = 64
-
-
-def iso(value: datetime | None) -> str | None:
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if value else None
 
 
 def one(request: web.Request, name: str) -> str | None:

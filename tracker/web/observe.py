@@ -11,6 +11,8 @@ from aiohttp import web
 from .. import keys, metrics
 from ..domain.clickid import is_click_id
 from ..domain.detection import BadEvent, ClickContext, SessionState
+from ..domain.states import action, state_ttl
+from ..domain.times import iso_ms
 from ..errors import BadRequest, NotFound, RateLimited, Unauthorized
 from ..store.support import get_click, get_state
 from .common import bearer, client_ip, json_object, json_response, read_body
@@ -18,7 +20,6 @@ from .common import bearer, client_ip, json_object, json_response, read_body
 log = structlog.get_logger("tracker.observe")
 MAX_BODY = 64 * 1024
 MAX_EVENTS = 100
-STATE_TTL_EXTRA = 86400  # keep the detector state a day past the session
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -91,8 +92,7 @@ async def observe(request: web.Request) -> web.Response:
     after = state.dump()
     changed = after != before
     if changed:
-        ttl = merchant.session_ttl + STATE_TTL_EXTRA if state.state != "converted" else 120 * 86400
-        await app[keys.SESSIONS].save_state(click_id, after, ttl)
+        await app[keys.SESSIONS].save_state(click_id, after, state_ttl(state.state, merchant.session_ttl))
     if signals or changed:
         app[keys.SIGNALS].add(click_id, merchant.slug, user_id, signals, after if changed else None)
     for s in signals:
@@ -101,11 +101,7 @@ async def observe(request: web.Request) -> web.Response:
         log.info("click_state", click_id=click_id, merchant=merchant.slug, state=after["state"],
                  previous=before["state"])
     return json_response({"click_id": click_id, "state": state.state,
-                  "action": "reactivate" if state.state in ("overwritten", "expired") else "none",
+                  "action": action(state.state),
                   "signals": [{"kind": s["kind"], "network": s["network"], "evidence": s["evidence"],
-                               "at": _iso(s["at"]), "late": s["late"]} for s in signals]})
-
-
-def _iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+                               "at": iso_ms(s["at"]), "late": s["late"]} for s in signals]})
 

@@ -21,6 +21,7 @@ from .. import keys, metrics
 from ..domain.conversions import MalformedPostback, Postback, read_postback
 from ..domain.networks import Network
 from ..domain.profiles import profiles
+from ..domain.states import CONVERTED_STATE_TTL
 from ..domain.text import has_control
 from ..domain.tokens import same_secret
 from ..errors import BadRequest, DomainError, Forbidden, NotFound
@@ -32,7 +33,6 @@ MAX_BODY = 64 * 1024
 MAX_FIELDS = 100
 MAX_VALUE = 2048
 SECRET_PARAMS = frozenset(("token",))
-CONVERTED_STATE_TTL = 120 * 86400
 
 
 def _pairs(text: str) -> list[tuple[str, str]]:

@@ -11,14 +11,12 @@ from .. import keys
 from ..domain.clickid import is_click_id
 from ..domain.conversions import money
 from ..domain.diagnosis import ClickFacts, diagnose
+from ..domain.states import action
+from ..domain.times import iso as _iso
 from ..errors import NotFound
 from ..store.conversions import conversions_for_click
 from ..store.support import get_click, get_signals, get_state
 from .common import json_response, require_admin
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if value else None
 
 
 def _conversion(row: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +63,7 @@ async def click_view(request: web.Request) -> web.Response:
     return json_response({
         "click": body_click,
         "state": facts.state,
-        "action": "reactivate" if facts.state in ("overwritten", "expired") else "none",
+        "action": action(facts.state),
         "signals": [{"kind": s["kind"], "network": s["network"], "evidence": s["evidence"],
                      "at": _iso(s["at"]), "late": s["late"]} for s in signals],
         "conversions": [_conversion(c) for c in conversions],
