@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tracker import keys
 from tracker import settings as settings_module
 from tracker.app import create_app
 from tracker.domain.clickid import LENGTH, click_time_ms, new_click_id
@@ -313,7 +314,7 @@ async def test_open_event_streams_are_bounded_per_user(client, tokens, monkeypat
     streams[0].close()
     for _ in range(50):  # the server notices the closed stream at its next write
         await asyncio.sleep(0.1)
-        if events._streams.get("streamer", 0) < 2:
+        if client.app[keys.STREAMS].per_user.get("streamer", 0) < 2:
             break
     again = await client.get(f"/v1/clicks/{cids[2]}/events", params={"u": token, "heartbeat": "0.5"})
     assert again.status == 200

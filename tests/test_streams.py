@@ -217,3 +217,20 @@ async def test_a_stream_gets_its_change_again_after_redis_comes_back(settings, t
             await admin.aclose()
     finally:
         embedded.stop_redis(root)
+
+
+async def test_shutdown_ends_open_streams_without_waiting_for_them(aiohttp_server, settings, tokens):
+    """A stopping worker ends its open streams (CLOSING, then the feed wakes them) rather than waiting
+    out aiohttp's shutdown timeout; the stream's body simply ends."""
+    from tracker.app import create_app
+
+    server = await aiohttp_server(create_app(settings))
+    base = str(server.make_url("")).rstrip("/")
+    token = tokens.mint("leaving")
+    async with aiohttp.ClientSession() as http:
+        resp = await open_stream(http, base, token, await activate(http, base, token))
+        assert (await next_state(resp))["state"] == "active"
+        async with asyncio.timeout(20):  # a guard: aiohttp would wait 60 s for a stream that stays
+            await server.close()
+            assert b"event:" not in await resp.content.read()  # read to the end: the body ended
+        resp.close()

@@ -199,6 +199,8 @@ def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application
     app[keys.TOKENS] = UserTokens(settings.secret, settings.secret_previous, settings.secret_previous_until)
     app[keys.DETECTOR] = Detector(load_catalog())
     app[keys.CLOSING] = asyncio.Event()
+    app[keys.STREAMS] = keys.OpenStreams()
+    app[keys.HELD] = keys.HeldAnswers()
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts' start-up
     app.on_shutdown.append(_closing)
     app.cleanup_ctx.extend([_tally, _postgres, _catalog, _redis, _feed, _writer, _signals, _sequencer, _webhooks])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -18,6 +19,20 @@ from .store.merchants import Catalog
 from .store.sessions import SessionStore
 from .store.signals import SignalWriter
 
+
+@dataclass(slots=True)
+class OpenStreams:
+    """The event streams open on this worker (web/events.py bounds them): per user, and in all."""
+    per_user: dict[str, int] = field(default_factory=dict)
+    total: int = 0
+
+
+@dataclass(slots=True)
+class HeldAnswers:
+    """How many rate-limited answers this worker is holding back right now (web/common.py)."""
+    count: int = 0
+
+
 SETTINGS = web.AppKey("settings", Settings)
 TOKENS = web.AppKey("tokens", UserTokens)
 POOL = web.AppKey("pool", asyncpg.Pool)
@@ -32,3 +47,5 @@ CLOSING = web.AppKey("closing", asyncio.Event)
 CONSOLE = web.AppKey("console", ConsoleKeys)
 SIGN_IN = web.AppKey("sign_in", SignInThrottle)
 WEBHOOKS = web.AppKey("webhooks", Dispatcher)
+STREAMS = web.AppKey("streams", OpenStreams)
+HELD = web.AppKey("held", HeldAnswers)

@@ -102,7 +102,6 @@ def answer_protocol_errors_as_json() -> None:
     internals.replace_protocol_error_handler(_protocol_error)
 
 
-_held = 0
 MAX_HELD = 10_000
 
 
@@ -111,15 +110,15 @@ async def _hold(app: web.Application) -> None:
     (a script, a runaway extension) then sends one request per delay per connection instead of
     thousands, and the CPU goes to everyone else. A held request is a sleeping coroutine; past
     MAX_HELD at once, answers go out at once rather than pile up."""
-    global _held
     delay = app[keys.SETTINGS].rate_limit_delay_ms
-    if delay <= 0 or _held >= MAX_HELD:
+    held = app[keys.HELD]
+    if delay <= 0 or held.count >= MAX_HELD:
         return
-    _held += 1
+    held.count += 1
     try:
         await asyncio.sleep(delay / 1000)
     finally:
-        _held -= 1
+        held.count -= 1
 
 
 def client_ip(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> str:

@@ -8,7 +8,6 @@ subscribed, and while it has lost Redis, the stream polls the state instead.
 """
 from __future__ import annotations
 
-import asyncio
 import math
 from typing import Any
 
@@ -30,8 +29,6 @@ log = structlog.get_logger("tracker.events")
 # bounds them: per user (the extension opens one per active click) and in all.
 MAX_STREAMS_PER_USER = 10
 MAX_STREAMS = 2_000
-_streams: dict[str, int] = {}  # user id -> streams open on this worker
-_open = 0  # all streams open on this worker
 
 
 def _event(name: str, data: dict[str, Any]) -> bytes:
@@ -59,19 +56,19 @@ async def events(request: web.Request) -> web.StreamResponse:
     session, state = await load_click(app, click_id)
     if session is None or session.get("u") != user_id:
         raise NotFound("no such click")
-    global _open
-    if _streams.get(user_id, 0) >= MAX_STREAMS_PER_USER or _open >= MAX_STREAMS:
+    streams = app[keys.STREAMS]
+    if streams.per_user.get(user_id, 0) >= MAX_STREAMS_PER_USER or streams.total >= MAX_STREAMS:
         raise RateLimited("too many open event streams, retry later", 5)
-    _streams[user_id] = _streams.get(user_id, 0) + 1
-    _open += 1
+    streams.per_user[user_id] = streams.per_user.get(user_id, 0) + 1
+    streams.total += 1
     try:
         return await _stream(request, app, click_id, state)
     finally:
-        _open -= 1
-        if _streams[user_id] <= 1:
-            del _streams[user_id]
+        streams.total -= 1
+        if streams.per_user[user_id] <= 1:
+            del streams.per_user[user_id]
         else:
-            _streams[user_id] -= 1
+            streams.per_user[user_id] -= 1
 
 
 async def _read_state(app: web.Application, click_id: str) -> dict[str, Any] | None:
@@ -120,7 +117,7 @@ async def _stream(request: web.Request, app: web.Application, click_id: str,
                         await resp.write(_event("state", current))
                         continue
                 await resp.write(b": heartbeat\n\n")
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:  # the client went away; a cancellation goes on up to aiohttp
         pass
     finally:
         metrics.SSE_CLIENTS.dec()
