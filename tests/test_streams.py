@@ -234,3 +234,24 @@ async def test_shutdown_ends_open_streams_without_waiting_for_them(aiohttp_serve
             await server.close()
             assert b"event:" not in await resp.content.read()  # read to the end: the body ended
         resp.close()
+
+
+async def test_a_converted_state_is_replaced_only_when_forced(settings):
+    """The guard in save_state reads the stored state's `state` field: converted stays unless forced,
+    and a state that merely carries the same key deeper down (a trail entry) is not taken for it."""
+    admin = aioredis.Redis.from_url(settings.redis_url)
+    store = SessionStore(admin, settings.redis_prefix)
+
+    async def stored(cid: str) -> Any:
+        raw = await admin.get(store.state_key(cid))
+        return orjson.loads(raw)["state"]
+
+    assert await store.save_state("guard-1", {"state": "converted", "status": "pending"}, 600, force=True)
+    assert await store.save_state("guard-1", {"state": "overwritten"}, 600)
+    assert await stored("guard-1") == "converted"
+    assert await store.save_state("guard-1", {"state": "converted", "status": "approved"}, 600, force=True)
+    assert orjson.loads(await admin.get(store.state_key("guard-1")))["status"] == "approved"
+    assert await store.save_state("guard-2", {"state": "active", "trail": [{"state": "converted"}]}, 600)
+    assert await store.save_state("guard-2", {"state": "overwritten"}, 600)
+    assert await stored("guard-2") == "overwritten"
+    await admin.aclose()

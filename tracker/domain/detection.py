@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from . import trail
 from .catalog import AffiliateCatalog, Hit, host_of
 from .merchants import Merchant
+from .states import ClickState
 from .targets import host_allowed
 from .text import has_control, without_control
 
@@ -36,7 +37,7 @@ class BadEvent(ValueError):
 
 @dataclass
 class SessionState:
-    state: str = "active"
+    state: str = ClickState.ACTIVE
     landed: bool = False
     bound: dict[str, str] = field(default_factory=dict)  # "network:param" -> value that is ours
     overwritten_at: int | None = None
@@ -51,7 +52,7 @@ class SessionState:
     @classmethod
     def load(cls, raw: dict[str, Any] | None) -> "SessionState":
         raw = raw or {}
-        return cls(state=raw.get("state", "active"), landed=bool(raw.get("landed")),
+        return cls(state=raw.get("state", ClickState.ACTIVE), landed=bool(raw.get("landed")),
                    bound=dict(raw.get("bound") or {}), overwritten_at=raw.get("overwritten_at"),
                    expired_signalled=bool(raw.get("expired_signalled")), trail=trail.load(raw.get("trail")))
 
@@ -150,10 +151,10 @@ class Detector:
         timed = sorted(((parse_at(e.get("at"), ctx.created_ms, now_ms), i, e) for i, e in enumerate(events)),
                        key=lambda t: (t[0], t[1]))
         for at, _, event in timed:
-            late = ctx.converted or state.state == "converted"
-            if not late and at > ctx.created_ms + ttl_ms and state.state == "active":
-                state.state = "expired"
-            if not late and state.state == "expired" and not state.expired_signalled:
+            late = ctx.converted or state.state == ClickState.CONVERTED
+            if not late and at > ctx.created_ms + ttl_ms and state.state == ClickState.ACTIVE:
+                state.state = ClickState.EXPIRED
+            if not late and state.state == ClickState.EXPIRED and not state.expired_signalled:
                 state.expired_signalled = True
                 signals.append(self._signal("session_expired", None, {
                     "session_ttl_s": ctx.merchant.session_ttl}, ctx.created_ms + ttl_ms, False))
@@ -172,11 +173,11 @@ class Detector:
                 raise BadEvent(f"unknown event type {event_type(event)!r}")
             for sig_kind, network, evidence in found:
                 signals.append(self._signal(sig_kind, network, evidence, at, late))
-                if not late and sig_kind in DEFINITIVE and state.state == "active":
-                    state.state = "overwritten"
+                if not late and sig_kind in DEFINITIVE and state.state == ClickState.ACTIVE:
+                    state.state = ClickState.OVERWRITTEN
                     state.overwritten_at = at
         if ctx.converted:
-            state.state = "converted"
+            state.state = ClickState.CONVERTED
         return signals
 
     @staticmethod

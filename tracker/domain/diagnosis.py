@@ -9,6 +9,7 @@ from typing import Any
 from .conversions import money
 from .detection import DEFINITIVE
 from .merchants import Merchant
+from .states import ClickState
 
 NETWORK_NAMES = {
     "cj": "CJ", "impact": "impact.com", "rakuten": "Rakuten", "awin": "Awin", "shareasale": "ShareASale",
@@ -54,16 +55,16 @@ class ClickFacts:
 
 
 def click_state(created_at: datetime, now: datetime, session_ttl: int, stored_state: str | None,
-                converted: bool, overwritten: bool) -> str:
+                converted: bool, overwritten: bool) -> ClickState:
     """A click's state from what is recorded: a conversion wins, an overwrite is for good, and a
     session past its TTL has expired (the detector writes `expired` only when it hears of it)."""
-    if converted or stored_state == "converted":
-        return "converted"
-    if overwritten or stored_state == "overwritten":
-        return "overwritten"
+    if converted or stored_state == ClickState.CONVERTED:
+        return ClickState.CONVERTED
+    if overwritten or stored_state == ClickState.OVERWRITTEN:
+        return ClickState.OVERWRITTEN
     if now - created_at > timedelta(seconds=session_ttl):
-        return "expired"
-    return "active"
+        return ClickState.EXPIRED
+    return ClickState.ACTIVE
 
 
 def _after(facts: ClickFacts, at: datetime) -> str:

@@ -34,10 +34,15 @@ log = structlog.get_logger("tracker.redis")
 SYNC_TIMEOUT = 5.0
 HEARTBEAT = 20.0  # seconds between calls of an idle worker (it counts in W for LIVE_FOR = 60 s)
 MAX_PENDING = 100_000
+# Refuses to replace a converted state (ClickState.CONVERTED) unless forced: reads the stored state's
+# `state` field, not its bytes (a trail entry could carry the same key).
 _SAVE_STATE = """
 local current = redis.call('GET', KEYS[1])
-if ARGV[3] == '0' and current and string.find(current, '"state":"converted"', 1, true) then
-  return 0
+if ARGV[3] == '0' and current then
+  local ok, doc = pcall(cjson.decode, current)
+  if ok and type(doc) == 'table' and doc.state == 'converted' then
+    return 0
+  end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('PUBLISH', KEYS[2], ARGV[1])

@@ -22,6 +22,7 @@ from .. import metrics
 from ..domain.clickid import click_time
 from ..domain.detection import DEFINITIVE
 from ..domain.events import CLICK_OVERWRITTEN
+from ..domain.states import ClickState
 from .refused import REFUSED, storable
 from .tasks import cancel_and_wait
 
@@ -144,7 +145,7 @@ class SignalWriter:
     async def _write(self, rows: list[Row]) -> None:
         signals = [r for kind, r in rows if kind == "signal"]
         states = [r for kind, r in rows if kind == "state"]
-        overwritten = [r[0] for r in states if r[2] == "overwritten"]
+        overwritten = [r[0] for r in states if r[2] == ClickState.OVERWRITTEN]
         announced = 0
         async with self.pool.acquire() as conn:
             async with conn.transaction():

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from .. import keys, metrics
 from ..domain.clickid import is_click_id
-from ..domain.states import action
+from ..domain.states import ClickState, action
 from ..errors import NotFound, RateLimited, Unauthorized
 from ..store.feed import Link
 from ..store.unreachable import DEPENDENCY_DOWN
@@ -36,7 +36,7 @@ def _event(name: str, data: dict[str, Any]) -> bytes:
 
 
 def _public(click_id: str, state: dict[str, Any] | None) -> dict[str, Any]:
-    name = (state or {}).get("state", "active")
+    name = (state or {}).get("state", ClickState.ACTIVE)
     return {"click_id": click_id, "state": name, "action": action(name)}
 
 

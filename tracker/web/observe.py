@@ -11,7 +11,7 @@ from aiohttp import web
 from .. import keys, metrics
 from ..domain.clickid import is_click_id
 from ..domain.detection import BadEvent, ClickContext, SessionState
-from ..domain.states import action, state_ttl
+from ..domain.states import ClickState, action, state_ttl
 from ..domain.times import iso_ms
 from ..errors import BadRequest, NotFound, RateLimited, Unauthorized
 from ..store.support import get_click, get_state
@@ -81,7 +81,7 @@ async def observe(request: web.Request) -> web.Response:
     state = SessionState.load(raw_state)
     before = state.dump()
     ctx = ClickContext(click_id=click_id, created_ms=session["t"], device=session.get("dev"),
-                       merchant=merchant, our_network=our, converted=state.state == "converted")
+                       merchant=merchant, our_network=our, converted=state.state == ClickState.CONVERTED)
     now_ms = time.time_ns() // 1_000_000
     try:
         signals = detector.observe(ctx, state, doc["events"], now_ms)
