@@ -150,7 +150,7 @@ def _warm_up(context: Any) -> None:
     page = context.new_page()
     try:
         for host in HOSTS:
-            for attempt in range(5):
+            for _attempt in range(5):
                 try:
                     page.goto(f"https://{host}/", wait_until="load", timeout=5_000)
                     if not page.url.startswith("chrome-error:"):
