@@ -9,10 +9,9 @@ from decimal import Decimal
 import pytest
 from yarl import URL
 
-from tracker.domain.conversions import Postback, Terms, settle
+from tracker.domain.conversions import Postback, Terms, read_raw, settle
 from tracker.store.conversions import reconcile
 from tracker.store.merchants import load
-from tracker.web.postbacks import read_raw
 
 from .conftest import ADMIN
 from .test_postbacks import IMPACT_SECRET, activate, admitad, conversion, history

@@ -23,9 +23,9 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
     import asyncpg
 
+    from .domain.conversions import read_raw
     from .store.conversions import list_orphans, reconcile
     from .store.merchants import load
-    from .web.postbacks import read_raw
 
     conn = await asyncpg.connect(settings.database_url)
     try:

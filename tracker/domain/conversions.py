@@ -8,10 +8,11 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
-from typing import Mapping
+from typing import Any, Mapping
 
 from .clickid import is_click_id
-from .profiles import Profile
+from .networks import Network
+from .profiles import Profile, profiles
 
 MAX_ID = 128
 MAX_AMOUNT = Decimal("1e12")  # more than any real order; anything above is a broken macro
@@ -125,6 +126,20 @@ def parse_time(raw: str, fmt: str) -> datetime:
     if not EARLIEST_ORDER <= parsed < LATEST_ORDER:
         raise MalformedPostback(f"order_time: {raw[:40]!r} is out of range (years 2000 to 2099)")
     return parsed
+
+
+def fold(name: str) -> str:
+    """A parameter name as profiles spell them: ASCII letters lower-cased, nothing else folded
+    ("to\u212aen", with a Kelvin sign, lower-cases to "token" and must not read as it)."""
+    return name.lower() if name.isascii() else name
+
+
+def read_raw(network: Network, raw: Mapping[str, Any]) -> Postback | None:
+    """Re-read a stored raw postback (reconciliation); None if it no longer reads."""
+    try:
+        return read_postback({fold(k): str(v) for k, v in raw.items()}, profiles()[network.profile])
+    except (MalformedPostback, KeyError):
+        return None
 
 
 def read_postback(params: Mapping[str, str], profile: Profile) -> Postback:

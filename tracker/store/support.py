@@ -8,6 +8,7 @@ import asyncpg
 import orjson
 
 from ..domain.clickid import click_time
+from .sessions import SessionStore
 
 Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection
 
@@ -20,6 +21,25 @@ async def get_click(conn: Conn, click_id: str) -> dict[str, Any] | None:
         "user_agent, bot, method FROM clicks WHERE click_id = $1 AND created_at = $2",
         click_id, click_time(click_id))
     return dict(row) if row else None
+
+
+async def load_click(sessions: SessionStore, pool: asyncpg.Pool,
+                     click_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(session, detector state) for a click: Redis first, PostgreSQL when Redis has nothing."""
+    session, state, _ = await sessions.get_session_and_state(click_id)
+    if session is not None:
+        return session, state
+    click = await get_click(pool, click_id)
+    if click is None:
+        return None, None
+    stored = await get_state(pool, click_id)
+    session = {"u": click["user_id"], "m": click["merchant"], "t": int(click["created_at"].timestamp() * 1000),
+               "dev": click["device"], "bot": click["bot"]}
+    if state is None and stored is not None:
+        detector = stored.get("detector")
+        state = orjson.loads(detector) if isinstance(detector, str) else (detector or {})
+        state["state"] = stored["state"]
+    return session, state
 
 
 async def get_signals(conn: Conn, click_id: str) -> list[dict[str, Any]]:

@@ -20,9 +20,9 @@ from ..domain.clickid import is_click_id
 from ..domain.states import ClickState, action
 from ..errors import NotFound, RateLimited, Unauthorized
 from ..store.feed import Link
+from ..store.support import load_click
 from ..store.unreachable import DEPENDENCY_DOWN
 from .common import bearer, client_ip
-from .observe import load_click
 
 log = structlog.get_logger("tracker.events")
 # Each open stream holds a task, a socket and, while Redis is away, a poll every 2 s, so a worker
@@ -53,7 +53,7 @@ async def events(request: web.Request) -> web.StreamResponse:
                                            settings.rate_limit_ip)])
     if over is not None:
         raise RateLimited("too many requests from this address, retry later", over[1])
-    session, state = await load_click(app, click_id)
+    session, state = await load_click(app[keys.SESSIONS], app[keys.POOL], click_id)
     if session is None or session.get("u") != user_id:
         raise NotFound("no such click")
     streams = app[keys.STREAMS]
@@ -76,7 +76,7 @@ async def _read_state(app: web.Application, click_id: str) -> dict[str, Any] | N
     already open, so an outage means no news (a heartbeat), not the end of the stream."""
     try:
         async with app[keys.FEED].reads:  # a few streams at a time, whatever the number open
-            _, state = await load_click(app, click_id)
+            _, state = await load_click(app[keys.SESSIONS], app[keys.POOL], click_id)
     except DEPENDENCY_DOWN:
         return None
     return state

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .. import keys
 from ..domain.clickid import is_click_id
-from ..domain.conversions import Postback, money
+from ..domain.conversions import Postback, money, read_raw
 from ..domain.diagnosis import click_state
 from ..domain.text import has_control
 from ..domain.times import iso
@@ -18,7 +18,6 @@ from ..errors import BadRequest, NotFound
 from ..store import lookups
 from ..store.conversions import reconcile
 from .common import json_response, require_admin
-from .postbacks import read_raw
 
 log = structlog.get_logger("tracker.lookups")
 MAX_ORDER_ID = 256  # as a postback's order id (openapi.yaml)

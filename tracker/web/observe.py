@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import orjson
 import structlog
 from aiohttp import web
 
@@ -14,7 +13,7 @@ from ..domain.detection import BadEvent, ClickContext, SessionState
 from ..domain.states import ClickState, action, state_ttl
 from ..domain.times import iso_ms
 from ..errors import BadRequest, NotFound, RateLimited, Unauthorized
-from ..store.support import get_click, get_state
+from ..store.support import load_click
 from .common import bearer, client_ip, json_object, json_response, read_body
 
 log = structlog.get_logger("tracker.observe")
@@ -34,25 +33,6 @@ async def _body(request: web.Request) -> dict[str, Any]:
     return doc
 
 
-async def load_click(app: web.Application, click_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
-    """(session, detector state) for a click: Redis first, PostgreSQL when Redis has nothing."""
-    sessions = app[keys.SESSIONS]
-    session, state, _ = await sessions.get_session_and_state(click_id)
-    if session is not None:
-        return session, state
-    click = await get_click(app[keys.POOL], click_id)
-    if click is None:
-        return None, None
-    stored = await get_state(app[keys.POOL], click_id)
-    session = {"u": click["user_id"], "m": click["merchant"], "t": int(click["created_at"].timestamp() * 1000),
-               "dev": click["device"], "bot": click["bot"]}
-    if state is None and stored is not None:
-        detector = stored.get("detector")
-        state = orjson.loads(detector) if isinstance(detector, str) else (detector or {})
-        state["state"] = stored["state"]
-    return session, state
-
-
 async def observe(request: web.Request) -> web.Response:
     app = request.app
     user_id = app[keys.TOKENS].verify(bearer(request))
@@ -69,7 +49,7 @@ async def observe(request: web.Request) -> web.Response:
     click_id = doc["click_id"]
     if not is_click_id(click_id):
         raise NotFound("no such click")
-    session, raw_state = await load_click(app, click_id)
+    session, raw_state = await load_click(app[keys.SESSIONS], app[keys.POOL], click_id)
     if session is None or session.get("u") != user_id:
         raise NotFound("no such click")
     merchant = app[keys.CATALOG].merchants.get(session["m"])

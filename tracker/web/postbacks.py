@@ -11,14 +11,13 @@ import hashlib
 import hmac
 import ipaddress
 import json
-from typing import Any
 from urllib.parse import parse_qsl
 
 import structlog
 from aiohttp import web
 
 from .. import keys, metrics
-from ..domain.conversions import MalformedPostback, Postback, read_postback
+from ..domain.conversions import MalformedPostback, fold, read_postback
 from ..domain.networks import Network
 from ..domain.profiles import profiles
 from ..domain.states import CONVERTED_STATE_TTL, ClickState
@@ -43,12 +42,6 @@ def _pairs(text: str) -> list[tuple[str, str]]:
         raise BadRequest("a parameter is not UTF-8", code="malformed") from None
     except ValueError:  # more fields than MAX_FIELDS
         raise BadRequest("too many parameters", code="malformed") from None
-
-
-def fold(name: str) -> str:
-    """A parameter name as profiles spell them: ASCII letters lower-cased, nothing else folded
-    ("to\u212aen", with a Kelvin sign, lower-cases to "token" and must not read as it)."""
-    return name.lower() if name.isascii() else name
 
 
 def _body_pairs(request: web.Request, body: bytes) -> list[tuple[str, str]]:
@@ -131,14 +124,6 @@ def _authenticate(request: web.Request, network: Network, signed: bytes,
         given_tokens = [value for key, value in pairs if fold(key) in SECRET_PARAMS]
         if len(given_tokens) != 1 or not same_secret(given_tokens[0], network.token):
             raise Forbidden("the token is missing, wrong or given more than once")
-
-
-def read_raw(network: Network, raw: dict[str, Any]) -> Postback | None:
-    """Re-read a stored raw postback (reconciliation); None if it no longer reads."""
-    try:
-        return read_postback({fold(k): str(v) for k, v in raw.items()}, profiles()[network.profile])
-    except (MalformedPostback, KeyError):
-        return None
 
 
 async def postback(request: web.Request) -> web.Response:
