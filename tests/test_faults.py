@@ -598,3 +598,19 @@ async def test_a_slow_answer_on_the_request_path_does_not_mark_redis_down(settin
     assert await broken.get_session_and_state("any-click") == (None, None, False)
     assert not broken.ok  # a refused connection is Redis away
     await broken.stop()
+
+
+async def test_after_a_redis_restart_stale_pooled_connections_fail_no_request(stack: Stack) -> None:
+    """Connections pooled before Redis restarted are dead; each is replaced on its next use, so once
+    Redis is back no request (here /readyz, a PING each) fails on one."""
+    stack.serve(workers=1)
+    await stack.wait_ready()
+    base = f"http://127.0.0.1:{stack.port}"
+    async with aiohttp.ClientSession() as s:
+        # Many readiness checks at once: the worker's pool opens many connections.
+        await asyncio.gather(*(s.get(f"{base}/readyz") for _ in range(40)))
+        await asyncio.to_thread(stack.kill_redis)
+        await asyncio.to_thread(stack.start_redis)  # answering again when this returns
+        statuses = [(await readyz(stack.port))[0] for _ in range(40)]
+    assert statuses == [200] * 40, statuses
+    stack.stop()

@@ -9,6 +9,9 @@ from typing import AsyncIterator
 import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from . import internals, keys, metrics
 from .domain.catalog import load_catalog
@@ -66,6 +69,12 @@ async def _catalog(app: web.Application) -> AsyncIterator[None]:
 # raises MaxConnectionsError past them, which the fail-open code took for "Redis is down".
 # Per worker: at most REDIS_MAX_CONNECTIONS + 1 connections, whatever the number of streams.
 REDIS_MAX_CONNECTIONS = 32
+# A pooled connection that Redis closed (a restart, a failover) fails its next command once; that one
+# is sent again on a new connection. Only connection errors: a timed-out call may have run, and the
+# batch script counts rate-limit hits, so it is never sent twice for a timeout. (A pool built with
+# from_url gets no retry at all, unlike redis-py's default client: after Redis came back, each of
+# up to 32 stale connections failed a request, /readyz included, and marked Redis down again.)
+STALE_CONNECTION_RETRY = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
@@ -75,7 +84,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     pool = aioredis.BlockingConnectionPool.from_url(
         settings.redis_url or "", max_connections=REDIS_MAX_CONNECTIONS, timeout=SYNC_TIMEOUT,
         socket_timeout=SYNC_TIMEOUT, socket_connect_timeout=1.0, health_check_interval=0,
-        client_name=f"tracker-{os.getpid()}")
+        client_name=f"tracker-{os.getpid()}", retry=STALE_CONNECTION_RETRY)
     client = aioredis.Redis.from_pool(pool)
     sessions = SessionStore(client, settings.redis_prefix)
     redis_up = await sessions.ping()
