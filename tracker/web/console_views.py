@@ -18,10 +18,9 @@ from ..domain.diagnosis import ClickFacts, Finding, diagnose
 from ..domain.timeline import moments, network_name
 from ..domain.timeline_svg import layout
 from ..errors import NotFound
-from ..store.conversions import conversions_for_click
+from ..store.cases import click_case
 from ..store.lookups import tab_trail
 from ..store.overview import overview
-from ..store.support import get_click, get_signals, get_state
 from .console_guard import render
 
 GOOD, BAD, WAIT = "good", "bad", "wait"
@@ -76,17 +75,14 @@ async def click_page(request: web.Request, session: Session) -> web.StreamRespon
     if not is_click_id(click_id):
         raise NotFound("no such click")
     pool = app[keys.POOL]
-    click = await get_click(pool, click_id)
-    if click is None:
+    case = await click_case(pool, app[keys.CATALOG].merchants.get, click_id)
+    if case is None:
         raise NotFound("no such click")
-    merchant = app[keys.CATALOG].merchants.get(click["merchant"])
-    conversions = await conversions_for_click(pool, click_id)
+    click, merchant, conversions, signals, facts = (case.click, case.merchant, case.conversions, case.signals,
+                                                    case.facts)
     for conv in conversions:
         for h in conv["history"]:
             h["raw"] = orjson.loads(h["raw"]) if isinstance(h["raw"], str) else h["raw"]
-    signals = await get_signals(pool, click_id)
-    facts = ClickFacts.build(click, merchant, await get_state(pool, click_id), signals, conversions,
-                             datetime.now(timezone.utc))
     findings = diagnose(facts)
     story = moments(click, merchant, signals, conversions, facts.session_ttl, await tab_trail(pool, click_id))
     lost = next((s["at"] for s in signals if s["kind"] in DEFINITIVE and not s.get("late")), None)

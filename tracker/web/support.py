@@ -1,7 +1,6 @@
 """GET /v1/clicks/{click_id}: the support view of one click (admin key)."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any
 
 import orjson
@@ -10,12 +9,11 @@ from aiohttp import web
 from .. import keys
 from ..domain.clickid import is_click_id
 from ..domain.conversions import money
-from ..domain.diagnosis import ClickFacts, diagnose
+from ..domain.diagnosis import diagnose
 from ..domain.states import action
 from ..domain.times import iso as _iso
 from ..errors import NotFound
-from ..store.conversions import conversions_for_click
-from ..store.support import get_click, get_signals, get_state
+from ..store.cases import click_case
 from .common import json_response, require_admin
 
 
@@ -48,16 +46,10 @@ async def click_view(request: web.Request) -> web.Response:
     click_id = request.match_info["click_id"]
     if not is_click_id(click_id):
         raise NotFound("no such click")
-    pool = app[keys.POOL]
-    click = await get_click(pool, click_id)
-    if click is None:
+    case = await click_case(app[keys.POOL], app[keys.CATALOG].merchants.get, click_id)
+    if case is None:
         raise NotFound("no such click")
-    merchant = app[keys.CATALOG].merchants.get(click["merchant"])
-    conversions = await conversions_for_click(pool, click_id)
-    signals = await get_signals(pool, click_id)
-    stored_state = await get_state(pool, click_id)
-    facts = ClickFacts.build(click, merchant, stored_state, signals, conversions,
-                             datetime.now(timezone.utc))
+    click, conversions, signals, facts = case.click, case.conversions, case.signals, case.facts
     body_click = {k: v for k, v in click.items()}
     body_click["created_at"] = _iso(click["created_at"])
     return json_response({
