@@ -129,45 +129,60 @@ class RateLimits:
         window = int(now // 60)
         if window != self.window:
             self.window, self.counts, self.active = window, {}, {}
-        counts, up, shared = self.counts, self.up, 10 * self.workers
-        passed = []
-        at_edge = False
+        counts, active, up, shared = self.counts, self.active, self.up, 10 * self.workers
+        i = reserved = 0  # reserved: a bit per check admitted from its reservation (to give back)
         for scope, key, limit in checks:
-            if limit <= 0:
-                continue
-            name = f"{scope}:{key}"
-            st = counts.get(name)
-            if st is None:
-                st = counts[name] = _Count(name, limit)
-            if st.allow > 0:
-                pass
-            elif not up:
-                if st.counted + st.fresh + st.base - st.allow >= limit:
-                    return self._refuse(scope, int(60 - now % 60) + 1)
-            elif st.counted >= limit:
-                return self._refuse(scope, int(60 - now % 60) + 1)
-            elif st.blind < (limit // shared or 1) and st.full + st.blind < limit:  # blind_budget
-                pass
-            elif edge:
-                at_edge = True
-                continue
-            elif st.full + st.blind >= limit:  # cannot wait: past the budget, bounded per worker only
-                return self._refuse(scope, 1)
-            passed.append(st)
-        if at_edge:
-            return EDGE
-        active = self.active
-        for st in passed:
-            if st.allow > 0:
-                st.allow -= 1
-            else:
-                st.fresh += 1
-                if up:
+            if limit > 0:
+                name = f"{scope}:{key}"
+                st = counts.get(name)
+                if st is None:
+                    st = counts[name] = _Count(name, limit)
+                if st.allow > 0:
+                    st.allow -= 1
+                    reserved |= 1 << i
+                elif up and st.counted < limit and st.blind < (limit // shared or 1) and st.full + st.blind < limit:
+                    st.fresh += 1  # blind, within blind_budget(limit, workers)
                     st.blind += 1
-            active[st.name] = st
-        if passed:
+                else:
+                    verdict = self._past_budget(st, scope, limit, now, edge)
+                    if verdict is not None:
+                        self._give_back(checks, i, reserved)
+                        return verdict
+                active[name] = st
+            i += 1
+        if active:
             self._wake.set()
         return None
+
+    def _past_budget(self, st: _Count, scope: str, limit: int, now: float, edge: bool) -> Verdict:
+        """check() for a key with neither a reservation nor blind budget left: None when admitted."""
+        if not self.up:  # each worker on its own: what Redis last said plus this worker's hits since
+            if st.counted + st.fresh + st.base - st.allow >= limit:
+                return self._refuse(scope, int(60 - now % 60) + 1)
+            st.fresh += 1
+            return None
+        if st.counted >= limit:
+            return self._refuse(scope, int(60 - now % 60) + 1)
+        if edge:
+            return EDGE
+        if st.full + st.blind >= limit:  # a caller that cannot wait: this worker's view decides
+            return self._refuse(scope, 1)
+        st.fresh += 1
+        st.blind += 1
+        return None
+
+    def _give_back(self, checks: Sequence[Check], upto: int, reserved: int) -> None:
+        """Undo the hits check() counted for the checks before `upto` (a later one refused)."""
+        for i, (scope, key, limit) in enumerate(checks[:upto]):
+            st = self.counts.get(f"{scope}:{key}")
+            if limit <= 0 or st is None:
+                continue
+            if reserved >> i & 1:
+                st.allow += 1
+            else:
+                st.fresh -= 1
+                if self.up:
+                    st.blind -= 1
 
     @staticmethod
     def _refuse(scope: str, retry: int) -> Verdict:
