@@ -171,17 +171,29 @@ def sign_in(worker: Any, base: str, user: str) -> None:
 
 
 def activate(browser: Any, to: str) -> tuple[Any, str]:
-    """The extension's activate action: a new tab on /go; returns (page, click id) once on the store."""
+    """The extension's activate action: a new tab on /go; returns (page, click id) once on the store.
+
+    Now and then (about one run in four, on any of the tests) chromium ended a hop of the chain to the
+    local TLS test server on chrome-error://chromewebdata/: a failure between the browser and the
+    test's own site, after tracker had answered its 302. Such an activation is made again (a new
+    click, which the test then follows); tracker's part is checked on every attempt."""
     context, worker = browser
-    with context.expect_page() as opened:
-        worker.evaluate("(to) => trackerExtension.activate('aliexpress', to)", to)
-    page = opened.value
-    try:
-        page.wait_for_url("https://aliexpress.ru/**", timeout=10_000, wait_until="commit")
-    except Exception as exc:
-        raise AssertionError(f"the activation tab never reached the store; it is at {page.url}") from exc
-    page.wait_for_selector("#title")
-    return page, tab_click(worker, page)
+    errors = []
+    for _attempt in range(3):
+        with context.expect_page() as opened:
+            worker.evaluate("(to) => trackerExtension.activate('aliexpress', to)", to)
+        page = opened.value
+        try:
+            page.wait_for_url("https://aliexpress.ru/**", timeout=10_000, wait_until="commit")
+        except Exception:  # noqa: BLE001 - the error page's code is reported if every attempt fails
+            if not page.url.startswith("chrome-error:"):
+                raise AssertionError(f"the activation tab never reached the store; it is at {page.url}") from None
+            errors.append(page.evaluate("() => document.body.innerText.slice(0, 200)"))
+            page.close()
+            continue
+        page.wait_for_selector("#title")
+        return page, tab_click(worker, page)
+    raise AssertionError(f"the activation tab never reached the store: {errors}")
 
 
 def tab_click(worker: Any, page: Any, other_than: str | None = None) -> str:
