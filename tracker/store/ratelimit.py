@@ -1,12 +1,13 @@
 """Per-minute rate limits, decided in each worker's memory and bounded across workers and pods.
 
 Redis keeps two numbers per key and minute: `rl:` the hits counted and `rr:` the hits reserved by
-workers, and a set of the workers that synced in the last minute (`rl-workers`, W). A worker admits a
-hit without asking Redis in two cases:
-- from its reservation: a share of what is left, ceil((limit - counted - reserved) / W), taken
-  atomically by the sync script (every 50 ms while the key is busy, given back after a quiet
-  interval). Hits admitted this way can never pass the limit: the script never lets counted +
-  reserved pass it.
+workers, and a set of the workers that called it in the last minute (`rl-workers`, W: every call
+is a heartbeat, and an idle worker calls every 20 s). A worker admits a hit without asking Redis in
+two cases:
+- from its reservation: a share of what is left, at most ceil((limit - counted - reserved) / W) and
+  twice the key's hits in the last interval, taken atomically by the sync script (every 50 ms while
+  the key is busy, given back after a quiet interval). Hits admitted this way can never pass the
+  limit: the script never lets counted + reserved pass it.
 - "blind", without a reservation (a key this worker has not seen busy): at most
   blind_budget(limit, W) such hits not yet counted in Redis at any time, and only while the last
   answer from Redis showed counted + reserved below the limit.
@@ -32,7 +33,7 @@ Check = tuple[str, str, int]  # scope, key, limit per minute (0: none)
 Verdict = tuple[str, int] | None  # the refused scope and seconds to wait, or None: admitted
 EDGE: tuple[str, int] = ("edge", 1)  # check(..., edge=True): ask Redis (SessionStore.over_limit_exact)
 ASSUMED_WORKERS = 8  # until the first sync tells how many workers there are (a small blind budget)
-LIVE_FOR = 60  # seconds a worker counts in W after its last sync
+LIVE_FOR = 60  # seconds a worker counts in W after its last call
 
 # Appended to the batch script (sessions.py). ARGV[2]: one line per key: name (scope:key:minute),
 # hits to count, reserved hits given back (used or released), reserved hits kept, limit, the
