@@ -196,6 +196,14 @@ def json_depth(doc: Any) -> int:
     return deepest
 
 
+def one(request: web.Request, name: str) -> str | None:
+    """A query parameter given at most once (twice is a 400: one meaning per parameter)."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"{name} is given more than once", code="duplicate_parameter")
+    return values[0] if values else None
+
+
 def require_admin(request: web.Request, admin_key: str) -> None:
     key = bearer(request)
     if key is None:

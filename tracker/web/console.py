@@ -17,6 +17,7 @@ from ..errors import BadRequest, NotFound
 from ..store import lookups as store
 from ..store.support import get_click
 from . import console_auth, console_views, lookups
+from .common import one
 from .console_guard import PATH, redirect, render, signed_in, static
 from .console_views import filters
 
@@ -24,7 +25,7 @@ MAX_QUERY = 256
 
 
 async def _home(request: web.Request, session: Session) -> web.StreamResponse:
-    raw = lookups.one(request, "q")
+    raw = one(request, "q")
     if raw is None:
         return render(request, session, "search.html", q="", searched=False)
     q = raw.strip()
@@ -51,7 +52,7 @@ async def _user(request: web.Request, session: Session) -> web.StreamResponse:
     user_id = request.match_info["user_id"]
     if not USER_ID.fullmatch(user_id):
         raise NotFound("no such user")
-    before = lookups.one(request, "before")
+    before = one(request, "before")
     if before is not None and not is_click_id(before):
         raise BadRequest("before must be a click id")
     items, nxt = await lookups.user_page(request.app, user_id, 50, before)

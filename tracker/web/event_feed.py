@@ -7,17 +7,10 @@ from .. import keys
 from ..domain.events import START, TYPES, BadCursor, decode_cursor, encode_cursor
 from ..errors import BadRequest
 from ..store.events import read_feed
-from .common import json_response, require_admin
+from .common import json_response, one, require_admin
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
-
-
-def _one(request: web.Request, name: str) -> str | None:
-    values = request.query.getall(name, [])
-    if len(values) > 1:
-        raise BadRequest(f"{name} is given more than once", code="duplicate_parameter")
-    return values[0] if values else None
 
 
 def _limit(raw: str | None) -> int:
@@ -41,12 +34,12 @@ def _types(raw: str | None) -> list[str] | None:
 async def events_feed(request: web.Request) -> web.Response:
     app = request.app
     require_admin(request, app[keys.SETTINGS].admin_key)
-    after_raw = _one(request, "after")
+    after_raw = one(request, "after")
     try:
         after = decode_cursor(after_raw if after_raw is not None else START)
     except BadCursor:
         raise BadRequest("after: not a cursor this feed handed out", code="bad_cursor") from None
-    limit, types = _limit(_one(request, "limit")), _types(_one(request, "types"))
+    limit, types = _limit(one(request, "limit")), _types(one(request, "types"))
     events, position = await read_feed(app[keys.POOL], after, limit, types)
     # Caught up: no events and `next` is `after` exactly as given (a cursor has one spelling).
     return json_response({"events": events, "next": encode_cursor(position)})

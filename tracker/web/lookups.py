@@ -17,19 +17,11 @@ from ..domain.tokens import USER_ID
 from ..errors import BadRequest, NotFound
 from ..store import lookups
 from ..store.conversions import reconcile
-from .common import json_response, require_admin
+from .common import json_response, one, require_admin
 
 log = structlog.get_logger("tracker.lookups")
 MAX_ORDER_ID = 256  # as a postback's order id (openapi.yaml)
 MAX_NETWORK = 64
-
-
-def one(request: web.Request, name: str) -> str | None:
-    """A query parameter given at most once (twice is a 400: one meaning per parameter)."""
-    values = request.query.getall(name, [])
-    if len(values) > 1:
-        raise BadRequest(f"{name} is given more than once", code="duplicate_parameter")
-    return values[0] if values else None
 
 
 def limit_of(request: web.Request, default: int = 50, high: int = 200) -> int:
