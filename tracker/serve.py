@@ -10,7 +10,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, cast
 
 from .settings import Settings
 
@@ -96,6 +96,9 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
     print(f"tracker: serving on http://{host}:{port} with {workers} workers", file=sys.stderr)
     from prometheus_client import multiprocess
 
+    # prometheus-client leaves mark_process_dead unannotated: its type, as the library defines it.
+    mark_process_dead = cast(Callable[[int], None], multiprocess.mark_process_dead)
+
     while children:
         try:
             pid, status = os.wait()
@@ -104,7 +107,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
         except InterruptedError:
             continue
         freed = children.pop(pid, None)
-        multiprocess.mark_process_dead(pid)
+        mark_process_dead(pid)
         if freed is not None and not stopping:
             # A worker died: replace it. Its unanswered commit-mode clicks were never redirected;
             # its spool segment is replayed by the next worker that finds it.

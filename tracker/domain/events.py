@@ -52,6 +52,8 @@ def decode_cursor(cursor: str) -> int:
         raise BadCursor("not a cursor of this feed") from None
     if len(raw) != _CURSOR.size:
         raise BadCursor("not a cursor of this feed")
+    version: int
+    seq: int
     version, seq = _CURSOR.unpack(raw)
     # One position, one spelling; PostgreSQL's bigint is signed 64-bit.
     if version != _CURSOR_VERSION or seq >= 2**63 or encode_cursor(seq) != cursor:

@@ -86,7 +86,7 @@ async def prune(conn: asyncpg.Connection, retention_days: int, chunk: int = 5000
     transaction."""
     total = 0
     while True:
-        n = await conn.fetchval(
+        n: int = await conn.fetchval(
             "WITH gone AS (DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created_at < "
             "now() - make_interval(days => $1) AND seq IS NOT NULL ORDER BY id LIMIT $2) RETURNING 1) "
             "SELECT count(*) FROM gone", retention_days, chunk)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from typing import Any, Iterator
+from typing import Any, Awaitable, Callable, Iterator, cast
 
 import redis.asyncio as aioredis
 import structlog
@@ -128,7 +128,9 @@ class StateFeed:
             await asyncio.sleep(RETRY)
 
     async def _follow(self, pubsub: PubSub) -> None:
-        await pubsub.connect()
+        # redis-py leaves PubSub.connect unannotated: its type, as the library defines it.
+        connect = cast(Callable[[], Awaitable[None]], pubsub.connect)
+        await connect()
         if not self.up:
             log.info("state_feed_connected", channels=len(self._listeners))
         self.up = True

@@ -67,7 +67,8 @@ async def load(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, Webhook]:
 
 async def claim(pool: asyncpg.Pool, webhook: str, limit: int, lease: float) -> list[asyncpg.Record]:
     async with pool.acquire() as conn:
-        return await conn.fetch(_CLAIM, webhook, limit, float(lease), max(4 * limit, 32))
+        rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, webhook, limit, float(lease), max(4 * limit, 32))
+        return rows
 
 
 async def delivered(pool: asyncpg.Pool, webhook: str, event_id: int, status: int) -> None:
@@ -95,8 +96,9 @@ async def release(pool: asyncpg.Pool, webhook: str, leases: list[tuple[int, int]
 
 
 async def oldest_pending(conn: asyncpg.Connection | asyncpg.Pool, webhook: str) -> datetime | None:
-    return await conn.fetchval(
+    oldest: datetime | None = await conn.fetchval(
         "SELECT min(created_at) FROM webhook_deliveries WHERE webhook = $1 AND state = 'pending'", webhook)
+    return oldest
 
 
 async def status(conn: asyncpg.Connection) -> list[dict[str, Any]]:
