@@ -47,7 +47,7 @@ async def main(profiler: object | None) -> None:
     app[keys.TOKENS] = UserTokens(config.secret)
     merchants = parse_merchants_file(yaml.safe_load((ROOT / "deploy/merchants.example.yaml").read_text()),
                                      profile_names())
-    app[keys.CATALOG] = types.SimpleNamespace(merchants={m.slug: m for m in merchants.merchants})
+    app[keys.MERCHANTS] = types.SimpleNamespace(merchants={m.slug: m for m in merchants.merchants})
     sessions = app[keys.SESSIONS] = SessionStore(None, "bench:")  # type: ignore[arg-type]
     app[keys.WRITER] = ClickWriter(None, None, durability="async", queue_limit=10**9)  # type: ignore[arg-type]
     tokens = [app[keys.TOKENS].mint(f"bench-{i}") for i in range(5000)]

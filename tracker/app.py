@@ -22,7 +22,7 @@ from .store.clicks import ClickWriter
 from .store.db import create_pool, ensure_near_partitions
 from .store.delivery import Dispatcher, options_from
 from .store.feed import StateFeed
-from .store.merchants import Catalog
+from .store.merchants import MerchantCache
 from .store.sequencer import Sequencer
 from .store.sessions import SYNC_TIMEOUT, SessionStore
 from .store.signals import SignalWriter
@@ -50,13 +50,13 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
-async def _catalog(app: web.Application) -> AsyncIterator[None]:
+async def _merchants(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    catalog = Catalog(settings.database_url or "", app[keys.POOL])
-    await catalog.start()
-    app[keys.CATALOG] = catalog
+    cache = MerchantCache(settings.database_url or "", app[keys.POOL])
+    await cache.start()
+    app[keys.MERCHANTS] = cache
     yield
-    await catalog.stop()
+    await cache.stop()
 
 
 # The worker's Redis connections for everything but the event streams (those share the one
@@ -212,7 +212,7 @@ def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application
     app[keys.HELD] = keys.HeldAnswers()
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts' start-up
     app.on_shutdown.append(_closing)
-    app.cleanup_ctx.extend([_tally, _postgres, _catalog, _redis, _feed, _writer, _signals, _sequencer, _webhooks])
+    app.cleanup_ctx.extend([_tally, _postgres, _merchants, _redis, _feed, _writer, _signals, _sequencer, _webhooks])
     app.router.add_get("/go/{merchant}", activation.activate, name="go")  # HEAD too: link previews
     app.router.add_get("/healthz", ops.healthz, name="healthz")  # HEAD too: some load balancers probe so
     app.router.add_get("/readyz", ops.readyz, name="readyz")

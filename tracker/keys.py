@@ -15,7 +15,7 @@ from .settings import Settings
 from .store.clicks import ClickWriter
 from .store.delivery import Dispatcher
 from .store.feed import StateFeed
-from .store.merchants import Catalog
+from .store.merchants import MerchantCache
 from .store.sessions import SessionStore
 from .store.signals import SignalWriter
 
@@ -37,7 +37,7 @@ SETTINGS = web.AppKey("settings", Settings)
 TOKENS = web.AppKey("tokens", UserTokens)
 POOL = web.AppKey("pool", asyncpg.Pool)
 REDIS = web.AppKey("redis", aioredis.Redis)
-CATALOG = web.AppKey("catalog", Catalog)
+MERCHANTS = web.AppKey("merchants", MerchantCache)
 WRITER = web.AppKey("writer", ClickWriter)
 SESSIONS = web.AppKey("sessions", SessionStore)
 FEED = web.AppKey("feed", StateFeed)

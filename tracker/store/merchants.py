@@ -1,5 +1,5 @@
 """Merchants and networks in PostgreSQL: sync from the file in one transaction, load, and a live
-in-memory catalog per worker that reloads on NOTIFY."""
+in-memory cache per worker (MerchantCache) that reloads on NOTIFY."""
 from __future__ import annotations
 
 import asyncio
@@ -123,7 +123,7 @@ async def load(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[dict[str, Merch
     return merchants, networks
 
 
-class Catalog:
+class MerchantCache:
     """This worker's copy of merchants and networks. Reloaded when a sync NOTIFYs, and every
     `refresh` seconds in case a notification was missed while the listening connection was down."""
 

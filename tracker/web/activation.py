@@ -59,7 +59,7 @@ async def activate_in(app: web.Application, request: web.BaseRequest, slug: str)
     user_id = app[keys.TOKENS].verify(query.get("u"))
     if user_id is None:
         raise Unauthorized("a valid signed user token is required in 'u'")
-    merchant = app[keys.CATALOG].merchants.get(slug)
+    merchant = app[keys.MERCHANTS].merchants.get(slug)
     if merchant is None or not merchant.active:
         raise NotFound("no such merchant")
     source = query.get("src", "web")

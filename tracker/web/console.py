@@ -56,7 +56,7 @@ async def _user(request: web.Request, session: Session) -> web.StreamResponse:
     if before is not None and not is_click_id(before):
         raise BadRequest("before must be a click id")
     items, nxt = await lookups.user_page(request.app, user_id, 50, before)
-    names = {slug: m.name for slug, m in request.app[keys.CATALOG].merchants.items()}
+    names = {slug: m.name for slug, m in request.app[keys.MERCHANTS].merchants.items()}
     return render(request, session, "user.html", user_id=user_id, clicks=items, next=nxt, names=names,
                   first_page=before is None)
 

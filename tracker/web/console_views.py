@@ -75,7 +75,7 @@ async def click_page(request: web.Request, session: Session) -> web.StreamRespon
     if not is_click_id(click_id):
         raise NotFound("no such click")
     pool = app[keys.POOL]
-    case = await click_case(pool, app[keys.CATALOG].merchants.get, click_id)
+    case = await click_case(pool, app[keys.MERCHANTS].merchants.get, click_id)
     if case is None:
         raise NotFound("no such click")
     click, merchant, conversions, signals, facts = (case.click, case.merchant, case.conversions, case.signals,
@@ -128,5 +128,5 @@ async def overview_page(request: web.Request, session: Session) -> web.StreamRes
     now = datetime.now(timezone.utc)
     since = now - timedelta(hours=24)
     data = await overview(request.app[keys.POOL], since)
-    names = {slug: m.name for slug, m in request.app[keys.CATALOG].merchants.items()}
+    names = {slug: m.name for slug, m in request.app[keys.MERCHANTS].merchants.items()}
     return render(request, session, "overview.html", since=since, now=now, charts=_charts(data, since, names))

@@ -35,7 +35,7 @@ def limit_of(request: web.Request, default: int = 50, high: int = 200) -> int:
 
 def click_item(app: web.Application, click: dict[str, Any], now: datetime) -> dict[str, Any]:
     """A click of a user's list, with its state as the support view would decide it."""
-    merchant = app[keys.CATALOG].merchants.get(click["merchant"])
+    merchant = app[keys.MERCHANTS].merchants.get(click["merchant"])
     stored = click["stored"] or {}
     state = click_state(click["created_at"], now, merchant.session_ttl if merchant else 7200,
                         stored.get("state"), bool(click["conversions"]), stored.get("overwritten_at") is not None)
@@ -121,14 +121,14 @@ async def orphans(request: web.Request) -> web.Response:
 
 async def reconcile_orphans(app: web.Application) -> dict[str, int]:
     """Attach the open orphans whose click has arrived (the CLI's `postbacks reconcile`)."""
-    catalog = app[keys.CATALOG]
+    cache = app[keys.MERCHANTS]
 
     def reader(network: str, raw: dict[str, Any]) -> Postback | None:
-        known = catalog.networks.get(network)
+        known = cache.networks.get(network)
         return read_raw(known, raw) if known else None
 
     async with app[keys.POOL].acquire() as conn:
-        attached = await reconcile(conn, reader, catalog.merchants.get)
+        attached = await reconcile(conn, reader, cache.merchants.get)
         still = await lookups.count_open_orphans(conn)
     log.info("orphans_reconciled", attached=len(attached), still_orphaned=still)
     return {"attached": len(attached), "still_orphaned": still}

@@ -52,10 +52,10 @@ async def observe(request: web.Request) -> web.Response:
     session, raw_state = await load_click(app[keys.SESSIONS], app[keys.POOL], click_id)
     if session is None or session.get("u") != user_id:
         raise NotFound("no such click")
-    merchant = app[keys.CATALOG].merchants.get(session["m"])
+    merchant = app[keys.MERCHANTS].merchants.get(session["m"])
     if merchant is None:
         raise NotFound("no such click")
-    network = app[keys.CATALOG].networks.get(merchant.network)
+    network = app[keys.MERCHANTS].networks.get(merchant.network)
     detector = app[keys.DETECTOR]
     our = network.profile if network and network.profile in detector.catalog.networks else merchant.network
     state = SessionState.load(raw_state)

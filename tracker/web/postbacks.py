@@ -129,7 +129,7 @@ def _authenticate(request: web.Request, network: Network, signed: bytes,
 async def postback(request: web.Request) -> web.Response:
     app = request.app
     name = request.match_info["network"]
-    network = app[keys.CATALOG].networks.get(name)
+    network = app[keys.MERCHANTS].networks.get(name)
     if network is None:
         raise NotFound("no such network")
     try:
@@ -154,9 +154,9 @@ async def postback(request: web.Request) -> web.Response:
         metrics.postbacks(name, "malformed").inc()
         log.info("postback_malformed", network=name, reason=str(exc))
         raise BadRequest(str(exc), code="malformed") from None
-    catalog = app[keys.CATALOG]
+    cache = app[keys.MERCHANTS]
     async with app[keys.POOL].acquire() as conn:
-        result = await record_postback(conn, name, pb, raw, catalog.merchants.get)
+        result = await record_postback(conn, name, pb, raw, cache.merchants.get)
     metrics.postbacks(name, result.outcome).inc()
     if result.status_changed and result.merchant:
         metrics.conversions(result.merchant, result.status or "").inc()
