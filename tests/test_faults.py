@@ -565,7 +565,7 @@ async def test_an_event_stream_outlives_redis_and_postgres_both_down(stack: Stac
                 beats = 0
                 for _ in range(30):  # several polls of both (each at most every 2 s, at 0.2 s here)
                     chunk = await asyncio.wait_for(stream.content.readuntil(b"\n\n"), 10)
-                    beats += chunk == b": heartbeat\n\n"
+                    beats += chunk == b": ping\n\n"
                 assert beats >= 10
             finally:
                 await asyncio.to_thread(stack.start_pg)

@@ -4,7 +4,8 @@ Changes are published on Redis (pub/sub), so the stream gets them from whichever
 handled the observe or the postback. A stream holds no Redis connection: it listens on the worker's
 state feed (store/feed.py), one pub/sub connection for all of them. A comment line every `heartbeat`
 seconds keeps proxies from closing an idle stream. Until the feed has the click's channel
-subscribed, and while it has lost Redis, the stream polls the state instead.
+subscribed, and while it has lost Redis, the stream polls the state instead. The framing and the
+heartbeats are aiohttp-sse's.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Any
 import orjson
 import structlog
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 
 from .. import keys, metrics
 from ..domain.clickid import is_click_id
@@ -29,10 +31,6 @@ log = structlog.get_logger("tracker.events")
 # bounds them: per user (the extension opens one per active click) and in all.
 MAX_STREAMS_PER_USER = 10
 MAX_STREAMS = 2_000
-
-
-def _event(name: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
 def _public(click_id: str, state: dict[str, Any] | None) -> dict[str, Any]:
@@ -89,35 +87,35 @@ async def _stream(request: web.Request, app: web.Application, click_id: str,
     except ValueError:
         heartbeat = 15.0
     heartbeat = min(max(heartbeat, 0.2), 60.0) if math.isfinite(heartbeat) else 15.0
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
-                                       "X-Accel-Buffering": "no"})
+    # aiohttp-sse frames the events and sends the heartbeat (a `: ping` comment line) every
+    # `heartbeat` seconds from its own task; a client gone or stalled past 120 s ends that task.
+    resp = EventSourceResponse(sep="\n", ping_interval=heartbeat)
+    resp.headers["Cache-Control"] = "no-store"
     await resp.prepare(request)
     closing = app[keys.CLOSING]
     metrics.SSE_CLIENTS.inc()
     last = _public(click_id, state)
     try:
-        await resp.write(_event("state", last))
-        with app[keys.FEED].listen(app[keys.SESSIONS].channel(click_id)) as changes:
-            live = False  # polls until the feed has the channel subscribed
-            while not closing.is_set():
-                item = await changes.next(heartbeat if live else min(heartbeat, 2.0))
-                if item is Link.LIVE:  # read once what may have been published before the subscription
-                    live = True
-                    data = await _read_state(app, click_id)
-                elif item is Link.LOST:
-                    live, data = False, None
-                elif item is None:
-                    data = None if live else await _read_state(app, click_id)
-                else:  # a message: the whole new state
-                    live, data = True, orjson.loads(item)
-                if data is not None:
-                    current = _public(click_id, data)
+        async with resp:  # on the way out: the heartbeats stop, a cancellation goes on up to aiohttp
+            await resp.send(orjson.dumps(last).decode(), event="state")
+            with app[keys.FEED].listen(app[keys.SESSIONS].channel(click_id)) as changes:
+                live = False  # polls until the feed has the channel subscribed
+                while not closing.is_set() and resp.is_connected():
+                    item = await changes.next(heartbeat if live else min(heartbeat, 2.0))
+                    if item is Link.LIVE:  # read once what may have been published before the subscription
+                        live = True
+                        data = await _read_state(app, click_id)
+                    elif item is Link.LOST:
+                        live, data = False, None
+                    elif item is None:
+                        data = None if live else await _read_state(app, click_id)
+                    else:  # a message: the whole new state
+                        live, data = True, orjson.loads(item)
+                    current = _public(click_id, data) if data is not None else last
                     if current != last:
                         last = current
-                        await resp.write(_event("state", current))
-                        continue
-                await resp.write(b": heartbeat\n\n")
-    except ConnectionResetError:  # the client went away; a cancellation goes on up to aiohttp
+                        await resp.send(orjson.dumps(current).decode(), event="state")
+    except (ConnectionResetError, TimeoutError):  # the client went away, or stopped reading
         pass
     finally:
         metrics.SSE_CLIENTS.dec()
