@@ -84,6 +84,11 @@ async def orphans_of_order(conn: Conn, order_id: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
+async def has_clicks(conn: Conn, user_id: str) -> bool:
+    """Whether the user has any click (clicks_user_idx: one index probe per partition at most)."""
+    return bool(await conn.fetchval("SELECT 1 FROM clicks WHERE user_id = $1 LIMIT 1", user_id))
+
+
 async def count_open_orphans(conn: Conn) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM orphan_postbacks WHERE reconciled_at IS NULL"))
 

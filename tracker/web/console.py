@@ -34,8 +34,7 @@ async def _home(request: web.Request, session: Session) -> web.StreamResponse:
     pool = request.app[keys.POOL]
     if is_click_id(q) and await get_click(pool, q) is not None:
         return redirect(f"{PATH}clicks/{q}")
-    is_user = bool(USER_ID.fullmatch(q)) and bool(
-        await pool.fetchval("SELECT 1 FROM clicks WHERE user_id = $1 LIMIT 1", q))
+    is_user = bool(USER_ID.fullmatch(q)) and await store.has_clicks(pool, q)
     orders = await store.orders(pool, q)
     orphans = await store.orphans_of_order(pool, q)
     waiting = [o for o in orphans if o["reconciled_at"] is None]  # reconciled ones are in `orders` now

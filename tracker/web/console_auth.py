@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from datetime import datetime, timezone
 
 import structlog
 from aiohttp import web
@@ -12,6 +11,7 @@ from .. import keys
 from ..domain.console_session import LOGIN_NONCE_TTL, Session
 from ..domain.tokens import same_secret
 from ..errors import Forbidden, Unauthorized
+from ..store.signouts import sign_out
 from .common import client_ip
 from .console_guard import (
     COOKIE,
@@ -68,10 +68,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 
 async def _logout(request: web.Request, session: Session) -> web.StreamResponse:
-    await request.app[keys.POOL].execute(
-        "WITH gone AS (DELETE FROM console_signouts WHERE expires_at < now()) "
-        "INSERT INTO console_signouts (session_id, expires_at) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        session.session_id, datetime.fromtimestamp(session.expires, timezone.utc))
+    await sign_out(request.app[keys.POOL], session.session_id, session.expires)
     log.info("console_signed_out", client_ip=client_ip(request, request.app[keys.SETTINGS].trusted_proxies),
              session=session.session_id[:8])
     response = redirect(f"{PATH}login")

@@ -20,6 +20,7 @@ from multidict import MultiDictProxy
 from .. import keys
 from ..domain.console_session import Session
 from ..errors import BadRequest, Forbidden
+from ..store.signouts import signed_out
 from .common import Handler
 
 COOKIE = "tracker_console"
@@ -98,9 +99,7 @@ async def current_session(request: web.Request) -> Session | None:
     session = app[keys.CONSOLE].read(request.cookies.get(COOKIE), time.time())
     if session is None:
         return None
-    ended = await app[keys.POOL].fetchval("SELECT 1 FROM console_signouts WHERE session_id = $1",
-                                          session.session_id)
-    return None if ended else session
+    return None if await signed_out(app[keys.POOL], session.session_id) else session
 
 
 def signed_in(page: Page) -> Handler:
