@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from .backoff import jittered
 from .events import TYPES
 from .networks import SLUG, open_entry
 
@@ -152,5 +153,4 @@ def retry_delay(attempts: int, base: float, rng: random.Random | None = None) ->
     """Seconds before the next attempt after `attempts` failed ones: base x 2^(attempts-1), at most
     RETRY_CAP, with "equal jitter" (uniform in [d/2, d]) so that a subscriber coming back is not hit
     by every worker's retries in the same second."""
-    delay: float = min(base * 2 ** min(max(attempts - 1, 0), 40), RETRY_CAP)  # int ** int is Any to mypy
-    return delay / 2 + (rng or random).uniform(0, delay / 2)
+    return jittered(attempts, base, RETRY_CAP, rng)

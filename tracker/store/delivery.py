@@ -19,6 +19,7 @@ import orjson
 import structlog
 
 from .. import metrics
+from ..domain.backoff import Backoff
 from ..domain.events import encode_cursor, envelope
 from ..domain.webhooks import RETRY_FOR, Webhook, public_url, retry_delay, sign, signing_key
 from . import webhooks as queries
@@ -120,6 +121,7 @@ class Dispatcher:
         """One subscriber: keep up to `concurrency` sends in flight while work is due."""
         opts = self.options
         inflight = self._inflight.setdefault(name, {})
+        retry = Backoff(first=1.0, cap=5.0)
         assert self._pool is not None
         while name in self.webhooks and not self._stopping:
             free = opts.concurrency - len(inflight)
@@ -128,11 +130,12 @@ class Dispatcher:
             if free > 0 and (not inflight or free * 2 >= opts.concurrency):
                 try:
                     claimed = await queries.claim(self._pool, name, free, opts.lease)
+                    retry.reset()
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - PostgreSQL away: the refresh loop says so
                     log.debug("webhook_claim_failed", webhook=name, error=repr(exc)[:200])
-                    await asyncio.sleep(1.0)
+                    await asyncio.sleep(retry.next())
                     continue
                 for row in claimed:
                     task = asyncio.create_task(self._deliver(name, row))

@@ -9,7 +9,8 @@ the newest is all it needs) and never grows memory.
 
 Whenever Redis confirms a channel (a stream joined, or the feed reconnected) its listeners get LIVE
 and read the state once: that covers whatever was published before the subscription took. When the
-connection fails they get LOST and poll until LIVE comes again; the feed reconnects every second.
+connection fails they get LOST and poll until LIVE comes again; the feed reconnects (0.5 s after a
+failure at first, backing off to 5 s).
 Commands go out only from the reader task, between reads, so nothing races on the connection.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.client import PubSub
 
+from ..domain.backoff import Backoff
 from .tasks import cancel_and_wait
 
 log = structlog.get_logger("tracker.feed")
@@ -30,7 +32,6 @@ QUEUE_SIZE = 8  # per listener; past it the oldest item goes
 READ_WAIT = 0.1  # a new channel is subscribed within this (plus a round trip)
 PING_AFTER = 5.0  # seconds of silence before the feed asks Redis for a PONG ...
 ANSWER_WAIT = 3.0  # ... and how long it waits for it before taking the connection for dead
-RETRY = 1.0
 # Streams read the state (once after LIVE, and every poll while the feed is away) through a
 # semaphore of this size, so that however many are open they take at most this many of the worker's
 # Redis connections, or of its PostgreSQL pool while Redis is down; a burst of them waits its turn
@@ -75,6 +76,7 @@ class StateFeed:
         self._changed: set[str] = set()  # channels whose first listener came or last one left
         self._task: asyncio.Task[None] | None = None
         self.reads = asyncio.Semaphore(STREAM_READS)
+        self._reconnect = Backoff(first=0.5, cap=5.0)
 
     @contextlib.contextmanager
     def listen(self, channel: str) -> Iterator[Listener]:
@@ -125,7 +127,7 @@ class StateFeed:
                         await asyncio.wait_for(close(), 1.0)
                     except Exception:  # noqa: BLE001 - closing a broken connection
                         pass
-            await asyncio.sleep(RETRY)
+            await asyncio.sleep(self._reconnect.next())
 
     async def _follow(self, pubsub: PubSub) -> None:
         # redis-py leaves PubSub.connect unannotated: its type, as the library defines it.
@@ -134,6 +136,7 @@ class StateFeed:
         if not self.up:
             log.info("state_feed_connected", channels=len(self._listeners))
         self.up = True
+        self._reconnect.reset()
         loop = asyncio.get_running_loop()
         subscribed: set[str] = set()
         unconfirmed: dict[str, int] = {}  # SUBSCRIBEs sent per channel and not yet confirmed

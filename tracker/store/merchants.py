@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from ..domain.backoff import Backoff
 from ..domain.merchants import Merchant, MerchantsFile
 from ..domain.networks import Network
 from .tasks import cancel_and_wait
@@ -148,12 +149,14 @@ class MerchantCache:
         self._wake.set()
 
     async def _listen(self) -> None:
+        reconnect = Backoff(first=1.0, cap=10.0)
         while True:
             conn: asyncpg.Connection | None = None
             try:
                 conn = await asyncpg.connect(self._dsn)
                 await conn.add_listener(CHANNEL, self._notified)
                 await self.reload()  # anything that changed while we were not listening
+                reconnect.reset()
                 while not conn.is_closed():
                     try:
                         await asyncio.wait_for(self._wake.wait(), self._refresh)
@@ -165,7 +168,7 @@ class MerchantCache:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep serving from memory, retry
                 log.warning("merchant_listener_down", error=str(exc))
-                await asyncio.sleep(2)
+                await asyncio.sleep(reconnect.next())
             finally:
                 if conn is not None:
                     try:

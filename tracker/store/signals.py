@@ -19,6 +19,7 @@ import orjson
 import structlog
 
 from .. import metrics
+from ..domain.backoff import Backoff
 from ..domain.clickid import click_time
 from ..domain.detection import DEFINITIVE
 from ..domain.events import CLICK_OVERWRITTEN
@@ -96,6 +97,7 @@ class SignalWriter:
             log.error("signals_lost_at_stop", error=repr(exc)[:200], signals=len(self._signals))
 
     async def _run(self) -> None:
+        retry = Backoff(first=1.0, cap=5.0)
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval)
@@ -104,11 +106,12 @@ class SignalWriter:
             self._wake.clear()
             try:
                 await self.flush()
+                retry.reset()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep the rows, try again next round
                 log.warning("signal_flush_failed", error=repr(exc)[:200])
-                await asyncio.sleep(1)
+                await asyncio.sleep(retry.next())
 
     async def flush(self) -> None:
         if not self._signals and not self._states:
