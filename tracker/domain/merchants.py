@@ -1,19 +1,33 @@
-"""Merchants and networks: the merchants file's rules, checked whole, every problem named."""
+"""Merchants and networks: the merchants file's rules, checked whole (pydantic), every problem named."""
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Annotated, Any, ClassVar
 from urllib.parse import quote, urlsplit
 
-from .networks import SLUG, Network, open_entry, parse_network, str_list
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from .networks import Entry, Network, NetworkEntry, slug
+from .problems import NAMING, label, problems
 from .targets import BadTarget, check_target, normalize_pattern
-from .webhooks import Webhook, parse_webhooks, warnings_for
+from .webhooks import Webhook, WebhookEntry, warnings_for
 
 _DURATION = re.compile(r"(\d{1,9})(s|m|h|d)")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+DURATION = "a duration like 5s, 90m, 2h or 90d"
 _BAD_APP_SCHEMES = {"javascript", "data", "vbscript", "file", "blob", "about"}
 # quote(value, safe="") for ASCII text as one str.translate: checked targets are ASCII, and this is
 # 1.2 instead of 2.6 us per redirect (timeit, a 55-character deep link).
@@ -79,149 +93,159 @@ def parse_duration(value: Any) -> int:
     return seconds
 
 
-def _template(value: Any, where: str, problems: list[str], http_only: bool,
-              warnings: list[str] | None = None) -> str | None:
-    if not isinstance(value, str) or not value.strip():
-        problems.append(f"{where}: must be a URL template with {{click_id}}")
-        return None
+def _template(value: str, http_only: bool) -> str:
+    """A partner_url or app_url: a URL with {click_id} (app_url may do without: a warning) and
+    {target} only; every problem of it in one message."""
+    found = []
     names = set(_PLACEHOLDER.findall(value))
-    if "click_id" not in names:
-        if warnings is None:
-            problems.append(f"{where}: must contain {{click_id}}")
-        else:
-            warnings.append(f"{where}: has no {{click_id}}: app clicks will carry no sub-id")
+    if http_only and "click_id" not in names:
+        found.append("must contain {click_id}")
     if names - {"click_id", "target"}:
-        problems.append(f"{where}: unknown placeholders {sorted(names - {'click_id', 'target'})}")
-    sample = value.replace("{click_id}", "CID").replace("{target}", "TARGET")
+        found.append(f"unknown placeholders {sorted(names - {'click_id', 'target'})}")
     try:
-        parts = urlsplit(sample)
+        parts = urlsplit(value.replace("{click_id}", "CID").replace("{target}", "TARGET"))
     except ValueError:
-        problems.append(f"{where}: not a valid URL")
-        return None
+        raise ValueError("; ".join([*found, "not a valid URL"])) from None
     scheme = parts.scheme.lower()
     if http_only and (scheme not in ("http", "https") or not parts.hostname):
-        problems.append(f"{where}: must be an absolute http(s) URL")
+        found.append("must be an absolute http(s) URL")
     elif not http_only and (not scheme or scheme in _BAD_APP_SCHEMES):
-        problems.append(f"{where}: needs an app or http(s) scheme")
+        found.append("needs an app or http(s) scheme")
     if any(c in value for c in "\\\r\n\t "):
-        problems.append(f"{where}: contains spaces or backslashes")
+        found.append("contains spaces or backslashes")
+    if found or not value.strip():
+        raise ValueError("; ".join(found) or "must be a URL template with {click_id}")
     return value
 
 
-def _merchant(raw: Any, index: int, problems: list[str], networks: set[str],
-              warnings: list[str]) -> Merchant | None:
-    raw, slug, label = open_entry(raw, "merchants", index, "slug", "merchant", problems)
-    if raw is None:
-        return None
-    before = len(problems)
-    if not isinstance(slug, str) or not SLUG.fullmatch(slug):
-        problems.append(f"{label}: slug: 1-63 characters of a-z 0-9 _ -, starting with a letter or digit")
-    known = {"slug", "name", "network", "partner_url", "default_target", "allowed_hosts", "user_share",
-             "session_ttl", "confirmation_window", "own_promo_codes", "app_url", "excluded_stores",
-             "active"}
-    for key in sorted(set(raw) - known, key=str):
-        problems.append(f"{label}: {key}: unknown field")
-    name = raw.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        problems.append(f"{label}: name: required text of at most 200 characters")
-    network = raw.get("network")
-    if not isinstance(network, str) or network not in networks:
-        problems.append(f"{label}: network: {network!r} is not one of the networks {sorted(networks)} "
-                        "(the file's networks, or a postback profile)")
-    partner_url = _template(raw.get("partner_url"), f"{label}: partner_url", problems, True)
-    app_url = raw.get("app_url")
-    if app_url is not None:
-        app_url = _template(app_url, f"{label}: app_url", problems, False, warnings)
-    hosts: set[str] = set()
-    raw_hosts = raw.get("allowed_hosts")
-    if not isinstance(raw_hosts, list) or not raw_hosts:
-        problems.append(f"{label}: allowed_hosts: a non-empty list of host names or *.domain")
-    else:
-        for host in raw_hosts:
-            try:
-                if not isinstance(host, str):
-                    raise BadTarget("not text")
-                hosts.add(normalize_pattern(host))
-            except BadTarget as exc:
-                problems.append(f"{label}: allowed_hosts: {host!r}: {exc}")
-    default_target = raw.get("default_target")
-    if not isinstance(default_target, str):
-        problems.append(f"{label}: default_target: required http(s) URL")
-    elif hosts:
-        try:
-            default_target = check_target(default_target, frozenset(hosts))
-        except BadTarget as exc:
-            problems.append(f"{label}: default_target: {exc}")
-    share = raw.get("user_share")
-    user_share = Decimal(0)
-    if isinstance(share, float):
-        # An unquoted 0.5 reads as a float; its shortest repr is the decimal that was written.
-        warnings.append(f"{label}: user_share: quote it (\"{share!r}\"): shares are decimal strings")
-        share = repr(share)
+def _host(value: str) -> str:
     try:
-        user_share = Decimal(str(share)) if isinstance(share, str | int) else Decimal("NaN")
-        if not (0 <= user_share <= 1) or user_share.as_tuple().exponent < -6:  # type: ignore[operator]
-            raise InvalidOperation
+        return normalize_pattern(value)
+    except BadTarget as exc:
+        raise ValueError(f"{value!r}: {exc}") from None
+
+
+def _share(value: Any) -> Decimal:
+    if isinstance(value, float):  # an unquoted 0.5: its shortest repr is the decimal written (a warning)
+        value = repr(value)
+    try:
+        share = Decimal(str(value)) if isinstance(value, str | int) and not isinstance(value, bool) else None
+        if share is not None and 0 <= share <= 1 and share.as_tuple().exponent >= -6:  # type: ignore[operator]
+            return share
     except (InvalidOperation, ValueError):
-        problems.append(f"{label}: user_share: a decimal between 0 and 1, like \"0.5\"")
-    durations = {}
-    for key, default in (("session_ttl", "2h"), ("confirmation_window", "90d")):
+        pass
+    raise ValueError("")
+
+
+Duration = Annotated[int, BeforeValidator(parse_duration)]
+Codes = list[Annotated[str | int, AfterValidator(str)]]
+
+
+class MerchantEntry(Entry):
+    """A `merchants:` entry. The network names it may use are the validation's context."""
+    HINTS: ClassVar[dict[str, str]] = {
+        "slug": "1-63 characters of a-z 0-9 _ -, starting with a letter or digit",
+        "name": "required text of at most 200 characters", "network": "required: a network's name",
+        "partner_url": "must be a URL template with {click_id}", "app_url": "must be a URL template",
+        "default_target": "required http(s) URL",
+        "allowed_hosts": "a non-empty list of host names or *.domain",
+        "user_share": 'a decimal between 0 and 1, like "0.5"', "session_ttl": DURATION,
+        "confirmation_window": DURATION, "own_promo_codes": "must be a list of strings",
+        "excluded_stores": "must be a list of strings", "active": "true or false"}
+    slug: Annotated[str, AfterValidator(slug)]
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    network: str
+    partner_url: Annotated[str, AfterValidator(lambda v: _template(v, True))]
+    allowed_hosts: Annotated[list[Annotated[str, AfterValidator(_host)]], Field(min_length=1)]
+    default_target: str  # after allowed_hosts: checked against them
+    user_share: Annotated[Decimal, BeforeValidator(_share)]
+    session_ttl: Duration = 2 * 3600
+    confirmation_window: Duration = 90 * 86400
+    own_promo_codes: Codes = []
+    app_url: Annotated[str, AfterValidator(lambda v: _template(v, False))] | None = None
+    excluded_stores: Codes = []
+    active: bool = True
+
+    @field_validator("network")
+    @classmethod
+    def _known_network(cls, value: str, info: ValidationInfo) -> str:
+        networks: Any = (info.context or {}).get("networks", ())
+        if value not in networks:
+            raise ValueError(f"{value!r} is not one of the networks {sorted(networks)} "
+                             "(the file's networks, or a postback profile)")
+        return value
+
+    @field_validator("default_target")
+    @classmethod
+    def _on_its_hosts(cls, value: str, info: ValidationInfo) -> str:
+        hosts = info.data.get("allowed_hosts")
         try:
-            durations[key] = parse_duration(raw.get(key, default))
-        except ValueError as exc:
-            problems.append(f"{label}: {key}: {exc}")
-    codes = str_list(raw.get("own_promo_codes"), f"{label}: own_promo_codes", problems)
-    stores = str_list(raw.get("excluded_stores"), f"{label}: excluded_stores", problems)
-    active = raw.get("active", True)
-    if not isinstance(active, bool):
-        problems.append(f"{label}: active: true or false")
-    if len(problems) > before or not (isinstance(slug, str) and isinstance(name, str) and isinstance(network, str)
-                                      and isinstance(partner_url, str) and isinstance(default_target, str)):
-        return None
-    return Merchant(
-        slug=slug, name=name.strip(), network=network, partner_url=partner_url,
-        default_target=default_target, allowed_hosts=frozenset(hosts), user_share=user_share,
-        session_ttl=durations["session_ttl"], confirmation_window=durations["confirmation_window"],
-        own_promo_codes=frozenset(c.strip().casefold() for c in codes if c.strip()),
-        app_url=app_url, excluded_stores=frozenset(s.strip() for s in stores), active=active,
-    )
+            return check_target(value, frozenset(hosts)) if hosts else value
+        except BadTarget as exc:
+            raise ValueError(str(exc)) from None
+
+    def merchant(self) -> Merchant:
+        return Merchant(
+            slug=self.slug, name=self.name, network=self.network, partner_url=self.partner_url,
+            default_target=self.default_target,
+            allowed_hosts=frozenset(self.allowed_hosts), user_share=self.user_share,
+            session_ttl=self.session_ttl, confirmation_window=self.confirmation_window,
+            own_promo_codes=frozenset(str(c).strip().casefold() for c in self.own_promo_codes if str(c).strip()),
+            app_url=self.app_url, excluded_stores=frozenset(str(s).strip() for s in self.excluded_stores),
+            active=self.active)
+
+
+class MerchantsDocument(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    merchants: list[MerchantEntry]
+    networks: list[NetworkEntry] | None = None
+    webhooks: list[WebhookEntry] | None = None
+
+
+ENTRIES: dict[str, type[Entry]] = {"merchants": MerchantEntry, "networks": NetworkEntry, "webhooks": WebhookEntry}
+
+
+def _duplicates(doc: dict[str, Any], section: str) -> list[str]:
+    key, kind = NAMING[section]
+    raw = doc.get(section)
+    names = [e.get(key) for e in raw if isinstance(e, dict)] if isinstance(raw, list) else []
+    return [f"{kind} {dup!r}: {key}: appears more than once"
+            for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})]
 
 
 def parse_merchants_file(doc: Any, profiles: frozenset[str]) -> MerchantsFile:
     """Validate a whole merchants document; MerchantsFileError lists every problem found."""
-    problems: list[str] = []
     if not isinstance(doc, dict):
         raise MerchantsFileError(["the file must be a mapping with a 'merchants' list"])
-    for key in sorted(set(doc) - {"merchants", "networks", "webhooks"}, key=str):
-        problems.append(f"{key}: unknown top-level section")
-    raw_networks = doc.get("networks") or []
-    if not isinstance(raw_networks, list):
-        problems.append("networks: must be a list")
-        raw_networks = []
-    networks = [parse_network(n, i, problems, profiles) for i, n in enumerate(raw_networks)]
-    names = [n.get("name") for n in raw_networks if isinstance(n, dict)]
-    for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
-        problems.append(f"network {dup!r}: name: appears more than once")
+    raw_networks = doc.get("networks")
     # A merchant names one of the file's networks, or a postback profile directly (its orders then
     # need a network entry before postbacks are accepted).
-    known_networks = {n for n in names if isinstance(n, str)} | set(profiles)
-    warnings: list[str] = []
-    raw_merchants = doc.get("merchants")
-    if not isinstance(raw_merchants, list):
-        problems.append("merchants: must be a list")
-        raw_merchants = []
-    merchants = [_merchant(m, i, problems, known_networks, warnings) for i, m in enumerate(raw_merchants)]
-    slugs = [m.get("slug") for m in raw_merchants if isinstance(m, dict)]
-    for dup in sorted({s for s in slugs if isinstance(s, str) and slugs.count(s) > 1}):
-        problems.append(f"merchant {dup!r}: slug: appears more than once")
-    webhooks = parse_webhooks(doc.get("webhooks"), problems)
-    if problems:
-        raise MerchantsFileError(problems)
+    networks = {n["name"] for n in raw_networks if isinstance(n, dict) and isinstance(n.get("name"), str)} \
+        if isinstance(raw_networks, list) else set()
+    found = [p for section in ENTRIES for p in _duplicates(doc, section)]
+    try:
+        parsed = MerchantsDocument.model_validate(doc, context={"profiles": profiles,
+                                                                "networks": networks | set(profiles)})
+    except ValidationError as exc:
+        raise MerchantsFileError(problems(exc, doc, ENTRIES) + found) from None
+    if found:
+        raise MerchantsFileError(found)
+    return _with_warnings(parsed, doc)
+
+
+def _with_warnings(parsed: MerchantsDocument, doc: dict[str, Any]) -> MerchantsFile:
+    """The parsed file, with what is allowed but likely a mistake said."""
+    warnings = []
+    for i, m in enumerate(parsed.merchants):
+        where = label(doc, "merchants", i)
+        if isinstance(doc["merchants"][i].get("user_share"), float):
+            warnings.append(f"{where}: user_share: quote it (\"{m.user_share}\"): shares are decimal strings")
+        if m.app_url is not None and "{click_id}" not in m.app_url:
+            warnings.append(f"{where}: app_url: has no {{click_id}}: app clicks will carry no sub-id")
+    webhooks = tuple(w.webhook() for w in parsed.webhooks or ())
     warnings += warnings_for(webhooks)
-    listed = {n.name for n in networks if n}
-    for m in merchants:
-        if m and m.network not in listed:
-            warnings.append(f"merchant {m.slug!r}: network: {m.network!r} has no entry under networks; "
-                            "its postbacks are refused until one is added")
-    return MerchantsFile(tuple(m for m in merchants if m), tuple(n for n in networks if n), tuple(warnings),
-                         webhooks)
+    networks = tuple(n.network() for n in parsed.networks or ())
+    listed = {n.name for n in networks}
+    warnings += [f"merchant {m.slug!r}: network: {m.network!r} has no entry under networks; "
+                 "its postbacks are refused until one is added" for m in parsed.merchants if m.network not in listed]
+    return MerchantsFile(tuple(m.merchant() for m in parsed.merchants), networks, tuple(warnings), webhooks)

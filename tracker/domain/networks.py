@@ -4,7 +4,9 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 
@@ -18,53 +20,62 @@ class Network:
     allow_ips: tuple[str, ...] = ()
 
 
-
-def str_list(value: Any, where: str, problems: list[str]) -> list[str]:
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(v, str | int) and not isinstance(v, bool)
-                                              for v in value):
-        problems.append(f"{where}: must be a list of strings")
-        return []
-    return [str(v) for v in value]
+def slug(value: str) -> str:
+    if not SLUG.fullmatch(value):
+        raise ValueError("")  # the field's hint says what a name is
+    return value
 
 
-def open_entry(raw: Any, section: str, index: int, key: str, kind: str,
-               problems: list[str]) -> tuple[dict[str, Any] | None, Any, str]:
-    """An entry of a file section: its mapping (None if it is not one), the value of its naming key,
-    and the label its problems are named with (`merchant 'x'`, or `merchants[3]` without a name)."""
-    if not isinstance(raw, dict):
-        problems.append(f"{section}[{index}]: must be a mapping")
-        return None, None, ""
-    value = raw.get(key)
-    return raw, value, f"{kind} {value!r}" if isinstance(value, str) else f"{section}[{index}]"
+def _secret(value: str) -> str:
+    if not value.strip():
+        raise ValueError("")
+    return value
 
 
-def parse_network(raw: Any, index: int, problems: list[str], profiles: frozenset[str]) -> Network | None:
-    raw, name, label = open_entry(raw, "networks", index, "name", "network", problems)
-    if raw is None:
-        return None
-    before = len(problems)
-    if not isinstance(name, str) or not SLUG.fullmatch(name):
-        problems.append(f"{label}: name: 1-63 characters of a-z 0-9 _ -")
-    for key in sorted(set(raw) - {"name", "profile", "token", "hmac_secret", "allow_ips"}, key=str):
-        problems.append(f"{label}: {key}: unknown field")
-    profile = raw.get("profile", name)
-    if profile not in profiles:
-        problems.append(f"{label}: profile: {profile!r} is not one of {sorted(profiles)}")
-    token, hmac_secret = raw.get("token"), raw.get("hmac_secret")
-    for key, value in (("token", token), ("hmac_secret", hmac_secret)):
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            problems.append(f"{label}: {key}: a non-empty secret")
-    if token is None and hmac_secret is None:
-        problems.append(f"{label}: needs a token or an hmac_secret: postbacks are authenticated")
-    cidrs = []
-    for cidr in str_list(raw.get("allow_ips"), f"{label}: allow_ips", problems):
-        try:
-            cidrs.append(str(ipaddress.ip_network(cidr.strip(), strict=False)))
-        except ValueError:
-            problems.append(f"{label}: allow_ips: {cidr!r} is not an address or CIDR")
-    if len(problems) > before:
-        return None
-    return Network(name=name, profile=profile, token=token, hmac_secret=hmac_secret,
-                   allow_ips=tuple(cidrs))
+def _cidr(value: str) -> str:
+    try:
+        return str(ipaddress.ip_network(value.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an address or CIDR") from None
+
+
+Secret = Annotated[str, AfterValidator(_secret)]
+
+
+class Entry(BaseModel):
+    """An entry of the merchants file: exactly the fields it names, each of the type written."""
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # What a field must be, named whenever it is missing or not that (its own check says more).
+    HINTS: ClassVar[dict[str, str]] = {}
+
+
+class NetworkEntry(Entry):
+    """A `networks:` entry. The postback profiles known are the validation's context."""
+    HINTS: ClassVar[dict[str, str]] = {
+        "name": "1-63 characters of a-z 0-9 _ -", "profile": "the name of a postback profile",
+        "token": "a non-empty secret", "hmac_secret": "a non-empty secret",
+        "allow_ips": "must be a list of strings"}
+    name: Annotated[str, AfterValidator(slug)]
+    profile: str | None = Field(default=None, validate_default=True)  # default: the network's name
+    token: Secret | None = None
+    hmac_secret: Secret | None = None
+    allow_ips: list[Annotated[str, AfterValidator(_cidr)]] = []
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str | None, info: ValidationInfo) -> str | None:
+        value = info.data.get("name") if value is None else value
+        profiles: Any = (info.context or {}).get("profiles", ())
+        if value is not None and value not in profiles:
+            raise ValueError(f"{value!r} is not one of {sorted(profiles)}")
+        return value
+
+    @model_validator(mode="after")
+    def _authenticated(self) -> NetworkEntry:
+        if self.token is None and self.hmac_secret is None:
+            raise ValueError("needs a token or an hmac_secret: postbacks are authenticated")
+        return self
+
+    def network(self) -> Network:
+        return Network(name=self.name, profile=self.profile or self.name, token=self.token,
+                       hmac_secret=self.hmac_secret, allow_ips=tuple(self.allow_ips))

@@ -13,12 +13,14 @@ import hmac
 import random
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar
 from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, Field
 
 from .backoff import jittered
 from .events import TYPES
-from .networks import SLUG, open_entry
+from .networks import Entry, slug
 
 SECRET_PREFIX = "whsec_"
 # The specification's secrets are 24 to 64 random bytes.
@@ -95,53 +97,33 @@ def check_url(url: Any) -> str:
     return url
 
 
-def parse_webhook(raw: Any, index: int, problems: list[str]) -> Webhook | None:
-    raw, name, label = open_entry(raw, "webhooks", index, "name", "webhook", problems)
-    if raw is None:
-        return None
-    before = len(problems)
-    if not isinstance(name, str) or not SLUG.fullmatch(name):
-        problems.append(f"{label}: name: 1-63 characters of a-z 0-9 _ -, starting with a letter or digit")
-    for key in sorted(set(raw) - {"name", "url", "secret", "types"}, key=str):
-        problems.append(f"{label}: {key}: unknown field")
-    url = raw.get("url")
-    try:
-        check_url(url)
-    except ValueError as exc:
-        problems.append(f"{label}: url: {exc}")
-    secret = raw.get("secret")
-    if not isinstance(secret, str):
-        problems.append(f"{label}: secret: required, {SECRET_PREFIX} + base64 of {MIN_KEY} to {MAX_KEY} random bytes")
-    else:
-        try:
-            signing_key(secret)
-        except ValueError as exc:  # the message never quotes the secret
-            problems.append(f"{label}: secret: {exc}")
-    types = raw.get("types")
-    if types is not None:
-        if not isinstance(types, list) or not types or not all(isinstance(t, str) for t in types):
-            problems.append(f"{label}: types: a non-empty list of event types, or leave it out for every type")
-            types = None
-        else:
-            for unknown in sorted(set(types) - set(TYPES)):
-                problems.append(f"{label}: types: {unknown!r} is not one of {list(TYPES)}")
-    if len(problems) > before or not (isinstance(name, str) and isinstance(url, str) and isinstance(secret, str)):
-        return None
-    return Webhook(name=name, url=url, secret=secret,
-                   types=tuple(sorted(set(types))) if types is not None else None)
+def _secret(value: str) -> str:
+    signing_key(value)  # its ValueError never quotes the secret
+    return value
 
 
-def parse_webhooks(raw: Any, problems: list[str]) -> tuple[Webhook, ...]:
-    if raw is None:
-        return ()
-    if not isinstance(raw, list):
-        problems.append("webhooks: must be a list")
-        return ()
-    parsed = [parse_webhook(w, i, problems) for i, w in enumerate(raw)]
-    names = [w.get("name") for w in raw if isinstance(w, dict)]
-    for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1}):
-        problems.append(f"webhook {dup!r}: name: appears more than once")
-    return tuple(w for w in parsed if w)
+def _types(value: list[str]) -> list[str]:
+    unknown = sorted(set(value) - set(TYPES))
+    if unknown:
+        raise ValueError("; ".join(f"{t!r} is not one of {list(TYPES)}" for t in unknown))
+    return value
+
+
+class WebhookEntry(Entry):
+    """A `webhooks:` entry: a subscriber."""
+    HINTS: ClassVar[dict[str, str]] = {
+        "name": "1-63 characters of a-z 0-9 _ -, starting with a letter or digit",
+        "url": "required: an http(s) URL",
+        "secret": f"required, {SECRET_PREFIX} + base64 of {MIN_KEY} to {MAX_KEY} random bytes",
+        "types": "a non-empty list of event types, or leave it out for every type"}
+    name: Annotated[str, AfterValidator(slug)]
+    url: Annotated[str, AfterValidator(check_url)]
+    secret: Annotated[str, AfterValidator(_secret)]
+    types: Annotated[list[str], Field(min_length=1), AfterValidator(_types)] | None = None
+
+    def webhook(self) -> Webhook:
+        return Webhook(name=self.name, url=self.url, secret=self.secret,
+                       types=tuple(sorted(set(self.types))) if self.types is not None else None)
 
 
 def warnings_for(webhooks: tuple[Webhook, ...]) -> list[str]:
