@@ -7,6 +7,7 @@ import pytest
 from tracker.domain.catalog import load_catalog
 from tracker.domain.detection import BadEvent, ClickContext, Detector, SessionState
 from tracker.domain.diagnosis import ClickFacts, diagnose
+from tracker.domain.signals import Signal
 
 from .conftest import load_merchants
 
@@ -70,9 +71,9 @@ def test_clean_chains_produce_no_signal(merchant, network, chain):
 def test_foreign_networks_after_landing_overwrite(url, network, kind):
     state, signals = run(ALI_CHAIN + [nav(url, 12)])
     assert state.state == "overwritten"
-    assert (signals[0]["kind"], signals[0]["network"]) == (kind, network)
-    assert signals[0]["at"] == T0 + 12 * 60_000
-    assert signals[0]["evidence"]["host"]
+    assert (signals[0].kind, signals[0].network) == (kind, network)
+    assert signals[0].at == T0 + 12 * 60_000
+    assert signals[0].evidence["host"]
 
 
 def test_same_network_other_publisher_both_ways():
@@ -81,8 +82,8 @@ def test_same_network_other_publisher_both_ways():
     assert signals == [] and state.state == "active"
     state, signals = run(ALI_CHAIN + [nav("https://aliexpress.ru/?admitad_uid=ffffffffffffffffffffffffffffffff", 9)])
     assert state.state == "overwritten"
-    assert signals[0]["network"] == "admitad" and signals[0]["evidence"]["same_network"] is True
-    assert signals[0]["evidence"]["value"].endswith("…")                  # others' values shortened
+    assert signals[0].network == "admitad" and signals[0].evidence["same_network"] is True
+    assert signals[0].evidence["value"].endswith("…")                     # others' values shortened
     # A chain that did not carry our uid: the first value seen after landing is bound as ours.
     chain = [nav(f"https://ad.admitad.com/g/1e8d114494/?subid={CID}", 0), nav("https://aliexpress.ru/", 0)]
     state, signals = run(chain + [nav("https://aliexpress.ru/?admitad_uid=first", 3),
@@ -92,17 +93,17 @@ def test_same_network_other_publisher_both_ways():
     assert state.state == "overwritten"
     # Another publisher's admitad link (not our partner URL prefix) is foreign too.
     state, signals = run(ALI_CHAIN + [nav("https://ad.admitad.com/g/otherhash/?ulp=https%3A%2F%2Faliexpress.ru%2F", 7)])
-    assert signals[0]["kind"] == "foreign_redirect_host" and signals[0]["evidence"]["same_network"]
+    assert signals[0].kind == "foreign_redirect_host" and signals[0].evidence["same_network"]
 
 
 def test_aliexpress_portals_value_of_another_publisher():
     state, signals = run(ALI_CHAIN + [nav("https://aliexpress.ru/item/2.html?aff_fcid=theirs-99&aff_platform=portals-tool", 20)])
-    assert state.state == "overwritten" and signals[0]["network"] == "aliexpress_portals"
+    assert state.state == "overwritten" and signals[0].network == "aliexpress_portals"
 
 
 def test_standdown_marker_is_foreign():
     state, signals = run(ALI_CHAIN + [nav("https://aliexpress.ru/?afsrc=1", 3)])
-    assert state.state == "overwritten" and signals[0]["evidence"]["standdown"] is True
+    assert state.state == "overwritten" and signals[0].evidence["standdown"] is True
 
 
 def test_promo_codes():
@@ -110,8 +111,7 @@ def test_promo_codes():
     assert signals == [] and state.state == "active"
     state, signals = run(ALI_CHAIN + [{"type": "promo_code", "code": "SAVE10", "at": at(10)}])
     assert state.state == "overwritten"
-    assert signals == [{"kind": "foreign_promo_code", "network": None, "evidence": {"code": "SAVE10"},
-                        "at": T0 + 600_000, "late": False}]
+    assert signals == [Signal("foreign_promo_code", None, {"code": "SAVE10"}, T0 + 600_000, False)]
 
 
 def test_risks_do_not_change_the_state():
@@ -120,13 +120,13 @@ def test_risks_do_not_change_the_state():
                           nav("https://aliexpress.ru/store/1102345", 31)]
     state, signals = run(events)
     assert state.state == "active"
-    assert [s["kind"] for s in signals] == ["ad_click_id", "cross_device", "prefilled_basket", "excluded_store"]
-    assert signals[0]["network"] == "google_ads"
+    assert [s.kind for s in signals] == ["ad_click_id", "cross_device", "prefilled_basket", "excluded_store"]
+    assert signals[0].network == "google_ads"
 
 
 def test_expiry_and_overwritten_for_good():
     state, signals = run(ALI_CHAIN + [nav("https://aliexpress.ru/cart", 121)], now_minutes=200)
-    assert state.state == "expired" and [s["kind"] for s in signals] == ["session_expired"]
+    assert state.state == "expired" and [s.kind for s in signals] == ["session_expired"]
     state, signals = run(ALI_CHAIN + [nav("https://aliexpress.ru/?cjevent=x1234567890", 10),
                                       nav("https://aliexpress.ru/cart", 130)], now_minutes=200)
     assert state.state == "overwritten"
@@ -140,7 +140,7 @@ def test_converted_then_late():
     state, signals = run(ALI_CHAIN + [nav("https://aliexpress.ru/?cjevent=abcdef123456", 10)],
                          context=ctx(converted=True), state=SessionState(state="converted"))
     assert state.state == "converted"
-    assert signals and all(s["late"] for s in signals)
+    assert signals and all(s.late for s in signals)
 
 
 @pytest.mark.parametrize("event", [

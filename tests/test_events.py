@@ -15,6 +15,7 @@ from tracker import keys
 from tracker.domain.clickid import new_click_id
 from tracker.domain.conversions import Postback
 from tracker.domain.events import START, decode_cursor, encode_cursor
+from tracker.domain.signals import Signal
 from tracker.store.conversions import record_postback
 from tracker.store.events import emit, prune, read_feed, sequence
 from tracker.store.merchants import load
@@ -148,9 +149,8 @@ async def test_an_overwritten_click_yields_one_event_however_many_workers_flush_
     pool = await asyncpg.create_pool(database, min_size=4, max_size=8)
     writers = [SignalWriter(pool) for _ in range(4)]  # four workers' writers
     overwritten = {"state": "overwritten", "overwritten_at": 1_795_660_900_000}
-    signal = {"kind": "foreign_affiliate_param", "network": "cj", "evidence": {"param": "cjevent"},
-              "at": 1_795_660_900_000, "late": False}
-    risk = {**signal, "kind": "cross_device", "network": None}
+    signal = Signal("foreign_affiliate_param", "cj", {"param": "cjevent"}, 1_795_660_900_000, False)
+    risk = Signal("cross_device", None, {"param": "cjevent"}, 1_795_660_900_000, False)
     try:
         for round_ in range(3):  # each round all four flush the same click at once
             for writer in writers:

@@ -3,12 +3,12 @@ quarantined, every other row is stored, and nothing is retried for ever."""
 import asyncpg
 
 from tracker.domain.clickid import new_click_id
+from tracker.domain.signals import Signal
 from tracker.store.signals import SignalWriter
 
 
 def signal(kind="foreign_promo_code", evidence=None):
-    return {"kind": kind, "network": None, "evidence": evidence or {"code": "SAVE10"}, "at": 1_795_660_800_000,
-            "late": False}
+    return Signal(kind, None, evidence or {"code": "SAVE10"}, 1_795_660_800_000, False)
 
 
 async def test_a_refused_row_is_quarantined_and_the_rest_stored(database):

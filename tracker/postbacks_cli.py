@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .settings import Settings
 
+if TYPE_CHECKING:
+    from .domain.conversions import Postback
 
-def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
+
+def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in row.items():
         if hasattr(value, "isoformat"):
@@ -35,7 +38,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         merchants, networks = await load(conn)
 
-        def read(network: str, raw: dict[str, Any]):  # noqa: ANN202
+        def read(network: str, raw: Mapping[str, Any]) -> Postback | None:
             net = networks.get(network)
             return read_raw(net, raw) if net else None
 

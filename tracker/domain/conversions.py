@@ -52,6 +52,23 @@ class Terms:
 
 
 @dataclass(frozen=True, slots=True)
+class Conversion:
+    """An order attributed to a click, as it stands after a postback: what an event tells of it
+    (data.conversion, domain/events.conversion_payload)."""
+    network: str
+    order_id: str
+    click_id: str
+    user_id: str
+    merchant: str
+    status: str  # pending | approved | declined | reversed
+    amount: Decimal | None
+    commission: Decimal
+    currency: str
+    cashback: Decimal  # what the user is owed
+    order_time: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class Postback:
     click_id: str | None
     order_id: str

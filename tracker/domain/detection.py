@@ -16,43 +16,47 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from . import trail
 from .catalog import AffiliateCatalog, Hit, host_of
 from .merchants import Merchant
-from .states import ClickState
+from .signals import Evidence, Signal
+from .states import ClickState, StoredState
 from .targets import host_allowed
 from .text import has_control, without_control
+from .trail import TrailEntry
 
 DEFINITIVE = frozenset(("foreign_affiliate_param", "foreign_redirect_host", "foreign_promo_code"))
 _STORE_PATH = re.compile(r"/store/(\d{1,20})")
 _STORE_PARAMS = ("storeid", "store_id", "sellerid", "seller_id", "shopid", "shop_id")
+Found: TypeAlias = tuple[str, str | None, Evidence]  # a signal's kind, network and evidence, before its time
 
 
 class BadEvent(ValueError):
     pass
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionState:
-    state: str = ClickState.ACTIVE
+    """A click's detector state while an observe works on it; stored as its dump (StoredState)."""
+    state: ClickState = ClickState.ACTIVE
     landed: bool = False
     bound: dict[str, str] = field(default_factory=dict)  # "network:param" -> value that is ours
     overwritten_at: int | None = None
     expired_signalled: bool = False
-    trail: list[dict[str, Any]] = field(default_factory=list)  # for support: domain/trail.py
+    trail: list[TrailEntry] = field(default_factory=list)  # for support: domain/trail.py
 
-    def dump(self) -> dict[str, Any]:
+    def dump(self) -> StoredState:
         return {"state": self.state, "landed": self.landed, "bound": self.bound,
                 "overwritten_at": self.overwritten_at, "expired_signalled": self.expired_signalled,
                 "trail": list(self.trail)}
 
     @classmethod
-    def load(cls, raw: dict[str, Any] | None) -> "SessionState":
+    def load(cls, raw: StoredState | None) -> "SessionState":
         raw = raw or {}
-        return cls(state=raw.get("state", ClickState.ACTIVE), landed=bool(raw.get("landed")),
+        return cls(state=ClickState(raw.get("state", ClickState.ACTIVE)), landed=bool(raw.get("landed")),
                    bound=dict(raw.get("bound") or {}), overwritten_at=raw.get("overwritten_at"),
                    expired_signalled=bool(raw.get("expired_signalled")), trail=trail.load(raw.get("trail")))
 
@@ -142,11 +146,11 @@ class Detector:
         self.catalog = catalog
 
     def observe(self, ctx: ClickContext, state: SessionState, events: list[dict[str, Any]],
-                now_ms: int) -> list[dict[str, Any]]:
+                now_ms: int) -> list[Signal]:
         """Apply events in time order; return the new signals (state is updated in place)."""
         for event in events:
             check_field_types(event)
-        signals: list[dict[str, Any]] = []
+        signals: list[Signal] = []
         ttl_ms = ctx.merchant.session_ttl * 1000
         timed = sorted(((parse_at(e.get("at"), ctx.created_ms, now_ms), i, e) for i, e in enumerate(events)),
                        key=lambda t: (t[0], t[1]))
@@ -181,14 +185,14 @@ class Detector:
         return signals
 
     @staticmethod
-    def _signal(kind: str, network: str | None, evidence: dict[str, Any], at: int, late: bool) -> dict[str, Any]:
+    def _signal(kind: str, network: str | None, evidence: Evidence, at: int, late: bool) -> Signal:
         # Evidence quotes decoded URL values (a parameter's value, a nested URL): kept, but with
         # any control character replaced, so that what is stored is what PostgreSQL can store.
         evidence = {k: without_control(v) if isinstance(v, str) else v for k, v in evidence.items()}
-        return {"kind": kind, "network": network, "evidence": evidence, "at": at, "late": late}
+        return Signal(kind, network, evidence, at, late)
 
     def _navigation(self, ctx: ClickContext, state: SessionState, url: Any,
-                    at: int = 0) -> list[tuple[str, str | None, dict[str, Any]]]:
+                    at: int = 0) -> list[Found]:
         if not isinstance(url, str) or len(url) > 8192 or has_control(url):
             return []  # browsers report URLs percent-encoded: one with raw control characters is garbled
         host = host_of(url)
@@ -204,14 +208,14 @@ class Detector:
         if on_store:
             state.landed = True
         keep = frozenset([ctx.click_id, *state.bound.values()])
-        out: list[tuple[str, str | None, dict[str, Any]]] = []
+        out: list[Found] = []
         seen: set[tuple[str, str | None]] = set()
 
-        def add(kind: str, hit: Hit, **extra: Any) -> None:
+        def add(kind: str, hit: Hit, **extra: bool) -> None:
             if (kind, hit.network) in seen:
                 return
             seen.add((kind, hit.network))
-            evidence = {"host": hit.host, "url": sanitize(hit.url or url, keep)}
+            evidence: Evidence = {"host": hit.host, "url": sanitize(hit.url or url, keep)}
             if hit.param:
                 evidence["param"] = hit.param
                 evidence["value"] = _shorten(hit.value or "", keep)
@@ -271,7 +275,7 @@ class Detector:
         return None
 
     @staticmethod
-    def _promo(ctx: ClickContext, code: Any) -> list[tuple[str, str | None, dict[str, Any]]]:
+    def _promo(ctx: ClickContext, code: Any) -> list[Found]:
         if not isinstance(code, str):
             raise BadEvent("promo_code: code must be text")
         code = code.strip()
@@ -280,8 +284,8 @@ class Detector:
         return [("foreign_promo_code", None, {"code": code[:64]})]
 
     @staticmethod
-    def _checkout(ctx: ClickContext, event: dict[str, Any]) -> list[tuple[str, str | None, dict[str, Any]]]:
-        out: list[tuple[str, str | None, dict[str, Any]]] = []
+    def _checkout(ctx: ClickContext, event: dict[str, Any]) -> list[Found]:
+        out: list[Found] = []
         device = event.get("device")
         if device is not None and not isinstance(device, str):
             raise BadEvent("checkout: device must be text")

@@ -4,11 +4,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 from .conversions import money
 from .detection import DEFINITIVE
 from .merchants import Merchant
+from .rows import ClickRow, ClickStateRow, ConversionRow, SignalRow
 from .states import ClickState
 
 NETWORK_NAMES = {
@@ -37,16 +37,16 @@ class ClickFacts:
     session_ttl: int
     confirmation_window: int
     merchant_name: str
-    state: str
-    signals: list[dict[str, Any]] = field(default_factory=list)
-    conversions: list[dict[str, Any]] = field(default_factory=list)
+    state: ClickState
+    signals: list[SignalRow] = field(default_factory=list)
+    conversions: list[ConversionRow] = field(default_factory=list)
 
     @classmethod
-    def build(cls, click: dict[str, Any], merchant: Merchant | None, stored: dict[str, Any] | None,
-              signals: list[dict[str, Any]], conversions: list[dict[str, Any]], now: datetime) -> "ClickFacts":
+    def build(cls, click: ClickRow, merchant: Merchant | None, stored: ClickStateRow | None,
+              signals: list[SignalRow], conversions: list[ConversionRow], now: datetime) -> "ClickFacts":
         ttl = merchant.session_ttl if merchant else 7200
         window = merchant.confirmation_window if merchant else 90 * 86400
-        stored_state = (stored or {}).get("state")
+        stored_state = stored["state"] if stored else None
         state = click_state(click["created_at"], now, ttl, stored_state, bool(conversions),
                             any(s["kind"] in DEFINITIVE and not s.get("late") for s in signals))
         return cls(created_at=click["created_at"], now=now, bot=bool(click["bot"]), session_ttl=ttl,
@@ -131,9 +131,10 @@ def diagnose(facts: ClickFacts) -> list[Finding]:
     for conv in facts.conversions:
         order = conv["order_id"]
         cur = (conv["currency"] or "").strip()
-        if conv.get("order_time") and conv["order_time"] > session_end:
+        order_time = conv.get("order_time")
+        if order_time and order_time > session_end:
             found.append(Finding("order_after_session",
-                                 f"Order {order} was placed {_after(facts, conv['order_time'])}, after the "
+                                 f"Order {order} was placed {_after(facts, order_time)}, after the "
                                  f"{_duration(facts.session_ttl)} activation session had ended."))
         status = conv["status"]
         if status == "declined":

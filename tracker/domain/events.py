@@ -10,9 +10,9 @@ import binascii
 import struct
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import Any
 
-from .conversions import money
+from .conversions import Conversion, money
 from .times import iso
 
 CONVERSION_CREATED = "conversion.created"
@@ -61,14 +61,14 @@ def decode_cursor(cursor: str) -> int:
     return seq
 
 
-def conversion_payload(row: Mapping[str, Any]) -> dict[str, Any]:
-    """An event's `data.conversion` (docs/api.md) from a conversions row (or a mapping with its columns)."""
-    currency = str(row["currency"]).strip()
-    return {"network": row["network"], "order_id": row["order_id"], "click_id": row["click_id"],
-            "user_id": row["user_id"], "merchant": row["merchant"], "status": row["status"],
-            "amount": money(row["amount"], currency), "commission": money(row["commission"], currency),
-            "currency": currency, "cashback": money(row["cashback"], currency),
-            "order_time": iso(row["order_time"])}
+def conversion_payload(conv: Conversion) -> dict[str, Any]:
+    """An event's `data.conversion` (docs/api.md)."""
+    currency = conv.currency.strip()
+    return {"network": conv.network, "order_id": conv.order_id, "click_id": conv.click_id,
+            "user_id": conv.user_id, "merchant": conv.merchant, "status": conv.status,
+            "amount": money(conv.amount, currency), "commission": money(conv.commission, currency),
+            "currency": currency, "cashback": money(conv.cashback, currency),
+            "order_time": iso(conv.order_time)}
 
 
 def money_payload(amount: Decimal | None, commission: Decimal, currency: str, cashback: Decimal) -> dict[str, Any]:

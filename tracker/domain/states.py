@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TypedDict
+
+from .trail import TrailEntry
 
 
 class ClickState(StrEnum):
@@ -10,6 +13,20 @@ class ClickState(StrEnum):
     OVERWRITTEN = "overwritten"  # another affiliate link replaced ours before the order
     EXPIRED = "expired"  # reported past the merchant's session time
     CONVERTED = "converted"  # a postback reported an order on it: final
+
+
+class StoredState(TypedDict, total=False):
+    """A click's detector state as JSON, in Redis and in click_states.detector: what the detector
+    dumps (every key but `status`), or what a postback leaves there (`state` and `status`).
+    Read back, any key may be missing (SessionState.load fills in the defaults)."""
+    state: str  # a ClickState's value
+    landed: bool  # the tab reached one of the merchant's hosts
+    bound: dict[str, str]  # "network:param" -> the value that is ours
+    overwritten_at: int | None  # ms since the epoch
+    expired_signalled: bool
+    trail: list[TrailEntry]
+    status: str | None  # the conversion's status, when a postback wrote the state
+
 
 # Once converted, the state outlives the session: a late observe must still find the click converted.
 CONVERTED_STATE_TTL = 120 * 86400

@@ -16,7 +16,9 @@ from urllib.parse import unquote, urlsplit
 from .conversions import money
 from .diagnosis import NETWORK_NAMES
 from .merchants import Merchant
+from .rows import ClickRow, ConversionRow, PostbackRow, SignalRow
 from .text import has_control
+from .trail import TrailEntry
 
 UrlParts = list[tuple[str, bool]]  # (text, highlighted)
 
@@ -88,7 +90,12 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
-def _signal(sig: dict[str, Any]) -> Moment:
+def _word(value: object) -> str | None:
+    """An evidence value that is text (evidence holds text, counts and flags)."""
+    return value if isinstance(value, str) else None
+
+
+def _signal(sig: SignalRow) -> Moment:
     kind, ev = sig["kind"], sig.get("evidence") or {}
     net = network_name(sig.get("network"))
     url = _readable_or_none(ev.get("url"))
@@ -97,13 +104,13 @@ def _signal(sig: dict[str, Any]) -> Moment:
         title = (f"Overwritten: another {net} publisher's parameter" if ev.get("same_network")
                  else f"Overwritten: {net} affiliate parameter")
         title += f" {ev['param']}" if ev.get("param") else " (stand-down marker)" if ev.get("standdown") else ""
-        needle, tone = _param_needle(url or "", ev.get("param")), "overwrite"
+        needle, tone = _param_needle(url or "", _word(ev.get("param"))), "overwrite"
     elif kind == "foreign_redirect_host":
-        title, needle, tone = f"Overwritten: redirect through {net} ({_text(ev.get('host', '?'))})", ev.get("host"), "overwrite"
+        title, needle, tone = f"Overwritten: redirect through {net} ({_text(ev.get('host', '?'))})", _word(ev.get("host")), "overwrite"
     elif kind == "foreign_promo_code":
         title, tone = f"Promo code that is not ours: {_text(ev.get('code', '?'))}", "overwrite"
     elif kind == "ad_click_id":
-        title, needle, tone = f"Advertising click ({net})", _param_needle(url or "", ev.get("param")), "risk"
+        title, needle, tone = f"Advertising click ({net})", _param_needle(url or "", _word(ev.get("param"))), "risk"
     elif kind == "cross_device":
         title, tone = "Checkout on another device than the activation's", "risk"
     elif kind == "prefilled_basket":
@@ -121,7 +128,7 @@ def _signal(sig: dict[str, Any]) -> Moment:
     return Moment(sig["at"], tone, title, details, url_parts(url, needle) if url else None, late)
 
 
-def _postback(conv: dict[str, Any], h: dict[str, Any]) -> Moment:
+def _postback(conv: ConversionRow, h: PostbackRow) -> Moment:
     cur = (h.get("currency") or conv["currency"] or "").strip()
     moved = h.get("previous_status") and h["previous_status"] != h.get("status")
     title = f"Postback from {network_name(conv['network'])}: {h.get('status_word') or h.get('status')}"
@@ -139,7 +146,7 @@ def _postback(conv: dict[str, Any], h: dict[str, Any]) -> Moment:
     return Moment(h["received_at"], "postback", title, details)
 
 
-def _tab(entry: dict[str, Any]) -> Moment | None:
+def _tab(entry: TrailEntry) -> Moment | None:
     """A step of the shopping tab (domain/trail.py) that no signal tells."""
     at = datetime.fromtimestamp(entry["t"] / 1000, timezone.utc)
     kind = entry["e"]
@@ -152,14 +159,15 @@ def _tab(entry: dict[str, Any]) -> Moment | None:
         if not entry.get("own"):
             return None  # a foreign code is a signal, listed as such
         return Moment(at, "tab", f"Our promo code {_text(entry.get('code', '?'))} entered")
-    details = [(name, _text(entry[key])) for name, key in (("device", "device"), ("items carted before", "items"),
-                                                           ("store id", "store")) if entry.get(key) is not None]
+    details = [(name, _text(value)) for name, value in (("device", entry.get("device")),
+                                                         ("items carted before", entry.get("items")),
+                                                         ("store id", entry.get("store"))) if value is not None]
     return Moment(at, "tab", "Checkout", details)
 
 
-def moments(click: dict[str, Any], merchant: Merchant | None, signals: list[dict[str, Any]],
-            conversions: list[dict[str, Any]], session_ttl: int,
-            tab: list[dict[str, Any]] | None = None) -> list[Moment]:
+def moments(click: ClickRow, merchant: Merchant | None, signals: list[SignalRow],
+            conversions: list[ConversionRow], session_ttl: int,
+            tab: list[TrailEntry] | None = None) -> list[Moment]:
     start = click["created_at"]
     name = merchant.name if merchant else click["merchant"]
     found = [Moment(start, "ours", f"Activation: {name}, from {click['source']}",
@@ -176,8 +184,9 @@ def moments(click: dict[str, Any], merchant: Merchant | None, signals: list[dict
     found.append(Moment(start + timedelta(seconds=session_ttl), "session",
                         f"End of the {offset_text(session_ttl)[1:]} session window: orders after this earn nothing"))
     for conv in conversions:
-        if conv.get("order_time"):
-            found.append(Moment(conv["order_time"], "order", f"Order {conv['order_id']} placed (network's time)",
+        order_time = conv.get("order_time")
+        if order_time:
+            found.append(Moment(order_time, "order", f"Order {conv['order_id']} placed (network's time)",
                                 [("amount", f"{money(conv['amount'], conv['currency'].strip())} "
                                             f"{conv['currency'].strip()}")]))
         found += [_postback(conv, h) for h in conv["history"]]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Callable
 
 import asyncpg
 
 from ..domain.diagnosis import ClickFacts
 from ..domain.merchants import Merchant
+from ..domain.rows import ClickRow, ConversionRow, SignalRow
 from .conversions import conversions_for_click
 from .support import get_click, get_signals, get_state
 
@@ -18,10 +19,10 @@ from .support import get_click, get_signals, get_state
 class ClickCase:
     """The click's row, its merchant, its conversions (with their postback history), its signals,
     and the facts its diagnosis is made from."""
-    click: dict[str, Any]
+    click: ClickRow
     merchant: Merchant | None
-    conversions: list[dict[str, Any]]
-    signals: list[dict[str, Any]]
+    conversions: list[ConversionRow]
+    signals: list[SignalRow]
     facts: ClickFacts
 
 

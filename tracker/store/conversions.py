@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, TypedDict, cast
 
 import asyncpg
 import orjson
 
 from ..domain import events
 from ..domain.clickid import click_time, is_click_id
-from ..domain.conversions import Postback, Terms, cashback, orphan_reason, settle
+from ..domain.conversions import Conversion, Postback, Terms, cashback, orphan_reason, settle
 from ..domain.merchants import Merchant
+from ..domain.rows import ClickRow, ConversionRow, OrphanRow, PostbackRow
 from .events import emit
 from .support import get_click
 
@@ -35,14 +36,24 @@ class Recorded:
     event: str | None = None  # the type of the event written for it, if any
 
 
-async def find_click(conn: asyncpg.Connection, click_id: str | None) -> dict[str, Any] | None:
+class Attached(TypedDict):
+    """An orphan postback that reconcile recorded (answered as JSON by the CLI and the console)."""
+    orphan_id: int
+    network: str
+    order_id: str
+    click_id: str | None
+    outcome: str
+    conversion_id: int | None
+
+
+async def find_click(conn: asyncpg.Connection, click_id: str | None) -> ClickRow | None:
     """The click a postback names, if that is a click id at all."""
     if not click_id or not is_click_id(click_id):
         return None
     return await get_click(conn, click_id)
 
 
-async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, raw: dict[str, Any],
+async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, raw: Mapping[str, Any],
                           merchants: Callable[[str], Merchant | None]) -> Recorded:
     raw_json = orjson.dumps(raw).decode()
     async with conn.transaction():
@@ -67,11 +78,10 @@ async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, 
         if conversion_id is not None:
             result = Recorded("accepted", conversion_id, click["merchant"], pb.status, True,
                               click["click_id"], click["user_id"], event=events.CONVERSION_CREATED)
-            await emit(conn, events.CONVERSION_CREATED, {"conversion": events.conversion_payload({
-                "network": network, "order_id": pb.order_id, "click_id": click["click_id"],
-                "user_id": click["user_id"], "merchant": click["merchant"], "status": terms.status,
-                "amount": terms.amount, "commission": terms.commission, "currency": terms.currency,
-                "cashback": owed, "order_time": pb.order_time})}, events.conversion_key(conversion_id))
+            await emit(conn, events.CONVERSION_CREATED, {"conversion": events.conversion_payload(Conversion(
+                network, pb.order_id, click["click_id"], click["user_id"], click["merchant"], terms.status,
+                terms.amount, terms.commission, terms.currency, owed, pb.order_time))},
+                events.conversion_key(conversion_id))
         else:
             result = await _update(conn, network, pb)
         before = result.previous
@@ -113,10 +123,9 @@ async def _update(conn: asyncpg.Connection, network: str, pb: Postback) -> Recor
         "cashback = $7, order_time = COALESCE($8, order_time), updated_at = now() WHERE id = $1 "
         "RETURNING order_time",
         row["id"], new.status, pb.status_word, new.amount, new.commission, new.currency, owed, pb.order_time)
-    data: dict[str, Any] = {"conversion": events.conversion_payload({
-        "network": network, "order_id": pb.order_id, "click_id": row["click_id"], "user_id": row["user_id"],
-        "merchant": row["merchant"], "status": new.status, "amount": new.amount, "commission": new.commission,
-        "currency": new.currency, "cashback": owed, "order_time": order_time})}
+    data: dict[str, Any] = {"conversion": events.conversion_payload(Conversion(
+        network, pb.order_id, row["click_id"], row["user_id"], row["merchant"], new.status, new.amount,
+        new.commission, new.currency, owed, order_time))}
     if effect == "moved":
         event = events.CONVERSION_STATUS_CHANGED
         data["previous_status"] = current.status
@@ -147,7 +156,7 @@ async def _orphan(conn: asyncpg.Connection, network: str, pb: Postback, reason: 
     return events.POSTBACK_ORPHANED
 
 
-async def conversions_for_click(conn: asyncpg.Pool | asyncpg.Connection, click_id: str) -> list[dict[str, Any]]:
+async def conversions_for_click(conn: asyncpg.Pool | asyncpg.Connection, click_id: str) -> list[ConversionRow]:
     rows = await conn.fetch(
         "SELECT id, network, order_id, status, status_word, amount, commission, currency, user_share, "
         "cashback, order_time, created_at, updated_at FROM conversions WHERE click_id = $1 ORDER BY id",
@@ -157,27 +166,28 @@ async def conversions_for_click(conn: asyncpg.Pool | asyncpg.Connection, click_i
         "raw, received_at, previous_status, previous_amount, previous_commission, previous_currency "
         "FROM postback_history WHERE conversion_id = ANY($1::bigint[]) ORDER BY id",
         [r["id"] for r in rows])
+    # asyncpg ships no types: its rows are cast to the shape their SELECT lists give them.
     out = []
     for r in rows:
-        item = dict(r)
-        item["history"] = [dict(h) for h in history if h["conversion_id"] == r["id"]]
+        item = cast(ConversionRow, dict(r))
+        item["history"] = [cast(PostbackRow, dict(h)) for h in history if h["conversion_id"] == r["id"]]
         out.append(item)
     return out
 
 
-async def list_orphans(conn: asyncpg.Connection, limit: int, include_reconciled: bool = False) -> list[dict[str, Any]]:
+async def list_orphans(conn: asyncpg.Connection, limit: int, include_reconciled: bool = False) -> list[OrphanRow]:
     rows = await conn.fetch(
         "SELECT id, network, order_id, click_id, reason, raw, received_at, reconciled_at, conversion_id "
         "FROM orphan_postbacks WHERE ($2 OR reconciled_at IS NULL) ORDER BY id LIMIT $1",
         limit, include_reconciled)
-    return [dict(r) for r in rows]
+    return [cast(OrphanRow, dict(r)) for r in rows]  # asyncpg ships no types
 
 
-async def reconcile(conn: asyncpg.Connection, read: Callable[[str, dict[str, Any]], Postback | None],
-                    merchants: Callable[[str], Merchant | None], limit: int = 10_000) -> list[dict[str, Any]]:
+async def reconcile(conn: asyncpg.Connection, read: Callable[[str, Mapping[str, Any]], Postback | None],
+                    merchants: Callable[[str], Merchant | None], limit: int = 10_000) -> list[Attached]:
     """Attach open orphans whose click exists now (a spool replay, a late partition): each is
     recorded as the postback it was, and the orphan marked reconciled."""
-    attached = []
+    attached: list[Attached] = []
     for orphan in await list_orphans(conn, limit):
         raw = orjson.loads(orphan["raw"]) if isinstance(orphan["raw"], str) else orphan["raw"]
         pb = read(orphan["network"], raw)

@@ -93,7 +93,7 @@ async def count_open_orphans(conn: Conn) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM orphan_postbacks WHERE reconciled_at IS NULL"))
 
 
-async def tab_trail(conn: Conn, click_id: str) -> list[dict[str, Any]]:
+async def tab_trail(conn: Conn, click_id: str) -> list[trail.TrailEntry]:
     """What the shopping tab did (the detector state's trail, domain/trail.py), oldest first."""
     detector = await conn.fetchval("SELECT detector FROM click_states WHERE click_id = $1", click_id)
     doc = orjson.loads(detector) if isinstance(detector, str) else detector

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timezone
-from typing import Any
+from typing import NamedTuple, TypeAlias
 
 import asyncpg
 import orjson
@@ -23,7 +23,8 @@ from ..domain.backoff import Backoff
 from ..domain.clickid import click_time
 from ..domain.detection import DEFINITIVE
 from ..domain.events import CLICK_OVERWRITTEN
-from ..domain.states import ClickState
+from ..domain.signals import Signal
+from ..domain.states import ClickState, StoredState
 from .refused import REFUSED, storable
 from .tasks import cancel_and_wait
 
@@ -57,32 +58,57 @@ _ANNOUNCE_OVERWRITES = (
     "WHERE s.click_id = f.click_id AND NOT s.late AND s.kind = ANY ($3::text[]) GROUP BY kind, network) g), "
     "'[]'::jsonb)) FROM flipped f ORDER BY f.click_id RETURNING 1) "
     "SELECT count(*) FROM e")
-Row = tuple[str, tuple[Any, ...]]  # ("signal" | "state", the row's values)
+
+
+# Rows as tuples, in their columns' order: COPY and executemany take them as they are.
+class SignalRecord(NamedTuple):
+    """A row of signals (COLUMNS)."""
+    click_id: str
+    merchant: str
+    kind: str
+    network: str | None
+    evidence: str  # JSON
+    at: datetime
+    late: bool
+
+
+class StateRecord(NamedTuple):
+    """The values of _UPSERT_STATE: a click's detector state for click_states."""
+    click_id: str
+    created_at: datetime
+    state: str  # a ClickState's value
+    overwritten_at: datetime | None
+    detector: str  # the StoredState as JSON
+    user_id: str
+    merchant: str
+
+
+Row: TypeAlias = SignalRecord | StateRecord
 
 
 class SignalWriter:
     def __init__(self, pool: asyncpg.Pool, interval: float = 0.1, batch_limit: int = 2000,
                  queue_limit: int = 100_000) -> None:
         self.pool, self.interval, self.batch_limit, self.queue_limit = pool, interval, batch_limit, queue_limit
-        self._signals: list[tuple[Any, ...]] = []
-        self._states: dict[str, tuple[Any, ...]] = {}
+        self._signals: list[SignalRecord] = []
+        self._states: dict[str, StateRecord] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
 
-    def add(self, click_id: str, merchant: str, user_id: str, signals: list[dict[str, Any]],
-            state: dict[str, Any] | None) -> None:
+    def add(self, click_id: str, merchant: str, user_id: str, signals: list[Signal],
+            state: StoredState | None) -> None:
         if len(self._signals) >= self.queue_limit:
             self.dropped += len(signals)  # bounded memory while PostgreSQL is away
             signals = []
         for s in signals:
-            self._signals.append((click_id, merchant, s["kind"], s["network"],
-                                  orjson.dumps(s["evidence"]).decode(),
-                                  datetime.fromtimestamp(s["at"] / 1000, tz=timezone.utc), s["late"]))
+            self._signals.append(SignalRecord(click_id, merchant, s.kind, s.network,
+                                              orjson.dumps(s.evidence).decode(),
+                                              datetime.fromtimestamp(s.at / 1000, tz=timezone.utc), s.late))
         if state is not None:
-            self._states[click_id] = (click_id, click_time(click_id), state["state"],
-                                      _ts(state.get("overwritten_at")), orjson.dumps(state).decode(),
-                                      user_id, merchant)
+            self._states[click_id] = StateRecord(click_id, click_time(click_id), state["state"],
+                                                 _ts(state.get("overwritten_at")), orjson.dumps(state).decode(),
+                                                 user_id, merchant)
         if len(self._signals) >= self.batch_limit:
             self._wake.set()
 
@@ -118,7 +144,7 @@ class SignalWriter:
             return
         signals, self._signals = self._signals, []
         states, self._states = self._states, {}
-        await self._store([("signal", r) for r in signals] + [("state", r) for r in states.values()])
+        await self._store([*signals, *states.values()])
 
     async def _store(self, rows: list[Row]) -> None:
         """Write rows in one transaction; a refused batch is bisected down to the rows PostgreSQL
@@ -146,9 +172,9 @@ class SignalWriter:
                 raise
 
     async def _write(self, rows: list[Row]) -> None:
-        signals = [r for kind, r in rows if kind == "signal"]
-        states = [r for kind, r in rows if kind == "state"]
-        overwritten = [r[0] for r in states if r[2] == ClickState.OVERWRITTEN]
+        signals = [r for r in rows if isinstance(r, SignalRecord)]
+        states = [r for r in rows if isinstance(r, StateRecord)]
+        overwritten = [r.click_id for r in states if r.state == ClickState.OVERWRITTEN]
         announced = 0
         async with self.pool.acquire() as conn:
             async with conn.transaction():
@@ -163,20 +189,20 @@ class SignalWriter:
             metrics.events(CLICK_OVERWRITTEN).inc(announced)
 
     def _requeue(self, rows: list[Row]) -> None:
-        self._signals[:0] = [r for kind, r in rows if kind == "signal"]
-        for kind, r in rows:
-            if kind == "state":
-                self._states.setdefault(r[0], r)
+        self._signals[:0] = [r for r in rows if isinstance(r, SignalRecord)]
+        for r in rows:
+            if isinstance(r, StateRecord):
+                self._states.setdefault(r.click_id, r)
 
     async def _quarantine(self, row: Row, exc: BaseException) -> None:
-        kind, values = row
+        table = "signal" if isinstance(row, SignalRecord) else "state"
         async with self.pool.acquire() as conn:
             await conn.execute(
                 "INSERT INTO signals_quarantine (click_id, record, reason) VALUES ($1, $2, $3)",
-                storable(values[0]), orjson.dumps({"kind": kind, "values": [storable(v) for v in values]}).decode(),
+                storable(row.click_id), orjson.dumps({"kind": table, "values": [storable(v) for v in row]}).decode(),
                 storable(f"{type(exc).__name__}: {exc}")[:500])
         metrics.QUARANTINED_SIGNALS.inc()
-        log.warning("signal_quarantined", click_id=str(values[0])[:32], row=kind, reason=str(exc)[:200])
+        log.warning("signal_quarantined", click_id=str(row.click_id)[:32], row=table, reason=str(exc)[:200])
 
 
 def _ts(ms: int | None) -> datetime | None:

@@ -19,7 +19,7 @@ from aiohttp_sse import EventSourceResponse
 
 from .. import keys, metrics
 from ..domain.clickid import is_click_id
-from ..domain.states import ClickState, action
+from ..domain.states import ClickState, StoredState, action
 from ..errors import NotFound, RateLimited, Unauthorized
 from ..store.feed import Link
 from ..store.support import load_click
@@ -33,7 +33,7 @@ MAX_STREAMS_PER_USER = 10
 MAX_STREAMS = 2_000
 
 
-def _public(click_id: str, state: dict[str, Any] | None) -> dict[str, Any]:
+def _public(click_id: str, state: StoredState | None) -> dict[str, Any]:
     name = (state or {}).get("state", ClickState.ACTIVE)
     return {"click_id": click_id, "state": name, "action": action(name)}
 
@@ -69,7 +69,7 @@ async def events(request: web.Request) -> web.StreamResponse:
             streams.per_user[user_id] -= 1
 
 
-async def _read_state(app: web.Application, click_id: str) -> dict[str, Any] | None:
+async def _read_state(app: web.Application, click_id: str) -> StoredState | None:
     """The click's state, or None when neither Redis nor PostgreSQL can tell now: the stream is
     already open, so an outage means no news (a heartbeat), not the end of the stream."""
     try:
@@ -81,7 +81,7 @@ async def _read_state(app: web.Application, click_id: str) -> dict[str, Any] | N
 
 
 async def _stream(request: web.Request, app: web.Application, click_id: str,
-                  state: dict[str, Any] | None) -> web.StreamResponse:
+                  state: StoredState | None) -> web.StreamResponse:
     try:
         heartbeat = float(request.query.get("heartbeat", "15"))
     except ValueError:

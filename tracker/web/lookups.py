@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Mapping
 
 import structlog
 from aiohttp import web
@@ -123,7 +123,7 @@ async def reconcile_orphans(app: web.Application) -> dict[str, int]:
     """Attach the open orphans whose click has arrived (the CLI's `postbacks reconcile`)."""
     cache = app[keys.MERCHANTS]
 
-    def reader(network: str, raw: dict[str, Any]) -> Postback | None:
+    def reader(network: str, raw: Mapping[str, Any]) -> Postback | None:
         known = cache.networks.get(network)
         return read_raw(known, raw) if known else None
 

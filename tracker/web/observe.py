@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from aiohttp import web
@@ -72,16 +72,18 @@ async def observe(request: web.Request) -> web.Response:
     after = state.dump()
     changed = after != before
     if changed:
-        await app[keys.SESSIONS].save_state(click_id, after, state_ttl(state.state, merchant.session_ttl))
+        # store/sessions.py takes the state as dict[str, Any]; it is this StoredState, saved as JSON.
+        await app[keys.SESSIONS].save_state(click_id, cast(dict[str, Any], after),
+                                            state_ttl(state.state, merchant.session_ttl))
     if signals or changed:
         app[keys.SIGNALS].add(click_id, merchant.slug, user_id, signals, after if changed else None)
     for s in signals:
-        metrics.signals(merchant.slug, s["kind"], s["network"] or "none").inc()
+        metrics.signals(merchant.slug, s.kind, s.network or "none").inc()
     if before["state"] != after["state"]:
         log.info("click_state", click_id=click_id, merchant=merchant.slug, state=after["state"],
                  previous=before["state"])
     return json_response({"click_id": click_id, "state": state.state,
                   "action": action(state.state),
-                  "signals": [{"kind": s["kind"], "network": s["network"], "evidence": s["evidence"],
-                               "at": iso_ms(s["at"]), "late": s["late"]} for s in signals]})
+                  "signals": [{"kind": s.kind, "network": s.network, "evidence": s.evidence,
+                               "at": iso_ms(s.at), "late": s.late} for s in signals]})
 

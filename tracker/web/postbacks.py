@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import structlog
@@ -20,7 +21,7 @@ from .. import keys, metrics
 from ..domain.conversions import MalformedPostback, fold, read_postback
 from ..domain.networks import Network
 from ..domain.profiles import profiles
-from ..domain.states import CONVERTED_STATE_TTL, ClickState
+from ..domain.states import CONVERTED_STATE_TTL, ClickState, StoredState
 from ..domain.text import has_control
 from ..domain.tokens import same_secret
 from ..errors import BadRequest, DomainError, Forbidden, NotFound
@@ -163,7 +164,9 @@ async def postback(request: web.Request) -> web.Response:
     if result.event:
         metrics.events(result.event).inc()
     if result.click_id and result.conversion_id is not None:
-        await app[keys.SESSIONS].save_state(result.click_id, {"state": ClickState.CONVERTED, "status": result.status},
+        converted: StoredState = {"state": ClickState.CONVERTED, "status": result.status}
+        # store/sessions.py takes the state as dict[str, Any]; it is this StoredState, saved as JSON.
+        await app[keys.SESSIONS].save_state(result.click_id, cast(dict[str, Any], converted),
                                             CONVERTED_STATE_TTL, force=True)
     log.info("postback", network=name, outcome=result.outcome, click_id=pb.click_id, order_id=pb.order_id,
              status=pb.status, status_word=pb.status_word, conversion_status=result.status,

@@ -10,6 +10,7 @@ from .. import keys
 from ..domain.clickid import is_click_id
 from ..domain.conversions import money
 from ..domain.diagnosis import diagnose
+from ..domain.rows import ConversionRow
 from ..domain.states import action
 from ..domain.times import iso as _iso
 from ..errors import NotFound
@@ -17,7 +18,7 @@ from ..store.cases import click_case
 from .common import json_response, require_admin
 
 
-def _conversion(row: dict[str, Any]) -> dict[str, Any]:
+def _conversion(row: ConversionRow) -> dict[str, Any]:
     cur = row["currency"].strip()
     return {
         "network": row["network"], "order_id": row["order_id"], "status": row["status"],

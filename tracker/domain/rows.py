@@ -1,0 +1,92 @@
+"""What support reads back about a click from PostgreSQL, keyed as the queries name the columns.
+
+TypedDicts rather than classes: each is the row as asyncpg returns it (`dict(record)`), handed on
+as is to the diagnosis, the timeline, the console's templates and, for the click, to the JSON view.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, TypedDict
+
+from .signals import Evidence
+
+
+class ClickRow(TypedDict):
+    """A click (store/support.get_click)."""
+    click_id: str
+    created_at: datetime
+    user_id: str
+    merchant: str
+    source: str  # web | app
+    target: str
+    device: str | None
+    client_ip: str | None
+    user_agent: str | None
+    bot: bool
+    method: str
+
+
+class ClickStateRow(TypedDict):
+    """A click's stored state (click_states), a ClickState's value."""
+    state: str
+    overwritten_at: datetime | None
+    converted_at: datetime | None
+
+
+class SignalRow(TypedDict):
+    """A stored signal (the signals table); `at` is when the tab saw it."""
+    kind: str
+    network: str | None
+    evidence: Evidence
+    at: datetime
+    late: bool
+
+
+class PostbackRow(TypedDict):
+    """One postback of a conversion's history, with the conversion's terms it met (previous_*)."""
+    conversion_id: int
+    outcome: str  # accepted | duplicate | adjustment_refused
+    status: str | None
+    status_word: str | None
+    amount: Decimal | None
+    commission: Decimal | None
+    currency: str | None
+    order_time: datetime | None
+    raw: dict[str, str] | str  # jsonb: the parameters as sent, secrets left out
+    received_at: datetime
+    previous_status: str | None
+    previous_amount: Decimal | None
+    previous_commission: Decimal | None
+    previous_currency: str | None
+
+
+class ConversionRow(TypedDict):
+    """A conversion of a click with its postback history, oldest first."""
+    id: int
+    network: str
+    order_id: str
+    status: str  # pending | approved | declined | reversed
+    status_word: str
+    amount: Decimal | None
+    commission: Decimal
+    currency: str  # char(3)
+    user_share: Decimal
+    cashback: Decimal
+    order_time: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    history: list[PostbackRow]
+
+
+class OrphanRow(TypedDict):
+    """A postback whose click could not be attributed (orphan_postbacks)."""
+    id: int
+    network: str
+    order_id: str
+    click_id: str | None
+    reason: str
+    raw: dict[str, Any] | str  # jsonb, as the postback was read
+    received_at: datetime
+    reconciled_at: datetime | None
+    conversion_id: int | None
