@@ -10,9 +10,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
@@ -29,6 +26,8 @@ from tracker.domain.tokens import UserTokens
 from tracker.settings import Settings
 from tracker.store.db import migrate
 from tracker.store.merchants import sync
+
+from .waiting import answers_blocking, until
 
 HERE = Path(__file__).parent
 SECRET = "test-secret-0123456789abcdef"
@@ -130,6 +129,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def serve_env(settings: Settings, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a `tracker serve` against the test database and Redis prefix, no rate limits."""
+    return {**os.environ, "TRACKER_DATABASE_URL": settings.database_url or "",
+            "TRACKER_REDIS_URL": settings.redis_url or "", "TRACKER_DATA_DIR": str(settings.data_dir),
+            "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 20,
+            "TRACKER_REDIS_PREFIX": settings.redis_prefix, "TRACKER_RATE_LIMIT_IP": "0",
+            "TRACKER_RATE_LIMIT_USER": "0", **(env or {})}
+
+
 @contextlib.contextmanager
 def served(settings: Settings, workers: int = 1, env: dict[str, str] | None = None,
            output: Path | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
@@ -138,39 +146,20 @@ def served(settings: Settings, workers: int = 1, env: dict[str, str] | None = No
     afterwards. Its stdout and stderr go to `output` when given. Tests that use it are marked
     `fault` (pyproject.toml): they take seconds."""
     port = free_port()
-    full_env = {**os.environ, "TRACKER_DATABASE_URL": settings.database_url or "",
-                "TRACKER_REDIS_URL": settings.redis_url or "", "TRACKER_DATA_DIR": str(settings.data_dir),
-                "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 20,
-                "TRACKER_REDIS_PREFIX": settings.redis_prefix, "TRACKER_RATE_LIMIT_IP": "0",
-                "TRACKER_RATE_LIMIT_USER": "0", **(env or {})}
     log_path = output or settings.data_dir / "serve.log"
     log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(port),
-                             "--workers", str(workers)], env=full_env,
+                             "--workers", str(workers)], env=serve_env(settings, env),
                             stdout=log if output else subprocess.DEVNULL, stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while not _ready(base):
-            if proc.poll() is not None:
-                raise RuntimeError(f"tracker serve exited with {proc.returncode} before it was ready; see {log_path}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"tracker serve was not ready (/readyz) within 30 s; see {log_path}")
-            time.sleep(0.05)
+        answers_blocking(base + "/readyz", proc, log_path)
         yield proc, base
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         log.close()
-
-
-def _ready(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(base + "/readyz", timeout=1) as resp:
-            return resp.status == 200
-    except (OSError, urllib.error.URLError):
-        return False
 
 
 @contextlib.asynccontextmanager
@@ -181,11 +170,6 @@ async def serve_process(settings: Settings, workers: int = 1, env: dict[str, str
         yield running
 
 
-async def redis_value(client, key: str, attempts: int = 50) -> bytes | None:  # noqa: ANN001
-    """A Redis key's value once the service's batched writes have put it there (None if never)."""
-    for _ in range(attempts):
-        raw = await client.get(key)
-        if raw:
-            return raw
-        await asyncio.sleep(0.02)
-    return None
+async def redis_value(client, key: str) -> bytes | None:  # noqa: ANN001
+    """A Redis key's value once the service's batched writes have put it there."""
+    return await until(lambda: client.get(key), f"Redis key {key} written")

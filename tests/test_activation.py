@@ -7,10 +7,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from tracker import keys
 from tracker.app import create_app
 from tracker.domain.clickid import click_time_ms, is_click_id
 
 from .conftest import BROWSER, redis_value
+from .waiting import until
 
 
 async def rows_for(db, user):
@@ -141,11 +143,9 @@ async def test_async_durability_does_not_wait_but_stores(aiohttp_client, setting
     resps = [await client.get("/go/shop", params={"u": tokens.mint("ivan")}, allow_redirects=False,
                               headers=BROWSER) for _ in range(20)]
     assert all(r.status == 302 for r in resps)
-    for _ in range(100):
-        if len(await rows_for(db, "ivan")) == 20:
-            break
-        await asyncio.sleep(0.02)
-    assert len(await rows_for(db, "ivan")) == 20
+    async def stored() -> bool:
+        return len(await rows_for(db, "ivan")) == 20
+    await until(stored, "ivan's 20 clicks stored")
 
 
 async def test_forwarded_for_is_believed_only_from_trusted_proxies(aiohttp_client, settings, tokens, db):
@@ -167,18 +167,25 @@ async def test_rate_limit_is_shared_between_workers_through_redis(aiohttp_client
     second = await aiohttp_client(create_app(limited))
     token = tokens.mint("shared-limit")
     if time.time() % 60 > 58:  # the counts are per minute: do not straddle a window's end
-        await asyncio.sleep(60 - time.time() % 60 + 0.1)
+        await asyncio.sleep(60 - time.time() % 60 + 0.1)  # the window's end passing, not a wait for an event
+
+    def knows(client, total: int) -> bool:  # noqa: ANN001
+        """The worker's last answer from Redis counted `total` hits of the user (its sync ran)."""
+        return any(st.counted >= total for name, st in client.server.app[keys.SESSIONS].limits.counts.items()
+                   if name.startswith("user:"))
+
     for _ in range(3):
         resp = await first.get("/go/asos", params={"u": token}, allow_redirects=False, headers=BROWSER)
         assert resp.status == 302
-    await asyncio.sleep(0.3)  # a sync interval or more: the other worker learns the total
+    await until(lambda: knows(first, 3), "the first worker's three hits counted in Redis")
     statuses = []
-    for _ in range(2):
-        resp = await second.get("/go/asos", params={"u": token}, allow_redirects=False, headers=BROWSER)
-        statuses.append(resp.status)
-        # The second worker had no traffic, hence nothing to sync, before its first request: that
-        # request starts its sync. Wait one interval so the next decision sees every worker's total.
-        await asyncio.sleep(0.3)
+    resp = await second.get("/go/asos", params={"u": token}, allow_redirects=False, headers=BROWSER)
+    statuses.append(resp.status)
+    # The second worker had no traffic, hence nothing to sync, before its first request: that request
+    # starts its sync, whose answer gives it every worker's total for its next decision.
+    await until(lambda: knows(second, 4), "the second worker told of all four hits")
+    resp = await second.get("/go/asos", params={"u": token}, allow_redirects=False, headers=BROWSER)
+    statuses.append(resp.status)
     assert statuses == [302, 429]
 
 

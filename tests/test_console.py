@@ -2,7 +2,6 @@
 Real-browser tests are in test_console_browser.py."""
 from __future__ import annotations
 
-import asyncio
 import re
 from datetime import datetime, timedelta, timezone
 
@@ -17,6 +16,7 @@ from tracker.domain.timeline_svg import layout
 
 from .conftest import ADMIN_KEY
 from .test_postbacks import activate, admitad
+from .waiting import stored
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
@@ -182,10 +182,7 @@ async def test_the_click_page_shows_the_tabs_redirect_chain_landing_codes_and_ch
     resp = await client.post("/v1/observe", json={"click_id": cid, "events": events},
                              headers={"Authorization": f"Bearer {tokens.mint('tab-user')}"})
     assert resp.status == 200
-    for _ in range(100):  # the signal writer flushes the detector state within 100 ms
-        if await db.fetchval("SELECT detector FROM click_states WHERE click_id = $1", cid):
-            break
-        await asyncio.sleep(0.05)
+    await stored(db, "SELECT detector FROM click_states WHERE click_id = $1", cid)  # the signal writer's flush
     text = await (await client.get(f"/support/clicks/{cid}")).text()
     assert "Redirect through ad.admitad.com" in text and "Landed on the store (aliexpress.ru)" in text
     assert "item/2.html" not in text and "Checkout" in text

@@ -1,6 +1,5 @@
 """deploy/: manifests parse and carry what operators rely on; rules pass promtool; every metric a
 dashboard panel or rule names is exported by the running service; maintain is idempotent."""
-import asyncio
 import dataclasses
 import json
 import re
@@ -15,6 +14,7 @@ import yaml
 from tracker.app import create_app
 
 from .conftest import ADMIN, BROWSER
+from .waiting import until
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -125,13 +125,12 @@ async def test_dashboard_and_rule_metrics_are_exported(aiohttp_client, settings,
                                                          {"type": "navigation", "url": "https://aliexpress.ru/?cjevent=1234567890"}]})
     used = metric_names_used()
     assert len(used) >= 10
-    for _ in range(100):  # the writers' metrics appear once their batches have gone out
+    async def none_missing() -> bool:  # the writers' metrics appear once their batches have gone out
         text = await (await client.get("/metrics", headers=ADMIN)).text()
         missing = sorted(used - set(re.findall(r"^([a-z_]+)(?:\{| )", text, re.M)))
-        if not missing:
-            break
-        await asyncio.sleep(0.05)
-    assert missing == [], missing
+        assert missing == [], f"missing: {missing}"
+        return True
+    await until(none_missing, "every metric the code uses shown by /metrics", ignoring=(AssertionError,))
 
 
 def test_maintain_twice_changes_nothing_the_second_time(settings):

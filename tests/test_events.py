@@ -23,14 +23,16 @@ from tracker.store.signals import SignalWriter
 
 from .conftest import ADMIN
 from .test_postbacks import activate, admitad
+from .waiting import until
 
 
 async def settle(client) -> None:  # noqa: ANN001
     """Run the sequencer once here, so that every event committed so far is in the feed (the app's
     own sequencer does it within ~0.1 s; None means it was running: then try again)."""
     async with client.server.app[keys.POOL].acquire() as conn:
-        while await sequence(conn) is None:
-            await asyncio.sleep(0.01)
+        async def ran() -> bool:
+            return await sequence(conn) is not None
+        await until(ran, "a run of the sequencer here")
 
 
 async def feed(client, after=None, limit=1000, types=None):  # noqa: ANN001, ANN201
@@ -174,11 +176,7 @@ async def test_observe_to_overwritten_to_event(client, tokens):
         "click_id": cid, "events": [{"type": "navigation", "url": "https://aliexpress.ru/"},
                                     {"type": "navigation", "url": "https://aliexpress.ru/?cjevent=abc1234567890"}]})
     assert (await resp.json())["state"] == "overwritten"
-    for _ in range(100):
-        events = await new_events(client, start)
-        if events:
-            break
-        await asyncio.sleep(0.05)
+    events = await until(lambda: new_events(client, start), "the overwrite's event in the feed")
     assert [(e["type"], e["data"]["click_id"], e["data"]["signals"]) for e in events] == [
         ("click.overwritten", cid, [{"kind": "foreign_affiliate_param", "network": "cj"}])]
 
@@ -218,14 +216,12 @@ async def test_caught_up_means_no_events_and_next_is_after(client, tokens):
     assert (await feed(client, page["next"], types="conversion.created")) == {"events": [], "next": page["next"]}
 
 
-async def until(client, after: str, n: int) -> list[dict]:  # noqa: ANN001
+async def events_after(client, after: str, n: int) -> list[dict]:  # noqa: ANN001
     """The events after `after` once there are `n` (the sequencer numbers them within ~0.1 s)."""
-    for _ in range(200):
+    async def enough() -> list[dict] | None:
         events = await new_events(client, after)
-        if len(events) >= n:
-            return events
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{len(events)} events, expected {n}")
+        return events if len(events) >= n else None
+    return await until(enough, f"{n} events after {after}")
 
 
 async def test_an_event_committed_late_comes_after_the_cursor_not_behind_it(client, database):
@@ -240,10 +236,10 @@ async def test_an_event_committed_late_comes_after_the_cursor_not_behind_it(clie
         await emit(t1, "test.order", {"n": 1})
         async with t2.transaction():
             await emit(t2, "test.order", {"n": 2})
-        [second] = await until(client, start, 1)
+        [second] = await events_after(client, start, 1)
         assert second["data"] == {"n": 2}
         await tx1.commit()
-        [first] = await until(client, second["cursor"], 1)
+        [first] = await events_after(client, second["cursor"], 1)
         assert first["data"] == {"n": 1}
         ids = await db_ids(database, [first["id"], second["id"]])
         assert ids[0] < ids[1]  # T1's id is the smaller one, yet its event comes second
@@ -279,7 +275,7 @@ async def test_concurrent_writers_and_a_paging_reader_see_every_event_exactly_on
                 await tx.start()
                 for mark in marks:
                     await emit(conn, "test.concurrent", {"mark": mark})
-                await asyncio.sleep(rng.uniform(0, 0.02))
+                await asyncio.sleep(rng.uniform(0, 0.02))  # the interleaving under test: a transaction held open
                 if rng.random() < 0.1:
                     await tx.rollback()
                     rolled_back.update(marks)
@@ -332,13 +328,13 @@ async def test_maintain_prunes_events_past_retention_with_their_deliveries(db, c
                      "'http://127.0.0.1:9/', 'whsec_x', false)")
     async with db.transaction():
         await emit(db, "test.prune", {"age": "old"})
-    [old] = await until(client, start, 1)
+    [old] = await events_after(client, start, 1)
     await db.execute("INSERT INTO webhook_deliveries (event_id, webhook) SELECT id, 'prune-hook' FROM events "
                      "WHERE public_id = $1", old["id"])
     await db.execute("UPDATE events SET created_at = now() - interval '31 days' WHERE type = 'test.prune'")
     async with db.transaction():
         await emit(db, "test.prune", {"age": "new"})
-    await until(client, old["cursor"], 1)
+    await events_after(client, old["cursor"], 1)
     assert await prune(db, 30) == 1
     assert [e["data"]["age"] for e in await new_events(client, start)] == ["new"]
     assert await db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE webhook = 'prune-hook'") == 0

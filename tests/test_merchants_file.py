@@ -11,6 +11,7 @@ from tracker.domain.profiles import profile_names
 from tracker.store.merchants import load, sync
 
 from .conftest import BROWSER, HERE, load_merchants
+from .waiting import until
 
 GOOD = yaml.safe_load((HERE / "merchants.yaml").read_text())
 
@@ -132,14 +133,12 @@ def _cli(settings, *args, env_extra=None):
                           text=True, timeout=60)
 
 
-async def _go_status_becomes(client, token: str, status: int) -> bool:  # noqa: ANN001
+async def _go_status_becomes(client, token: str, status: int) -> None:  # noqa: ANN001
     """Running workers learn of a sync through NOTIFY: poll /go/newshop until it answers `status`."""
-    for _ in range(100):
+    async def answers() -> bool:
         resp = await client.get("/go/newshop", params={"u": token}, allow_redirects=False, headers=BROWSER)
-        if resp.status == status:
-            return True
-        await asyncio.sleep(0.05)
-    return False
+        return resp.status == status
+    await until(answers, f"/go/newshop answering {status} after the sync")
 
 
 async def test_bad_file_changes_nothing_and_names_problems(settings, db, tmp_path):
@@ -172,7 +171,7 @@ async def test_running_workers_see_a_sync_without_restart(client, settings, toke
     result = await asyncio.to_thread(_cli, settings, "merchants", "sync", str(path))
     assert result.returncode == 0, result.stderr
     assert "newshop" in result.stdout
-    assert await _go_status_becomes(client, token, 302)
+    await _go_status_becomes(client, token, 302)
     resp = await client.get("/go/aliexpress", params={"u": token}, allow_redirects=False, headers=BROWSER)
     assert "/g/changed/" in resp.headers["Location"]
     # A merchant dropped from the file is deactivated: its links answer 404.
@@ -180,5 +179,5 @@ async def test_running_workers_see_a_sync_without_restart(client, settings, toke
     path.write_text(yaml.safe_dump(doc, allow_unicode=True))
     result = await asyncio.to_thread(_cli, settings, "merchants", "sync", str(path))
     assert "newshop" in result.stdout
-    assert await _go_status_becomes(client, token, 404)
+    await _go_status_becomes(client, token, 404)
     await sync(db, load_merchants())  # leave the module's database as it was

@@ -2,11 +2,13 @@
 import asyncio
 
 import orjson
+import redis.asyncio as aioredis
 
 from tracker.app import create_app
 from tracker.domain.clickid import new_click_id
 
 from .conftest import ADMIN, BROWSER
+from .waiting import stored, until
 
 
 async def activate(client, tokens, user, merchant="aliexpress", device="dev-1"):
@@ -18,6 +20,15 @@ async def activate(client, tokens, user, merchant="aliexpress", device="dev-1"):
 
 def auth(tokens, user):
     return {"Authorization": f"Bearer {tokens.mint(user)}"}
+
+
+async def subscribed(settings, cid):
+    """Whether a live stream of the click listens on its Redis channel."""
+    admin = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        return (await admin.pubsub_numsub(f"{settings.redis_prefix}ev:{cid}"))[0][1] > 0
+    finally:
+        await admin.aclose()
 
 
 async def observe(client, tokens, user, cid, events):
@@ -42,15 +53,8 @@ async def test_overwrite_is_detected_stored_and_explained(client, tokens, db, se
     # A later clean page does not undo it.
     resp = await observe(client, tokens, "o-user-1", cid, [{"type": "navigation", "url": "https://aliexpress.ru/"}])
     assert (await resp.json())["state"] == "overwritten"
-    for _ in range(50):
-        if await db.fetchval("SELECT count(*) FROM signals WHERE click_id = $1", cid):
-            break
-        await asyncio.sleep(0.05)
-    assert await db.fetchval("SELECT kind FROM signals WHERE click_id = $1", cid) == "foreign_affiliate_param"
-    for _ in range(50):
-        if await db.fetchval("SELECT state FROM click_states WHERE click_id = $1", cid) == "overwritten":
-            break
-        await asyncio.sleep(0.05)
+    assert await stored(db, "SELECT kind FROM signals WHERE click_id = $1", cid) == "foreign_affiliate_param"
+    await stored(db, "SELECT 1 FROM click_states WHERE click_id = $1 AND state = 'overwritten'", cid)
     view = await (await client.get(f"/v1/clicks/{cid}", headers=ADMIN)).json()
     assert view["state"] == "overwritten" and view["action"] == "reactivate"
     assert view["signals"][0]["kind"] == "foreign_affiliate_param"
@@ -68,13 +72,12 @@ async def test_promo_code_and_converted_then_late(client, tokens, db):
     await client.get("/postback/admitad", params={
         "token": "test-admitad-token", "subid": cid, "order_id": "OBS-1", "status": "pending",
         "payment_sum": "5", "currency": "RUB"})
-    for _ in range(50):
+    async def converted() -> dict | None:
         body = await (await observe(client, tokens, "o-user-2", cid, [
             {"type": "promo_code", "code": "SAVE10"}])).json()
-        if body["state"] == "converted":
-            break
-        await asyncio.sleep(0.05)
-    assert body["state"] == "converted" and body["action"] == "none"
+        return body if body["state"] == "converted" else None
+    body = await until(converted, "observe answering converted after the postback")
+    assert body["action"] == "none"
     assert body["signals"][0]["kind"] == "foreign_promo_code" and body["signals"][0]["late"] is True
 
 
@@ -141,7 +144,7 @@ async def test_event_stream_delivers_a_change_made_through_another_worker(aiohtt
     assert stream.status == 200 and stream.headers["Content-Type"].startswith("text/event-stream")
     [first] = await read_events(stream, 1)
     assert first == ("state", {"click_id": cid, "state": "active", "action": "none"})
-    await asyncio.sleep(0.2)
+    await until(lambda: subscribed(settings, cid), "the stream's channel subscribed")
     await observe(worker_b, tokens, "o-user-5", cid, [
         {"type": "navigation", "url": location},
         {"type": "navigation", "url": "https://aliexpress.ru/"},
@@ -181,16 +184,6 @@ async def test_event_stream_ignores_a_nonsense_heartbeat(client, tokens):
         stream.close()
 
 
-async def _stored(db, sql, *args, attempts=100):
-    """A query's value once the batched signal writer has written it (None if it never did)."""
-    for _ in range(attempts):
-        value = await db.fetchval(sql, *args)
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    return None
-
-
 async def test_a_nul_in_a_promo_code_is_refused_and_stops_nobody(client, tokens, db):
     attacker, _ = await activate(client, tokens, "nul-attacker")
     resp = await observe(client, tokens, "nul-attacker", attacker, [{"type": "promo_code", "code": "X\u0000Y"}])
@@ -204,8 +197,8 @@ async def test_a_nul_in_a_promo_code_is_refused_and_stops_nobody(client, tokens,
     victim, _ = await activate(client, tokens, "nul-victim")
     resp = await observe(client, tokens, "nul-victim", victim, [{"type": "promo_code", "code": "COUPONSITE"}])
     assert (await resp.json())["state"] == "overwritten"
-    assert await _stored(db, "SELECT kind FROM signals WHERE click_id = $1", victim) == "foreign_promo_code"
-    assert await _stored(db, "SELECT state FROM click_states WHERE click_id = $1", victim) == "overwritten"
+    assert await stored(db, "SELECT kind FROM signals WHERE click_id = $1", victim) == "foreign_promo_code"
+    assert await stored(db, "SELECT state FROM click_states WHERE click_id = $1", victim) == "overwritten"
     assert await db.fetchval("SELECT count(*) FROM signals WHERE click_id = $1", attacker) == 0
 
 
@@ -220,9 +213,9 @@ async def test_control_characters_decoded_from_a_url_are_kept_as_evidence_withou
     assert body["state"] == "overwritten"
     [signal] = [s for s in body["signals"] if s["network"] == "cj"]
     assert signal["evidence"]["value"] == "th\ufffdeirs"
-    evidence = await _stored(db, "SELECT evidence::text FROM signals WHERE click_id = $1 AND network = 'cj'", cid)
+    evidence = await stored(db, "SELECT evidence::text FROM signals WHERE click_id = $1 AND network = 'cj'", cid)
     assert evidence is not None and "\\u0000" not in evidence
-    detector = await _stored(db, "SELECT detector::text FROM click_states WHERE click_id = $1", cid)
+    detector = await stored(db, "SELECT detector::text FROM click_states WHERE click_id = $1", cid)
     assert detector is not None and "ours\ufffd\ufffd" in detector
     # A URL with raw control characters is garbled, not a page: ignored, as any unparseable URL.
     resp = await observe(client, tokens, "nul-user-2", cid, [

@@ -17,6 +17,7 @@ from tracker.store.ratelimit import EDGE, RateLimits, Sent, blind_budget
 from tracker.store.sessions import _SYNC, SessionStore
 
 from .conftest import BROWSER, free_port, serve_process
+from .waiting import until
 
 LIMIT = 60
 
@@ -46,7 +47,7 @@ async def test_a_user_flooding_every_worker_gets_the_limit_and_at_most_ten_perce
     async with serve_process(settings, workers=workers, env=env) as (_, base):
         token = tokens.mint(f"flood-{workers}-{time.time_ns()}")
         if time.time() % 60 > 45:  # the counts are per minute: do not straddle a window's end
-            await asyncio.sleep(60 - time.time() % 60 + 0.1)
+            await asyncio.sleep(60 - time.time() % 60 + 0.1)  # the window's end passing, not a wait for an event
         statuses = await _burst(base, token, requests=6 * LIMIT, connections=32)
     assert set(statuses) <= {302, 429}, statuses
     assert LIMIT <= statuses[302] <= LIMIT * 1.1, statuses
@@ -177,11 +178,7 @@ async def test_while_redis_is_down_each_worker_holds_the_limit_on_its_own(settin
     store = SessionStore(client, settings.redis_prefix, timeout=0.2, sync_timeout=0.2)
     await store.start()  # its first call (the heartbeat) finds Redis down
     try:
-        for _ in range(200):
-            if not store.ok:
-                break
-            await asyncio.sleep(0.01)
-        assert not store.ok
+        await until(lambda: not store.ok, "the store marking Redis down")
         verdicts = [await store.over_limit_exact([("user", "offline", 5)]) for _ in range(7)]
         assert verdicts[:5] == [None] * 5 and [v[0] for v in verdicts[5:]] == ["user", "user"]
     finally:

@@ -23,6 +23,7 @@ from tracker.domain.tokens import UserTokens
 from tracker.serve import server_options
 
 from .conftest import BROWSER, SECRET, serve_process
+from .waiting import until
 
 OLD_SECRET = "the-old-secret-0123456789"
 
@@ -312,10 +313,8 @@ async def test_open_event_streams_are_bounded_per_user(client, tokens, monkeypat
     assert calm.status == 200  # another user is not held back
     calm.close()
     streams[0].close()
-    for _ in range(50):  # the server notices the closed stream at its next write
-        await asyncio.sleep(0.1)
-        if client.app[keys.STREAMS].per_user.get("streamer", 0) < 2:
-            break
+    # The server notices the closed stream at its next write (heartbeat 0.5 s).
+    await until(lambda: client.app[keys.STREAMS].per_user.get("streamer", 0) < 2, "the closed stream uncounted")
     again = await client.get(f"/v1/clicks/{cids[2]}/events", params={"u": token, "heartbeat": "0.5"})
     assert again.status == 200
     again.close()

@@ -7,6 +7,7 @@ import aiohttp
 import pytest
 
 from .conftest import BROWSER, serve_process
+from .waiting import until
 
 pytestmark = pytest.mark.fault
 
@@ -30,16 +31,13 @@ async def test_metrics_sum_over_workers_and_sigterm_drains(server, tokens, db):
     async with aiohttp.ClientSession(connector=connector) as session:
         results = await asyncio.gather(*(_go(session, base, token) for _ in range(300)))
         assert all(status == 302 for status, _ in results)
-        counted = 0.0
-        for _ in range(40):  # each worker adds its tally to the shared metrics every second
+
+        async def all_counted() -> bool:  # each worker adds its tally to the shared metrics every second
             async with session.get(base + "/metrics") as resp:
                 text = await resp.text()
-            counted = sum(float(v) for v in re.findall(
-                r'tracker_clicks_total\{bot="false",merchant="nike",source="web"\} (\S+)', text))
-            if counted == 300:
-                break
-            await asyncio.sleep(0.1)
-        assert counted == 300
+            return sum(float(v) for v in re.findall(
+                r'tracker_clicks_total\{bot="false",merchant="nike",source="web"\} (\S+)', text)) == 300
+        await until(all_counted, "300 clicks counted in /metrics")
         assert await db.fetchval("SELECT count(*) FROM clicks WHERE user_id = $1", "serve-user") == 300
 
         # SIGTERM under load: every 302 that went out has its row.
@@ -55,7 +53,7 @@ async def test_metrics_sum_over_workers_and_sigterm_drains(server, tokens, db):
                     redirected.append(cid)
 
         loaders = [asyncio.create_task(load()) for _ in range(16)]
-        await asyncio.sleep(0.5)
+        await until(lambda: len(redirected) >= 100, "the load under way")
         proc.send_signal(signal.SIGTERM)
         code = await asyncio.to_thread(proc.wait, 30)
         await asyncio.wait_for(asyncio.gather(*loaders, return_exceptions=True), 10)

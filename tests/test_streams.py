@@ -8,7 +8,7 @@ import dataclasses
 import os
 import signal
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import aiohttp
 import orjson
@@ -22,17 +22,9 @@ from tracker.store.feed import QUEUE_SIZE, Link, StateFeed
 from tracker.store.sessions import SessionStore
 
 from .conftest import BROWSER, serve_process
+from .waiting import until
 
 STREAMS = 150  # more than redis-py's default pool, which the streams used to empty
-
-
-async def until(check: Callable[[], Awaitable[bool]], what: str, attempts: int = 400) -> None:
-    """Wait for a condition that the service reaches by itself (no timing is asserted)."""
-    for _ in range(attempts):
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"never: {what}")
 
 
 async def activate(http: aiohttp.ClientSession, base: str, token: str) -> str:
@@ -208,7 +200,7 @@ async def test_a_stream_gets_its_change_again_after_redis_comes_back(settings, t
                     return False
             await until(subscribed, "the channel subscribed")
             await asyncio.to_thread(kill_redis, root)
-            await until(lambda: asyncio.sleep(0, "state_feed_lost" in log.read_text()), "the feed saw the loss")
+            await until(lambda: "state_feed_lost" in log.read_text(), "the feed saw the loss")
             await asyncio.to_thread(embedded.start_redis, root)
             await until(subscribed, "the channel subscribed again")
             await admin.publish(channel, orjson.dumps({"state": "overwritten"}))

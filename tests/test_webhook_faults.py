@@ -3,7 +3,6 @@ is killed, every process of it at once, while its deliveries are in flight (the 
 them) or waiting; after a restart every event reaches the subscriber, signed, under its own id."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import subprocess
@@ -14,10 +13,11 @@ import pytest
 
 from tracker.domain.tokens import UserTokens
 
-from .conftest import BROWSER, SECRET, free_port
+from .conftest import BROWSER, SECRET, free_port, serve_env
 from .receiver import Receiver, new_secret
 from .test_postbacks import admitad
-from .test_webhooks import deliveries, subscribe
+from .test_webhooks import deliveries, deliveries_once, subscribe
+from .waiting import answers
 
 pytestmark = pytest.mark.fault
 EVENTS = 30
@@ -25,27 +25,11 @@ CONCURRENCY = 4
 
 
 def serve(settings, port: int, log) -> subprocess.Popen:  # noqa: ANN001
-    env = {**os.environ, "TRACKER_DATABASE_URL": settings.database_url, "TRACKER_REDIS_URL": settings.redis_url,
-           "TRACKER_DATA_DIR": str(settings.data_dir), "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 20,
-           "TRACKER_REDIS_PREFIX": settings.redis_prefix, "TRACKER_RATE_LIMIT_IP": "0",
-           "TRACKER_RATE_LIMIT_USER": "0", "TRACKER_WEBHOOK_TIMEOUT": "2", "TRACKER_WEBHOOK_LEASE": "3",
-           "TRACKER_WEBHOOK_RETRY_BASE_MS": "100", "TRACKER_WEBHOOK_POLL_MS": "20",
-           "TRACKER_WEBHOOK_CONCURRENCY": str(CONCURRENCY)}
+    env = serve_env(settings, {"TRACKER_WEBHOOK_TIMEOUT": "2", "TRACKER_WEBHOOK_LEASE": "3",
+                               "TRACKER_WEBHOOK_RETRY_BASE_MS": "100", "TRACKER_WEBHOOK_POLL_MS": "20",
+                               "TRACKER_WEBHOOK_CONCURRENCY": str(CONCURRENCY)})
     return subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(port), "--workers", "2"],
                             env=env, stdout=log, stderr=log, start_new_session=True)
-
-
-async def ready(base: str) -> None:
-    async with aiohttp.ClientSession() as s:
-        for _ in range(600):
-            try:
-                async with s.get(base + "/readyz") as r:
-                    if r.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise AssertionError("tracker serve did not become ready")
 
 
 async def test_kill9_with_deliveries_in_flight_and_waiting_loses_none(settings, db):
@@ -66,7 +50,7 @@ async def test_kill9_with_deliveries_in_flight_and_waiting_loses_none(settings, 
     log = (settings.data_dir / "serve.log").open("ab")
     proc = serve(settings, port, log)
     try:
-        await ready(base)
+        await answers(base + "/readyz", proc, log.name)
         token = UserTokens(SECRET).mint("fault-webhooks")
         async with aiohttp.ClientSession() as s:
             for i in range(EVENTS):
@@ -88,14 +72,11 @@ async def test_kill9_with_deliveries_in_flight_and_waiting_loses_none(settings, 
         holding["on"] = False
         # The killed sends are taken again when their leases end (3 s here); the rest go at once.
         proc = serve(settings, port, log)
-        await ready(base)
+        await answers(base + "/readyz", proc, log.name)
         await receiver.wait(lambda: expected <= answered, 30)
-        for _ in range(100):
-            rows = await deliveries(db, "survivor")
-            if all(r["state"] == "delivered" for r in rows):
-                break
-            await asyncio.sleep(0.05)
-        assert len(rows) == EVENTS and all(r["state"] == "delivered" for r in rows)
+        rows = await deliveries_once(db, "survivor", lambda rows: all(r["state"] == "delivered" for r in rows),
+                                     "all delivered")
+        assert len(rows) == EVENTS
         assert all(h.verified for h in receiver.hits)
         log.flush()
         output = (settings.data_dir / "serve.log").read_text()

@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from typing import Callable
 
 import pytest
 import yaml
@@ -23,6 +24,7 @@ from .conftest import ADMIN, HERE
 from .receiver import Receiver, new_secret
 from .test_merchants_file import parse
 from .test_postbacks import activate, admitad
+from .waiting import until
 
 GOOD = yaml.safe_load((HERE / "merchants.yaml").read_text())
 FAST = {"webhook_timeout": 1, "webhook_lease": 3, "webhook_retry_base_ms": 50, "webhook_poll_ms": 20,
@@ -48,6 +50,14 @@ async def deliveries(db, webhook: str) -> list[dict]:  # noqa: ANN001
     rows = await db.fetch("SELECT d.state, d.attempts, d.last_status, e.public_id, e.type FROM webhook_deliveries d "
                           "JOIN events e ON e.id = d.event_id WHERE d.webhook = $1 ORDER BY d.event_id", webhook)
     return [dict(r) for r in rows]
+
+
+async def deliveries_once(db, webhook: str, holds: Callable[[list[dict]], bool], what: str) -> list[dict]:  # noqa: ANN001
+    """`webhook`'s deliveries once there are some and `holds(rows)` is true (the dispatcher runs apart)."""
+    async def check() -> list[dict] | None:
+        rows = await deliveries(db, webhook)
+        return rows if rows and holds(rows) else None
+    return await until(check, f"{webhook}'s deliveries {what}")
 
 
 # -- the merchants file --------------------------------------------------------------------------
@@ -128,19 +138,14 @@ async def test_failures_timeouts_and_redirects_are_retried_with_the_same_id_unti
     try:
         cid = await activate(client, tokens, "wh-user-1")
         await client.get("/postback/admitad", params=admitad(cid, "WH-1"))
-        await receiver.wait(lambda: len(receiver.hits) >= 4)
-        await asyncio.sleep(0.2)  # time for a wrong fifth attempt to show
+        # Delivered is final: a fifth attempt would have been sent before it.
+        [row] = await deliveries_once(db, "flaky", lambda rows: rows[0]["state"] == "delivered", "delivered")
+        assert (row["state"], row["attempts"], row["last_status"]) == ("delivered", 4, 204)
         assert len(receiver.hits) == 4 and all(h.verified for h in receiver.hits)
         assert len({h.webhook_id for h in receiver.hits}) == 1  # the same id on every retry
         payload = receiver.hits[-1].payload
         assert payload["id"] == receiver.hits[0].webhook_id and payload["type"] == "conversion.created"
         assert payload["data"]["conversion"]["order_id"] == "WH-1" and payload["cursor"]
-        for _ in range(50):
-            [row] = await deliveries(db, "flaky")
-            if row["state"] == "delivered":
-                break
-            await asyncio.sleep(0.02)
-        assert (row["state"], row["attempts"], row["last_status"]) == ("delivered", 4, 204)
         text = await (await client.get("/metrics", headers=ADMIN)).text()
         assert 'tracker_webhook_deliveries_total{outcome="retried",webhook="flaky"} 3.0' in text
         assert 'tracker_webhook_deliveries_total{outcome="delivered",webhook="flaky"} 1.0' in text
@@ -160,11 +165,7 @@ async def test_410_fails_at_once_and_retry_sends_again(aiohttp_client, settings,
         cid = await activate(client, tokens, "wh-user-2")
         await client.get("/postback/admitad", params=admitad(cid, "WH-410"))
         await receiver.wait(lambda: len(receiver.hits) == 1)
-        for _ in range(50):
-            [row] = await deliveries(db, "gone")
-            if row["state"] != "pending":
-                break
-            await asyncio.sleep(0.02)
+        [row] = await deliveries_once(db, "gone", lambda rows: rows[0]["state"] != "pending", "settled")
         assert (row["state"], row["attempts"], row["last_status"]) == ("failed", 1, 410)
         status = cli(settings, "webhooks", "status")
         [entry] = [w for w in json.loads(status.stdout)["webhooks"] if w["name"] == "gone"]
@@ -199,20 +200,13 @@ async def test_a_delivery_that_keeps_failing_for_24_hours_fails(aiohttp_client, 
     try:
         cid = await activate(client, tokens, "wh-user-3")
         await client.get("/postback/admitad", params=admitad(cid, "WH-DAY"))
-        for _ in range(200):  # the first failure recorded (and retried)
-            rows = await deliveries(db, "down-a-day")
-            if rows and rows[0]["last_status"] == 503:
-                break
-            await asyncio.sleep(0.02)
+        rows = await deliveries_once(db, "down-a-day", lambda rows: rows[0]["last_status"] == 503,
+                                     "with the first failure recorded (and retried)")
         assert rows[0]["state"] == "pending"
         # As if it had been retried since yesterday: the next failure is its last.
         await db.execute("UPDATE webhook_deliveries SET retry_from = now() - interval '24 hours 1 minute' "
                          "WHERE webhook = 'down-a-day'")
-        for _ in range(200):
-            [row] = await deliveries(db, "down-a-day")
-            if row["state"] == "failed":
-                break
-            await asyncio.sleep(0.02)
+        [row] = await deliveries_once(db, "down-a-day", lambda rows: rows[0]["state"] == "failed", "failed")
         assert row["state"] == "failed" and row["last_status"] == 503 and row["attempts"] >= 2
     finally:
         await client.close()
@@ -294,7 +288,7 @@ async def test_types_filter_what_a_subscriber_receives(aiohttp_client, settings,
         await client.get("/postback/admitad", params=admitad(cid, "WH-TYPES"))
         await client.get("/postback/admitad", params=admitad("unknown-click", "WH-TYPES-ORPHAN"))
         await receiver.wait(lambda: len(receiver.hits) == 1)
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.2)  # an absence (no other type sent) has no event to wait for: a short window
         assert [h.payload["type"] for h in receiver.hits] == ["postback.orphaned"]
     finally:
         await client.close()
@@ -344,7 +338,8 @@ async def test_two_workers_share_the_work_without_sending_an_event_twice(aiohttp
             cid = await activate(first, tokens, "wh-user-8")
             await first.get("/postback/admitad", params=admitad(cid, f"WH-SHARED-{i}"))
         await receiver.wait(lambda: len(set(receiver.ids())) == 40)
-        await asyncio.sleep(0.3)  # time for a duplicate to show
+        # Marked delivered only after its send was answered: a duplicate send has arrived by then.
+        await deliveries_once(db, "shared", lambda rows: all(r["state"] == "delivered" for r in rows), "all delivered")
         assert len(receiver.ids()) == 40 and all(h.verified for h in receiver.hits)
     finally:
         await first.close()
