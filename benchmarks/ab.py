@@ -1,5 +1,6 @@
 """A/B of two builds of the /go path: alternating wrk runs against `tracker serve` from each build,
-with the worker processes' CPU time read from /proc around each run. The machine's speed drifts over
+with the CPU time of tracker's processes, PostgreSQL's and Redis's read from /proc around each run
+(benchmarks/cpu.py). The machine's speed drifts over
 minutes, so only interleaved runs compare; CPU per redirect moves less than requests/s.
 
     .venv/bin/python benchmarks/ab.py REV_A REV_B [--rounds 4] [--seconds 8] [--durability commit]
@@ -9,7 +10,6 @@ tree. Uses the servers of TRACKER_DATABASE_URL / TRACKER_REDIS_URL, else the emb
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
+import cpu  # noqa: E402
 
 
 def tree_of(rev: str, scratch: Path) -> Path:
@@ -33,19 +34,6 @@ def tree_of(rev: str, scratch: Path) -> Path:
     subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(path), rev],
                    check=True, capture_output=True)
     return path
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
 
 
 def writer_totals(port: int) -> dict[str, float]:
@@ -67,12 +55,12 @@ def run_once(tree: Path, env: dict[str, str], seconds: int, wenv: dict[str, str]
     try:
         bench.wait_http(port, "/readyz")
         script = str(ROOT / "benchmarks/go.lua")
-        bench.wrk(port, script, wenv, 2)
+        bench.wrk(port, script, wenv, seconds=2)
         time.sleep(0.5)
-        workers = children(proc.pid) or [proc.pid]
-        before, writer_before = cpu_seconds(workers), writer_totals(port)
-        result = bench.wrk(port, script, wenv, seconds)
-        result["cpu_us"] = (cpu_seconds(workers) - before) / result["requests"] * 1e6
+        meter = cpu.Meter(server=lambda: cpu.tree(proc.pid), postgres=cpu.postgres_pids(env["TRACKER_DATABASE_URL"]),
+                          redis=cpu.redis_pids(env["TRACKER_REDIS_URL"]))
+        writer_before = writer_totals(port)
+        result = bench.metered_wrk(meter, port, script, wenv, seconds=seconds)
         writer = {k: v - writer_before[k] for k, v in writer_totals(port).items()}
         copies = writer["tracker_writer_batch_size_count"] or 1
         result["rows_per_copy"] = writer["tracker_writer_batch_size_sum"] / copies
@@ -102,7 +90,7 @@ def main() -> int:
                 bench_redis.flushdb()
                 r = run_once(trees[name], tenv, args.seconds, {"TOKENS_FILE": str(tokens)})
                 results[name].append(r)
-                print(f"round {i + 1} {name}: {r['rps']:,.0f} req/s  {r['cpu_us']:.1f} us CPU/redirect  "
+                print(f"round {i + 1} {name}: {r['rps']:,.0f} req/s  {bench.cpu_cell(r)} us CPU/redirect  "
                       f"p99 {r['p99_ms']:.2f} ms  non-3xx {r['non_3xx']}  "
                       f"{r['rows_per_copy']:.1f} rows/COPY, {r['flush_ms']:.2f} ms/COPY", flush=True)
     finally:
@@ -113,7 +101,10 @@ def main() -> int:
     for name, rev in (("A", args.a), ("B", args.b)):
         rs = results[name]
         print(f"{name} ({rev}): median {statistics.median(r['rps'] for r in rs):,.0f} req/s, "
-              f"{statistics.median(r['cpu_us'] for r in rs):.1f} us CPU/redirect, "
+              f"{statistics.median(r['cpu_us'] for r in rs):.1f} us CPU/redirect (workers "
+              f"{statistics.median(r['cpu_server'] for r in rs):.1f}, PostgreSQL "
+              f"{statistics.median(r['cpu_postgres'] for r in rs):.1f}, Redis "
+              f"{statistics.median(r['cpu_redis'] for r in rs):.1f}), "
               f"p99 {statistics.median(r['p99_ms'] for r in rs):.2f} ms")
     return 0
 

@@ -20,6 +20,9 @@ import redis
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import cpu  # noqa: E402
+
 from tracker.devstack import _servers  # noqa: E402
 from tracker.domain.tokens import UserTokens  # noqa: E402
 
@@ -64,6 +67,23 @@ def wrk(port: int, script: str, env: dict[str, str], seconds: int = SECONDS,
     result = json.loads(match.group(1))
     result["rps"] = result["requests"] / result["seconds"]
     return result
+
+
+def metered_wrk(meter: cpu.Meter, port: int, script: str, env: dict[str, str], **kwargs: int) -> dict[str, float]:
+    """wrk, with the CPU the meter's processes spent meanwhile: `cpu_<group>` in us per request, and
+    `cpu_us`, their sum."""
+    before = meter.snapshot()
+    result = wrk(port, script, env, **kwargs)
+    spent = meter.spent(before)
+    for group, seconds in spent.items():
+        result[f"cpu_{group}"] = seconds / result["requests"] * 1e6
+    result["cpu_us"] = sum(spent.values()) / result["requests"] * 1e6
+    return result
+
+
+def cpu_cell(result: dict[str, float]) -> str:
+    parts = [f"{result[f'cpu_{g}']:.1f}" for g in ("server", "postgres", "redis") if f"cpu_{g}" in result]
+    return f"{result['cpu_us']:.1f}" + (f" ({' + '.join(parts)})" if len(parts) > 1 else "")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
@@ -138,6 +158,16 @@ def main() -> int:
 
     script = str(ROOT / "benchmarks/go.lua")
     wenv = {"TOKENS_FILE": str(tokens_file)}
+    postgres, redis_server = cpu.postgres_pids(dsn), cpu.redis_pids(tenv["TRACKER_REDIS_URL"])
+
+    def meter(proc: subprocess.Popen[bytes], *, stores: bool = True, uses_redis: bool = True) -> cpu.Meter:
+        groups = {"server": lambda: cpu.tree(proc.pid)}
+        if stores:
+            groups["postgres"] = postgres
+        if uses_redis:
+            groups["redis"] = redis_server
+        return cpu.Meter(**groups)
+
     rows: list[tuple[str, dict[str, float], str]] = []
 
     def run_ceiling() -> dict[str, float]:
@@ -145,8 +175,8 @@ def main() -> int:
         plain = subprocess.Popen([sys.executable, str(ROOT / "benchmarks/plain_app.py"), str(port), str(WORKERS)])
         try:
             wait_http(port, "/go/x")
-            wrk(port, script, wenv, 2)
-            return wrk(port, script, wenv)
+            wrk(port, script, wenv, seconds=2)
+            return metered_wrk(meter(plain, stores=False, uses_redis=False), port, script, wenv)
         finally:
             stop(plain)
 
@@ -167,10 +197,10 @@ def main() -> int:
         try:
             wait_http(port, "/go/x" if floor else "/readyz")
             paced = {**wenv, "GO_DELAY_MS": str(pace_ms)} if pace_ms else wenv
-            warm = wrk(port, script, paced, 2)
+            warm = wrk(port, script, paced, seconds=2)
             time.sleep(1)
             before = asyncio.run(count_clicks(dsn))
-            result = wrk(port, script, paced)
+            result = metered_wrk(meter(proc, uses_redis=not floor), port, script, paced)
         finally:
             stop(proc)
             log.close()
@@ -194,16 +224,18 @@ def main() -> int:
             rounds[durability].append(run_go(durability))
         ceilings.append(run_ceiling())
     ceiling: dict[str, float] = {key: sum(c[key] for c in ceilings) / len(ceilings)
-                                 for key in ("rps", "p50_ms", "p99_ms")}
+                                 for key in ("rps", "p50_ms", "p99_ms", "cpu_us", "cpu_server")}
     rows.append((f"plain aiohttp 302 (ceiling, mean of {len(ceilings)} runs around the /go rounds)", ceiling,
                  ", ".join(f"{c['rps']:,.0f}" for c in ceilings)))
     for durability, runs in rounds.items():
         for i, (result, _, _) in enumerate(runs):
-            result["ratio"] = result["rps"] / ((ceilings[i]["rps"] + ceilings[i + 1]["rps"]) / 2)
-        median = sorted(runs, key=lambda run: run[0]["ratio"])[len(runs) // 2]
+            around = (ceilings[i], ceilings[i + 1])
+            result["ratio"] = result["rps"] / (sum(c["rps"] for c in around) / 2)
+            result["cpu_ratio"] = sum(c["cpu_us"] for c in around) / 2 / result["cpu_us"]
+        median = sorted(runs, key=lambda run: run[0]["cpu_ratio"])[len(runs) // 2]
         note = median[1]
         if len(runs) > 1:
-            note += (f"; ratios of {len(runs)} rounds: " + ", ".join(f"{r[0]['ratio']:.2f}" for r in runs)
+            note += (f"; CPU ratios of {len(runs)} rounds: " + ", ".join(f"{r[0]['cpu_ratio']:.2f}" for r in runs)
                      + ("" if all(r[2] for r in runs) else " (a round MISMATCHED)"))
         name = (f"floor: plain aiohttp 302 + tracker's click writer only, durability={durability[6:]}"
                 if durability.startswith("floor-") else f"tracker /go, durability={durability}")
@@ -230,8 +262,8 @@ def main() -> int:
                                  ("tracker /postback new orders, 1 worker", "postback.lua", {}),
                                  ("tracker /postback duplicates, 1 worker", "postback.lua", {"DUPLICATES": "1"})):
             script_path = str(ROOT / "benchmarks" / lua)
-            wrk(port, script_path, {**cenv, **extra}, 2)
-            result = wrk(port, script_path, {**cenv, **extra})
+            wrk(port, script_path, {**cenv, **extra}, seconds=2)
+            result = metered_wrk(meter(proc), port, script_path, {**cenv, **extra})
             rows.append((name, result, "ok" if result["non_3xx"] == 0 else f"{result['non_3xx']} non-2xx"))
     finally:
         stop(proc)
@@ -250,7 +282,7 @@ def main() -> int:
             wait_http(port, "/readyz")
             before = asyncio.run(count_clicks(dsn))
             embedded.stop_postgres(root, mode="immediate")
-            result = wrk(port, script, wenv)
+            result = metered_wrk(meter(proc, stores=False), port, script, wenv)
             embedded.start_postgres(root)
             after = before
             for _ in range(600):
@@ -270,15 +302,19 @@ def main() -> int:
                      f"({'ok' if ok else 'MISMATCH'})"))
 
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    print(f"\n{stamp}, {os.cpu_count()} cores ({cpu}), wrk -t2 -c{CONNECTIONS} -d{SECONDS}s, "
+    print(f"\n{stamp}, {os.cpu_count()} cores ({model}), wrk -t2 -c{CONNECTIONS} -d{SECONDS}s, "
           f"{WORKERS} server processes\n")
-    print("| scenario | requests/s | p50 ms | p99 ms | ratio to ceiling | rows check |")
-    print("| --- | ---: | ---: | ---: | ---: | --- |")
+    print("CPU: us per request, of the server's processes + PostgreSQL's + Redis's (benchmarks/cpu.py); "
+          "CPU ratio: the plain 302's CPU per request over the scenario's.\n")
+    print("| scenario | requests/s | p50 ms | p99 ms | CPU us/request | CPU ratio | req/s ratio | rows check |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for name, r, check in rows:
         ratio = r.get("ratio", r["rps"] / ceiling["rps"])
-        print(f"| {name} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {ratio:.2f} | {check} |")
+        cpu_ratio = r.get("cpu_ratio", ceiling["cpu_us"] / r["cpu_us"])
+        print(f"| {name} | {r['rps']:,.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {cpu_cell(r)} | "
+              f"{cpu_ratio:.2f} | {ratio:.2f} | {check} |")
     return 0
 
 

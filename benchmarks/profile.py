@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-import ab  # noqa: E402
+import cpu  # noqa: E402
 import bench  # noqa: E402
 
 
@@ -43,7 +43,7 @@ def main() -> int:
         load = threading.Thread(target=bench.wrk, args=(port, script, wenv, args.seconds + 3))
         load.start()
         time.sleep(1)
-        worker = ab.children(proc.pid)[0]
+        worker = cpu.tree(proc.pid)[1]
         subprocess.run(["py-spy", "record", "-r", "200", "-d", str(args.seconds), "-p", str(worker), "-f", "raw",
                         "-o", str(out), "--nonblocking"], check=True, capture_output=True)
         load.join()
