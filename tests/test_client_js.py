@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
+from .waiting import until_blocking
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = ROOT / "clients" / "js" / "tracker-client.js"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -84,10 +86,8 @@ class Tracker:
             route.fulfill(status=404, body="")
 
     def until(self, check: Callable[[], bool], what: str, seconds: float = 5.0) -> None:
-        deadline = time.monotonic() + seconds
-        while not check():
-            assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
-            self.page.wait_for_timeout(20)  # lets Playwright dispatch the route handlers meanwhile
+        # Playwright's own pause, so that it dispatches the route handlers meanwhile.
+        until_blocking(check, what, seconds, pause=lambda s: self.page.wait_for_timeout(s * 1000))
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from tracker.settings import Settings
 from tracker.store.db import ensure_partitions
 
 from .conftest import ADMIN_KEY, BROWSER, SECRET, served
+from .waiting import stored
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [pytest.mark.fault, pytest.mark.browser, pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed")]
@@ -57,11 +58,7 @@ async def _insert_click(dsn: str, user: str, created: datetime, **fields: Any) -
 async def _wait_signals(dsn: str, cid: str, count: int) -> None:
     conn = await asyncpg.connect(dsn)
     try:
-        for _ in range(200):
-            if await conn.fetchval("SELECT count(*) FROM signals WHERE click_id = $1", cid) >= count:
-                return
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"the signals of {cid} never reached PostgreSQL")
+        await stored(conn, "SELECT 1 FROM signals WHERE click_id = $1 HAVING count(*) >= $2", cid, count)
     finally:
         await conn.close()
 

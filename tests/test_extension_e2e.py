@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import parse_qs, urlsplit
+from urllib.request import Request
 
 import pytest
 import redis
@@ -25,6 +25,7 @@ from tracker.settings import Settings
 
 from .conftest import ADMIN_KEY, BROWSER, SECRET, served
 from .test_console_browser import SHOTS
+from .waiting import answers_blocking, until_blocking
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTENSION = ROOT / "clients" / "extension"
@@ -99,7 +100,11 @@ def sites(tmp_path_factory) -> Iterator[int]:
     server.socket = tls.wrap_socket(server.socket, server_side=True, do_handshake_on_connect=False)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server.server_address[1]
+    port = server.server_address[1]
+    trust = ssl.create_default_context(cafile=folder / "cert.pem")
+    trust.check_hostname = False  # asked by address; the certificate names the mapped hosts
+    answers_blocking(Request(f"https://127.0.0.1:{port}/", headers={"Host": "coupons.example"}), context=trust)
+    yield port
     server.shutdown()
     server.server_close()
 
@@ -198,23 +203,16 @@ def activate(browser: Any, to: str) -> tuple[Any, str]:
 
 def tab_click(worker: Any, page: Any, other_than: str | None = None) -> str:
     """The click id the extension follows in this page's tab."""
-    clicks: list[str] = []
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
+    def new_click() -> str | None:
         clicks = worker.evaluate("() => [...trackerExtension.tabs.values()].map((t) => t.clickId)")
         fresh = [c for c in clicks if c != other_than]
-        if fresh and (other_than is None or other_than not in clicks):
-            return str(fresh[-1])
-        page.wait_for_timeout(50)
-    raise AssertionError(f"the extension follows no new click: {clicks}")
+        return str(fresh[-1]) if fresh and (other_than is None or other_than not in clicks) else None
+    return until(page, new_click, "the extension following a new click in the tab")
 
 
 def until(page: Any, check: Callable[[], Any], what: str, seconds: float = 5.0) -> Any:
-    deadline = time.monotonic() + seconds
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"not within {seconds} s: {what}"
-        page.wait_for_timeout(50)
-    return found
+    """`check()`'s first true answer, Playwright dispatching the page's events meanwhile."""
+    return until_blocking(check, what, seconds, pause=lambda s: page.wait_for_timeout(s * 1000))
 
 
 def detector_state(settings: Settings, cid: str) -> dict[str, Any] | None:

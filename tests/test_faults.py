@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +24,10 @@ from tracker.store.db import create_pool, ensure_near_partitions
 from tracker.store.sessions import SessionStore
 from tracker.store.spool import Spool
 
-from .conftest import BROWSER, SECRET, prepare_database, redis_value
+from .conftest import BROWSER, SECRET, free_port, prepare_database, redis_value
+from .waiting import answers, until
 
 pytestmark = pytest.mark.fault
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Stack:
@@ -97,17 +91,8 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.kill9()
 
-    async def wait_ready(self, timeout: float = 30) -> None:
-        async with aiohttp.ClientSession() as s:
-            for _ in range(int(timeout * 20)):
-                try:
-                    async with s.get(f"http://127.0.0.1:{self.port}/healthz") as r:
-                        if r.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError("the service did not start; see " + str(self.data / "serve.log"))
+    async def wait_ready(self) -> None:
+        await answers(f"http://127.0.0.1:{self.port}/healthz", self.proc, self.data / "serve.log")
 
 
 @pytest.fixture(scope="module")
@@ -146,14 +131,14 @@ class Load:
                             self.other.append(r.status)
                 except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
                     self.errors += 1
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(0.05)  # a client's pause after an error, not a wait for anything
 
     async def run_for(self, seconds: float, during=None) -> None:  # noqa: ANN001
         tasks = [asyncio.create_task(self._client()) for _ in range(self.n)]
         if during is not None:
             await during()
         else:
-            await asyncio.sleep(seconds)
+            await asyncio.sleep(seconds)  # the load's duration is the behaviour under test
         self._stop.set()
         await asyncio.gather(*tasks)
 
@@ -169,22 +154,26 @@ async def rows_of(dsn: str, user: str) -> tuple[int, int]:
 
 
 async def wait_rows(dsn: str, user: str, expected: int, timeout: float = 40) -> tuple[int, int]:
-    counts = (0, 0)
-    for _ in range(int(timeout * 10)):
-        try:
-            counts = await rows_of(dsn, user)
-        except (OSError, asyncpg.PostgresError):
-            pass
-        if counts[0] >= expected:
-            return counts
-        await asyncio.sleep(0.1)
-    return counts
+    """(rows, distinct click ids) of `user` once there are at least `expected` rows."""
+    async def enough() -> tuple[int, int] | None:
+        counts = await rows_of(dsn, user)
+        return counts if counts[0] >= expected else None
+    return await until(enough, f"{expected} rows of {user} in PostgreSQL", timeout,
+                       ignoring=(OSError, asyncpg.PostgresError))
 
 
 async def readyz(port: int) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
             return r.status, await r.json()
+
+
+async def readyz_until(port: int, holds, what: str) -> tuple[int, dict]:  # noqa: ANN001
+    """/readyz's (status, body) once `holds(status, body)`."""
+    async def check() -> tuple[int, dict] | None:
+        answer = await readyz(port)
+        return answer if holds(*answer) else None
+    return await until(check, f"/readyz {what}")
 
 
 async def test_postgres_down_under_load_loses_no_click(stack: Stack) -> None:
@@ -195,18 +184,18 @@ async def test_postgres_down_under_load_loses_no_click(stack: Stack) -> None:
     postback_during_outage: list[tuple[int, dict, str | None]] = []
 
     async def outage() -> None:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # load before the outage (the behaviour under test)
         await asyncio.to_thread(stack.stop_pg)
-        await asyncio.sleep(1.5)
-        seen_ready.append(await readyz(stack.port))
+        seen_ready.append(await readyz_until(stack.port, lambda status, body: body["postgres"] == "down",
+                                             "reporting PostgreSQL down"))
         async with aiohttp.ClientSession() as s:  # a postback now: 503 so that the network retries
             async with s.get(f"http://127.0.0.1:{stack.port}/postback/admitad", params={
                     "token": "test-admitad-token", "subid": load.ids[0], "order_id": "PGDOWN-1",
                     "status": "pending", "payment_sum": "1"}) as r:
                 postback_during_outage.append((r.status, await r.json(), r.headers.get("Retry-After")))
-        await asyncio.sleep(1.5)
+        await asyncio.sleep(1.5)  # the outage goes on under load: clicks go to the spool
         await asyncio.to_thread(stack.start_pg)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.0)  # the load goes on across the recovery
 
     await load.run_for(0, during=outage)
     assert load.other == [] and load.errors == 0
@@ -217,12 +206,8 @@ async def test_postgres_down_under_load_loses_no_click(stack: Stack) -> None:
     assert status == 503 and body["error"] == "unavailable" and retry == "5"
     total, distinct = await wait_rows(stack.dsn, "fault-pg", len(load.ids))
     assert total == distinct == len(load.ids)
-    for _ in range(50):
-        status, body = await readyz(stack.port)
-        if status == 200 and body["spool_pending_clicks"] == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert status == 200 and body["spool_pending_clicks"] == 0
+    await readyz_until(stack.port, lambda status, body: status == 200 and body["spool_pending_clicks"] == 0,
+                       "200 with the spool replayed")
     stack.stop()
     assert list((stack.data / "spool").glob("*.spool")) == []
 
@@ -239,12 +224,9 @@ async def test_kill9_during_replay_then_restart_replays_exactly_once(stack: Stac
         spool.append(rows, sync=False)
     spool.close()
     stack.serve(workers=1)
-    at_kill = 0
-    for _ in range(600):
-        at_kill = (await rows_of(stack.dsn, user))[0]
-        if at_kill > 0:
-            break
-        await asyncio.sleep(0.01)
+    async def replaying() -> int:
+        return (await rows_of(stack.dsn, user))[0]
+    at_kill = await until(replaying, "the replay's first rows in PostgreSQL", 30)
     stack.kill9()
     assert 0 < at_kill < n, at_kill  # killed in the middle of the replay
     stack.serve(workers=1)
@@ -263,10 +245,10 @@ async def test_redis_killed_under_load(stack: Stack) -> None:
     observed: list[tuple[int, dict]] = []
 
     async def outage() -> None:
-        await asyncio.sleep(0.7)
+        await asyncio.sleep(0.7)  # load before the outage (the behaviour under test)
         await asyncio.to_thread(stack.kill_redis)
-        await asyncio.sleep(1.5)
-        seen.append(await readyz(stack.port))
+        seen.append(await readyz_until(stack.port, lambda status, body: body["redis"] == "down",
+                                       "reporting Redis down"))
         # The detector reads the session from PostgreSQL while Redis is away.
         async with aiohttp.ClientSession() as s:
             async with s.post(f"http://127.0.0.1:{stack.port}/v1/observe",
@@ -276,7 +258,8 @@ async def test_redis_killed_under_load(stack: Stack) -> None:
                                   {"type": "navigation", "url": "https://www.nike.com/?cjevent=abc1234567890"}]}) as r:
                 observed.append((r.status, await r.json()))
         await asyncio.to_thread(stack.start_redis)
-        await asyncio.sleep(2.0)
+        await readyz_until(stack.port, lambda status, body: status == 200, "200 again with Redis back")
+        await asyncio.sleep(0.5)  # the load goes on past the recovery
 
     await load.run_for(0, during=outage)
     assert load.other == [] and load.errors == 0 and len(load.ids) > 100
@@ -303,19 +286,11 @@ async def test_a_dead_worker_is_replaced(stack: Stack) -> None:
     stack.serve(workers=2)
     await stack.wait_ready()
     parent = psutil.Process(stack.proc.pid)
-    for _ in range(100):
-        children = parent.children()
-        if len(children) == 2:
-            break
-        await asyncio.sleep(0.05)
+    children = await until(lambda: len(found := parent.children()) == 2 and found, "two workers")
     victim = children[0].pid
     os.kill(victim, signal.SIGKILL)
-    for _ in range(100):
-        pids = {c.pid for c in parent.children()}
-        if len(pids) == 2 and victim not in pids:
-            break
-        await asyncio.sleep(0.05)
-    assert len(pids) == 2 and victim not in pids
+    await until(lambda: len(pids := {c.pid for c in parent.children()}) == 2 and victim not in pids,
+                "a new worker in place of the killed one")
     load = Load(stack.port, "fault-worker", n=4)
     await load.run_for(0.5)
     assert load.other == [] and len(load.ids) > 10
@@ -357,10 +332,7 @@ async def test_async_mode_spills_to_the_spool_when_the_queue_is_full(stack: Stac
         assert writer.queued == 10 and writer.pending_spool == 15
         await writer.start()
         await writer.replay()
-        for _ in range(100):
-            if writer.queued == 0:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: writer.queued == 0, "the writer's queue written")
         stored = {r["click_id"] for r in await pool.fetch("SELECT click_id FROM clicks WHERE user_id = 'fault-spill'")}
         assert stored == {r[0] for r in rows}
     finally:
@@ -468,11 +440,8 @@ async def test_rows_that_arrive_within_the_linger_share_one_copy(settings, db):
                 cid, ms = new_click_id()
                 await writer.write((cid, ms, f"linger-user-{i}", "nike", "web", "https://www.nike.com/", None,
                                     "127.0.0.1", "ua", False, "GET"))
-                await asyncio.sleep(0.005)
-            for _ in range(200):
-                if writer.queued == 0:
-                    break
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.005)  # the spacing of the clicks is the behaviour under test
+            await until(lambda w=writer: w.queued == 0, "the writer's queue written")
             assert await db.fetchval("SELECT count(*) FROM clicks WHERE user_id = $1", f"linger-user-{i}") == 20
         # With a 0.5 s linger the first click goes at once (nothing ran before) and the other 19,
         # spread over ~0.1 s, in one COPY; with none, the flushers take them as they come.
@@ -506,12 +475,13 @@ async def test_a_slow_redis_delays_session_writes_but_does_not_drop_them(setting
         for click_id in ids:
             store.put_session(click_id, {"u": "slow-redis", "m": "nike"}, 600)
         hurried.put_session("hurried-click", {"u": "slow-redis", "m": "nike"}, 600)
-        await asyncio.sleep(2.0)  # the pause ends after 1.2 s
-        stored = await client.mget([store.session_key(i) for i in ids])
-        assert all(stored) and store.ok
+        async def all_stored() -> bool:  # reads go on during a WRITE pause; the writes land after 1.2 s
+            return all(await client.mget([store.session_key(i) for i in ids]))
+        await until(all_stored, "the 20 sessions written after the pause")
+        assert store.ok
+        await until(lambda: REGISTRY.get_sample_value("tracker_redis_fail_open_total", {"operation": "session"})
+                    == dropped_before + 1, "the hurried store's drop counted")
         assert await client.get(hurried.session_key("hurried-click")) is None
-        dropped = REGISTRY.get_sample_value("tracker_redis_fail_open_total", {"operation": "session"})
-        assert dropped == dropped_before + 1
     finally:
         await admin.execute_command("CLIENT", "UNPAUSE")
         await store.stop()
@@ -536,8 +506,7 @@ async def test_stopping_during_a_slow_batch_still_writes_its_sessions(settings):
         ids = [new_click_id()[0] for _ in range(5)]
         for click_id in ids:
             store.put_session(click_id, {"u": "stopping", "m": "nike"}, 600)
-        await asyncio.sleep(0.1)  # the batch call is now waiting for the pause to end
-        assert store._ops == []  # taken by the call in flight
+        await until(lambda: not store._ops, "the batch taken by the call in flight (waiting for the pause to end)")
         await store.stop()  # cancels it; the last call waits out the pause and writes them
         assert all(await client.mget([store.session_key(i) for i in ids]))
     finally:
@@ -586,7 +555,7 @@ async def test_a_slow_answer_on_the_request_path_does_not_mark_redis_down(settin
         await admin.execute_command("CLIENT", "PAUSE", "1000", "ALL")
         assert await store.get_session_and_state("any-click") == (None, None, False)
         assert store.ok  # still trusted: the next request asks Redis again
-        await asyncio.sleep(1.0)
+        await admin.ping()  # answered once the pause is over
         store.put_session("after-pause", {"u": "slow", "m": "nike"}, 600)
         assert await redis_value(client, store.session_key("after-pause")) is not None
     finally:
