@@ -23,7 +23,7 @@ from ..domain.backoff import Backoff
 from ..domain.events import encode_cursor, envelope
 from ..domain.webhooks import RETRY_FOR, Webhook, public_url, retry_delay, sign, signing_key
 from . import webhooks as queries
-from .tasks import cancel_and_wait
+from .tasks import Outage, cancel_and_wait
 
 log = structlog.get_logger("tracker.webhooks")
 OUTCOMES = ("delivered", "retried", "failed")
@@ -51,7 +51,7 @@ class Dispatcher:
         self._pool: asyncpg.Pool | None = None
         self._http: aiohttp.ClientSession | None = None
         self._stopping = False
-        self._db_down = False
+        self._outage = Outage(log, "webhook_dispatcher_db_unavailable", "webhook_dispatcher_reconnected")
 
     async def start(self) -> None:
         # synchronous_commit off: a lease or an outcome lost in a PostgreSQL crash means a send again
@@ -106,15 +106,11 @@ class Dispatcher:
         while True:
             try:
                 await self.refresh()
-                if self._db_down:
-                    log.info("webhook_dispatcher_reconnected")
-                self._db_down = False
+                self._outage.ok()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - PostgreSQL away: keep the loops, try again
-                if not self._db_down:
-                    log.warning("webhook_dispatcher_db_unavailable", error=repr(exc)[:200])
-                self._db_down = True
+                self._outage.failed(exc)
             await asyncio.sleep(self.options.refresh)
 
     async def _serve(self, name: str) -> None:

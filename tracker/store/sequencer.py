@@ -15,7 +15,7 @@ import structlog
 
 from .. import metrics
 from .events import sequence
-from .tasks import cancel_and_wait
+from .tasks import Outage, cancel_and_wait
 
 log = structlog.get_logger("tracker.sequencer")
 
@@ -25,7 +25,7 @@ class Sequencer:
                  idle_interval: float = 0.5) -> None:
         self.pool, self.interval, self.batch, self.idle_interval = pool, interval, batch, idle_interval
         self._task: asyncio.Task[None] | None = None
-        self._failing = False
+        self._outage = Outage(log, "sequencer_failed", "sequencer_recovered")
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-sequencer")
@@ -43,9 +43,7 @@ class Sequencer:
             try:
                 numbered = await self.run_once()
                 wait = self.interval if numbered or numbered is None else min(wait * 2, self.idle_interval)
-                if self._failing:
-                    log.info("sequencer_recovered")
-                self._failing = False
+                self._outage.ok()
                 if numbered:
                     metrics.EVENTS_SEQUENCED.inc(numbered)
                     if numbered >= self.batch:
@@ -53,8 +51,6 @@ class Sequencer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - PostgreSQL away: the events wait, try again
-                if not self._failing:
-                    log.warning("sequencer_failed", error=repr(exc)[:200])
-                self._failing = True
+                self._outage.failed(exc)
             # Jittered, so that the workers' attempts spread over the interval.
             await asyncio.sleep(wait * random.uniform(0.5, 1.5))
