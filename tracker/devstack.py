@@ -3,10 +3,12 @@ or test. `python -m tracker.devstack run|test|stop`."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 from . import embedded
 from .settings import load_or_exit
@@ -101,47 +103,34 @@ def run() -> int:
             _leave_and_stop(env)
 
 
-def _ensure_promtool() -> None:
-    """The rules tests need promtool (Debian's `prometheus` package); install it where we can."""
-    import shutil
-
-    if shutil.which("promtool") or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return
-    print("devstack: installing promtool (apt-get install prometheus) for the rules tests", file=sys.stderr)
-    subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    installed = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"],
-                               check=False, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if installed.returncode != 0 or not shutil.which("promtool"):
-        print("devstack: promtool could not be installed; the rules tests will be skipped", file=sys.stderr)
-
-
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = "screenshots"  # under TRACKER_DATA_DIR: the console's pages as the browser tests saw them
 
 
-def _ensure_chromium() -> None:
-    """The console's browser tests drive Debian's chromium through Playwright (never a browser build
-    that `playwright install` would download); install it where we can."""
-    import shutil
-
-    if CHROMIUM.exists() or os.geteuid() != 0 or not shutil.which("apt-get"):
+def _apt_install(package: str, what: str, present: Callable[[], bool], tests: str) -> None:
+    """Install a Debian package that some tests need, where we can (root and apt-get), and say so on
+    the output; say too when those tests will be skipped for want of it."""
+    if present():
         return
-    print("devstack: installing chromium (apt-get install chromium) for the console's browser tests",
-          file=sys.stderr)
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        print(f"devstack: {what} is not installed and cannot be here (that needs root and apt-get); {tests} will be skipped",
+              file=sys.stderr)
+        return
+    print(f"devstack: installing {what} (apt-get install {package}) for {tests}", file=sys.stderr)
     subprocess.run(["apt-get", "update", "-qq"], check=False, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    installed = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "chromium"],
+    installed = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package],
                                check=False, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if installed.returncode != 0 or not CHROMIUM.exists():
-        print("devstack: chromium could not be installed; the browser tests will be skipped", file=sys.stderr)
+    if installed.returncode != 0 or not present():
+        print(f"devstack: {what} could not be installed; {tests} will be skipped", file=sys.stderr)
 
 
 def test(pytest_args: list[str]) -> int:
-    _ensure_promtool()
-    _ensure_chromium()
+    # promtool (Debian's `prometheus`) checks the alert rules; the browser tests drive Debian's
+    # chromium through Playwright, never a browser build that `playwright install` would download.
+    _apt_install("prometheus", "promtool", lambda: shutil.which("promtool") is not None, "the rules tests")
+    _apt_install("chromium", "chromium", CHROMIUM.exists, "the browser tests")
     env = dict(os.environ)
     env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
     started = _servers(env)
