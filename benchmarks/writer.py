@@ -41,7 +41,7 @@ async def main(dsn: str, n: int) -> None:
         stored = await pool.fetchval("SELECT count(*) FROM clicks WHERE user_id = 'bench-writer'")
         assert stored == n, (stored, n)
         print(f"writer: {n} rows in {elapsed:.2f}s = {n / elapsed:,.0f} rows/s "
-              f"(async mode, 2 flushers, batches of {writer.batch_limit}, merged up to {writer.merge_limit} under a backlog)")
+              f"(async mode, 2 flushers, batches of {writer.batches.batch_limit}, merged up to {writer.batches.merge_limit} under a backlog)")
         await writer.close()
 
         spool = Spool(Path(tmp) / "spool2")

@@ -369,13 +369,13 @@ async def test_a_backlog_is_written_in_merged_batches_and_every_waiter_is_releas
     writer = ClickWriter(pool, Spool(settings.data_dir / "merge-spool"), durability="commit",
                          batch_limit=10, merge_limit=35, dsn=settings.database_url)
     copies: list[int] = []
-    real_copy = writer._copy_records
+    real_copy = writer.flushers.copy_records
 
     async def counting(records, slot=None):  # noqa: ANN001, ANN202 - a spy on the real COPY
         copies.append(len(records))
         await real_copy(records, slot)
 
-    writer._copy_records = counting  # type: ignore[method-assign]
+    writer.flushers.copy_records = counting  # type: ignore[method-assign]
     try:
         # 100 clicks queued before the flushers run: ten sealed batches of ten.
         ids = [new_click_id() for _ in range(100)]
@@ -426,13 +426,13 @@ async def test_rows_that_arrive_within_the_linger_share_one_copy(settings, db):
                for mode, linger in (("async", 0.5), ("async", 0.0), ("commit", 60.0))]
     copies: dict[int, list[int]] = {0: [], 1: [], 2: []}
     for i, writer in enumerate(writers):
-        real_copy = writer._copy_records
+        real_copy = writer.flushers.copy_records
 
         async def counting(records, slot=None, real=real_copy, seen=copies[i]):  # noqa: ANN001, ANN202 - a spy
             seen.append(len(records))
             await real(records, slot)
 
-        writer._copy_records = counting  # type: ignore[method-assign]
+        writer.flushers.copy_records = counting  # type: ignore[method-assign]
         await writer.start()
     try:
         for i, writer in enumerate(writers[:2]):

@@ -13,6 +13,11 @@ from urllib.parse import urlsplit
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+# The click writer's limits (store/clicks.py takes its defaults from here): clicks a worker holds for
+# the writer, and clicks per COPY.
+QUEUE_LIMIT = 50_000
+BATCH_LIMIT = 100
+
 
 class SettingsError(ValueError):
     """A TRACKER_* variable does not hold a usable value."""
@@ -47,8 +52,8 @@ class Settings:
     # Internal knobs: key prefix so that several deployments or test
     # runs can share one Redis, and the click writer's limits.
     redis_prefix: str = "trk:"
-    queue_limit: int = 50_000
-    batch_limit: int = 100
+    queue_limit: int = QUEUE_LIMIT
+    batch_limit: int = BATCH_LIMIT
     retention_days: int = 400
     # How long a support console sign-in lasts, in seconds (TRACKER_CONSOLE_SESSION_HOURS).
     console_session: int = 8 * 3600
@@ -183,8 +188,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         merchants_file=Path(merchants) if merchants else None,
         log_format=log_format,
         redis_prefix=env.get("TRACKER_REDIS_PREFIX") or "trk:",
-        queue_limit=_int(env, "TRACKER_QUEUE_LIMIT", 50_000, 100),
-        batch_limit=_int(env, "TRACKER_BATCH_LIMIT", 100, 1),
+        queue_limit=_int(env, "TRACKER_QUEUE_LIMIT", QUEUE_LIMIT, 100),
+        batch_limit=_int(env, "TRACKER_BATCH_LIMIT", BATCH_LIMIT, 1),
         retention_days=_int(env, "TRACKER_RETENTION_DAYS", 400, 1),
         console_session=_int(env, "TRACKER_CONSOLE_SESSION_HOURS", 8, 1, 24 * 30) * 3600,
         idle_timeout=_int(env, "TRACKER_IDLE_TIMEOUT", 15, 1, 3600),

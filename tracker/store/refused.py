@@ -1,9 +1,6 @@
-"""Rows PostgreSQL refuses, and replaying spooled rows exactly once.
-
-A batch that PostgreSQL refuses (an encoding error, a value out of range) is bisected: every good
-row is committed and each bad one kept in clicks_quarantine with the reason, so one row never
-poisons the rest. A spooled segment is replayed through a temporary table and
-`INSERT ... ON CONFLICT DO NOTHING`, so a replay that crashed halfway can simply run again.
+"""Rows PostgreSQL refuses (an encoding error, a value out of range): a refused batch is bisected,
+every good row committed and each bad one kept in clicks_quarantine with the reason, so that one row
+never poisons the rest. The spool's replay (store/replay.py) bisects its chunks the same way.
 """
 from __future__ import annotations
 
@@ -15,14 +12,11 @@ import orjson
 import structlog
 
 from .. import metrics
+from .click import Record
 from .db import ensure_partitions
-from .spool import SegmentLock
 
 log = structlog.get_logger("tracker.clicks")
-COLUMNS = ("click_id", "created_at", "user_id", "merchant", "source", "target", "device",
-           "client_ip", "user_agent", "bot", "method")
 REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError, UnicodeError, ValueError)
-Record = tuple[Any, ...]
 
 
 def missing_partition(exc: BaseException) -> bool:
@@ -70,34 +64,3 @@ def storable(value: Any) -> Any:
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
     return value
-
-
-def all_rows(lock: SegmentLock) -> list[list[Any]]:
-    return [row for record in lock.records() for row in record]
-
-
-async def insert_missing(pool: asyncpg.Pool, records: list[Record]) -> int:
-    """Insert the records that clicks does not have yet; refused ones are bisected out and
-    quarantined. Returns how many were inserted."""
-    await add_partitions(pool, records)
-    try:
-        return await _insert_new(pool, records)
-    except REFUSED as exc:
-        if len(records) == 1:
-            await quarantine(pool, records[0], exc)
-            return 0
-        mid = len(records) // 2
-        return await insert_missing(pool, records[:mid]) + await insert_missing(pool, records[mid:])
-
-
-async def _insert_new(pool: asyncpg.Pool, records: list[Record]) -> int:
-    async with pool.acquire() as conn:
-        async with conn.transaction():
-            await conn.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS clicks_replay "
-                "(LIKE clicks INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
-            await conn.copy_records_to_table("clicks_replay", records=records, columns=COLUMNS)
-            status = await conn.execute(
-                f"INSERT INTO clicks ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} "
-                "FROM clicks_replay ON CONFLICT (click_id, created_at) DO NOTHING")
-    return int(status.rsplit(" ", 1)[-1])

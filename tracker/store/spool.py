@@ -4,7 +4,7 @@ Append-only segment files under TRACKER_DATA_DIR/spool, one open segment per pro
 `<u32 length><u32 crc32><orjson payload>` and fsynced before the requests it holds are answered. A torn
 tail (a crash mid-append, never answered) fails its checksum and ends the segment. A process holds an
 exclusive flock on the segment it appends to; any process may replay a segment whose lock it can take,
-which is how a crashed worker's spool is found and replayed by the next one.
+which is how a crashed worker's spool is found and replayed by the next one (store/replay.py).
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ class Spool:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._fd: int | None = None
         self._path: Path | None = None
-        self.pending = 0  # clicks appended by this process and not yet replayed
 
     def _open(self) -> int:
         if self._fd is None:
@@ -50,7 +49,6 @@ class Spool:
             written += os.write(fd, data[written:])
         if sync:
             os.fsync(fd)
-        self.pending += len(rows)
 
     def rotate(self) -> None:
         """Close the open segment so that it can be replayed; the next append opens a new one."""

@@ -1,0 +1,125 @@
+"""The flushers: tasks that take batches and COPY them into `clicks`, each on a connection of its own.
+
+A batch PostgreSQL cannot take (down, timed out, an unexpected error) goes to the spool; one it
+refuses (a bad row) is bisected through refused.py, so that every good row is committed.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable
+
+import asyncpg
+import structlog
+
+from .. import metrics
+from .batches import Batch, Batches
+from .click import COLUMNS, Click, Record, to_record
+from .health import CONNECT_TIMEOUT, UNREACHABLE, PostgresHealth
+from .refused import REFUSED, add_partitions, isolate, missing_partition
+
+log = structlog.get_logger("tracker.clicks")
+
+FLUSHERS = 2
+FLUSH_TIMEOUT = 5.0  # seconds for one COPY before the batch counts as one PostgreSQL cannot take
+
+
+class Flushers:
+    def __init__(self, pool: asyncpg.Pool, batches: Batches, health: PostgresHealth,
+                 spill: Callable[[list[Click]], Awaitable[None]], *, count: int, flush_timeout: float,
+                 dsn: str | None) -> None:
+        self.pool, self.batches, self.health, self.spill = pool, batches, health, spill
+        self.count, self.flush_timeout = count, flush_timeout
+        # Each flusher keeps a connection of its own when it has a DSN: a pool acquire and release
+        # per batch cost more client CPU than the COPY of a small batch itself.
+        self._dsn = dsn
+        self._conns: list[asyncpg.Connection | None] = [None] * count
+        self._loop = asyncio.get_running_loop()
+
+    def start(self) -> list[asyncio.Task[None]]:
+        return [asyncio.create_task(self._run(i), name=f"click-flusher-{i}") for i in range(self.count)]
+
+    async def _run(self, slot: int) -> None:
+        batches = self.batches
+        try:
+            while True:
+                batch = batches.take()
+                if batch is None:
+                    if batches.open.rows:  # too soon for another COPY: wait out the linger
+                        await asyncio.sleep(batches.linger_left())
+                        continue
+                    batches.wake.clear()
+                    await batches.wake.wait()
+                    continue
+                batches.last_start = self._loop.time()
+                batches.in_flight += 1
+                try:
+                    await self._flush(batch, slot)
+                finally:
+                    batches.in_flight -= 1
+        finally:
+            self._drop_conn(slot)
+
+    async def _flush(self, batch: Batch, slot: int) -> None:
+        rows = batch.rows
+        try:
+            if self.health.ok:
+                await self._copy(rows, slot)
+            else:
+                await self.spill(rows)
+        except UNREACHABLE as exc:
+            self._drop_conn(slot)
+            self.health.down(exc)
+            await self.spill(rows)
+        except Exception as exc:  # noqa: BLE001 - never lose a batch to an unexpected error
+            self._drop_conn(slot)
+            log.error("click_batch_failed", error=repr(exc), rows=len(rows), exc_info=True)
+            await self.spill(rows)
+        finally:
+            self.batches.done(batch)
+            metrics.WRITER_QUEUE.set(self.batches.queued)
+
+    async def _copy(self, rows: list[Click], slot: int) -> None:
+        started = self._loop.time()
+        records = [to_record(r) for r in rows]
+        try:
+            # asyncio.timeout, not wait_for: wait_for wraps the COPY in a task of its own, which
+            # costs ~20 us of the ~150 us of client CPU a small COPY takes (docs/performance.md).
+            async with asyncio.timeout(self.flush_timeout):
+                await self.copy_records(records, slot)
+        except REFUSED as exc:
+            if not missing_partition(exc):
+                await self._isolate(records, exc)
+            else:
+                await add_partitions(self.pool, records)
+                try:
+                    async with asyncio.timeout(self.flush_timeout):
+                        await self.copy_records(records, slot)
+                except REFUSED as again:  # a bad row in a batch that also needed a partition
+                    await self._isolate(records, again)
+        metrics.WRITER_BATCH.observe(len(rows))
+        metrics.WRITER_FLUSH_SECONDS.observe(self._loop.time() - started)
+
+    def _drop_conn(self, slot: int) -> None:
+        conn, self._conns[slot] = self._conns[slot], None
+        if conn is not None:
+            conn.terminate()
+
+    async def copy_records(self, records: list[Record], slot: int | None = None) -> None:
+        """COPY on the flusher's own connection (`slot`), or on one of the pool's."""
+        if slot is not None and self._dsn:
+            conn = self._conns[slot]
+            if conn is None or conn.is_closed():
+                conn = self._conns[slot] = await asyncpg.connect(
+                    self._dsn, timeout=CONNECT_TIMEOUT, server_settings={"application_name": "tracker-writer"})
+            # One COPY is one statement and one commit: the group commit of the whole batch.
+            await conn.copy_records_to_table("clicks", records=records, columns=COLUMNS)
+            return
+        async with self.pool.acquire() as conn:
+            # One COPY is one statement and one commit: the group commit of the whole batch.
+            await conn.copy_records_to_table("clicks", records=records, columns=COLUMNS)
+
+    async def _isolate(self, records: list[Record], exc: BaseException) -> None:
+        async def copy(part: list[Record]) -> None:
+            await asyncio.wait_for(self.copy_records(part), self.flush_timeout)
+
+        await isolate(self.pool, records, exc, copy)

@@ -1,0 +1,118 @@
+"""The click writer's side of the spool: spilling the clicks PostgreSQL cannot take, and replaying
+closed segments into `clicks` exactly once when it is back.
+
+A segment is replayed through a temporary table and `INSERT ... ON CONFLICT DO NOTHING`, in chunks,
+and removed only once every chunk is committed: a replay that dies halfway simply runs again. Every
+worker replays, each second, the segments no live process holds (a crashed worker's among them).
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import structlog
+
+from .. import metrics
+from .click import COLUMNS, Click, Record, to_record
+from .health import UNREACHABLE, PostgresHealth
+from .refused import REFUSED, add_partitions, quarantine
+from .spool import SegmentLock, Spool, count_rows
+
+log = structlog.get_logger("tracker.clicks")
+
+REPLAY_CHUNK = 5_000  # clicks per replay transaction
+
+
+class ClickSpool:
+    def __init__(self, pool: asyncpg.Pool, spool: Spool) -> None:
+        self.pool, self.spool = pool, spool
+        self.pending = 0  # clicks in the spool directory (every worker's), for /readyz and the gauge
+        self._append_lock = asyncio.Lock()
+        self._replay_lock = asyncio.Lock()
+
+    async def count(self) -> None:
+        self.pending = await asyncio.to_thread(count_rows, self.spool.dir)
+        metrics.SPOOL_PENDING.set(self.pending)
+
+    async def spill(self, rows: list[Click]) -> None:
+        """Append clicks to the spool, fsynced before this returns (and their requests are answered)."""
+        async with self._append_lock:
+            await asyncio.to_thread(self.spool.append, [list(r) for r in rows])
+        self.pending += len(rows)
+        metrics.SPOOLED.inc(len(rows))
+        metrics.SPOOL_PENDING.set(self.pending)
+
+    def close(self) -> None:
+        self.spool.close()
+
+    async def replayer(self, health: PostgresHealth, interval: float = 1.0) -> None:
+        """Every `interval`: probe PostgreSQL while it is down, replay the backlog when it is up."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if not health.ok:
+                    await health.probe()
+                if self.spool.has_backlog():
+                    await self.replay()
+            except asyncio.CancelledError:
+                raise
+            except UNREACHABLE as exc:
+                health.down(exc)
+            except Exception as exc:  # noqa: BLE001 - keep trying; the spool keeps the clicks
+                log.error("spool_replay_failed", error=repr(exc)[:300])
+
+    async def replay(self, chunk: int = REPLAY_CHUNK) -> int:
+        """Replay every closed spool segment into clicks, exactly once; returns clicks inserted."""
+        inserted = 0
+        async with self._replay_lock:
+            async with self._append_lock:
+                self.spool.rotate()
+            for path in self.spool.segments():
+                lock = await asyncio.to_thread(SegmentLock.take, path)
+                if lock is None:
+                    continue  # its writer is alive, or another worker is replaying it
+                try:
+                    rows = await asyncio.to_thread(all_rows, lock)
+                    for start in range(0, len(rows), chunk):
+                        inserted += await insert_missing(self.pool, [to_record(r) for r in rows[start:start + chunk]])
+                    await asyncio.to_thread(lock.remove)  # only after every chunk committed
+                except BaseException:
+                    lock.release()
+                    raise
+                metrics.REPLAYED.inc(len(rows))
+                log.info("spool_replayed", segment=path.name, rows=len(rows))
+            # Every worker reports the whole directory (the gauge takes the max over workers).
+            await self.count()
+        return inserted
+
+
+def all_rows(lock: SegmentLock) -> list[list[Any]]:
+    return [row for record in lock.records() for row in record]
+
+
+async def insert_missing(pool: asyncpg.Pool, records: list[Record]) -> int:
+    """Insert the records that clicks does not have yet; refused ones are bisected out and
+    quarantined. Returns how many were inserted."""
+    await add_partitions(pool, records)
+    try:
+        return await _insert_new(pool, records)
+    except REFUSED as exc:
+        if len(records) == 1:
+            await quarantine(pool, records[0], exc)
+            return 0
+        mid = len(records) // 2
+        return await insert_missing(pool, records[:mid]) + await insert_missing(pool, records[mid:])
+
+
+async def _insert_new(pool: asyncpg.Pool, records: list[Record]) -> int:
+    async with pool.acquire() as conn:
+        async with conn.transaction():
+            await conn.execute(
+                "CREATE TEMP TABLE IF NOT EXISTS clicks_replay "
+                "(LIKE clicks INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
+            await conn.copy_records_to_table("clicks_replay", records=records, columns=COLUMNS)
+            status = await conn.execute(
+                f"INSERT INTO clicks ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} "
+                "FROM clicks_replay ON CONFLICT (click_id, created_at) DO NOTHING")
+    return int(status.rsplit(" ", 1)[-1])
