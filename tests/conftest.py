@@ -129,6 +129,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`tracker ARGS` against the test database, with only the variables it needs (and `env`)."""
+    full_env = {"PATH": "/usr/bin:/bin", "TRACKER_DATABASE_URL": settings.database_url or "",
+                "TRACKER_REDIS_URL": settings.redis_url or "", "TRACKER_DATA_DIR": str(settings.data_dir),
+                "TRACKER_SECRET": "cli-secret-0123456789", **env}
+    return subprocess.run([sys.executable, "-m", "tracker.cli", *args], env=full_env, capture_output=True,
+                          text=True, timeout=60)
+
+
 def serve_env(settings: Settings, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a `tracker serve` against the test database and Redis prefix, no rate limits."""
     return {**os.environ, "TRACKER_DATABASE_URL": settings.database_url or "",

@@ -5,7 +5,6 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import yaml
 
 from tracker.app import create_app
 
-from .conftest import ADMIN, BROWSER
+from .conftest import ADMIN, BROWSER, cli
 from .waiting import until
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -134,13 +133,8 @@ async def test_dashboard_and_rule_metrics_are_exported(aiohttp_client, settings,
 
 
 def test_maintain_twice_changes_nothing_the_second_time(settings):
-    env = {"PATH": "/usr/bin:/bin", "TRACKER_DATABASE_URL": settings.database_url,
-           "TRACKER_REDIS_URL": settings.redis_url, "TRACKER_DATA_DIR": str(settings.data_dir),
-           "TRACKER_SECRET": "cli-secret-0123456789"}
-    first = subprocess.run([sys.executable, "-m", "tracker.cli", "maintain"], env=env, capture_output=True,
-                           text=True, timeout=60)
-    second = subprocess.run([sys.executable, "-m", "tracker.cli", "maintain"], env=env, capture_output=True,
-                            text=True, timeout=60)
+    first = cli(settings, "maintain")
+    second = cli(settings, "maintain")
     assert first.returncode == second.returncode == 0, first.stderr
     assert json.loads(first.stdout)["created"]  # the module database only had near partitions, if any
     assert json.loads(second.stdout) == {"created": [], "dropped": [], "events_pruned": 0}

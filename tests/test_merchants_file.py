@@ -1,7 +1,5 @@
 import asyncio
 import copy
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -10,7 +8,7 @@ from tracker.domain.merchants import MerchantsFileError, parse_duration, parse_m
 from tracker.domain.profiles import profile_names
 from tracker.store.merchants import load, sync
 
-from .conftest import BROWSER, HERE, load_merchants
+from .conftest import BROWSER, HERE, cli, load_merchants
 from .waiting import until
 
 GOOD = yaml.safe_load((HERE / "merchants.yaml").read_text())
@@ -125,14 +123,6 @@ async def test_sync_reports_changes_and_is_idempotent(db):
     assert set(networks) == {"admitad", "impact", "epn", "awin", "generic"}
 
 
-def _cli(settings, *args, env_extra=None):
-    env = {"PATH": "/usr/bin:/bin", "TRACKER_DATABASE_URL": settings.database_url,
-           "TRACKER_REDIS_URL": settings.redis_url, "TRACKER_DATA_DIR": str(settings.data_dir),
-           "TRACKER_SECRET": "cli-secret-0123456789"}
-    return subprocess.run([sys.executable, "-m", "tracker.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=60)
-
-
 async def _go_status_becomes(client, token: str, status: int) -> None:  # noqa: ANN001
     """Running workers learn of a sync through NOTIFY: poll /go/newshop until it answers `status`."""
     async def answers() -> bool:
@@ -148,13 +138,13 @@ async def test_bad_file_changes_nothing_and_names_problems(settings, db, tmp_pat
     doc["merchants"][1]["user_share"] = "-1"                   # ... next to an invalid one
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(doc, allow_unicode=True))
-    result = await asyncio.to_thread(_cli, settings, "merchants", "sync", str(bad))
+    result = await asyncio.to_thread(cli, settings, "merchants", "sync", str(bad))
     assert result.returncode == 1
     assert "merchant 'nike': user_share" in result.stderr
     assert await db.fetch("SELECT * FROM merchants ORDER BY slug") == before
     garbage = tmp_path / "garbage.yaml"
     garbage.write_text("merchants: [unclosed")
-    result = await asyncio.to_thread(_cli, settings, "merchants", "sync", str(garbage))
+    result = await asyncio.to_thread(cli, settings, "merchants", "sync", str(garbage))
     assert result.returncode == 1 and "not valid YAML" in result.stderr
     assert await db.fetch("SELECT * FROM merchants ORDER BY slug") == before
 
@@ -168,7 +158,7 @@ async def test_running_workers_see_a_sync_without_restart(client, settings, toke
     doc["merchants"][0]["partner_url"] = "https://ad.admitad.com/g/changed/?subid={click_id}&ulp={target}"
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump(doc, allow_unicode=True))
-    result = await asyncio.to_thread(_cli, settings, "merchants", "sync", str(path))
+    result = await asyncio.to_thread(cli, settings, "merchants", "sync", str(path))
     assert result.returncode == 0, result.stderr
     assert "newshop" in result.stdout
     await _go_status_becomes(client, token, 302)
@@ -177,7 +167,7 @@ async def test_running_workers_see_a_sync_without_restart(client, settings, toke
     # A merchant dropped from the file is deactivated: its links answer 404.
     doc["merchants"] = [m for m in doc["merchants"] if m["slug"] != "newshop"]
     path.write_text(yaml.safe_dump(doc, allow_unicode=True))
-    result = await asyncio.to_thread(_cli, settings, "merchants", "sync", str(path))
+    result = await asyncio.to_thread(cli, settings, "merchants", "sync", str(path))
     assert "newshop" in result.stdout
     await _go_status_becomes(client, token, 404)
     await sync(db, load_merchants())  # leave the module's database as it was

@@ -17,17 +17,11 @@ import pytest
 
 from tracker.store.db import MigrationsError, migrations
 
-from .conftest import _admin, with_database
+from .conftest import _admin, cli, with_database
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_SQL = ROOT / "tracker" / "sql"
 SHIPPED_SUFFIXES = {".py", ".sql", ".yaml", ".html", ".css", ".js", ".json", ".svg", ".png"}
-
-
-def _cli_env(settings, **extra: str) -> dict[str, str]:  # noqa: ANN001
-    return {"PATH": "/usr/bin:/bin", "TRACKER_DATABASE_URL": settings.database_url,
-            "TRACKER_REDIS_URL": settings.redis_url, "TRACKER_DATA_DIR": str(settings.data_dir),
-            "TRACKER_SECRET": "cli-secret-0123456789", **extra}
 
 
 def test_the_repository_sql_is_the_package_sql():
@@ -58,8 +52,7 @@ def test_tracker_sql_dir_overrides_the_packaged_migrations(tmp_path, monkeypatch
 def test_migrate_without_migrations_fails_and_says_why(settings, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = subprocess.run([sys.executable, "-m", "tracker.cli", "migrate"], capture_output=True, text=True,
-                            env=_cli_env(settings, TRACKER_SQL_DIR=str(empty)), timeout=60)
+    result = cli(settings, "migrate", TRACKER_SQL_DIR=str(empty))
     assert result.returncode == 1, result.stderr
     assert f"no migrations (NNNN_name.sql) found in {empty}" in result.stderr
     assert result.stdout == ""  # no {"applied": []} that reads as success

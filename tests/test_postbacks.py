@@ -2,8 +2,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import subprocess
-import sys
 from datetime import datetime, timezone
 from decimal import Decimal
 
@@ -15,7 +13,7 @@ from tracker.domain.clickid import click_time, new_click_id
 from tracker.domain.conversions import MalformedPostback, cashback, parse_money, read_postback, transition
 from tracker.domain.profiles import profiles
 
-from .conftest import ADMIN, BROWSER, redis_value
+from .conftest import ADMIN, BROWSER, cli, redis_value
 
 ADMITAD = "test-admitad-token"
 IMPACT_SECRET = b"test-impact-hmac-secret"
@@ -287,25 +285,19 @@ async def test_orphans_are_kept_and_reconciled_when_the_click_arrives(client, to
     assert orphans["ORD-O1"]["reason"] == "malformed_click_id"
     assert orphans["ORD-O2"]["reason"] == "unknown_click"
     assert await conversion(db, "admitad", "ORD-O2") is None
-    env = {"PATH": "/usr/bin:/bin", "TRACKER_DATABASE_URL": settings.database_url,
-           "TRACKER_REDIS_URL": settings.redis_url, "TRACKER_DATA_DIR": str(settings.data_dir),
-           "TRACKER_SECRET": "cli-secret-0123456789"}
-    listed = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "tracker.cli", "postbacks", "orphans"],
-                                     env=env, capture_output=True, text=True, timeout=60)
+    listed = await asyncio.to_thread(cli, settings, "postbacks", "orphans")
     assert listed.returncode == 0 and "ORD-O2" in listed.stdout and ADMITAD not in listed.stdout
     # The click shows up later (a spool replay writes it with its original time).
     await db.execute("INSERT INTO clicks (click_id, created_at, user_id, merchant, source, target, bot) "
                      "VALUES ($1, $2, 'late-user', 'aliexpress', 'web', 'https://aliexpress.ru/', false)",
                      late_cid, click_time(late_cid))
-    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "tracker.cli", "postbacks", "reconcile"],
-                                   env=env, capture_output=True, text=True, timeout=60)
+    done = await asyncio.to_thread(cli, settings, "postbacks", "reconcile")
     assert done.returncode == 0, done.stderr
     assert '"reconciled": 1' in done.stdout
     conv = await conversion(db, "admitad", "ORD-O2")
     assert (conv["user_id"], conv["status"], conv["cashback"]) == ("late-user", "approved", Decimal("5"))
     assert await db.fetchval("SELECT reconciled_at IS NOT NULL FROM orphan_postbacks WHERE order_id = 'ORD-O2'")
-    again = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "tracker.cli", "postbacks", "reconcile"],
-                                    env=env, capture_output=True, text=True, timeout=60)
+    again = await asyncio.to_thread(cli, settings, "postbacks", "reconcile")
     assert '"reconciled": 0' in again.stdout
 
 

@@ -8,7 +8,6 @@ import copy
 import dataclasses
 import json
 import subprocess
-import sys
 from collections import Counter
 from typing import Callable
 
@@ -21,6 +20,7 @@ from tracker.domain.webhooks import retry_delay
 from tracker.store.merchants import sync
 
 from .conftest import ADMIN, HERE
+from .conftest import cli as run_cli
 from .receiver import Receiver, new_secret
 from .test_merchants_file import parse
 from .test_postbacks import activate, admitad
@@ -183,11 +183,7 @@ async def test_410_fails_at_once_and_retry_sends_again(aiohttp_client, settings,
 
 
 def cli(settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:  # noqa: ANN001
-    env = {"PATH": "/usr/bin:/bin", "TRACKER_DATABASE_URL": settings.database_url,
-           "TRACKER_REDIS_URL": settings.redis_url, "TRACKER_DATA_DIR": str(settings.data_dir),
-           "TRACKER_SECRET": "cli-secret-0123456789"}
-    out = subprocess.run([sys.executable, "-m", "tracker.cli", *args], env=env, capture_output=True, text=True,
-                         timeout=60)
+    out = run_cli(settings, *args)
     assert out.returncode == 0 or not check, out.stderr
     return out
 
