@@ -162,7 +162,7 @@ def _warm_up(context: Any) -> None:
                         break
                 except Exception:  # noqa: BLE001 - retried; the last attempt's failure is reported
                     pass
-                page.wait_for_timeout(200)
+                page.wait_for_timeout(200)  # between retries of the condition above (bounded, named on failure)
             else:
                 raise AssertionError(f"the local test site for {host} never answered the browser")
     finally:
