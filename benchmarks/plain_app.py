@@ -3,7 +3,7 @@ N processes, no access log).
 
     plain_app.py PORT WORKERS [commit|async DSN]
 
-With a durability and a DSN, each 302 also hands a click row to tracker's ClickWriter (as /go does,
+With a durability and a DSN, each 302 also hands a Click to tracker's ClickWriter (as /go does,
 and nothing else: no token, target, rate limit, Redis or metrics): the floor that storing clicks
 alone sets on this machine, measured by benchmarks/run beside the ceiling."""
 import os
@@ -27,7 +27,7 @@ def serve(port: int, durability: str | None, dsn: str | None) -> None:
     app = web.Application()
     if durability and dsn:
         from tracker.domain.clickid import new_click_id
-        from tracker.store.clicks import ClickWriter
+        from tracker.store.clicks import Click, ClickWriter
         from tracker.store.db import create_pool
         from tracker.store.spool import Spool
 
@@ -43,8 +43,8 @@ def serve(port: int, durability: str | None, dsn: str | None) -> None:
 
         async def go_stored(request: web.Request) -> web.Response:
             click_id, ms = new_click_id()
-            await request.app["writer"].write((click_id, ms, "floor", "aliexpress", "web", "https://example.com/",
-                                               None, request.remote, "wrk", False, "GET"))
+            await request.app["writer"].write(Click(click_id, ms, "floor", "aliexpress", "web", "https://example.com/",
+                                                    None, request.remote, "wrk", False, "GET"))
             return web.Response(status=302, headers={"Location": "https://example.com/",
                                                      "Cache-Control": "no-store", "X-Click-Id": click_id})
 

@@ -10,17 +10,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tracker.domain.clickid import new_click_id  # noqa: E402
-from tracker.store.clicks import ClickWriter  # noqa: E402
+from tracker.store.clicks import Click, ClickWriter  # noqa: E402
 from tracker.store.db import create_pool, ensure_near_partitions  # noqa: E402
 from tracker.store.spool import Spool  # noqa: E402
 
 
-def rows(n: int, user: str) -> list[tuple]:
+def rows(n: int, user: str) -> list[Click]:
     out = []
     for i in range(n):
         cid, ms = new_click_id()
-        out.append((cid, ms, user, "aliexpress", "web", f"https://aliexpress.ru/item/{i}.html", "dev-1",
-                    "203.0.113.7", "Mozilla/5.0 (X11; Linux x86_64) Chrome/130.0", False, "GET"))
+        out.append(Click(cid, ms, user, "aliexpress", "web", f"https://aliexpress.ru/item/{i}.html", "dev-1",
+                         "203.0.113.7", "Mozilla/5.0 (X11; Linux x86_64) Chrome/130.0", False, "GET"))
     return out
 
 

@@ -14,6 +14,7 @@ from ..domain.clickid import new_click_id
 from ..domain.targets import BadTarget, check_target
 from ..domain.text import without_control
 from ..errors import BadRequest, NotFound, RateLimited, Unauthorized
+from ..store.click import Click
 from ..store.ratelimit import EDGE
 from .common import client_ip
 
@@ -102,8 +103,8 @@ async def activate_in(app: web.Application, request: web.BaseRequest, slug: str)
     # ASCII check is 20 ns; the full scan only for the rare header that is not ASCII).
     if not ua.isascii() or "\x00" in ua:
         ua = without_control(ua)
-    await app[keys.WRITER].write((click_id, created_ms, user_id, merchant.slug, source, target, device,
-                                  ip, ua, bot, request.method))
+    await app[keys.WRITER].write(Click(click_id, created_ms, user_id, merchant.slug, source, target, device,
+                                       ip, ua, bot, request.method))
     if not bot:
         sessions.put_session(click_id, {"u": user_id, "m": merchant.slug, "t": created_ms,
                                         "src": source, "dev": device}, merchant.session_ttl)

@@ -1,0 +1,33 @@
+"""The click as the writer takes it: a tuple in the column order of `clicks`, spooled as the same JSON
+list as before it had a type, so that segments written by an older version still replay."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tracker.store.click import COLUMNS, Click, to_record
+from tracker.store.spool import SegmentLock, Spool
+
+
+def test_the_columns_are_the_tables_in_order() -> None:
+    assert COLUMNS == ("click_id", "created_at", "user_id", "merchant", "source", "target", "device",
+                       "client_ip", "user_agent", "bot", "method")
+
+
+def test_a_click_is_spooled_and_read_back_as_an_older_segments_row(tmp_path: Path) -> None:
+    click = Click("AZ3uGQw0rBq9aX7mKc1pTQ", 1_767_225_600_123, "u-1", "nike", "web", "https://www.nike.com/",
+                  None, "127.0.0.1", "ua", False, "GET")
+    older = ["AZ3uGQw0rBq9aX7mKc1pTQ", 1_767_225_600_123, "u-1", "nike", "web", "https://www.nike.com/",
+             None, "127.0.0.1", "ua", False, "GET"]  # a row as segments held it before Click
+    spool = Spool(tmp_path)
+    spool.append([list(click)], sync=False)
+    spool.append([older], sync=False)
+    spool.close()
+    [path] = spool.segments()
+    lock = SegmentLock.take(path)
+    assert lock is not None
+    try:
+        assert [row for record in lock.records() for row in record] == [older, older]
+    finally:
+        lock.release()
+    assert to_record(click) == to_record(older)
+    assert to_record(click)[1].isoformat() == "2026-01-01T00:00:00.123000+00:00"
