@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-import cpu  # noqa: E402
 import bench  # noqa: E402
+import cpu  # noqa: E402
 
 
 def main() -> int:
