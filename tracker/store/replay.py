@@ -14,6 +14,7 @@ import asyncpg
 import structlog
 
 from .. import metrics
+from ..domain.backoff import Backoff
 from .click import COLUMNS, Click, Record, to_record
 from .health import UNREACHABLE, PostgresHealth
 from .refused import REFUSED, add_partitions, quarantine
@@ -47,18 +48,27 @@ class ClickSpool:
         self.spool.close()
 
     async def replayer(self, health: PostgresHealth, interval: float = 1.0) -> None:
-        """Every `interval`: probe PostgreSQL while it is down, replay the backlog when it is up."""
+        """Replay the backlog every `interval`. While PostgreSQL is down, probe it with the shared
+        backoff instead: the probe after a failed one comes within 0.5 s (a blip is over soon), then
+        the waits double up to 2.5-5 s, jittered so that many workers' probes (each a connection
+        attempt) do not hit a PostgreSQL coming back together. A later probe loses no click: what
+        arrives meanwhile is spooled and replayed."""
+        backoff = Backoff(first=0.5, cap=5.0)
+        wait = interval
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait)
+            wait = interval
             try:
                 if not health.ok:
                     await health.probe()
+                backoff.reset()
                 if self.spool.has_backlog():
                     await self.replay()
             except asyncio.CancelledError:
                 raise
             except UNREACHABLE as exc:
                 health.down(exc)
+                wait = backoff.next()
             except Exception as exc:  # noqa: BLE001 - keep trying; the spool keeps the clicks
                 log.error("spool_replay_failed", error=repr(exc)[:300])
 
