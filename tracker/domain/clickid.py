@@ -8,6 +8,7 @@ click id names its partition.
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 import time
 from datetime import datetime, timezone
@@ -15,6 +16,8 @@ from datetime import datetime, timezone
 _STD = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 _SORTED = b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
 _TO_SORTED = bytes.maketrans(_STD, _SORTED)
+# binascii's standard alphabet (+ and / for the last two) straight to ours: one translate per id.
+_B64_TO_SORTED = bytes.maketrans(_STD[:62] + b"+/", _SORTED)
 _FROM_SORTED = bytes.maketrans(_SORTED, _STD)
 _ALPHABET = frozenset(_SORTED.decode())
 # The 80 random bits come from the kernel's CSPRNG (os.urandom), so that no number of ids seen lets
@@ -35,14 +38,6 @@ def _drop_pool() -> None:
 os.register_at_fork(after_in_child=_drop_pool)
 
 
-def _random80() -> bytes:
-    global _pool, _pos
-    if _pos >= len(_pool):
-        _pool, _pos = os.urandom(_RANDOM_BYTES * _POOL_IDS), 0
-    start = _pos
-    _pos = start + _RANDOM_BYTES
-    return _pool[start:_pos]
-
 LENGTH = 22
 # A version bit above the 46 bits of milliseconds (enough until the year 4199): every id starts with
 # a letter, never with '-', which some tools and sub-id fields mistake for an option or reject.
@@ -56,9 +51,16 @@ class InvalidClickId(ValueError):
 
 def new_click_id(now_ms: int | None = None) -> tuple[str, int]:
     """A fresh click id and its creation time in Unix milliseconds."""
+    global _pool, _pos
     ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
-    raw = (_MARK | ms).to_bytes(6, "big") + _random80()
-    return base64.urlsafe_b64encode(raw)[:LENGTH].translate(_TO_SORTED).decode(), ms
+    # The pool read inline, and binascii without base64's wrappers: a fifth less CPU per id than
+    # base64.urlsafe_b64encode and a second translate (timeit, interleaved runs).
+    if _pos >= len(_pool):
+        _pool, _pos = os.urandom(_RANDOM_BYTES * _POOL_IDS), 0
+    start = _pos
+    _pos = start + _RANDOM_BYTES
+    raw = (_MARK | ms).to_bytes(6, "big") + _pool[start:_pos]
+    return binascii.b2a_base64(raw, newline=False)[:LENGTH].translate(_B64_TO_SORTED).decode(), ms
 
 
 def click_time_ms(click_id: str) -> int:

@@ -24,19 +24,40 @@ MAX_DEVICE = 128
 MAX_UA = 512
 
 
+# %XX escapes of ASCII characters, the common case (a deep link's ':', '/', '?', '=', '&'), decoded by a
+# dict lookup; anything else (UTF-8 sequences, malformed escapes) goes through urllib's unquote.
+_ASCII_ESCAPES = {f"{c:02{case}}": chr(c) for c in range(128) for case in "xX"}
+
+
+def _unquote(value: str) -> str:
+    """urllib.parse.unquote(value), about three times as fast for ASCII escapes."""
+    head, *rest = value.split("%")
+    parts = [head]
+    for part in rest:
+        char = _ASCII_ESCAPES.get(part[:2])
+        if char is None:
+            return unquote(value)
+        parts.append(char)
+        parts.append(part[2:])
+    return "".join(parts)
+
+
 def parse_query(query_string: str) -> tuple[dict[str, str], set[str] | None]:
     """Each name's first value, decoded as aiohttp's `request.query` decodes them (yarl: the same as
     parse_qsl with blank values kept), and the names given more than once (None: none). Without
-    the MultiDict and the proxy around it; tests/test_properties.py checks it agrees with yarl."""
+    the MultiDict and the proxy around it, and only fields with escapes are unescaped;
+    tests/test_properties.py checks it agrees with yarl."""
     values: dict[str, str] = {}
     repeated: set[str] | None = None
-    escaped = "%" in query_string
-    for field in (query_string if escaped else query_string.replace("+", " ")).split("&"):
+    for field in query_string.replace("+", " ").split("&") if "+" in query_string else query_string.split("&"):
         if not field:
             continue
         name, _, value = field.partition("=")
-        if escaped:
-            name, value = unquote(name.replace("+", " ")), unquote(value.replace("+", " "))
+        if "%" in field:
+            if "%" in name:
+                name = _unquote(name)
+            if "%" in value:
+                value = _unquote(value)
         if name in values:
             if repeated is None:
                 repeated = set()
