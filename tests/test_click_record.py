@@ -4,13 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tracker.store.click import COLUMNS, Click, to_record
+from tracker.store.click import COLUMNS, INSERT_ARRAYS, Click, to_record
 from tracker.store.spool import SegmentLock, Spool
 
 
 def test_the_columns_are_the_tables_in_order() -> None:
     assert COLUMNS == ("click_id", "created_at", "user_id", "merchant", "source", "target", "device",
                        "client_ip", "user_agent", "bot", "method")
+
+
+def test_the_insert_of_arrays_names_the_same_columns_with_an_array_each() -> None:
+    """A small batch goes as INSERT ... SELECT FROM unnest($1..$11): one parameter per field of Click,
+    into the columns COPY names, in the same order."""
+    columns = INSERT_ARRAYS.split("(", 1)[1].split(")", 1)[0]
+    assert tuple(c.strip() for c in columns.split(",")) == COLUMNS
+    assert [f"${i}::" in INSERT_ARRAYS for i in range(1, 13)] == [True] * len(Click._fields) + [False]
 
 
 def test_a_click_is_spooled_and_read_back_as_an_older_segments_row(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from tracker import embedded
-from tracker.domain.clickid import new_click_id
+from tracker.domain.clickid import click_time, new_click_id
 from tracker.domain.tokens import UserTokens
 from tracker.store.clicks import ClickWriter
 from tracker.store.db import create_pool, ensure_near_partitions
@@ -297,23 +297,58 @@ async def test_a_dead_worker_is_replaced(stack: Stack) -> None:
     stack.stop()
 
 
-async def test_a_poisoned_row_does_not_poison_the_batch(stack: Stack, tmp_path: Path) -> None:
+@pytest.mark.parametrize("size", [50, 20], ids=["copy", "insert-of-arrays"])
+async def test_a_poisoned_row_does_not_poison_the_batch(stack: Stack, tmp_path: Path, size: int) -> None:
+    # 50 rows go as one COPY, 20 (under flushers.SMALL_BATCH) as one INSERT of arrays.
     pool = await create_pool(stack.dsn)
-    writer = ClickWriter(pool, Spool(tmp_path / "spool"), batch_limit=1000)
+    writer = ClickWriter(pool, Spool(tmp_path / "spool"), batch_limit=1000, dsn=stack.dsn)
+    copies: list[int] = []
+    real_write = writer.flushers.write_rows
+
+    async def counting(rows, slot=None):  # noqa: ANN001, ANN202 - a spy on the real batch write
+        copies.append(len(rows))
+        await real_write(rows, slot)
+
+    writer.flushers.write_rows = counting  # type: ignore[method-assign]
+    user = f"fault-poison-{size}"
+    rows = []
+    for i in range(size):
+        cid, ms = new_click_id()
+        target = "https://www.nike.com/\x00bad" if i in (7, 13) else f"https://www.nike.com/{i}"
+        rows.append((cid, ms, user, "nike", "web", target, None, "127.0.0.1", "ua", False, "GET"))
+    waiting = [asyncio.ensure_future(writer.write(r)) for r in rows]  # queued before the flushers run
     await writer.start()
     try:
-        rows = []
-        for i in range(50):
-            cid, ms = new_click_id()
-            target = "https://www.nike.com/\x00bad" if i in (7, 31) else f"https://www.nike.com/{i}"
-            rows.append((cid, ms, "fault-poison", "nike", "web", target, None, "127.0.0.1", "ua", False, "GET"))
-        await asyncio.gather(*(writer.write(r) for r in rows))
-        stored = {r["click_id"] for r in await pool.fetch(
-            "SELECT click_id FROM clicks WHERE user_id = 'fault-poison'")}
-        assert stored == {r[0] for i, r in enumerate(rows) if i not in (7, 31)}
+        await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        assert copies[0] == size
+        stored = {r["click_id"] for r in await pool.fetch("SELECT click_id FROM clicks WHERE user_id = $1", user)}
+        assert stored == {r[0] for i, r in enumerate(rows) if i not in (7, 13)}
         quarantined = await pool.fetch("SELECT click_id, reason FROM clicks_quarantine ORDER BY id")
-        assert {q["click_id"] for q in quarantined} >= {rows[7][0], rows[31][0]}
+        assert {q["click_id"] for q in quarantined} >= {rows[7][0], rows[13][0]}
         assert all(q["reason"] for q in quarantined)
+    finally:
+        await writer.close()
+        await pool.close()
+
+
+@pytest.mark.parametrize("size", [40, 5], ids=["copy", "insert-of-arrays"])
+async def test_a_batch_stores_each_click_at_the_time_its_id_carries(stack: Stack, tmp_path: Path, size: int) -> None:
+    """created_at is exactly the id's millisecond, whether the batch went as COPY (a datetime made by
+    the writer) or as an INSERT of arrays (computed by PostgreSQL from the milliseconds): lookups by
+    id name the partition and the row by it."""
+    pool = await create_pool(stack.dsn)
+    writer = ClickWriter(pool, Spool(tmp_path / "spool"), batch_limit=1000, dsn=stack.dsn)
+    user = f"fault-time-{size}"
+    clicks = [new_click_id() for _ in range(size)]
+    waiting = [asyncio.ensure_future(writer.write((cid, ms, user, "nike", "web", "https://www.nike.com/", "dev",
+                                                   "127.0.0.1", "ua", i % 2 == 0, "GET")))
+               for i, (cid, ms) in enumerate(clicks)]
+    await writer.start()
+    try:
+        await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        rows = await pool.fetch("SELECT click_id, created_at, device, bot FROM clicks WHERE user_id = $1", user)
+        assert {(r["click_id"], r["created_at"], r["device"], r["bot"]) for r in rows} == {
+            (cid, click_time(cid), "dev", i % 2 == 0) for i, (cid, _) in enumerate(clicks)}
     finally:
         await writer.close()
         await pool.close()
@@ -369,13 +404,13 @@ async def test_a_backlog_is_written_in_merged_batches_and_every_waiter_is_releas
     writer = ClickWriter(pool, Spool(settings.data_dir / "merge-spool"), durability="commit",
                          batch_limit=10, merge_limit=35, dsn=settings.database_url)
     copies: list[int] = []
-    real_copy = writer.flushers.copy_records
+    real_copy = writer.flushers.write_rows
 
-    async def counting(records, slot=None):  # noqa: ANN001, ANN202 - a spy on the real COPY
+    async def counting(records, slot=None):  # noqa: ANN001, ANN202 - a spy on the real batch write
         copies.append(len(records))
         await real_copy(records, slot)
 
-    writer.flushers.copy_records = counting  # type: ignore[method-assign]
+    writer.flushers.write_rows = counting  # type: ignore[method-assign]
     try:
         # 100 clicks queued before the flushers run: ten sealed batches of ten.
         ids = [new_click_id() for _ in range(100)]
@@ -426,13 +461,13 @@ async def test_rows_that_arrive_within_the_linger_share_one_copy(settings, db):
                for mode, linger in (("async", 0.5), ("async", 0.0), ("commit", 60.0))]
     copies: dict[int, list[int]] = {0: [], 1: [], 2: []}
     for i, writer in enumerate(writers):
-        real_copy = writer.flushers.copy_records
+        real_copy = writer.flushers.write_rows
 
         async def counting(records, slot=None, real=real_copy, seen=copies[i]):  # noqa: ANN001, ANN202 - a spy
             seen.append(len(records))
             await real(records, slot)
 
-        writer.flushers.copy_records = counting  # type: ignore[method-assign]
+        writer.flushers.write_rows = counting  # type: ignore[method-assign]
         await writer.start()
     try:
         for i, writer in enumerate(writers[:2]):

@@ -23,6 +23,14 @@ class Click(NamedTuple):
 
 
 COLUMNS: tuple[str, ...] = ("click_id", "created_at", *Click._fields[2:])
+# A small batch as one prepared INSERT of arrays, a column each, with created_at computed from the
+# milliseconds by PostgreSQL (exact: integer microseconds). See flushers.SMALL_BATCH.
+INSERT_ARRAYS = """
+INSERT INTO clicks (click_id, created_at, user_id, merchant, source, target, device, client_ip, user_agent, bot, method)
+SELECT id, timestamptz 'epoch' + ms * interval '1 millisecond', u, m, src, t, dev, ip, ua, bot, method
+FROM unnest($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[],
+            $9::text[], $10::bool[], $11::text[]) AS c(id, ms, u, m, src, t, dev, ip, ua, bot, method)
+"""
 Record = tuple[Any, ...]  # a click as COPY sends it: created_at a datetime
 
 

@@ -1,4 +1,6 @@
-"""The flushers: tasks that take batches and COPY them into `clicks`, each on a connection of its own.
+"""The flushers: tasks that take batches and write them into `clicks`, each on a connection of its own:
+one statement and one commit per batch (the group commit), a prepared INSERT of arrays for a small
+batch and COPY for a larger one.
 
 A batch PostgreSQL cannot take (down, timed out, an unexpected error) goes to the spool; one it
 refuses (a bad row) is bisected through refused.py, so that every good row is committed.
@@ -13,7 +15,7 @@ import structlog
 
 from .. import metrics
 from .batches import Batch, Batches
-from .click import COLUMNS, Click, Record, to_record
+from .click import COLUMNS, INSERT_ARRAYS, Click, Record, to_record
 from .health import CONNECT_TIMEOUT, UNREACHABLE, PostgresHealth
 from .refused import REFUSED, add_partitions, isolate, missing_partition
 
@@ -21,6 +23,13 @@ log = structlog.get_logger("tracker.clicks")
 
 FLUSHERS = 2
 FLUSH_TIMEOUT = 5.0  # seconds for one COPY before the batch counts as one PostgreSQL cannot take
+# Below this many rows a batch is one prepared INSERT ... SELECT FROM unnest($1::text[], ...) instead of
+# a COPY: one round trip instead of two, no COPY statement to parse, and created_at computed by
+# PostgreSQL instead of a datetime per row. Measured (300 batches alternating, embedded PostgreSQL,
+# CPU from /proc): 8 rows 275 -> 207 us of client CPU and 378 -> 339 us of the backend's per batch,
+# 16 rows 274 -> 229 and 383 -> 372, even at 32, and COPY ahead from there (100 rows: 627 vs 768
+# client, 928 vs 1,100 server). Commit mode's batches hold 11-16 rows under load, fewer below it.
+SMALL_BATCH = 32
 
 
 class Flushers:
@@ -80,20 +89,20 @@ class Flushers:
 
     async def _copy(self, rows: list[Click], slot: int) -> None:
         started = self._loop.time()
-        records = [to_record(r) for r in rows]
         try:
             # asyncio.timeout, not wait_for: wait_for wraps the COPY in a task of its own, which
             # costs ~20 us of the ~150 us of client CPU a small COPY takes (docs/performance.md).
             async with asyncio.timeout(self.flush_timeout):
-                await self.copy_records(records, slot)
+                await self.write_rows(rows, slot)
         except REFUSED as exc:
+            records = [to_record(r) for r in rows]
             if not missing_partition(exc):
                 await self._isolate(records, exc)
             else:
                 await add_partitions(self.pool, records)
                 try:
                     async with asyncio.timeout(self.flush_timeout):
-                        await self.copy_records(records, slot)
+                        await self.write_rows(rows, slot)
                 except REFUSED as again:  # a bad row in a batch that also needed a partition
                     await self._isolate(records, again)
         metrics.WRITER_BATCH.observe(len(rows))
@@ -104,18 +113,25 @@ class Flushers:
         if conn is not None:
             conn.terminate()
 
-    async def copy_records(self, records: list[Record], slot: int | None = None) -> None:
-        """COPY on the flusher's own connection (`slot`), or on one of the pool's."""
+    async def _own_conn(self, slot: int) -> asyncpg.Connection:
+        conn = self._conns[slot]
+        if conn is None or conn.is_closed():
+            conn = self._conns[slot] = await asyncpg.connect(
+                self._dsn, timeout=CONNECT_TIMEOUT, server_settings={"application_name": "tracker-writer"})
+        return conn
+
+    async def write_rows(self, rows: list[Click], slot: int | None = None) -> None:
+        """A batch in one statement, one commit: on the flusher's own connection (`slot`), or on
+        one of the pool's."""
         if slot is not None and self._dsn:
-            conn = self._conns[slot]
-            if conn is None or conn.is_closed():
-                conn = self._conns[slot] = await asyncpg.connect(
-                    self._dsn, timeout=CONNECT_TIMEOUT, server_settings={"application_name": "tracker-writer"})
-            # One COPY is one statement and one commit: the group commit of the whole batch.
-            await conn.copy_records_to_table("clicks", records=records, columns=COLUMNS)
+            await _write(await self._own_conn(slot), rows)
             return
         async with self.pool.acquire() as conn:
-            # One COPY is one statement and one commit: the group commit of the whole batch.
+            await _write(conn, rows)
+
+    async def copy_records(self, records: list[Record]) -> None:
+        """COPY on one of the pool's connections (the bisection of a refused batch)."""
+        async with self.pool.acquire() as conn:
             await conn.copy_records_to_table("clicks", records=records, columns=COLUMNS)
 
     async def _isolate(self, records: list[Record], exc: BaseException) -> None:
@@ -123,3 +139,11 @@ class Flushers:
             await asyncio.wait_for(self.copy_records(part), self.flush_timeout)
 
         await isolate(self.pool, records, exc, copy)
+
+
+async def _write(conn: asyncpg.Connection, rows: list[Click]) -> None:
+    if len(rows) < SMALL_BATCH:
+        # The batch's columns as arrays (Click is a tuple in column order); prepared once per connection.
+        await conn.execute(INSERT_ARRAYS, *zip(*rows))
+    else:
+        await conn.copy_records_to_table("clicks", records=[to_record(r) for r in rows], columns=COLUMNS)
