@@ -18,6 +18,7 @@ def test_ruff_passes():
 
 @pytest.mark.slow
 def test_mypy_passes():
+    """mypy --strict on tracker/ (strict = true in pyproject.toml); the tests are not type-checked."""
     mypy = shutil.which("mypy", path=str(Path(sys.executable).parent)) or shutil.which("mypy")
     assert mypy, "mypy is part of the dev extras: pip install -e '.[dev]'"
     out = subprocess.run([mypy, "tracker"], cwd=ROOT, capture_output=True, text=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from typing import Any
+from typing import Any, Callable, cast
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -131,6 +131,9 @@ def render() -> bytes:
     thread-safe, and this runs in a worker thread."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry)
+        # prometheus-client leaves MultiProcessCollector's constructor unannotated: its type, as the
+        # library defines it (it registers itself with the registry).
+        collector = cast(Callable[[CollectorRegistry], object], multiprocess.MultiProcessCollector)
+        collector(registry)
         return generate_latest(registry)
     return generate_latest(REGISTRY)
