@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import TypedDict
+from typing import Required, TypedDict
 
 from .trail import TrailEntry
 
@@ -26,6 +26,17 @@ class StoredState(TypedDict, total=False):
     expired_signalled: bool
     trail: list[TrailEntry]
     status: str | None  # the conversion's status, when a postback wrote the state
+
+
+class ActivationSession(TypedDict, total=False):
+    """What a redirect leaves in Redis for its click's observes (JSON with short keys: one per click),
+    or the same rebuilt from the click's row when Redis has none (then with `bot`, without `src`)."""
+    u: Required[str]  # the user id
+    m: Required[str]  # the merchant's slug
+    t: Required[int]  # created, ms since the epoch (the click id's time)
+    src: str  # web, app or ext
+    dev: str | None  # the device id the client sent, if any
+    bot: bool
 
 
 # Once converted, the state outlives the session: a late observe must still find the click converted.

@@ -18,7 +18,7 @@ import os
 import secrets
 import socket
 import time
-from typing import Any, Sequence
+from typing import Sequence, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -27,6 +27,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import metrics
+from ..domain.states import ActivationSession, StoredState
 from .ratelimit import COUNTS_LUA, EDGE, Check, RateLimits, Sent, Verdict
 from .tasks import cancel_and_wait
 
@@ -85,7 +86,7 @@ class SessionStore:
     def channel(self, click_id: str) -> str:
         return f"{self.prefix}ev:{click_id}"
 
-    async def save_state(self, click_id: str, state: dict[str, Any], ttl: int, force: bool = False) -> bool:
+    async def save_state(self, click_id: str, state: StoredState, ttl: int, force: bool = False) -> bool:
         """Write a click's detector state and tell its live streams, waiting for Redis (so the next
         observe, on any worker, reads it). A `converted` state is never replaced unless `force`:
         a postback's word beats a late observation. False when Redis did not take it."""
@@ -101,7 +102,8 @@ class SessionStore:
             return False
         return True
 
-    async def get_session_and_state(self, click_id: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None, bool]:
+    async def get_session_and_state(
+            self, click_id: str) -> tuple[ActivationSession | None, StoredState | None, bool]:
         """The activation session and the detector state in one round trip; the last item is False
         when Redis could not answer (the caller falls back to PostgreSQL)."""
         if not self.ok:
@@ -112,12 +114,14 @@ class SessionStore:
         except Exception as exc:  # noqa: BLE001 - fail open
             self._request_failed(exc)
             return None, None, False
-        return (orjson.loads(raw[0]) if raw[0] else None, orjson.loads(raw[1]) if raw[1] else None, True)
+        # The JSON put_session and save_state wrote: read back as those types, unchecked.
+        return (cast(ActivationSession, orjson.loads(raw[0])) if raw[0] else None,
+                cast(StoredState, orjson.loads(raw[1])) if raw[1] else None, True)
 
     def session_key(self, click_id: str) -> str:
         return f"{self.prefix}s:{click_id}"
 
-    def put_session(self, click_id: str, session: dict[str, Any], ttl: int) -> None:
+    def put_session(self, click_id: str, session: ActivationSession, ttl: int) -> None:
         """Write the activation session without waiting for it."""
         if not self.ok or len(self._ops) >= MAX_PENDING:
             metrics.REDIS_FAIL_OPEN.labels("session").inc()

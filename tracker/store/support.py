@@ -2,14 +2,14 @@
 signals and its detector state."""
 from __future__ import annotations
 
-from typing import Any, TypeAlias, cast
+from typing import TypeAlias, cast
 
 import asyncpg
 import orjson
 
 from ..domain.clickid import click_time
 from ..domain.rows import ClickRow, ClickStateRow, SignalRow
-from ..domain.states import StoredState
+from ..domain.states import ActivationSession, StoredState
 from .sessions import SessionStore
 
 Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection
@@ -27,12 +27,9 @@ async def get_click(conn: Conn, click_id: str) -> ClickRow | None:
 
 
 async def load_click(sessions: SessionStore, pool: asyncpg.Pool,
-                     click_id: str) -> tuple[dict[str, Any] | None, StoredState | None]:
+                     click_id: str) -> tuple[ActivationSession | None, StoredState | None]:
     """(session, detector state) for a click: Redis first, PostgreSQL when Redis has nothing."""
-    session, raw, _ = await sessions.get_session_and_state(click_id)
-    # store/sessions.py hands the state over as dict[str, Any]: it is the JSON observe and the
-    # postbacks saved, a StoredState.
-    state = cast(StoredState | None, raw)
+    session, state, _ = await sessions.get_session_and_state(click_id)
     if session is not None:
         return session, state
     click = await get_click(pool, click_id)

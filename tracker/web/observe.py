@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, cast
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -72,9 +72,7 @@ async def observe(request: web.Request) -> web.Response:
     after = state.dump()
     changed = after != before
     if changed:
-        # store/sessions.py takes the state as dict[str, Any]; it is this StoredState, saved as JSON.
-        await app[keys.SESSIONS].save_state(click_id, cast(dict[str, Any], after),
-                                            state_ttl(state.state, merchant.session_ttl))
+        await app[keys.SESSIONS].save_state(click_id, after, state_ttl(state.state, merchant.session_ttl))
     if signals or changed:
         app[keys.SIGNALS].add(click_id, merchant.slug, user_id, signals, after if changed else None)
     for s in signals:

@@ -11,7 +11,6 @@ import hashlib
 import hmac
 import ipaddress
 import json
-from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import structlog
@@ -165,9 +164,7 @@ async def postback(request: web.Request) -> web.Response:
         metrics.events(result.event).inc()
     if result.click_id and result.conversion_id is not None:
         converted: StoredState = {"state": ClickState.CONVERTED, "status": result.status}
-        # store/sessions.py takes the state as dict[str, Any]; it is this StoredState, saved as JSON.
-        await app[keys.SESSIONS].save_state(result.click_id, cast(dict[str, Any], converted),
-                                            CONVERTED_STATE_TTL, force=True)
+        await app[keys.SESSIONS].save_state(result.click_id, converted, CONVERTED_STATE_TTL, force=True)
     log.info("postback", network=name, outcome=result.outcome, click_id=pb.click_id, order_id=pb.order_id,
              status=pb.status, status_word=pb.status_word, conversion_status=result.status,
              reason=result.reason)
