@@ -184,3 +184,27 @@ async def test_while_redis_is_down_each_worker_holds_the_limit_on_its_own(settin
     finally:
         await store.stop()
         await client.aclose()
+
+
+async def test_a_request_one_limit_refuses_is_not_counted_against_another(settings):
+    """An address (5 a minute) and a user (3) both at their edge when the user's fourth request
+    comes (the third's hits not yet synced): refused by the user's limit, that request spends none
+    of the address's five, so two more users from the address are admitted and the third refused."""
+    client = aioredis.Redis.from_url(settings.redis_url)
+    store = SessionStore(client, f"{settings.redis_prefix}two-limits:")
+    now = time.time()
+    store.limits.clock = lambda: now  # one minute throughout: the counts are per minute
+    try:
+        await store._sync_once(1.0)  # this worker's first call: W = 1
+        verdicts = []
+        for i, user in enumerate(["gina"] * 4 + ["h0", "h1", "h2"]):
+            verdicts.append(await store.over_limit_exact((("ip", "192.0.2.1", 5), ("user", user, 3))))
+            if i < 2:
+                await store._sync_once(1.0)
+        assert [v and v[0] for v in verdicts] == [None, None, None, "user", None, None, "ip"]
+        assert 1 < verdicts[3][1] <= 61 and 1 < verdicts[6][1] <= 61  # full until the minute ends
+        window = int(now // 60)
+        counted = await client.get(f"{settings.redis_prefix}two-limits:rl:ip:192.0.2.1:{window}")
+        assert int(counted or 0) <= 5
+    finally:
+        await client.aclose()

@@ -13,7 +13,9 @@ two cases:
   answer from Redis showed counted + reserved below the limit.
 Past both, the key is at its edge and one script call counts this worker's pending hits and the
 request's hit atomically (SessionStore.over_limit_exact): only a user at the edge of a limit pays a
-round trip. A caller that cannot wait (`check(..., edge=False)`) decides there from what this
+round trip. The call carries every key of the request at its edge and counts the hit for all of
+them or none, and a key that is full already refuses before it: a request one limit refuses is not
+counted against another (a user's refused requests do not spend their address's limit). A caller that cannot wait (`check(..., edge=False)`) decides there from what this
 worker knows, as before this bound: exact per worker, not across workers.
 
 Bound: only blind hits can pass a limit, and at most W * blind_budget of them can be admitted
@@ -40,14 +42,15 @@ LIVE_FOR = 60  # seconds a worker counts in W after its last call
 # reservation wanted, this worker's blind hits that an earlier call (maybe not yet run) carries,
 # and 1 to admit one more hit if it fits. ARGV[3]: the key prefix, ARGV[4]: this worker's id,
 # ARGV[5]: the time. Every call is also the worker's heartbeat. Replies W, then per key: counted,
-# counted + reserved, this worker's reservation, admitted (0/1).
+# counted + reserved, this worker's reservation, room (0/1: the key had room for the hit). The hit
+# is one request's: counted for every key of the call only if each had room (else for none).
 COUNTS_LUA = r"""
 local prefix, live, now = ARGV[3], ARGV[3] .. 'rl-workers', tonumber(ARGV[5])
 redis.call('ZADD', live, now, ARGV[4])
 redis.call('ZREMRANGEBYSCORE', live, '-inf', now - """ + str(LIVE_FOR) + r""")
 redis.call('EXPIRE', live, """ + str(2 * LIVE_FOR) + r""")
 local workers = redis.call('ZCARD', live)
-local reply = {workers}
+local reply, rooms, all_room = {workers}, {}, true
 for name, hits, back, kept, limit, want, pending, admit in string.gmatch(ARGV[2],
     '([^\t\n]+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\t(%d+)\t([01])') do
   hits, back, kept, limit = tonumber(hits), tonumber(back), tonumber(kept), tonumber(limit)
@@ -59,13 +62,13 @@ for name, hits, back, kept, limit, want, pending, admit in string.gmatch(ARGV[2]
   end
   local r0 = tonumber(redis.call('GET', reserved) or 0)
   local r = math.max(r0 - back, 0)
-  local admitted = 0
+  local room = 0
   if admit == '1' then
     if c + r + pending < limit then
-      c = redis.call('INCRBY', counted, 1)
-      admitted = 1
+      c, room = c + 1, 1  -- as if counted (below, once every key of the call has room)
+      rooms[#rooms + 1] = {counted, #reply + 1}
     else
-      want = 0
+      all_room, want = false, 0
     end
   end
   local held = kept
@@ -80,7 +83,14 @@ for name, hits, back, kept, limit, want, pending, admit in string.gmatch(ARGV[2]
     redis.call('SET', reserved, r, 'EX', 61)
   end
   local n = #reply
-  reply[n + 1], reply[n + 2], reply[n + 3], reply[n + 4] = c, c + r, held, admitted
+  reply[n + 1], reply[n + 2], reply[n + 3], reply[n + 4] = c, c + r, held, room
+end
+for _, key in ipairs(rooms) do  -- one request's hit: counted for all of its keys or for none
+  if all_room then
+    redis.call('INCRBY', key[1], 1)
+  else
+    reply[key[2]], reply[key[2] + 1] = reply[key[2]] - 1, reply[key[2] + 1] - 1
+  end
 end
 return reply
 """
@@ -233,20 +243,47 @@ class RateLimits:
             if reply:
                 self._learn(name, st, kept, reply[1 + 4 * i:5 + 4 * i], window)
 
+    def _at_edge(self, st: _Count | None) -> bool:
+        return not (st is None or st.allow > 0 or not self.up or st.counted >= st.limit
+                    or (st.blind < blind_budget(st.limit, self.workers) and st.full + st.blind < st.limit))
+
+    def at_edge(self, checks: Sequence[Check]) -> tuple[list[Check], Verdict]:
+        """For a request check() found at the edge of a limit: its keys at their edge (Redis decides
+        them, in one call), or the refusal of a key that is full already (then no call is made, and
+        no key counts a request that another refuses)."""
+        edge = []
+        for check in checks:
+            scope, key, limit = check
+            st = self.counts.get(f"{scope}:{key}") if limit > 0 else None
+            if st is None or st.allow > 0 or not self.up:
+                continue
+            if st.counted >= limit:
+                return [], self._refuse(scope, int(60 - self.clock() % 60) + 1)
+            if self._at_edge(st):
+                edge.append(check)
+        return edge, None
+
     def edge_line(self, name: str) -> tuple[str, Sent, int] | None:
         """For a key at the edge of its limit, the line that counts its pending hits and admits one
         more if it fits; None for a key that is not (or no longer) at its edge."""
-        st = self.counts.get(name)
-        if (st is None or st.allow > 0 or not self.up or st.counted >= st.limit
-                or (st.blind < blind_budget(st.limit, self.workers) and st.full + st.blind < st.limit)):
-            return None
-        line, kept, fresh = self._line(name, st, False, True)
-        return line, [(name, st, kept, fresh)], self.window
+        return self.edge_lines([name])
+
+    def edge_lines(self, names: Sequence[str]) -> tuple[str, Sent, int] | None:
+        """For one request's keys at the edge of their limits, the lines that count their pending
+        hits and admit the request's hit if every key has room; None if none is (still) at its edge."""
+        lines, sent = [], []
+        for name in names:
+            st = self.counts.get(name)
+            if st is not None and self._at_edge(st):
+                line, kept, fresh = self._line(name, st, False, True)
+                lines.append(line)
+                sent.append((name, st, kept, fresh))
+        return ("\n".join(lines), sent, self.window) if sent else None
 
     def settle_edge(self, sent: Sent, reply: list[int] | None, window: int) -> bool | None:
         """Apply an edge call's answer: admitted or not, None when it failed."""
         self.settle(sent, reply, window)
-        return bool(reply[4]) if reply else None
+        return all(reply[4::4]) if reply else None
 
     def _learn(self, name: str, st: _Count, kept: int, answer: list[int], window: int) -> None:
         counted, full, held = int(answer[0]), int(answer[1]), int(answer[2])

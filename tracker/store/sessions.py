@@ -137,32 +137,34 @@ class SessionStore:
 
     async def over_limit_exact(self, checks: Sequence[Check]) -> Verdict:
         """over_limit with the bound across workers: decided in memory, except for a key at the edge
-        of its limit, which Redis decides (one atomic script call each: only a user at the edge
-        waits for a round trip). /go calls `limits.check(checks, edge=True)` itself first and
-        this only for EDGE. A request refused by a later key keeps its count for an earlier one
-        (a hit more, only at the edge)."""
+        of its limit, which Redis decides (one atomic script call: only a user at the edge waits
+        for a round trip). /go calls `limits.check(checks, edge=True)` itself first and
+        this only for EDGE. Every key at its edge goes in one call that counts the hit for all of
+        them or none, after the others are found not full: a request one key refuses is not
+        counted against another."""
         limits, pending = self.limits, list(checks)
         for _ in range(len(pending)):
             verdict = limits.check(pending, edge=True)
             if verdict is not EDGE:
                 return verdict
-            for scope, key, limit in list(pending):
-                prepared = limits.edge_line(f"{scope}:{key}") if limit > 0 else None
-                if prepared is None:
-                    continue
-                answer = await self._count(*prepared)
-                if answer is None:  # no answer in time: this worker's view decides
-                    return limits.check(pending)
-                admitted, counted = answer
-                if not admitted:  # until the minute ends, or a second when others hold the rest
+            edge, verdict = limits.at_edge(pending)
+            if verdict is not None:
+                return verdict
+            prepared = limits.edge_lines([f"{scope}:{key}" for scope, key, _ in edge])
+            answer = await self._count(*prepared) if prepared else None
+            if answer is None:  # no answer in time: this worker's view decides
+                return limits.check(pending)
+            for (scope, _, limit), (room, counted) in zip(edge, answer):
+                if not room:  # until the minute ends, or a second when others hold the rest
                     metrics.RATE_LIMITED.labels(scope).inc()
                     return scope, (int(60 - limits.clock() % 60) + 1) if counted >= limit else 1
-                pending.remove((scope, key, limit))
+            pending = [check for check in pending if check not in edge]
         return limits.check(pending)
 
-    async def _count(self, line: str, sent: Sent, window: int) -> tuple[bool, int] | None:
-        """One edge call: admitted or not and the count, None if Redis did not answer. Its failure
-        does not mark Redis down (the batch call finds that out, with its longer deadline)."""
+    async def _count(self, line: str, sent: Sent, window: int) -> list[tuple[bool, int]] | None:
+        """One edge call: per line, room or not and the count (the hit is admitted when every line
+        had room), None if Redis did not answer. Its failure does not mark Redis down (the batch
+        call finds that out, with its longer deadline)."""
         try:
             reply = await asyncio.wait_for(self.client.eval(
                 _SYNC, 0, b"", line, self.prefix, self.worker_id, int(time.time())), self.timeout)
@@ -173,8 +175,8 @@ class SessionStore:
             self.limits.settle(sent, None, window)
             metrics.REDIS_FAIL_OPEN.labels("rate_limit").inc()
             return None
-        admitted = self.limits.settle_edge(sent, reply, window)
-        return bool(admitted), int(reply[1])
+        self.limits.settle_edge(sent, reply, window)
+        return [(bool(reply[4 + 4 * i]), int(reply[1 + 4 * i])) for i in range(len(sent))]
 
     async def ping(self) -> bool:
         try:
