@@ -3,7 +3,7 @@ with the CPU time of tracker's processes, PostgreSQL's and Redis's read from /pr
 (benchmarks/cpu.py). The machine's speed drifts over
 minutes, so only interleaved runs compare; CPU per redirect moves less than requests/s.
 
-    .venv/bin/python benchmarks/ab.py REV_A REV_B [--rounds 4] [--seconds 8] [--durability commit]
+    .venv/bin/python benchmarks/ab.py REV_A REV_B [--rounds 4] [--seconds 8] [--durability commit] [--pace-ms N]
 
 A revision is anything `git worktree add` takes (HEAD~1, a commit, a branch) or `.` for the working
 tree. Uses the servers of TRACKER_DATABASE_URL / TRACKER_REDIS_URL, else the embedded ones."""
@@ -77,6 +77,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--durability", default="commit")
+    parser.add_argument("--pace-ms", type=int, default=0,
+                        help="each wrk connection waits this long between requests (a load below saturation)")
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="tracker-ab-"))
     tenv, tokens, _ = bench.setup(scratch)
@@ -88,7 +90,8 @@ def main() -> int:
         for i in range(args.rounds):
             for name in (("A", "B") if i % 2 == 0 else ("B", "A")):
                 bench_redis.flushdb()
-                r = run_once(trees[name], tenv, args.seconds, {"TOKENS_FILE": str(tokens)})
+                wenv = {"TOKENS_FILE": str(tokens), **({"GO_DELAY_MS": str(args.pace_ms)} if args.pace_ms else {})}
+                r = run_once(trees[name], tenv, args.seconds, wenv)
                 results[name].append(r)
                 print(f"round {i + 1} {name}: {r['rps']:,.0f} req/s  {bench.cpu_cell(r)} us CPU/redirect  "
                       f"p99 {r['p99_ms']:.2f} ms  non-3xx {r['non_3xx']}  "
