@@ -7,7 +7,7 @@ import redis.asyncio as aioredis
 from tracker.app import create_app
 from tracker.domain.clickid import new_click_id
 
-from .conftest import ADMIN, BROWSER
+from .conftest import ADMIN, BROWSER, redis_value
 from .waiting import stored, until
 
 
@@ -62,6 +62,35 @@ async def test_overwrite_is_detected_stored_and_explained(client, tokens, db, se
     assert view["diagnosis"][0]["code"] == "overwritten" and text.startswith("Admitad link of another publisher")
     metrics = await (await client.get("/metrics")).text()
     assert 'tracker_signals_total{kind="foreign_affiliate_param",merchant="aliexpress",network="admitad"}' in metrics
+
+async def test_the_detector_state_outlives_redis_losing_the_click(client, tokens, db, settings):
+    """Redis loses the click (its session and state gone: evicted, flushed, a new Redis): the next
+    observe reads the detector state PostgreSQL keeps (click_states.detector), so the value bound as
+    ours still tells another publisher's apart, and the state stored next keeps it."""
+    cid, location = await activate(client, tokens, "o-user-lost")
+    ours = "ours0000000000000003"
+    resp = await observe(client, tokens, "o-user-lost", cid, [
+        {"type": "navigation", "url": location},
+        {"type": "navigation", "url": f"https://aliexpress.ru/item/1.html?admitad_uid={ours}"}])
+    assert (await resp.json())["state"] == "active"
+    bound = "SELECT detector->'bound'->>'admitad:admitad_uid' FROM click_states WHERE click_id = $1"
+    assert await stored(db, bound, cid) == ours
+    admin = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        keys = [f"{settings.redis_prefix}s:{cid}", f"{settings.redis_prefix}st:{cid}"]
+        await redis_value(admin, keys[0])  # the session's batched write done: nothing recreates it
+        assert await admin.delete(*keys) == 2
+    finally:
+        await admin.aclose()
+    resp = await observe(client, tokens, "o-user-lost", cid, [
+        {"type": "navigation", "url": "https://aliexpress.ru/item/1.html?admitad_uid=theirs000000000000004"}])
+    body = await resp.json()
+    assert body["state"] == "overwritten" and body["action"] == "reactivate"
+    [signal] = body["signals"]
+    assert (signal["kind"], signal["network"]) == ("foreign_affiliate_param", "admitad")
+    assert signal["evidence"]["same_network"] is True
+    await stored(db, "SELECT 1 FROM click_states WHERE click_id = $1 AND state = 'overwritten'", cid)
+    assert await db.fetchval(bound, cid) == ours
 
 
 async def test_promo_code_and_converted_then_late(client, tokens, db):

@@ -35,13 +35,10 @@ async def load_click(sessions: SessionStore, pool: asyncpg.Pool,
     click = await get_click(pool, click_id)
     if click is None:
         return None, None
-    stored = await get_state(pool, click_id)
     session = {"u": click["user_id"], "m": click["merchant"], "t": int(click["created_at"].timestamp() * 1000),
                "dev": click["device"], "bot": click["bot"]}
-    if state is None and stored is not None:
-        # The state word only: get_state does not read click_states.detector, so the rest of the
-        # detector's state (bound values, trail) starts afresh when Redis has lost the click.
-        state = {"state": stored["state"]}
+    if state is None:
+        state = await get_detector_state(pool, click_id)
     return session, state
 
 
@@ -56,6 +53,21 @@ async def get_signals(conn: Conn, click_id: str) -> list[SignalRow]:
             item["evidence"] = orjson.loads(item["evidence"])
         out.append(item)
     return out
+
+
+async def get_detector_state(conn: Conn, click_id: str) -> StoredState | None:
+    """The detector state click_states keeps for a click (what observe saved last, bound values and
+    trail included), with the row's state word: a postback's `converted` is written to the row alone,
+    leaving the detector JSON as the last observe saved it (or NULL)."""
+    row = await conn.fetchrow("SELECT state, detector FROM click_states WHERE click_id = $1", click_id)
+    if row is None:
+        return None
+    doc = row["detector"]
+    if isinstance(doc, str):  # asyncpg hands jsonb over as its text
+        doc = orjson.loads(doc)
+    state = cast(StoredState, doc) if isinstance(doc, dict) else StoredState()
+    state["state"] = row["state"]
+    return state
 
 
 async def get_state(conn: Conn, click_id: str) -> ClickStateRow | None:
