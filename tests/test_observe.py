@@ -92,6 +92,29 @@ async def test_the_detector_state_outlives_redis_losing_the_click(client, tokens
     await stored(db, "SELECT 1 FROM click_states WHERE click_id = $1 AND state = 'overwritten'", cid)
     assert await db.fetchval(bound, cid) == ours
 
+async def test_a_conversion_outlives_redis_losing_the_click(client, tokens, db, settings):
+    """A postback writes `converted` to the row of click_states alone (its detector JSON stays as
+    the last observe saved it, `active`): with Redis's copy gone, observe still answers converted."""
+    cid, location = await activate(client, tokens, "o-user-lost-2")
+    await observe(client, tokens, "o-user-lost-2", cid, [{"type": "navigation", "url": location}])
+    await stored(db, "SELECT 1 FROM click_states WHERE click_id = $1 AND detector->>'state' = 'active'", cid)
+    resp = await client.get("/postback/admitad", params={
+        "token": "test-admitad-token", "subid": cid, "order_id": "OBS-LOST-2", "status": "pending",
+        "payment_sum": "5", "currency": "RUB"})
+    assert resp.status == 200
+    assert await db.fetchval("SELECT detector->>'state' FROM click_states WHERE click_id = $1 "
+                             "AND state = 'converted'", cid) == "active"
+    admin = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        keys = [f"{settings.redis_prefix}s:{cid}", f"{settings.redis_prefix}st:{cid}"]
+        await redis_value(admin, keys[0])
+        await admin.delete(*keys)
+    finally:
+        await admin.aclose()
+    body = await (await observe(client, tokens, "o-user-lost-2", cid, [{"type": "promo_code", "code": "X1"}])).json()
+    assert (body["state"], body["action"]) == ("converted", "none")
+    assert body["signals"][0]["late"] is True
+
 
 async def test_promo_code_and_converted_then_late(client, tokens, db):
     cid, location = await activate(client, tokens, "o-user-2")
