@@ -3,7 +3,7 @@ the HTTP server's processes (tracker's or the plain app's), PostgreSQL's and Red
 
 PostgreSQL's share is the backends connected to the benchmark's database (the app's pool, the click
 writer's connections, autovacuum on its tables) and the server processes that every write goes
-through (WAL writer, checkpointer, background writer); other databases' backends are left out, so a
+through (WAL writer, checkpointer, background writer, and PostgreSQL 18's I/O workers); other databases' backends are left out, so a
 test suite running beside the benchmark on the same server does not count. Redis's is the server's
 whole process: keep other clients off it while measuring (the benchmarks use the embedded Redis
 unless TRACKER_REDIS_URL points elsewhere). A process that starts during a run counts from zero; one
@@ -20,7 +20,7 @@ import asyncpg
 import redis
 
 TICK = os.sysconf("SC_CLK_TCK")
-SHARED_BACKENDS = ["walwriter", "checkpointer", "background writer"]
+SHARED_BACKENDS = ["walwriter", "checkpointer", "background writer", "io worker"]
 Snapshot = dict[str, dict[int, float]]
 
 
