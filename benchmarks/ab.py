@@ -4,12 +4,14 @@ with the CPU time of tracker's processes, PostgreSQL's and Redis's read from /pr
 minutes, so only interleaved runs compare; CPU per redirect moves less than requests/s.
 
     .venv/bin/python benchmarks/ab.py REV_A REV_B [--rounds 4] [--seconds 8] [--durability commit] [--pace-ms N]
+        [--scenario go|observe|postback|postback-duplicates]
 
 A revision is anything `git worktree add` takes (HEAD~1, a commit, a branch) or `.` for the working
 tree. Uses the servers of TRACKER_DATABASE_URL / TRACKER_REDIS_URL, else the embedded ones."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import subprocess
 import sys
@@ -25,6 +27,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
 import bench  # noqa: E402
 import cpu  # noqa: E402
+
+from tracker.domain.tokens import UserTokens  # noqa: E402
 
 
 def tree_of(rev: str, scratch: Path) -> Path:
@@ -47,14 +51,26 @@ def writer_totals(port: int) -> dict[str, float]:
     return totals
 
 
-def run_once(tree: Path, env: dict[str, str], seconds: int, wenv: dict[str, str]) -> dict[str, float]:
+# The scenarios besides /go, as benchmarks/run runs them (one worker): the wrk script and its variables.
+SCRIPTS = {"go": ("go.lua", {}), "observe": ("observe.lua", {}), "postback": ("postback.lua", {}),
+           "postback-duplicates": ("postback.lua", {"DUPLICATES": "1"})}
+
+
+def serve(tree: Path, env: dict[str, str], workers: int) -> tuple[subprocess.Popen[bytes], int]:
     port = bench.free_port()
     proc = subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(port),
-                             "--workers", "2"], env={**env, "PYTHONPATH": str(tree)}, cwd=tree,
+                             "--workers", str(workers)], env={**env, "PYTHONPATH": str(tree)}, cwd=tree,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bench.wait_http(port, "/readyz")
+    return proc, port
+
+
+def run_once(tree: Path, env: dict[str, str], seconds: int, wenv: dict[str, str],
+             scenario: str = "go") -> dict[str, float]:
+    proc, port = serve(tree, env, 2 if scenario == "go" else 1)
     try:
-        bench.wait_http(port, "/readyz")
-        script = str(ROOT / "benchmarks/go.lua")
+        name, extra = SCRIPTS[scenario]
+        script, wenv = str(ROOT / "benchmarks" / name), {**wenv, **extra}
         bench.wrk(port, script, wenv, seconds=2)
         time.sleep(0.5)
         meter = cpu.Meter(server=lambda: cpu.tree(proc.pid), postgres=cpu.postgres_pids(env["TRACKER_DATABASE_URL"]),
@@ -77,6 +93,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--durability", default="commit")
+    parser.add_argument("--scenario", choices=SCRIPTS, default="go",
+                        help="what wrk sends: /go (2 workers) or, as benchmarks/run does with 1 worker, "
+                             "observe, new-order postbacks or duplicate postbacks")
     parser.add_argument("--pace-ms", type=int, default=0,
                         help="each wrk connection waits this long between requests (a load below saturation)")
     args = parser.parse_args()
@@ -86,12 +105,20 @@ def main() -> int:
     bench_redis = redis.Redis.from_url(tenv["TRACKER_REDIS_URL"])
     trees = {"A": tree_of(args.a, scratch), "B": tree_of(args.b, scratch)}
     results: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+    clicks = scratch / "clicks.txt"  # clicks to observe and convert, made once through A's /go
+    if args.scenario != "go":
+        proc, port = serve(trees["A"], tenv, 1)
+        try:
+            clicks.write_text(asyncio.run(bench.make_clicks(port, UserTokens(bench.SECRET), 2000)))
+        finally:
+            bench.stop(proc)
     try:
         for i in range(args.rounds):
             for name in (("A", "B") if i % 2 == 0 else ("B", "A")):
                 bench_redis.flushdb()
-                wenv = {"TOKENS_FILE": str(tokens), **({"GO_DELAY_MS": str(args.pace_ms)} if args.pace_ms else {})}
-                r = run_once(trees[name], tenv, args.seconds, wenv)
+                wenv = {"TOKENS_FILE": str(tokens), "CLICKS_FILE": str(clicks),
+                        **({"GO_DELAY_MS": str(args.pace_ms)} if args.pace_ms else {})}
+                r = run_once(trees[name], tenv, args.seconds, wenv, args.scenario)
                 results[name].append(r)
                 print(f"round {i + 1} {name}: {r['rps']:,.0f} req/s  {bench.cpu_cell(r)} us CPU/redirect  "
                       f"p99 {r['p99_ms']:.2f} ms  non-3xx {r['non_3xx']}  "

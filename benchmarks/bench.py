@@ -244,12 +244,16 @@ def main() -> int:
     # Below saturation: half of what the mode served at saturation in this run (its median round),
     # offered by letting each connection wait between requests (wrk's delay). Production runs at
     # HPA's 60 % CPU target, not at 100 %; a fixed wait would saturate a slower or busier machine.
+    # The floor at the same offered load: what storing the click alone leaves of the latency.
     for durability in ("commit", "async"):
         saturated = sorted(r[0]["rps"] for r in rounds[durability])[len(rounds[durability]) // 2]
         pace_ms = max(1, round(1000 * CONNECTIONS / (saturated / 2)))
         result, note, _ = run_go(durability, pace_ms=pace_ms)
         rows.append((f"tracker /go, durability={durability}, paced at half its saturated rate (each connection "
                      f"waits {pace_ms} ms between requests)", result, note))
+        result, note, _ = run_go(f"floor-{durability}", pace_ms=pace_ms)
+        rows.append((f"floor: plain aiohttp 302 + tracker's click writer only, durability={durability}, paced "
+                     f"the same ({pace_ms} ms)", result, note))
 
     # Observe and postbacks, one worker: requests/s per worker.
     port = free_port()
