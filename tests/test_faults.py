@@ -143,6 +143,19 @@ class Load:
         await asyncio.gather(*tasks)
 
 
+def batch_sizes(writer: ClickWriter) -> list[int]:
+    """A spy on the writer's real batch write: the size of each batch it writes, in order."""
+    sizes: list[int] = []
+    real = writer.flushers.write_rows
+
+    async def counting(rows, slot=None):  # noqa: ANN001, ANN202 - the spy, same signature
+        sizes.append(len(rows))
+        await real(rows, slot)
+
+    writer.flushers.write_rows = counting  # type: ignore[method-assign]
+    return sizes
+
+
 async def rows_of(dsn: str, user: str) -> tuple[int, int]:
     conn = await asyncpg.connect(dsn)
     try:
@@ -302,14 +315,7 @@ async def test_a_poisoned_row_does_not_poison_the_batch(stack: Stack, tmp_path: 
     # 50 rows go as one COPY, 20 (under flushers.SMALL_BATCH) as one INSERT of arrays.
     pool = await create_pool(stack.dsn)
     writer = ClickWriter(pool, Spool(tmp_path / "spool"), batch_limit=1000, dsn=stack.dsn)
-    copies: list[int] = []
-    real_write = writer.flushers.write_rows
-
-    async def counting(rows, slot=None):  # noqa: ANN001, ANN202 - a spy on the real batch write
-        copies.append(len(rows))
-        await real_write(rows, slot)
-
-    writer.flushers.write_rows = counting  # type: ignore[method-assign]
+    copies = batch_sizes(writer)
     user = f"fault-poison-{size}"
     rows = []
     for i in range(size):
@@ -403,14 +409,7 @@ async def test_a_backlog_is_written_in_merged_batches_and_every_waiter_is_releas
         await ensure_near_partitions(conn)  # as the app does at start: no COPY is retried here
     writer = ClickWriter(pool, Spool(settings.data_dir / "merge-spool"), durability="commit",
                          batch_limit=10, merge_limit=35, dsn=settings.database_url)
-    copies: list[int] = []
-    real_copy = writer.flushers.write_rows
-
-    async def counting(records, slot=None):  # noqa: ANN001, ANN202 - a spy on the real batch write
-        copies.append(len(records))
-        await real_copy(records, slot)
-
-    writer.flushers.write_rows = counting  # type: ignore[method-assign]
+    copies = batch_sizes(writer)
     try:
         # 100 clicks queued before the flushers run: ten sealed batches of ten.
         ids = [new_click_id() for _ in range(100)]
@@ -459,15 +458,8 @@ async def test_rows_that_arrive_within_the_linger_share_one_copy(settings, db):
     writers = [ClickWriter(pool, Spool(settings.data_dir / f"linger-spool-{mode}"), durability=mode,
                            linger=linger, dsn=settings.database_url)
                for mode, linger in (("async", 0.5), ("async", 0.0), ("commit", 60.0))]
-    copies: dict[int, list[int]] = {0: [], 1: [], 2: []}
-    for i, writer in enumerate(writers):
-        real_copy = writer.flushers.write_rows
-
-        async def counting(records, slot=None, real=real_copy, seen=copies[i]):  # noqa: ANN001, ANN202 - a spy
-            seen.append(len(records))
-            await real(records, slot)
-
-        writer.flushers.write_rows = counting  # type: ignore[method-assign]
+    copies = {i: batch_sizes(writer) for i, writer in enumerate(writers)}
+    for writer in writers:
         await writer.start()
     try:
         for i, writer in enumerate(writers[:2]):
