@@ -148,6 +148,7 @@ def setup(data_dir: Path) -> tuple[dict[str, str], Path, bool]:
 
 
 def main() -> int:
+    load_at_start = os.getloadavg()[0]  # other work on the machine moves every figure: say how much there was
     tenv, tokens_file, embedded_servers = setup(OUT)
     dsn = tenv["TRACKER_DATABASE_URL"]
     bench_redis = redis.Redis.from_url(tenv["TRACKER_REDIS_URL"])
@@ -312,7 +313,8 @@ def main() -> int:
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     print(f"\n{stamp}, {os.cpu_count()} cores ({model}), wrk -t2 -c{CONNECTIONS} -d{SECONDS}s, "
-          f"{WORKERS} server processes\n")
+          f"{WORKERS} server processes, load average {load_at_start:.2f} at the start and "
+          f"{os.getloadavg()[0]:.2f} at the end (the run's own load included)\n")
     print("CPU: us per request, of the server's processes + PostgreSQL's + Redis's (benchmarks/cpu.py); "
           "CPU ratio: the plain 302's CPU per request over the scenario's.\n")
     print("| scenario | requests/s | p50 ms | p99 ms | CPU us/request | CPU ratio | req/s ratio | rows check |")
