@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import aiohttp
@@ -332,6 +333,35 @@ async def test_a_poisoned_row_does_not_poison_the_batch(stack: Stack, tmp_path: 
         quarantined = await pool.fetch("SELECT click_id, reason FROM clicks_quarantine ORDER BY id")
         assert {q["click_id"] for q in quarantined} >= {rows[7][0], rows[13][0]}
         assert all(q["reason"] for q in quarantined)
+    finally:
+        await writer.close()
+        await pool.close()
+
+
+@pytest.mark.parametrize("size", [40, 6], ids=["copy", "insert-of-arrays"])
+async def test_a_bad_row_in_a_batch_for_a_day_without_its_partition(stack: Stack, tmp_path: Path, size: int) -> None:
+    """The bad row may be found before the missing partition (a lone surrogate fails in the client,
+    before PostgreSQL routes any row): the good rows still get their day's partition and are stored,
+    and only the bad row is quarantined, with its own reason."""
+    pool = await create_pool(stack.dsn)
+    writer = ClickWriter(pool, Spool(tmp_path / "spool"), batch_limit=1000, dsn=stack.dsn)
+    user = f"fault-far-day-{size}"
+    far = int(datetime(2031, 3, 1 + size % 20, 12, tzinfo=timezone.utc).timestamp() * 1000)  # no partition yet
+    rows = []
+    for i in range(size):
+        cid, ms = new_click_id(far + i)
+        target = "https://www.nike.com/\udcffbad" if i == 2 else f"https://www.nike.com/{i}"
+        rows.append((cid, ms, user, "nike", "web", target, None, "127.0.0.1", "ua", False, "GET"))
+    waiting = [asyncio.ensure_future(writer.write(r)) for r in rows]
+    await writer.start()
+    try:
+        await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        stored = {r["click_id"] for r in await pool.fetch("SELECT click_id FROM clicks WHERE user_id = $1", user)}
+        assert stored == {r[0] for i, r in enumerate(rows) if i != 2}
+        quarantined = await pool.fetch("SELECT click_id, reason FROM clicks_quarantine WHERE click_id = ANY($1)",
+                                       [r[0] for r in rows])
+        assert [q["click_id"] for q in quarantined] == [rows[2][0]]
+        assert "partition" not in quarantined[0]["reason"]
     finally:
         await writer.close()
         await pool.close()

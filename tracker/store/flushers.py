@@ -17,7 +17,7 @@ from .. import metrics
 from .batches import Batch, Batches
 from .click import COLUMNS, INSERT_ARRAYS, Click, Record, to_record
 from .health import CONNECT_TIMEOUT, UNREACHABLE, PostgresHealth
-from .refused import REFUSED, add_partitions, isolate, missing_partition
+from .refused import REFUSED, isolate
 
 log = structlog.get_logger("tracker.clicks")
 
@@ -94,17 +94,8 @@ class Flushers:
             # costs ~20 us of the ~150 us of client CPU a small COPY takes (docs/performance.md).
             async with asyncio.timeout(self.flush_timeout):
                 await self.write_rows(rows, slot)
-        except REFUSED as exc:
-            records = [to_record(r) for r in rows]
-            if not missing_partition(exc):
-                await self._isolate(records, exc)
-            else:
-                await add_partitions(self.pool, records)
-                try:
-                    async with asyncio.timeout(self.flush_timeout):
-                        await self.write_rows(rows, slot)
-                except REFUSED as again:  # a bad row in a batch that also needed a partition
-                    await self._isolate(records, again)
+        except REFUSED as exc:  # a bad row, or a day without its partition: isolate() sees to both
+            await self._isolate([to_record(r) for r in rows], exc)
         metrics.WRITER_BATCH.observe(len(rows))
         metrics.WRITER_FLUSH_SECONDS.observe(self._loop.time() - started)
 

@@ -32,7 +32,16 @@ async def add_partitions(pool: asyncpg.Pool, records: list[Record]) -> None:
 
 async def isolate(pool: asyncpg.Pool, records: list[Record], exc: BaseException,
                   copy: Callable[[list[Record]], Awaitable[None]]) -> None:
-    """Bisect a refused batch: commit every good row, quarantine each bad one with its reason."""
+    """Bisect a refused batch: commit every good row, quarantine each bad one with its reason. A part
+    refused only for a day without its partition gets the partition and is written again, so a good
+    row is never quarantined for that (whichever refusal PostgreSQL reported first)."""
+    if missing_partition(exc):
+        await add_partitions(pool, records)
+        try:
+            await copy(records)
+            return
+        except REFUSED as again:
+            exc = again
     if len(records) == 1:
         await quarantine(pool, records[0], exc)
         return
@@ -41,8 +50,6 @@ async def isolate(pool: asyncpg.Pool, records: list[Record], exc: BaseException,
         try:
             await copy(half)
         except REFUSED as sub:
-            if missing_partition(sub):
-                await add_partitions(pool, half)
             await isolate(pool, half, sub, copy)
 
 
