@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # The click writer's limits (store/clicks.py takes its defaults from here): clicks a worker holds for
-# the writer, and clicks per COPY.
+# the writer, and clicks per batch.
 QUEUE_LIMIT = 50_000
 BATCH_LIMIT = 100
 

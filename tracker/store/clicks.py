@@ -1,11 +1,12 @@
-"""The click writer: batches clicks (COPY) and group-commits them, off the request path.
+"""The click writer: batches clicks and group-commits them, off the request path.
 
 Requests append a click to the open batch (store/batches.py). Two flusher tasks, each with its own
-connection, take the batches (store/flushers.py). In `commit` mode a request awaits its batch's commit,
-so the next COPY starts the moment the previous one ends (group commit, no timer); the second flusher
-starts a batch beside it only when that COPY has run for COMMIT_LINGER (a slow commit) or when a full
+connection, take the batches (store/flushers.py) and write each in one statement, one commit (an
+INSERT of arrays under 32 rows, a COPY above). In `commit` mode a request awaits its batch's commit,
+so the next write starts the moment the previous one ends (group commit, no timer); the second flusher
+starts a batch beside it only when that write has run for COMMIT_LINGER (a slow commit) or when a full
 batch is waiting. In `async` mode a request does not wait, and a batch that is not full starts
-ASYNC_LINGER after the previous COPY did. A batch that PostgreSQL cannot take goes to the spool
+ASYNC_LINGER after the previous write did. A batch that PostgreSQL cannot take goes to the spool
 (fsynced, then acknowledged) and is replayed when PostgreSQL is back (store/replay.py, with the probe
 of store/health.py); rows PostgreSQL refuses are found by bisection and quarantined (store/refused.py).
 """

@@ -1,4 +1,4 @@
-"""Whether the click writer's PostgreSQL takes COPYs: down at the first one it cannot take (batches then
+"""Whether the click writer's PostgreSQL takes batches: down at the first one it cannot take (batches then
 go straight to the spool without trying), up again when a probe answers."""
 from __future__ import annotations
 
