@@ -99,7 +99,7 @@ async def _simulate(redis_url: str, prefix: str, workers: int, limit: int, seed:
         if verdict is None:
             admitted += 1
         elif verdict is EDGE:
-            prepared = worker.limits.edge_line("user:flood")
+            prepared = worker.limits.edge_lines(["user:flood"])
             assert prepared is not None
             sent.append((worker, "edge", *prepared))
         else:

@@ -122,7 +122,7 @@ Sent = list[tuple[str, _Count, int, int]]  # name, state, reservation kept, blin
 
 class RateLimits:
     """This worker's side: local decisions and what to tell Redis. No I/O: SessionStore sends the
-    lines (`batch`, `edge_line`) and hands the answers back (`settle`, `settle_edge`)."""
+    lines (`batch`, `edge_lines`) and hands the answers back (`settle`, `settle_edge`)."""
 
     def __init__(self, wake: asyncio.Event | None = None, clock: Callable[[], float] = time.time) -> None:
         self.clock, self._wake = clock, wake or asyncio.Event()
@@ -255,18 +255,11 @@ class RateLimits:
         for check in checks:
             scope, key, limit = check
             st = self.counts.get(f"{scope}:{key}") if limit > 0 else None
-            if st is None or st.allow > 0 or not self.up:
-                continue
-            if st.counted >= limit:
+            if st is not None and st.allow == 0 and self.up and st.counted >= limit:
                 return [], self._refuse(scope, int(60 - self.clock() % 60) + 1)
             if self._at_edge(st):
                 edge.append(check)
         return edge, None
-
-    def edge_line(self, name: str) -> tuple[str, Sent, int] | None:
-        """For a key at the edge of its limit, the line that counts its pending hits and admits one
-        more if it fits; None for a key that is not (or no longer) at its edge."""
-        return self.edge_lines([name])
 
     def edge_lines(self, names: Sequence[str]) -> tuple[str, Sent, int] | None:
         """For one request's keys at the edge of their limits, the lines that count their pending
