@@ -22,7 +22,7 @@ from .refused import REFUSED, isolate
 log = structlog.get_logger("tracker.clicks")
 
 FLUSHERS = 2
-FLUSH_TIMEOUT = 5.0  # seconds for one COPY before the batch counts as one PostgreSQL cannot take
+FLUSH_TIMEOUT = 5.0  # seconds for one batch's write before it counts as one PostgreSQL cannot take
 # Below this many rows a batch is one prepared INSERT ... SELECT FROM unnest($1::text[], ...) instead of
 # a COPY: one round trip instead of two, no COPY statement to parse, and created_at computed by
 # PostgreSQL instead of a datetime per row. Measured (300 batches alternating, embedded PostgreSQL,
@@ -53,7 +53,7 @@ class Flushers:
             while True:
                 batch = batches.take()
                 if batch is None:
-                    if batches.open.rows:  # too soon for another COPY: wait out the linger
+                    if batches.open.rows:  # too soon for another write: wait out the linger
                         await asyncio.sleep(batches.linger_left())
                         continue
                     batches.wake.clear()
@@ -72,7 +72,7 @@ class Flushers:
         rows = batch.rows
         try:
             if self.health.ok:
-                await self._copy(rows, slot)
+                await self._write_batch(rows, slot)
             else:
                 await self.spill(rows)
         except UNREACHABLE as exc:
@@ -87,11 +87,11 @@ class Flushers:
             self.batches.done(batch)
             metrics.WRITER_QUEUE.set(self.batches.queued)
 
-    async def _copy(self, rows: list[Click], slot: int) -> None:
+    async def _write_batch(self, rows: list[Click], slot: int) -> None:
         started = self._loop.time()
         try:
-            # asyncio.timeout, not wait_for: wait_for wraps the COPY in a task of its own, which
-            # costs ~20 us of the ~150 us of client CPU a small COPY takes (docs/performance.md).
+            # asyncio.timeout, not wait_for: wait_for wraps the write in a task of its own, which
+            # cost ~20 us of the ~150 us of client CPU a small COPY took (docs/performance.md).
             async with asyncio.timeout(self.flush_timeout):
                 await self.write_rows(rows, slot)
         except REFUSED as exc:  # a bad row, or a day without its partition: isolate() sees to both
