@@ -7,7 +7,7 @@ from typing import TypeAlias, cast
 import asyncpg
 import orjson
 
-from ..domain.clickid import click_time
+from ..domain.clickid import click_time, click_time_ms
 from ..domain.rows import ClickRow, ClickStateRow, SignalRow
 from ..domain.states import ActivationSession, StoredState
 from .sessions import SessionStore
@@ -35,7 +35,8 @@ async def load_click(sessions: SessionStore, pool: asyncpg.Pool,
     click = await get_click(pool, click_id)
     if click is None:
         return None, None
-    session = {"u": click["user_id"], "m": click["merchant"], "t": int(click["created_at"].timestamp() * 1000),
+    # The creation time as /go wrote it: the one the id carries, read back without a float round trip.
+    session = {"u": click["user_id"], "m": click["merchant"], "t": click_time_ms(click_id),
                "dev": click["device"], "bot": click["bot"]}
     if state is None:
         state = await get_detector_state(pool, click_id)
