@@ -35,6 +35,14 @@ async def observe(client, tokens, user, cid, events):
     return await client.post("/v1/observe", json={"click_id": cid, "events": events}, headers=auth(tokens, user))
 
 
+def overwritten_by_another_admitad_publisher(body: dict) -> None:
+    """An observe's answer: the click overwritten by another publisher's Admitad link."""
+    assert body["state"] == "overwritten" and body["action"] == "reactivate"
+    [signal] = body["signals"]
+    assert (signal["kind"], signal["network"]) == ("foreign_affiliate_param", "admitad")
+    assert signal["evidence"]["same_network"] is True
+
+
 async def test_overwrite_is_detected_stored_and_explained(client, tokens, db, settings):
     cid, location = await activate(client, tokens, "o-user-1")
     chain = [{"type": "navigation", "url": location},
@@ -45,11 +53,7 @@ async def test_overwrite_is_detected_stored_and_explained(client, tokens, db, se
     assert (body["click_id"], body["state"], body["action"], body["signals"]) == (cid, "active", "none", [])
     resp = await observe(client, tokens, "o-user-1", cid, [
         {"type": "navigation", "url": "https://aliexpress.ru/item/1.html?admitad_uid=theirs000000000000002"}])
-    body = await resp.json()
-    assert body["state"] == "overwritten" and body["action"] == "reactivate"
-    [signal] = body["signals"]
-    assert (signal["kind"], signal["network"]) == ("foreign_affiliate_param", "admitad")
-    assert signal["evidence"]["same_network"] is True
+    overwritten_by_another_admitad_publisher(await resp.json())
     # A later clean page does not undo it.
     resp = await observe(client, tokens, "o-user-1", cid, [{"type": "navigation", "url": "https://aliexpress.ru/"}])
     assert (await resp.json())["state"] == "overwritten"
@@ -62,6 +66,7 @@ async def test_overwrite_is_detected_stored_and_explained(client, tokens, db, se
     assert view["diagnosis"][0]["code"] == "overwritten" and text.startswith("Admitad link of another publisher")
     metrics = await (await client.get("/metrics")).text()
     assert 'tracker_signals_total{kind="foreign_affiliate_param",merchant="aliexpress",network="admitad"}' in metrics
+
 
 async def test_the_detector_state_outlives_redis_losing_the_click(client, tokens, db, settings):
     """Redis loses the click (its session and state gone: evicted, flushed, a new Redis): the next
@@ -84,13 +89,10 @@ async def test_the_detector_state_outlives_redis_losing_the_click(client, tokens
         await admin.aclose()
     resp = await observe(client, tokens, "o-user-lost", cid, [
         {"type": "navigation", "url": "https://aliexpress.ru/item/1.html?admitad_uid=theirs000000000000004"}])
-    body = await resp.json()
-    assert body["state"] == "overwritten" and body["action"] == "reactivate"
-    [signal] = body["signals"]
-    assert (signal["kind"], signal["network"]) == ("foreign_affiliate_param", "admitad")
-    assert signal["evidence"]["same_network"] is True
+    overwritten_by_another_admitad_publisher(await resp.json())
     await stored(db, "SELECT 1 FROM click_states WHERE click_id = $1 AND state = 'overwritten'", cid)
     assert await db.fetchval(bound, cid) == ours
+
 
 async def test_a_conversion_outlives_redis_losing_the_click(client, tokens, db, settings):
     """A postback writes `converted` to the row of click_states alone (its detector JSON stays as
