@@ -61,23 +61,32 @@ async def sequence(conn: asyncpg.Connection, batch: int = 5000) -> int | None:
     return int(row["numbered"])
 
 
+# The page and the newest number given, in one statement and so one snapshot. The sequencer's
+# numbers become visible in order, all of a run's at once, so a snapshot that shows number n shows
+# every number below it: a short page has every event of its types up to `top`, and moving the
+# position there skips only events the page looked at. (Read in a second statement, `top` took in
+# events numbered in between: a filtered consumer lost them for ever.)
+_PAGE = (
+    "WITH page AS (SELECT seq, public_id, type, created_at, data::text AS data FROM events "
+    "WHERE seq > $1 AND ($2::text[] IS NULL OR type = ANY ($2::text[])) ORDER BY seq LIMIT $3) "
+    "SELECT top.top, page.* FROM (SELECT max(seq) AS top FROM events) AS top "
+    "LEFT JOIN page ON true ORDER BY page.seq")
+
+
 async def read_feed(conn: Conn, after: int, limit: int,
                     types: Sequence[str] | None) -> tuple[list[dict[str, Any]], int]:
     """Up to `limit` events numbered after `after`, in order, and the number to continue from. With
     a `types` filter that leaves a page short, the position moves past the other events read too
-    (numbers are dense: the largest visible one), so that a consumer of a rare type does not read
+    (to the newest number of the page's snapshot), so that a consumer of a rare type does not read
     the same events on every call."""
-    rows = await conn.fetch(
-        "SELECT seq, public_id, type, created_at, data::text AS data FROM events WHERE seq > $1 "
-        "AND ($2::text[] IS NULL OR type = ANY ($2::text[])) ORDER BY seq LIMIT $3",
-        after, list(types) if types else None, limit)
+    rows = await conn.fetch(_PAGE, after, list(types) if types else None, limit)
+    page = [r for r in rows if r["seq"] is not None]  # no events: one row, of `top` alone
     events = [envelope(r["public_id"], r["type"], r["created_at"], encode_cursor(r["seq"]), orjson.loads(r["data"]))
-              for r in rows]
-    position = rows[-1]["seq"] if rows else after
-    if types and len(rows) < limit:
-        last = await conn.fetchval("SELECT max(seq) FROM events")
-        if last is not None and last > position:
-            position = last
+              for r in page]
+    position = page[-1]["seq"] if page else after
+    top = rows[0]["top"]
+    if types and len(page) < limit and top is not None and top > position:
+        position = top
     return events, position
 
 
