@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from datetime import datetime, timezone
 from decimal import Decimal
 
 import asyncpg
@@ -17,8 +18,9 @@ from tracker.domain.conversions import Postback
 from tracker.domain.events import START, decode_cursor, encode_cursor
 from tracker.domain.signals import Signal
 from tracker.store.conversions import record_postback
-from tracker.store.events import emit, prune, read_feed, sequence
+from tracker.store.events import emit, read_feed, sequence
 from tracker.store.merchants import load
+from tracker.store.retention import RETAINED, cutoff, prune_table
 from tracker.store.signals import SignalWriter
 
 from .conftest import ADMIN
@@ -335,7 +337,8 @@ async def test_maintain_prunes_events_past_retention_with_their_deliveries(db, c
     async with db.transaction():
         await emit(db, "test.prune", {"age": "new"})
     await events_after(client, old["cursor"], 1)
-    assert await prune(db, 30) == 1
+    [events] = [r for r in RETAINED if r.table == "events"]
+    assert await prune_table(db, events, cutoff(30, datetime.now(timezone.utc).date())) == 1
     assert [e["data"]["age"] for e in await new_events(client, start)] == ["new"]
     assert await db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE webhook = 'prune-hook'") == 0
     await db.execute("DELETE FROM webhooks WHERE name = 'prune-hook'")

@@ -75,3 +75,26 @@ async def test_an_older_state_flushed_later_does_not_move_a_click_back(database)
             assert await conn.fetchval("SELECT state FROM click_states WHERE click_id = $1", other) == "expired"
     finally:
         await pool.close()
+
+
+async def test_signals_past_the_queue_limit_are_counted_as_dropped(database):
+    """While nothing flushes (PostgreSQL away), the queue stops at its limit and what it turns away is
+    counted in tracker_signals_dropped_total{reason="queue_full"}; what it kept is stored later."""
+    from prometheus_client import REGISTRY
+
+    def dropped() -> float:
+        return REGISTRY.get_sample_value("tracker_signals_dropped_total", {"reason": "queue_full"}) or 0.0
+
+    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    writer = SignalWriter(pool, queue_limit=3)
+    try:
+        before = dropped()
+        cids = [new_click_id()[0] for _ in range(5)]
+        for cid in cids:
+            writer.add(cid, "aliexpress", "u-full", [signal()], None)
+        assert dropped() - before == 2
+        await writer.flush()
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM signals WHERE click_id = ANY($1)", cids) == 3
+    finally:
+        await pool.close()

@@ -79,17 +79,17 @@ async def _maintain(settings: Settings, ahead: int) -> dict[str, Any]:
     import asyncpg
 
     from .store.db import drop_old_partitions, ensure_partitions
-    from .store.events import prune
+    from .store.retention import prune
 
     conn = await asyncpg.connect(settings.database_url)
     try:
         today = datetime.now(timezone.utc).date()
         created = await ensure_partitions(conn, today - timedelta(days=1), ahead + 2)
         dropped = await drop_old_partitions(conn, settings.retention_days, today)
-        pruned = await prune(conn, settings.event_retention_days)
+        pruned = await prune(conn, settings, today)
     finally:
         await conn.close()
-    return {"created": created, "dropped": dropped, "events_pruned": pruned}
+    return {"created": created, "dropped": dropped, "pruned": pruned}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     p_sync.add_argument("file", type=Path)
     p_token = sub.add_parser("token", help="print a signed user token")
     p_token.add_argument("user_id")
-    p_maint = sub.add_parser("maintain", help="create upcoming partitions, drop expired ones, prune old events")
+    p_maint = sub.add_parser("maintain", help="create upcoming partitions, drop expired ones, prune rows past retention")
     p_maint.add_argument("--days-ahead", type=int, default=14)
     p_pb = sub.add_parser("postbacks", help="orphan postbacks")
     p_pb_sub = p_pb.add_subparsers(dest="action", required=True)

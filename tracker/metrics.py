@@ -30,6 +30,10 @@ REPLAYED = Counter("tracker_replayed_clicks_total", "Spooled clicks replayed int
 QUARANTINED = Counter("tracker_quarantined_clicks_total", "Clicks PostgreSQL refused, kept with the reason")
 QUARANTINED_SIGNALS = Counter("tracker_quarantined_signals_total",
                               "Signals and click states PostgreSQL refused, kept with the reason")
+# Signals lost without a row anywhere: the queue was full while PostgreSQL was away (queue_full), even
+# the quarantine refused one (unstorable), or a stop could not flush them (stop).
+SIGNALS_DROPPED = Counter("tracker_signals_dropped_total", "Signals and click states lost before PostgreSQL",
+                          ["reason"])
 WRITER_BATCH = Histogram("tracker_writer_batch_size", "Clicks per committed batch",
                          buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000))
 WRITER_FLUSH_SECONDS = Histogram("tracker_writer_flush_seconds", "Time to COPY and commit one batch",
@@ -124,6 +128,8 @@ def prime() -> None:
         REDIS_FAIL_OPEN.labels(operation)
     for scope in ("ip", "user"):
         RATE_LIMITED.labels(scope)
+    for reason in ("queue_full", "unstorable", "stop"):
+        SIGNALS_DROPPED.labels(reason)
 
 
 def render() -> bytes:

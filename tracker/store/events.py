@@ -89,16 +89,3 @@ async def read_feed(conn: Conn, after: int, limit: int,
         position = top
     return events, position
 
-
-async def prune(conn: asyncpg.Connection, retention_days: int, chunk: int = 5000) -> int:
-    """Delete events older than the retention (their deliveries go with them), a chunk per
-    transaction."""
-    total = 0
-    while True:
-        n: int = await conn.fetchval(
-            "WITH gone AS (DELETE FROM events WHERE id IN (SELECT id FROM events WHERE created_at < "
-            "now() - make_interval(days => $1) AND seq IS NOT NULL ORDER BY id LIMIT $2) RETURNING 1) "
-            "SELECT count(*) FROM gone", retention_days, chunk)
-        total += n
-        if n < chunk:
-            return total

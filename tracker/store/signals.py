@@ -94,12 +94,12 @@ class SignalWriter:
         self._states: dict[str, StateRecord] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.dropped = 0
 
     def add(self, click_id: str, merchant: str, user_id: str, signals: list[Signal],
             state: StoredState | None) -> None:
         if len(self._signals) >= self.queue_limit:
-            self.dropped += len(signals)  # bounded memory while PostgreSQL is away
+            if signals:  # bounded memory while PostgreSQL is away
+                metrics.SIGNALS_DROPPED.labels("queue_full").inc(len(signals))
             signals = []
         for s in signals:
             self._signals.append(SignalRecord(click_id, merchant, s.kind, s.network,
@@ -121,6 +121,7 @@ class SignalWriter:
             await asyncio.wait_for(self.flush(), 5)
         except Exception as exc:  # noqa: BLE001 - shutting down; say what was lost
             log.error("signals_lost_at_stop", error=repr(exc)[:200], signals=len(self._signals))
+            metrics.SIGNALS_DROPPED.labels("stop").inc(len(self._signals) + len(self._states))
 
     async def _run(self) -> None:
         retry = Backoff(first=1.0, cap=5.0)
@@ -164,6 +165,7 @@ class SignalWriter:
             except REFUSED as exc:
                 if refused is not None:  # even the quarantine refused it: say so and go on
                     log.error("signal_lost", error=repr(exc)[:200])
+                    metrics.SIGNALS_DROPPED.labels("unstorable").inc()
                     continue
                 todo.append((batch, exc))
             except BaseException:
