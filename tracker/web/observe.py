@@ -50,7 +50,8 @@ async def observe(request: web.Request) -> web.Response:
     if not is_click_id(click_id):
         raise NotFound("no such click")
     session, raw_state = await load_click(app[keys.SESSIONS], app[keys.POOL], click_id)
-    if session is None or session.get("u") != user_id:
+    # A bot's or a HEAD's click has no shopping tab behind it: nothing to observe, as if unknown.
+    if session is None or session.get("u") != user_id or session.get("bot"):
         raise NotFound("no such click")
     merchant = app[keys.MERCHANTS].merchants.get(session["m"])
     if merchant is None:
