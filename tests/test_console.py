@@ -124,8 +124,13 @@ def test_session_cookies_are_signed_expire_and_die_with_a_new_admin_key():
     cookie, session = keys.issue(1000.0)
     assert keys.read(cookie, 1000.0 + 3599) == session
     assert keys.read(cookie, 1000.0 + 3600) is None  # expired
-    head, ident, expires, mac = cookie.split(".")
-    assert keys.read(f"{head}.{ident}.{int(expires) + 9999}.{mac}", 1000.0) is None  # tampered expiry
+    head, ident, expires, who, roles, mac = cookie.split(".")
+    assert keys.read(f"{head}.{ident}.{int(expires) + 9999}.{who}.{roles}.{mac}", 1000.0) is None  # tampered expiry
+    assert session.actor().name == "admin" and len(session.actor().scopes) == 5  # the admin key: every scope
+    agent_cookie, agent_session = keys.issue(1000.0, "ann@example.com", ("support",))
+    assert keys.read(agent_cookie, 1000.0) == agent_session and agent_session.actor().scopes == {"lookups:read"}
+    head, ident, expires, who, roles, mac = agent_cookie.split(".")
+    assert keys.read(f"{head}.{ident}.{expires}.{who}.admin.{mac}", 1000.0) is None  # a role added by hand
     assert ConsoleKeys("s" * 32, "admin-2", ttl=3600).read(cookie, 1000.0) is None  # admin key rotated
     assert ConsoleKeys("t" * 32, "admin-1", ttl=3600).read(cookie, 1000.0) is None  # secret rotated
     assert keys.csrf_ok(session.session_id, keys.csrf(session.session_id))

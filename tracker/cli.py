@@ -1,4 +1,4 @@
-"""The `tracker` command: serve, migrate, merchants sync, token, maintain, postbacks."""
+"""The `tracker` command: serve, migrate, merchants sync, token, maintain, postbacks, webhooks, keys."""
 from __future__ import annotations
 
 import argparse
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     p_wh_sub.add_parser("status", help="each subscriber's backlog and failures, as JSON")
     p_retry = p_wh_sub.add_parser("retry", help="send a subscriber's failed deliveries again")
     p_retry.add_argument("name")
+    from . import keys_cli
+
+    keys_cli.add_parser(sub)
     args = parser.parse_args(argv)
 
     settings = load_or_exit()
@@ -182,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         from . import webhooks_cli
 
         return webhooks_cli.run(settings, args)
+    if args.command == "keys":
+        return keys_cli.run(settings, args)
     return 2
 
 

@@ -1,4 +1,4 @@
-"""What every handler shares: the error middleware, JSON responses, client addresses, admin auth."""
+"""What every handler shares: the error middleware, JSON responses, client addresses, query parameters."""
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +12,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from .. import internals, keys, metrics
-from ..domain.tokens import same_secret
-from ..errors import BadRequest, DomainError, RequestTimeout, TooLarge, Unauthorized
+from ..errors import BadRequest, DomainError, RequestTimeout, TooLarge
 from ..settings import IPNetwork
 from ..store.unreachable import DEPENDENCY_DOWN
 
@@ -202,14 +201,6 @@ def one(request: web.Request, name: str) -> str | None:
     if len(values) > 1:
         raise BadRequest(f"{name} is given more than once", code="duplicate_parameter")
     return values[0] if values else None
-
-
-def require_admin(request: web.Request, admin_key: str) -> None:
-    key = bearer(request)
-    if key is None:
-        raise Unauthorized("an admin key is required: Authorization: Bearer <key>")
-    if not same_secret(key, admin_key):
-        raise Unauthorized("the admin key is not valid")
 
 
 def bearer(request: web.Request) -> str | None:

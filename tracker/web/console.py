@@ -9,6 +9,7 @@ import jinja2
 from aiohttp import web
 
 from .. import keys
+from ..domain.access import ORPHANS_WRITE
 from ..domain.clickid import is_click_id
 from ..domain.console_session import ConsoleKeys, Session, SignInThrottle
 from ..domain.text import has_control
@@ -103,7 +104,7 @@ def setup_console(app: web.Application) -> None:
               allow_head=False)
     r.add_get(PATH + "orders", signed_in(_order), name="console_order", allow_head=False)
     r.add_get(PATH + "orphans", signed_in(_orphans), name="console_orphans", allow_head=False)
-    r.add_post(PATH + "orphans/reconcile", signed_in(_reconcile), name="console_reconcile")
+    r.add_post(PATH + "orphans/reconcile", signed_in(_reconcile, ORPHANS_WRITE), name="console_reconcile")
     r.add_get(PATH + "overview", signed_in(console_views.overview_page), name="console_overview",
               allow_head=False)
     r.add_get(PATH + "static/{name}", static, name="console_static", allow_head=False)

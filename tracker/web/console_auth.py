@@ -76,4 +76,4 @@ async def _logout(request: web.Request, session: Session) -> web.StreamResponse:
     return response
 
 
-logout = signed_in(_logout)
+logout = signed_in(_logout, None)

@@ -18,6 +18,7 @@ from aiohttp import web
 from multidict import MultiDictProxy
 
 from .. import keys
+from ..domain.access import LOOKUPS_READ
 from ..domain.console_session import Session
 from ..errors import BadRequest, Forbidden
 from ..store.signouts import signed_out
@@ -102,9 +103,10 @@ async def current_session(request: web.Request) -> Session | None:
     return None if await signed_out(app[keys.POOL], session.session_id) else session
 
 
-def signed_in(page: Page) -> Handler:
+def signed_in(page: Page, scope: str | None = LOOKUPS_READ) -> Handler:
     """A console page: without a session, GET goes to the sign-in page; a POST needs the session's
-    CSRF token in its form, else 403 (checked before anything else, so that no session means 403)."""
+    CSRF token in its form, else 403 (checked before anything else, so that no session means 403).
+    A signed-in actor without the page's scope gets 403 `forbidden` (`None`: any session, sign-out)."""
     async def handler(request: web.Request) -> web.StreamResponse:
         session = await current_session(request)
         if request.method == "POST":
@@ -114,6 +116,8 @@ def signed_in(page: Page) -> Handler:
                                 code="csrf")
         elif session is None:
             return redirect(f"{PATH}login?next={quote(request.path_qs, safe='/')}")
+        if scope is not None and not session.actor().may(scope):
+            raise Forbidden(f"your roles do not allow this ({scope})")
         return await page(request, session)
     return handler
 

@@ -1,13 +1,15 @@
-"""GET /v1/events: the outbox as a pull feed (admin key), in cursor order, oldest first."""
+"""GET /v1/events: the outbox as a pull feed (scope events:read), in cursor order, oldest first."""
 from __future__ import annotations
 
 from aiohttp import web
 
 from .. import keys
+from ..domain.access import EVENTS_READ
 from ..domain.events import START, TYPES, BadCursor, decode_cursor, encode_cursor
 from ..errors import BadRequest
 from ..store.events import read_feed
-from .common import json_response, one, require_admin
+from .access import authorize
+from .common import json_response, one
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 100
@@ -33,7 +35,7 @@ def _types(raw: str | None) -> list[str] | None:
 
 async def events_feed(request: web.Request) -> web.Response:
     app = request.app
-    require_admin(request, app[keys.SETTINGS].admin_key)
+    await authorize(request, EVENTS_READ)
     after_raw = one(request, "after")
     try:
         after = decode_cursor(after_raw if after_raw is not None else START)

@@ -1,4 +1,5 @@
-"""Support lookups (admin key): a user's clicks, an order's conversions, orphan postbacks."""
+"""Support lookups (scope lookups:read; reconciling: orphans:write): a user's clicks, an order's
+conversions, orphan postbacks."""
 from __future__ import annotations
 
 from datetime import datetime, timezone
@@ -8,6 +9,7 @@ import structlog
 from aiohttp import web
 
 from .. import keys
+from ..domain.access import LOOKUPS_READ, ORPHANS_WRITE
 from ..domain.clickid import is_click_id
 from ..domain.conversions import Postback, money, read_raw
 from ..domain.diagnosis import click_state
@@ -17,7 +19,8 @@ from ..domain.tokens import USER_ID
 from ..errors import BadRequest, NotFound
 from ..store import lookups
 from ..store.conversions import reconcile
-from .common import json_response, one, require_admin
+from .access import authorize
+from .common import json_response, one
 
 log = structlog.get_logger("tracker.lookups")
 MAX_ORDER_ID = 256  # as a postback's order id (openapi.yaml)
@@ -71,7 +74,7 @@ async def user_page(app: web.Application, user_id: str, limit: int,
 
 
 async def user_clicks(request: web.Request) -> web.Response:
-    require_admin(request, request.app[keys.SETTINGS].admin_key)
+    await authorize(request, LOOKUPS_READ)
     user_id = request.match_info["user_id"]
     if not USER_ID.fullmatch(user_id):
         raise NotFound("no such user")
@@ -93,7 +96,7 @@ def order_query(request: web.Request) -> tuple[str, str | None]:
 
 
 async def conversions(request: web.Request) -> web.Response:
-    require_admin(request, request.app[keys.SETTINGS].admin_key)
+    await authorize(request, LOOKUPS_READ)
     order_id, network = order_query(request)
     rows = await lookups.orders(request.app[keys.POOL], order_id, network)
     return json_response({"conversions": [conversion_item(r) for r in rows]})
@@ -114,7 +117,7 @@ def before_id(request: web.Request) -> int | None:
 
 
 async def orphans(request: web.Request) -> web.Response:
-    require_admin(request, request.app[keys.SETTINGS].admin_key)
+    await authorize(request, LOOKUPS_READ)
     rows, nxt = await orphan_page(request.app, limit_of(request), before_id(request))
     return json_response({"orphans": [orphan_item(r) for r in rows], "next": nxt})
 
@@ -135,5 +138,5 @@ async def reconcile_orphans(app: web.Application) -> dict[str, int]:
 
 
 async def reconcile_view(request: web.Request) -> web.Response:
-    require_admin(request, request.app[keys.SETTINGS].admin_key)
+    await authorize(request, ORPHANS_WRITE)
     return json_response(await reconcile_orphans(request.app))

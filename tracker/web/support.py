@@ -1,4 +1,4 @@
-"""GET /v1/clicks/{click_id}: the support view of one click (admin key)."""
+"""GET /v1/clicks/{click_id}: the support view of one click (scope lookups:read)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,6 +7,7 @@ import orjson
 from aiohttp import web
 
 from .. import keys
+from ..domain.access import LOOKUPS_READ
 from ..domain.clickid import is_click_id
 from ..domain.conversions import money
 from ..domain.diagnosis import diagnose
@@ -15,7 +16,8 @@ from ..domain.states import action
 from ..domain.times import iso as _iso
 from ..errors import NotFound
 from ..store.cases import click_case
-from .common import json_response, require_admin
+from .access import authorize
+from .common import json_response
 
 
 def _conversion(row: ConversionRow) -> dict[str, Any]:
@@ -43,7 +45,7 @@ def _conversion(row: ConversionRow) -> dict[str, Any]:
 
 async def click_view(request: web.Request) -> web.Response:
     app = request.app
-    require_admin(request, app[keys.SETTINGS].admin_key)
+    await authorize(request, LOOKUPS_READ)
     click_id = request.match_info["click_id"]
     if not is_click_id(click_id):
         raise NotFound("no such click")
