@@ -144,3 +144,32 @@ def test_fuzz_every_operation(live, method, path, credentials, mode):
         case.call_and_validate(base_url=live["base"], excluded_checks=SEMANTIC, **CALL)
 
     fuzz()
+
+
+def _param(path: str, method: str, name: str) -> dict[str, Any]:
+    item = SPEC["paths"][path]
+    params = [SPEC["components"]["parameters"][p["$ref"].rsplit("/", 1)[1]] if "$ref" in p else p
+              for p in item.get("parameters", []) + item[method].get("parameters", [])]
+    [found] = [p for p in params if p["name"] == name]
+    schema: dict[str, Any] = found["schema"]
+    return SPEC["components"]["schemas"][schema["$ref"].rsplit("/", 1)[1]] if "$ref" in schema else schema
+
+
+def test_the_spec_states_the_limits_the_code_enforces():
+    """The limits a client builds against are the code's own constants: a spec that allows what the
+    code refuses (once, 256-character order ids against 128) fails here, not at a client."""
+    from tracker.domain import clickid, conversions
+    from tracker.web import activation, event_feed, lookups, observe
+
+    assert _param("/postback/{network}", "get", "order_id")["maxLength"] == conversions.MAX_ID
+    assert _param("/v1/conversions", "get", "order_id")["maxLength"] == lookups.MAX_ORDER_ID == conversions.MAX_ID
+    assert _param("/v1/conversions", "get", "network")["maxLength"] == lookups.MAX_NETWORK
+    assert _param("/go/{merchant}", "get", "device")["maxLength"] == activation.MAX_DEVICE
+    page = _param("/v1/users/{user_id}/clicks", "get", "limit")
+    assert (page["maximum"], page["default"]) == (lookups.MAX_PAGE, lookups.DEFAULT_PAGE)
+    feed = _param("/v1/events", "get", "limit")
+    assert (feed["maximum"], feed["default"]) == (event_feed.MAX_LIMIT, event_feed.DEFAULT_LIMIT)
+    assert clickid.LENGTH <= _param("/v1/clicks/{click_id}", "get", "click_id")["maxLength"] == 32
+    body = SPEC["paths"]["/v1/observe"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    body = SPEC["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]] if "$ref" in body else body
+    assert body["properties"]["events"]["maxItems"] == observe.MAX_EVENTS

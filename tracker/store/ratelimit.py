@@ -18,9 +18,12 @@ them or none, and a key that is full already refuses before it: a request one li
 counted against another (a user's refused requests do not spend their address's limit). A caller that cannot wait (`check(..., edge=False)`) decides there from what this
 worker knows, as before this bound: exact per worker, not across workers.
 
-Bound: only blind hits can pass a limit, and at most W * blind_budget of them can be admitted
-against a full count (each worker stops at its first answer showing the count full), so a limit L is
-overshot by at most max(L // 10, W) hits across all workers (60/min with 2-4 workers: 66 at most).
+Bound, for callers that take the edge call (/go): only blind hits can pass a limit, and at most
+W * blind_budget of them can be admitted against a full count (each worker stops at its first answer
+showing the count full), so a limit L is overshot by at most max(L // 10, W) hits across all workers
+(60/min with 2-4 workers: 66 at most). Callers that cannot wait (observe, event streams) have no such
+bound: at the edge each worker admits while its own view shows room, so a burst that reaches every
+worker within one sync can pass L by up to (W - 1) * L.
 While Redis is down each worker holds each limit on its own (W workers: up to W * L).
 """
 from __future__ import annotations

@@ -20,11 +20,11 @@ from aiohttp_sse import EventSourceResponse
 from .. import keys, metrics
 from ..domain.clickid import is_click_id
 from ..domain.states import ClickState, StoredState, action
-from ..errors import NotFound, RateLimited, Unauthorized
+from ..errors import BadRequest, NotFound, RateLimited, Unauthorized
 from ..store.feed import Link
 from ..store.support import load_click
 from ..store.unreachable import DEPENDENCY_DOWN
-from .common import bearer, client_ip
+from .common import bearer, client_ip, one
 
 log = structlog.get_logger("tracker.events")
 # Each open stream holds a task, a socket and, while Redis is away, a poll every 2 s, so a worker
@@ -40,7 +40,8 @@ def _public(click_id: str, state: StoredState | None) -> dict[str, Any]:
 
 async def events(request: web.Request) -> web.StreamResponse:
     app = request.app
-    user_id = app[keys.TOKENS].verify(bearer(request) or request.query.get("u"))
+    query_token, heartbeat = one(request, "u"), _heartbeat(one(request, "heartbeat"))
+    user_id = app[keys.TOKENS].verify(bearer(request) or query_token)
     if user_id is None:
         raise Unauthorized("a valid user token is required (Authorization: Bearer, or ?u= for EventSource)")
     click_id = request.match_info["click_id"]
@@ -60,7 +61,7 @@ async def events(request: web.Request) -> web.StreamResponse:
     streams.per_user[user_id] = streams.per_user.get(user_id, 0) + 1
     streams.total += 1
     try:
-        return await _stream(request, app, click_id, state)
+        return await _stream(request, app, click_id, state, heartbeat)
     finally:
         streams.total -= 1
         if streams.per_user[user_id] <= 1:
@@ -80,13 +81,21 @@ async def _read_state(app: web.Application, click_id: str) -> StoredState | None
     return state
 
 
-async def _stream(request: web.Request, app: web.Application, click_id: str,
-                  state: StoredState | None) -> web.StreamResponse:
+def _heartbeat(given: str | None) -> float:
+    """Seconds between heartbeats: 15 by default, a number brought within 0.2-60, anything else a 400."""
+    if given is None:
+        return 15.0
     try:
-        heartbeat = float(request.query.get("heartbeat", "15"))
+        seconds = float(given)
     except ValueError:
-        heartbeat = 15.0
-    heartbeat = min(max(heartbeat, 0.2), 60.0) if math.isfinite(heartbeat) else 15.0
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise BadRequest("heartbeat must be a number of seconds", code="malformed")
+    return min(max(seconds, 0.2), 60.0)
+
+
+async def _stream(request: web.Request, app: web.Application, click_id: str,
+                  state: StoredState | None, heartbeat: float) -> web.StreamResponse:
     # aiohttp-sse frames the events and sends the heartbeat (a `: ping` comment line) every
     # `heartbeat` seconds from its own task; a client gone or stalled past 120 s ends that task.
     resp = EventSourceResponse(sep="\n", ping_interval=heartbeat)

@@ -11,7 +11,7 @@ from aiohttp import web
 from .. import keys
 from ..domain.access import LOOKUPS_READ, ORPHANS_WRITE
 from ..domain.clickid import is_click_id
-from ..domain.conversions import Postback, money, read_raw
+from ..domain.conversions import MAX_ID, Postback, money, read_raw
 from ..domain.diagnosis import click_state
 from ..domain.text import has_control
 from ..domain.times import iso
@@ -23,11 +23,12 @@ from .access import authorize
 from .common import json_response, one
 
 log = structlog.get_logger("tracker.lookups")
-MAX_ORDER_ID = 256  # as a postback's order id (openapi.yaml)
+MAX_ORDER_ID = MAX_ID  # the longest order id a postback stores
+MAX_PAGE, DEFAULT_PAGE = 200, 50
 MAX_NETWORK = 64
 
 
-def limit_of(request: web.Request, default: int = 50, high: int = 200) -> int:
+def limit_of(request: web.Request, default: int = DEFAULT_PAGE, high: int = MAX_PAGE) -> int:
     raw = one(request, "limit")
     if raw is None:
         return default
