@@ -110,7 +110,7 @@ async def _feed(app: web.Application) -> AsyncIterator[None]:
 
 async def _writer(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    spool = Spool(settings.spool_dir)
+    spool = Spool(settings.spool_dir, settings.spool_max_bytes)
     writer = ClickWriter(app[keys.POOL], spool, durability=settings.durability,
                          queue_limit=settings.queue_limit, batch_limit=settings.batch_limit,
                          dsn=settings.database_url)

@@ -47,3 +47,13 @@ class RateLimited(DomainError):
 
     def __init__(self, message: str, retry_after: int) -> None:
         super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})
+
+
+class Unavailable(DomainError):
+    """Something this service needs cannot take the request now (a click neither PostgreSQL nor the
+    spool can store): 503, and when to try again."""
+
+    status, code = 503, "unavailable"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after))})

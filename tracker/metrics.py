@@ -25,6 +25,8 @@ REFUSALS = Counter("tracker_refusals_total", "Requests refused, by route and err
                    ["route", "code"])
 SPOOL_PENDING = Gauge("tracker_spool_pending_clicks", "Clicks in the local spool waiting for PostgreSQL",
                       multiprocess_mode="livemax")
+SPOOL_OK = Gauge("tracker_spool_ok", "1 while the local spool takes clicks (0: full or failing)",
+                 multiprocess_mode="livemin")
 SPOOLED = Counter("tracker_spooled_clicks_total", "Clicks appended to the local spool")
 REPLAYED = Counter("tracker_replayed_clicks_total", "Spooled clicks replayed into PostgreSQL")
 QUARANTINED = Counter("tracker_quarantined_clicks_total", "Clicks PostgreSQL refused, kept with the reason")

@@ -17,6 +17,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # the writer, and clicks per batch.
 QUEUE_LIMIT = 50_000
 BATCH_LIMIT = 100
+SPOOL_MAX_BYTES = 1 << 30
 
 
 class SettingsError(ValueError):
@@ -55,6 +56,9 @@ class Settings:
     queue_limit: int = QUEUE_LIMIT
     batch_limit: int = BATCH_LIMIT
     retention_days: int = 400
+    # The spool's own cap (bytes over every worker's segments): past it a click PostgreSQL cannot
+    # take is refused with 503, before the volume itself fills (or a pod is evicted for it).
+    spool_max_bytes: int = SPOOL_MAX_BYTES
     # How long a support console sign-in lasts, in seconds (TRACKER_CONSOLE_SESSION_HOURS).
     console_session: int = 8 * 3600
     # Slow clients: a connection that has not sent a whole request head (or idles between
@@ -191,6 +195,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         queue_limit=_int(env, "TRACKER_QUEUE_LIMIT", QUEUE_LIMIT, 100),
         batch_limit=_int(env, "TRACKER_BATCH_LIMIT", BATCH_LIMIT, 1),
         retention_days=_int(env, "TRACKER_RETENTION_DAYS", 400, 1),
+        spool_max_bytes=_int(env, "TRACKER_SPOOL_MAX_BYTES", SPOOL_MAX_BYTES, 65536, 1 << 50),
         console_session=_int(env, "TRACKER_CONSOLE_SESSION_HOURS", 8, 1, 24 * 30) * 3600,
         idle_timeout=_int(env, "TRACKER_IDLE_TIMEOUT", 15, 1, 3600),
         body_timeout=_int(env, "TRACKER_BODY_TIMEOUT", 10, 1, 3600),

@@ -7,8 +7,11 @@ ones behind it when the writer fell behind; otherwise the open batch, once the l
 from __future__ import annotations
 
 import asyncio
+from typing import Callable
 
 from .click import Click
+
+Failure = Callable[[], BaseException]  # makes the exception each waiting request raises
 
 # Rows in one COPY of sealed batches merged under a backlog (or batch_limit, if larger).
 MERGE_LIMIT = 300
@@ -29,12 +32,16 @@ class Batch:
         # own wait. (An asyncio.Event does the same with a deque and a loop check per wait.)
         self.waiters: list[asyncio.Future[None]] = []
 
-    def release(self) -> None:
-        """The batch is committed or spooled: wake every request waiting on it (or on its parts)."""
+    def release(self, failure: Failure | None = None) -> None:
+        """The batch is committed or spooled (`failure` None), or could be neither: wake every
+        request waiting on it (or on its parts), with the exception `failure` makes if so."""
         for batch in (self, *self.parts):
             for waiter in batch.waiters:
                 if not waiter.done():
-                    waiter.set_result(None)
+                    if failure is None:
+                        waiter.set_result(None)
+                    else:
+                        waiter.set_exception(failure())
             batch.waiters.clear()
 
 
@@ -101,12 +108,19 @@ class Batches:
         """Seconds until the open batch may start its COPY."""
         return max(0.0, self.last_start + self.linger - self._loop.time())
 
-    def done(self, batch: Batch) -> None:
-        """The batch is committed or spooled: its rows leave the queue, its requests are answered."""
+    def done(self, batch: Batch, failure: Failure | None = None) -> None:
+        """The batch is committed or spooled (or, with `failure`, refused): its rows leave the
+        queue, its requests are answered."""
         self.queued -= len(batch.rows)
         if self.queued < self.queue_limit:
             self.room.set()
-        batch.release()
+        batch.release(failure)
+
+    def put_back(self, batch: Batch) -> None:
+        """A batch taken but neither committed nor spooled goes back to the head of the queue (a
+        merged one as its parts), still counted in `queued`, its requests still waiting."""
+        self.sealed[:0] = batch.parts or [batch]
+        self.wake.set()
 
     def empty(self) -> bool:
         return not (self.queued or self.sealed or self.open.rows)

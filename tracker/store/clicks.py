@@ -15,17 +15,20 @@ from __future__ import annotations
 import asyncio
 
 import asyncpg
+import structlog
 
+from ..errors import Unavailable
 from ..settings import BATCH_LIMIT, QUEUE_LIMIT
 from .batches import MERGE_LIMIT, Batches
 from .click import Click
 from .flushers import FLUSH_TIMEOUT, FLUSHERS, Flushers
 from .health import PostgresHealth
-from .replay import REPLAY_CHUNK, ClickSpool
+from .replay import REPLAY_CHUNK, ClickSpool, not_stored
 from .spool import Spool
 from .tasks import cancel_and_wait
 
 __all__ = ["Click", "ClickWriter"]
+log = structlog.get_logger("tracker.clicks")
 
 
 class ClickWriter:
@@ -36,6 +39,7 @@ class ClickWriter:
                  queue_limit: int = QUEUE_LIMIT, batch_limit: int = BATCH_LIMIT, merge_limit: int = MERGE_LIMIT,
                  flushers: int = FLUSHERS, flush_timeout: float = FLUSH_TIMEOUT, dsn: str | None = None,
                  linger: float | None = None) -> None:
+        self.durability = durability
         self.wait_commit = durability == "commit"
         self.batches = Batches(wait_commit=self.wait_commit, queue_limit=queue_limit, batch_limit=batch_limit,
                                merge_limit=merge_limit, linger=linger)
@@ -47,9 +51,13 @@ class ClickWriter:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def write(self, click: Click) -> None:
-        """Queue a click; in commit mode return once it is committed (or spooled)."""
+        """Queue a click; in commit mode return once it is committed (or spooled). Raises
+        Unavailable (503) when it cannot be stored: at once while PostgreSQL is down and the spool
+        refuses, or once its batch could go to neither."""
         # The batches' fields are used here directly: this runs for every redirect.
         batches = self.batches
+        if not self.health.ok and self.spool.state != "ok":
+            raise not_stored()
         while batches.queued >= batches.queue_limit and not batches.closing:
             if not self.wait_commit:
                 # async mode never grows memory without bound: overflow goes to the spool.
@@ -73,6 +81,7 @@ class ClickWriter:
 
     async def start(self) -> None:
         await self.spool.count()
+        await self.spool.check()
         self._tasks = self.flushers.start()
         self._tasks.append(asyncio.create_task(self.spool.replayer(self.health), name="spool-replayer"))
 
@@ -87,8 +96,14 @@ class ClickWriter:
             await asyncio.sleep(0.01)
         await cancel_and_wait(self._tasks)
         while (batch := batches.take()) is not None:  # whatever is left after the deadline
-            await self.spool.spill(batch.rows)
-            batch.release()
+            try:
+                await self.spool.spill(batch.rows)
+            except Unavailable:
+                # commit mode: these requests answer 503; async mode answered them already.
+                log.error("clicks_not_stored_at_shutdown", rows=len(batch.rows), durability=self.durability)
+                batches.done(batch, not_stored)
+                continue
+            batches.done(batch)
         self.spool.close()
 
     async def replay(self, chunk: int = REPLAY_CHUNK) -> int:

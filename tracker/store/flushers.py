@@ -14,10 +14,12 @@ import asyncpg
 import structlog
 
 from .. import metrics
+from ..errors import Unavailable
 from .batches import Batch, Batches
 from .click import COLUMNS, INSERT_ARRAYS, Click, Record, to_record
 from .health import CONNECT_TIMEOUT, UNREACHABLE, PostgresHealth
 from .refused import REFUSED, isolate
+from .replay import SPOOL_RETRY, not_stored
 
 log = structlog.get_logger("tracker.clicks")
 
@@ -69,23 +71,43 @@ class Flushers:
             self._drop_conn(slot)
 
     async def _flush(self, batch: Batch, slot: int) -> None:
-        rows = batch.rows
+        batches = self.batches
         try:
-            if self.health.ok:
+            stored = await self._store(batch.rows, slot)
+        except BaseException:
+            # Cancelled mid-write (the worker stopping): neither committed nor spooled as far as
+            # anyone knows. Back in the queue, where close() spools it; a replay skips the rows the
+            # write may have committed after all.
+            batches.put_back(batch)
+            raise
+        if stored:
+            batches.done(batch)
+        elif batches.wait_commit:
+            batches.done(batch, not_stored)  # each waiting request answers 503
+        else:
+            # async mode answered these requests already: keep the batch and try again once
+            # PostgreSQL or the spool may take it (lost only if the process dies meanwhile).
+            batches.put_back(batch)
+            await asyncio.sleep(SPOOL_RETRY)
+        metrics.WRITER_QUEUE.set(batches.queued)
+
+    async def _store(self, rows: list[Click], slot: int) -> bool:
+        """Commit the rows, or spool them when PostgreSQL cannot take them; False if neither could."""
+        if self.health.ok:
+            try:
                 await self._write_batch(rows, slot)
-            else:
-                await self.spill(rows)
-        except UNREACHABLE as exc:
-            self._drop_conn(slot)
-            self.health.down(exc)
+                return True
+            except UNREACHABLE as exc:
+                self._drop_conn(slot)
+                self.health.down(exc)
+            except Exception as exc:  # noqa: BLE001 - never lose a batch to an unexpected error
+                self._drop_conn(slot)
+                log.error("click_batch_failed", error=repr(exc), rows=len(rows), exc_info=True)
+        try:
             await self.spill(rows)
-        except Exception as exc:  # noqa: BLE001 - never lose a batch to an unexpected error
-            self._drop_conn(slot)
-            log.error("click_batch_failed", error=repr(exc), rows=len(rows), exc_info=True)
-            await self.spill(rows)
-        finally:
-            self.batches.done(batch)
-            metrics.WRITER_QUEUE.set(self.batches.queued)
+        except Unavailable:
+            return False
+        return True
 
     async def _write_batch(self, rows: list[Click], slot: int) -> None:
         started = self._loop.time()

@@ -15,34 +15,75 @@ import structlog
 
 from .. import metrics
 from ..domain.backoff import Backoff
+from ..errors import Unavailable
 from .click import COLUMNS, Click, Record, to_record
 from .health import UNREACHABLE, PostgresHealth
 from .refused import REFUSED, add_partitions, quarantine
-from .spool import SegmentLock, Spool, count_rows
+from .spool import SegmentLock, Spool, SpoolRefused, count_rows
 
 log = structlog.get_logger("tracker.clicks")
 
 REPLAY_CHUNK = 5_000  # clicks per replay transaction
+SPOOL_RETRY = 1.0  # seconds between two checks of a spool that refused a record
+
+
+def not_stored() -> Unavailable:
+    return Unavailable("the click could not be stored (PostgreSQL and the spool are unavailable); retry later")
 
 
 class ClickSpool:
     def __init__(self, pool: asyncpg.Pool, spool: Spool) -> None:
         self.pool, self.spool = pool, spool
         self.pending = 0  # clicks in the spool directory (every worker's), for /readyz and the gauge
+        # "ok", or why the last append or check failed: "full" (the cap or the disk) or "failing"
+        # (read-only, I/O errors). The replayer checks it again every SPOOL_RETRY while it is not ok.
+        self.state = "ok"
         self._append_lock = asyncio.Lock()
         self._replay_lock = asyncio.Lock()
 
     async def count(self) -> None:
-        self.pending = await asyncio.to_thread(count_rows, self.spool.dir)
+        try:
+            self.pending = await asyncio.to_thread(count_rows, self.spool.dir)
+        except OSError as exc:  # an unreadable segment: the gauge keeps its last value
+            log.error("spool_unreadable", error=repr(exc)[:200])
+            return
         metrics.SPOOL_PENDING.set(self.pending)
 
     async def spill(self, rows: list[Click]) -> None:
-        """Append clicks to the spool, fsynced before this returns (and their requests are answered)."""
-        async with self._append_lock:
-            await asyncio.to_thread(self.spool.append, [list(r) for r in rows])
+        """Append clicks to the spool, fsynced before this returns (and their requests are answered);
+        Unavailable (a 503) when the spool cannot take them."""
+        try:
+            async with self._append_lock:
+                await asyncio.to_thread(self.spool.append, [list(r) for r in rows])
+        except SpoolRefused as exc:
+            self._refused(exc, len(rows))
+            raise not_stored() from exc
+        self._took()
         self.pending += len(rows)
         metrics.SPOOLED.inc(len(rows))
         metrics.SPOOL_PENDING.set(self.pending)
+
+    def _refused(self, exc: SpoolRefused, rows: int) -> None:
+        if self.state != exc.state:
+            log.error("spool_refused", state=exc.state, reason=exc.reason, rows=rows, directory=str(self.spool.dir))
+        self.state = exc.state
+        metrics.SPOOL_OK.set(0)
+
+    def _took(self) -> None:
+        if self.state != "ok":
+            log.info("spool_writable", directory=str(self.spool.dir))
+        self.state = "ok"
+        metrics.SPOOL_OK.set(1)
+
+    async def check(self) -> None:
+        """Whether the spool takes records again (a probe write, and the cap)."""
+        try:
+            async with self._append_lock:
+                await asyncio.to_thread(self.spool.probe)
+        except SpoolRefused as exc:
+            self._refused(exc, 0)
+        else:
+            self._took()
 
     def close(self) -> None:
         self.spool.close()
@@ -58,6 +99,8 @@ class ClickSpool:
         while True:
             await asyncio.sleep(wait)
             wait = interval
+            if self.state != "ok":
+                await self.check()
             try:
                 if not health.ok:
                     await health.probe()
@@ -68,7 +111,8 @@ class ClickSpool:
                 raise
             except UNREACHABLE as exc:
                 health.down(exc)
-                wait = backoff.next()
+                # A spool that refused is checked every SPOOL_RETRY all the same.
+                wait = backoff.next() if self.state == "ok" else min(backoff.next(), SPOOL_RETRY)
             except Exception as exc:  # noqa: BLE001 - keep trying; the spool keeps the clicks
                 log.error("spool_replay_failed", error=repr(exc)[:300])
 
@@ -84,12 +128,25 @@ class ClickSpool:
                     continue  # its writer is alive, or another worker is replaying it
                 try:
                     rows = await asyncio.to_thread(all_rows, lock)
+                except OSError as exc:  # the disk's error, not PostgreSQL's; tried again next time
+                    lock.release()
+                    log.error("spool_segment_unreadable", segment=path.name, error=repr(exc)[:200])
+                    continue
+                try:
                     for start in range(0, len(rows), chunk):
                         inserted += await insert_missing(self.pool, [to_record(r) for r in rows[start:start + chunk]])
-                    await asyncio.to_thread(lock.remove)  # only after every chunk committed
                 except BaseException:
                     lock.release()
                     raise
+                # Removed only after every chunk committed. A disk that refuses (read-only) keeps
+                # it: replayed again later, its rows are skipped as already there. (Its OSError is
+                # the disk's, not PostgreSQL's: the caller must not take it for an outage.)
+                try:
+                    await asyncio.to_thread(lock.remove)
+                except OSError as exc:
+                    lock.release()
+                    log.error("spool_segment_not_removed", segment=path.name, error=repr(exc)[:200])
+                    continue
                 metrics.REPLAYED.inc(len(rows))
                 log.info("spool_replayed", segment=path.name, rows=len(rows))
             # Every worker reports the whole directory (the gauge takes the max over workers).

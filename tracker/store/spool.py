@@ -5,9 +5,15 @@ Append-only segment files under TRACKER_DATA_DIR/spool, one open segment per pro
 tail (a crash mid-append, never answered) fails its checksum and ends the segment. A process holds an
 exclusive flock on the segment it appends to; any process may replay a segment whose lock it can take,
 which is how a crashed worker's spool is found and replayed by the next one (store/replay.py).
+
+An append that fails (the disk full, read-only or failing, or the spool past its own cap) raises
+SpoolRefused and leaves no partial record behind: the segment is cut back to where the append began
+and set aside, so that a torn record can never hide the acknowledged ones a later append would put
+after it.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import struct
@@ -20,12 +26,27 @@ import orjson
 
 _HEADER = struct.Struct("<II")
 MAX_RECORD = 64 * 1024 * 1024
+FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+PROBE_BYTES = 4096  # a probe writes a page: an empty file can still be made on a full tmpfs
+
+
+class SpoolRefused(Exception):
+    """The spool cannot take a record: `state` is "full" (its cap or its disk) or "failing"."""
+
+    def __init__(self, state: str, reason: str) -> None:
+        super().__init__(f"spool {state}: {reason}")
+        self.state, self.reason = state, reason
+
+
+def refused(exc: OSError) -> SpoolRefused:
+    return SpoolRefused("full" if exc.errno in FULL_ERRNOS else "failing", f"{exc.strerror or exc!r}")
 
 
 class Spool:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_bytes: int = 1 << 30) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
         self._fd: int | None = None
         self._path: Path | None = None
 
@@ -40,22 +61,75 @@ class Spool:
         return self._fd
 
     def append(self, rows: list[list[Any]], sync: bool = True) -> None:
-        """Append one record of rows; durable on return when `sync`."""
+        """Append one record of rows; durable on return when `sync`. Raises SpoolRefused, having
+        written nothing that a replay would read, when it cannot."""
         payload = orjson.dumps(rows)
-        fd = self._open()
         data = _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-        written = 0
-        while written < len(data):
-            written += os.write(fd, data[written:])
-        if sync:
-            os.fsync(fd)
+        used = self.used_bytes()
+        if used + len(data) > self.max_bytes:
+            raise SpoolRefused("full", f"{used} bytes spooled, the cap is {self.max_bytes}")
+        try:
+            fd = self._open()
+        except OSError as exc:
+            raise refused(exc) from exc
+        start = os.lseek(fd, 0, os.SEEK_END)
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            if sync:
+                os.fsync(fd)
+        except OSError as exc:
+            self._set_aside(fd, start)
+            raise refused(exc) from exc
+
+    def _set_aside(self, fd: int, start: int) -> None:
+        """After a failed append: cut the segment back to `start` and close it. Its earlier records
+        were fsynced and stay for the replay; the next append opens a new segment."""
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass  # a torn tail fails its checksum; nothing follows it in this segment
+        self._fd, self._path = None, None
+        os.close(fd)
+
+    def used_bytes(self) -> int:
+        """Bytes in every segment of the directory (every worker's), for the cap."""
+        total = 0
+        for path in self.dir.glob("seg-*.spool"):
+            try:
+                total += path.stat().st_size
+            except FileNotFoundError:
+                pass  # replayed and removed meanwhile
+        return total
+
+    def probe(self) -> None:
+        """Raise SpoolRefused unless the spool can take a record now: under its cap, and a page
+        written and fsynced on its disk (then removed)."""
+        if self.used_bytes() + PROBE_BYTES > self.max_bytes:
+            raise SpoolRefused("full", f"the cap of {self.max_bytes} bytes is reached")
+        path = self.dir / f"probe-{os.getpid()}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, bytes(PROBE_BYTES))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise refused(exc) from exc
 
     def rotate(self) -> None:
-        """Close the open segment so that it can be replayed; the next append opens a new one."""
+        """Close the open segment so that it can be replayed; the next append opens a new one.
+        Every record in it was fsynced when appended (or was never acknowledged)."""
         if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)  # releases the flock
-            self._fd, self._path = None, None
+            fd, self._fd, self._path = self._fd, None, None
+            try:
+                os.fsync(fd)  # for appends made with sync=False (bulk loads)
+            except OSError:
+                pass  # a failing disk: the acknowledged records were fsynced one by one
+            os.close(fd)  # releases the flock
 
     def close(self) -> None:
         self.rotate()

@@ -1,0 +1,167 @@
+"""The spool's own faults, for real, with PostgreSQL down: a small tmpfs that fills up, a read-only
+remount, the spool's size cap. Every 302 must end up as exactly one row once PostgreSQL is back; a
+click that neither PostgreSQL nor the spool could take is answered 503 with Retry-After, and no
+request is left waiting (each client gives up after CLIENT_TIMEOUT, twice the writer's flush
+timeout: the bug this guards against hung requests for ever)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+import aiohttp
+import pytest
+
+from tracker import embedded
+from tracker.domain.tokens import UserTokens
+from tracker.store.flushers import FLUSH_TIMEOUT
+
+from .conftest import BROWSER, SECRET, prepare_database
+from .test_faults import Stack, readyz_until, wait_rows
+from .waiting import until
+
+pytestmark = pytest.mark.fault
+CLIENT_TIMEOUT = 2 * FLUSH_TIMEOUT
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    st = Stack(tmp_path_factory.mktemp("spool-faults"))
+    st.start_pg()
+    st.start_redis()
+    asyncio.run(prepare_database(st.dsn))
+    yield st
+    st.stop()
+    embedded.stop_postgres(st.root, mode="immediate")
+    embedded.stop_redis(st.root)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str = "384k") -> Iterator[Path]:
+    """A real tmpfs of `size` mounted at `path` (the tests run as root), unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def remount(path: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], check=True)
+
+
+class Clicks:
+    """Activations from `n` clients until told to stop: the click id of every 302, and every other
+    answer as (status, Retry-After, error code)."""
+
+    def __init__(self, port: int, user: str, n: int = 8) -> None:
+        self.url = f"http://127.0.0.1:{port}/go/nike"
+        self.token = UserTokens(SECRET).mint(user)
+        self.ids: list[str] = []
+        self.refused: list[tuple[int, str | None, str | None]] = []
+        self.hung = 0  # requests unanswered after CLIENT_TIMEOUT, or dropped connections
+        self.n = n
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _client(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=CLIENT_TIMEOUT)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while not self._stop.is_set():
+                try:
+                    async with session.get(self.url, params={"u": self.token}, allow_redirects=False,
+                                           headers=BROWSER) as r:
+                        if r.status == 302:
+                            self.ids.append(r.headers["X-Click-Id"])
+                        else:
+                            body = await r.json()
+                            self.refused.append((r.status, r.headers.get("Retry-After"), body.get("error")))
+                            await asyncio.sleep(0.01)  # a client's pause after a refusal
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    self.hung += 1
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._client()) for _ in range(self.n)]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def refusals_since(self, mark: int) -> int:
+        return len(self.refused) - mark
+
+
+async def _recover_and_check(stack: Stack, clicks: Clicks, user: str) -> None:
+    """PostgreSQL back: every 302 is stored exactly once, the spool drains, redirects work again."""
+    await asyncio.to_thread(stack.start_pg)
+    total, distinct = await wait_rows(stack.dsn, user, len(clicks.ids), timeout=60)
+    assert total == distinct == len(clicks.ids)
+    await readyz_until(stack.port, lambda status, body: status == 200 and body["postgres"] == "up",
+                       "200 with PostgreSQL back")
+    after = Clicks(stack.port, user + "-after", n=2)
+    after.start()
+    await until(lambda: len(after.ids) >= 20, "redirects again after the recovery")
+    await after.stop()
+    assert after.hung == 0 and after.refused == []
+
+
+@pytest.mark.parametrize("durability", ["commit", "async"])
+async def test_a_full_spool_disk_refuses_with_503_and_loses_no_302(stack: Stack, durability: str) -> None:
+    user = f"spool-full-{durability}"
+    with small_disk(stack.data / "spool"):
+        stack.serve(workers=2, TRACKER_DURABILITY=durability)
+        await stack.wait_ready()
+        clicks = Clicks(stack.port, user)
+        clicks.start()
+        await until(lambda: len(clicks.ids) >= 50, "redirects before the outage")
+        await asyncio.to_thread(stack.stop_pg)
+        before_outage = len(clicks.ids)
+        await until(lambda: len(clicks.refused) >= 200, "refusals once the spool's disk is full", 60)
+        await clicks.stop()
+        assert len(clicks.ids) > before_outage  # spooled until the disk was full
+        assert clicks.hung == 0
+        assert {r for r in clicks.refused} == {(503, "5", "unavailable")}
+        await _recover_and_check(stack, clicks, user)
+        stack.stop()
+
+
+async def test_a_read_only_spool_refuses_with_503_until_it_is_writable_again(stack: Stack) -> None:
+    user = "spool-read-only"
+    with small_disk(stack.data / "spool", "8m") as spool:
+        stack.serve(workers=2)
+        await stack.wait_ready()
+        clicks = Clicks(stack.port, user)
+        clicks.start()
+        await until(lambda: len(clicks.ids) >= 50, "redirects before the fault")
+        remount(spool, "ro")  # nothing is spooled yet: no file is open for writing
+        await asyncio.to_thread(stack.stop_pg)
+        await until(lambda: len(clicks.refused) >= 100, "refusals while the spool is read-only", 60)
+        remount(spool, "rw")
+        spooled_from = len(clicks.ids)
+        await until(lambda: len(clicks.ids) >= spooled_from + 100, "redirects spooled once it is writable", 60)
+        await clicks.stop()
+        assert clicks.hung == 0
+        assert {r for r in clicks.refused} == {(503, "5", "unavailable")}
+        await _recover_and_check(stack, clicks, user)
+        stack.stop()
+
+
+async def test_past_the_spool_cap_clicks_are_refused(stack: Stack) -> None:
+    user = "spool-cap"
+    stack.serve(workers=1, TRACKER_SPOOL_MAX_BYTES="65536")
+    await stack.wait_ready()
+    clicks = Clicks(stack.port, user)
+    clicks.start()
+    await until(lambda: len(clicks.ids) >= 20, "redirects before the outage")
+    await asyncio.to_thread(stack.stop_pg)
+    await until(lambda: len(clicks.refused) >= 100, "refusals past the cap", 60)
+    await clicks.stop()
+    assert clicks.hung == 0
+    assert {r for r in clicks.refused} == {(503, "5", "unavailable")}
+    spooled = sum(p.stat().st_size for p in (stack.data / "spool").glob("seg-*.spool"))
+    assert 0 < spooled <= 65536
+    await _recover_and_check(stack, clicks, user)
+    stack.stop()
