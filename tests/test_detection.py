@@ -196,6 +196,7 @@ def test_every_diagnosis_code():
     assert "cross_device" in codes(facts([sig("cross_device", 5)]))
     assert "excluded_store" in codes(facts([sig("excluded_store", 5)]))
     assert "ad_click" in codes(facts([sig("ad_click_id", 5, "google_ads")]))
+    assert "unreadable_url" in codes(facts([sig("unreadable_url", 5, url="https://[x")]))
     assert "order_after_session" in codes(facts(conversions=[conv("pending", order_minutes=180)]))
     assert "order_declined" in codes(facts(conversions=[conv("declined")]))
     assert "order_reversed" in codes(facts(conversions=[conv("reversed")]))

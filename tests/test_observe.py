@@ -271,10 +271,12 @@ async def test_control_characters_decoded_from_a_url_are_kept_as_evidence_withou
     assert evidence is not None and "\\u0000" not in evidence
     detector = await stored(db, "SELECT detector::text FROM click_states WHERE click_id = $1", cid)
     assert detector is not None and "ours\ufffd\ufffd" in detector
-    # A URL with raw control characters is garbled, not a page: ignored, as any unparseable URL.
+    # A URL with raw control characters is garbled: it cannot be searched, so it is a risk, not clean.
     resp = await observe(client, tokens, "nul-user-2", cid, [
         {"type": "navigation", "url": "https://aliexpress.ru/?awc=1\u0000"}])
-    assert resp.status == 200 and (await resp.json())["signals"] == []
+    assert resp.status == 200
+    [unreadable] = (await resp.json())["signals"]
+    assert unreadable["kind"] == "unreadable_url" and unreadable["evidence"]["url"] == "https://aliexpress.ru/?awc=1\ufffd"
 
 
 async def test_deeply_nested_values_are_a_400(client, tokens):

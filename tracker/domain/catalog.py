@@ -6,12 +6,10 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Iterator
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any, Container, Iterator
+from urllib.parse import unquote_plus, urlsplit
 
 import yaml
-
-MAX_URL = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,9 +31,26 @@ class _ParamRule:
     on_hosts: frozenset[str] | None  # host labels the parameter counts on
 
 
+def query_fields(query: str, watched: Container[str]) -> list[tuple[str, str]]:
+    """The (name in lower case, raw value) of each field of a query string whose name is `watched`,
+    in order: every field however many there are and however long (the body's limit bounds them),
+    so that padding of empty fields or kilobytes of junk cannot hide the one that counts. Names are
+    decoded as parse_qsl decodes them; values are left for the caller to decode (unquote_plus), so
+    a field nobody watches costs a split and a set lookup."""
+    out = []
+    for field in query.split("&"):
+        if not field:
+            continue
+        name, _, value = field.partition("=")
+        if "%" in name or "+" in name:
+            name = unquote_plus(name)
+        name = name.lower()
+        if name in watched:
+            out.append((name, value))
+    return out
+
+
 def _host_of(url: str) -> tuple[str, Any] | None:
-    if len(url) > MAX_URL:
-        return None
     try:
         parts = urlsplit(url.strip())
         host = parts.hostname
@@ -80,6 +95,7 @@ class AffiliateCatalog:
         self.benign = frozenset(p.lower() for p in doc.get("benign_params", []))
         self.benign_prefixes = tuple(doc.get("benign_prefixes", []))
         self.standdown = {k.lower(): {v.lower() for v in vs} for k, vs in (doc.get("standdown") or {}).items()}
+        self.watched = frozenset([*self.params, *self.standdown, *self.url_params])  # names scan() reads
         self.click_param = {slug: (n.get("params") or [None])[0] for slug, n in self.networks.items()}
 
     def host_network(self, host: str) -> str | None:
@@ -121,12 +137,8 @@ class AffiliateCatalog:
         query = parts.query
         if "=" in parts.fragment:
             query = f"{query}&{parts.fragment}" if query else parts.fragment
-        try:
-            pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=500)
-        except ValueError:
-            pairs = []
-        for raw_name, value in pairs:
-            name = raw_name.lower()
+        for name, raw in query_fields(query, self.watched):
+            value = unquote_plus(raw) if "%" in raw or "+" in raw else raw
             if name in self.standdown and value.lower() in self.standdown[name]:
                 hits.append(Hit(None, "standdown", host, name, value, url=url))
             if name in self.params:

@@ -17,10 +17,10 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeAlias
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 from . import trail
-from .catalog import AffiliateCatalog, Hit, host_of
+from .catalog import AffiliateCatalog, Hit, host_of, query_fields
 from .merchants import Merchant
 from .signals import Evidence, Signal
 from .states import ClickState, StoredState
@@ -31,6 +31,11 @@ from .trail import TrailEntry
 DEFINITIVE = frozenset(("foreign_affiliate_param", "foreign_redirect_host", "foreign_promo_code"))
 _STORE_PATH = re.compile(r"/store/(\d{1,20})")
 _STORE_PARAMS = ("storeid", "store_id", "sellerid", "seller_id", "shopid", "shop_id")
+# A scheme other than http(s) (about:blank, chrome://newtab, javascript:): not a web page, nothing
+# for a network to put there. Any other URL the detector cannot read is an unreadable_url risk.
+_OTHER_SCHEME = re.compile(r"(?!https?:)[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+# Evidence quotes at most this much of a URL: the query is cut there before it is taken apart.
+_EVIDENCE_QUERY = 2048
 Found: TypeAlias = tuple[str, str | None, Evidence]  # a signal's kind, network and evidence, before its time
 
 
@@ -81,7 +86,7 @@ def sanitize(url: str, keep: frozenset[str]) -> str:
     """The URL with our own identifiers kept and others' values shortened (evidence, not a copy)."""
     try:
         parts = urlsplit(url)
-        pairs = parse_qsl(parts.query, keep_blank_values=True, max_num_fields=500)
+        pairs = parse_qsl(parts.query[:_EVIDENCE_QUERY], keep_blank_values=True)
     except ValueError:
         return url[:200]
     query = urlencode([(k, _shorten(v, keep)) for k, v in pairs], safe=":/…")
@@ -90,7 +95,7 @@ def sanitize(url: str, keep: frozenset[str]) -> str:
 
 # The JSON types each event field may have (absent or null always may): a field of another type is
 # a client bug, refused with 400, while a time that does not parse means now. A navigation's `url` is
-# not here: a URL that cannot be parsed is ignored, whatever it is (docs/api.md, POST /v1/observe).
+# not here: a URL that cannot be parsed is an unreadable_url risk, never a 400 (docs/api.md).
 MAX_BASKET = 100_000
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "code": (str,), "device": (str,), "at": (str, int, float),
@@ -193,11 +198,13 @@ class Detector:
 
     def _navigation(self, ctx: ClickContext, state: SessionState, url: Any,
                     at: int = 0) -> list[Found]:
-        if not isinstance(url, str) or len(url) > 8192 or has_control(url):
-            return []  # browsers report URLs percent-encoded: one with raw control characters is garbled
-        host = host_of(url)
+        if not isinstance(url, str) or _OTHER_SCHEME.match(url):
+            return []
+        # Browsers report URLs percent-encoded: raw control characters mean a garbled one. Neither it
+        # nor one without a host can be searched, and a URL not searched is never taken for clean.
+        host = None if has_control(url) else host_of(url)
         if host is None:
-            return []  # a URL that does not parse is ignored, not refused
+            return [("unreadable_url", None, {"url": url[:200]})]
         merchant = ctx.merchant
         hits = self.catalog.scan(url)
         ours_prefix = url.startswith(merchant.partner_url.split("{", 1)[0]) or (
@@ -265,13 +272,8 @@ class Detector:
         match = _STORE_PATH.search(parts.path)
         if match:
             return match.group(1)
-        try:
-            pairs = parse_qsl(parts.query, max_num_fields=500)
-        except ValueError:  # more fields than any store page has: not one we can read
-            return None
-        for name, value in pairs:
-            if name.lower() in _STORE_PARAMS:
-                return value[:32]
+        for _, value in query_fields(parts.query, _STORE_PARAMS):
+            return unquote_plus(value)[:32]
         return None
 
     @staticmethod

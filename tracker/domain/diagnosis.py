@@ -127,6 +127,9 @@ def diagnose(facts: ClickFacts) -> list[Finding]:
         s = next(s for s in live if s["kind"] == "ad_click_id")
         found.append(Finding("ad_click", f"An advertising click ({_network(s.get('network'))}) was followed "
                                          "after activation; some stores credit the ad instead."))
+    if "unreadable_url" in kinds:
+        found.append(Finding("unreadable_url", "The extension reported a page address that could not be "
+                                               "read; an affiliate link there would not have been seen."))
     session_end = facts.created_at + timedelta(seconds=facts.session_ttl)
     for conv in facts.conversions:
         order = conv["order_id"]

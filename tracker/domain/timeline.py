@@ -117,6 +117,8 @@ def _signal(sig: SignalRow) -> Moment:
         title, tone = f"Checkout: {_text(ev.get('items', '?'))} item(s) in the basket before activation", "risk"
     elif kind == "excluded_store":
         title, tone = f"Store excluded from cashback ({_text(ev.get('store_id', '?'))})", "risk"
+    elif kind == "unreadable_url":
+        title, tone = "A page address that could not be read (an overwrite there would go unseen)", "risk"
     elif kind == "session_expired":
         title, tone = "The tab was still shopping after the session window", "session"
     else:
