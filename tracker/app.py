@@ -28,7 +28,7 @@ from .store.sessions import SYNC_TIMEOUT, SessionStore
 from .store.signals import SignalWriter
 from .store.spool import Spool
 from .store.tasks import cancel_and_wait
-from .web import activation, event_feed, events, lookups, observe, ops, postbacks, support
+from .web import activation, audit, event_feed, events, lookups, observe, ops, postbacks, support
 from .web.common import answer, answer_protocol_errors_as_json, errors
 from .web.console import setup_console
 from .web.console_guard import console_headers
@@ -226,6 +226,7 @@ def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application
     setup_console(app)  # the support console at /support/
     setup_cors(app)  # TRACKER_CORS_ORIGINS on /v1/observe and the event stream, nowhere else
     app.router.add_get("/v1/events", event_feed.events_feed, name="events_feed", allow_head=False)
+    app.router.add_get("/v1/audit", audit.audit_view, name="audit", allow_head=False)
     app.router.add_post("/v1/observe", observe.observe, name="observe")
     app.router.add_get("/v1/clicks/{click_id}/events", events.events, name="click_events", allow_head=False)
     app.router.add_get("/postback/{network}", postbacks.postback, name="postback", allow_head=False)

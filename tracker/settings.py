@@ -68,6 +68,10 @@ class Settings:
     # Events out: the outbox's retention (`tracker maintain` prunes older events), and the webhook
     # dispatcher of each worker (`webhooks`: off in processes that should not deliver).
     event_retention_days: int = 30
+    # The audit trail's retention (`tracker maintain` deletes older entries), and how long a click's
+    # client address is kept whole before `tracker maintain` truncates it (IPv4 /24, IPv6 /48).
+    audit_retention_days: int = 400
+    ip_retention_days: int = 30
     webhooks: bool = True
     webhook_concurrency: int = 8  # requests in flight per subscriber per worker
     webhook_timeout: int = 10
@@ -200,6 +204,8 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         idle_timeout=_int(env, "TRACKER_IDLE_TIMEOUT", 15, 1, 3600),
         body_timeout=_int(env, "TRACKER_BODY_TIMEOUT", 10, 1, 3600),
         event_retention_days=_int(env, "TRACKER_EVENT_RETENTION_DAYS", 30, 1, 3650),
+        audit_retention_days=_int(env, "TRACKER_AUDIT_RETENTION_DAYS", 400, 1, 36500),
+        ip_retention_days=_int(env, "TRACKER_IP_RETENTION_DAYS", 30, 1, 36500),
         webhooks=webhooks == "on",
         webhook_concurrency=_int(env, "TRACKER_WEBHOOK_CONCURRENCY", 8, 1, 256),
         webhook_timeout=webhook_timeout,

@@ -38,6 +38,8 @@ RETAINED = (
     Retained("signals_quarantine", "created_at", _clicks),
     # An event still waiting for its feed number is not pruned: it has not been offered yet.
     Retained("events", "created_at", lambda s: s.event_retention_days, "seq IS NOT NULL"),
+    # The audit trail has its own (TRACKER_AUDIT_RETENTION_DAYS): deleting is all that is ever done to it.
+    Retained("audit_log", "at", lambda s: s.audit_retention_days),
 )
 
 

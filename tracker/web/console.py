@@ -9,15 +9,17 @@ import jinja2
 from aiohttp import web
 
 from .. import keys
-from ..domain.access import ORPHANS_WRITE
+from ..domain.access import AUDIT_READ, ORPHANS_WRITE
 from ..domain.clickid import is_click_id
 from ..domain.console_session import ConsoleKeys, Session, SignInThrottle
 from ..domain.text import has_control
 from ..domain.tokens import USER_ID
 from ..errors import BadRequest, NotFound
+from ..store import audit
 from ..store import lookups as store
 from ..store.support import get_click
 from . import console_auth, console_views, lookups
+from .audit import audited
 from .common import one
 from .console_guard import PATH, redirect, render, signed_in, static
 from .console_views import filters
@@ -44,6 +46,8 @@ async def _home(request: web.Request, session: Session) -> web.StreamResponse:
     if len(orders) == 1 and not is_user and not waiting:
         return redirect(f"{PATH}clicks/{orders[0]['click_id']}")
     # Nothing, or several kinds of match (an order number that is also a user id): let the agent choose.
+    if orders:
+        await audited(request, session.actor(), "order.read", lookups.order_subjects(q, orders))
     return render(request, session, "search.html", q=q, is_user=is_user, orders=orders, orphans=orphans,
                   searched=True)
 
@@ -55,16 +59,23 @@ async def _user(request: web.Request, session: Session) -> web.StreamResponse:
     before = one(request, "before")
     if before is not None and not is_click_id(before):
         raise BadRequest("before must be a click id")
+    await audited(request, session.actor(), "user.read", [(user_id, None, None)])
     items, nxt = await lookups.user_page(request.app, user_id, 50, before)
     names = {slug: m.name for slug, m in request.app[keys.MERCHANTS].merchants.items()}
+    # Who looked at this user: for those allowed to read the audit trail (a read of it, recorded too).
+    looked = None
+    if session.actor().may(AUDIT_READ):
+        looked = await audit.page(request.app[keys.POOL], user_id=user_id, actor=None, before=None, limit=20)
     return render(request, session, "user.html", user_id=user_id, clicks=items, next=nxt, names=names,
-                  first_page=before is None)
+                  first_page=before is None, looked=looked)
 
 
 async def _order(request: web.Request, session: Session) -> web.StreamResponse:
     order_id, network = lookups.order_query(request)
     pool = request.app[keys.POOL]
-    orders = [lookups.conversion_item(r) for r in await store.orders(pool, order_id, network)]
+    rows = await store.orders(pool, order_id, network)
+    await audited(request, session.actor(), "order.read", lookups.order_subjects(order_id, rows))
+    orders = [lookups.conversion_item(r) for r in rows]
     orphans = await store.orphans_of_order(pool, order_id)
     return render(request, session, "order.html", order_id=order_id, orders=orders, orphans=orphans)
 
@@ -77,6 +88,7 @@ async def _orphans(request: web.Request, session: Session) -> web.StreamResponse
 
 
 async def _reconcile(request: web.Request, session: Session) -> web.StreamResponse:
+    await audited(request, session.actor(), "orphans.reconcile")
     result = await lookups.reconcile_orphans(request.app)
     return redirect(f"{PATH}orphans?attached={result['attached']}&still={result['still_orphaned']}")
 

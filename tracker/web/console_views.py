@@ -21,6 +21,7 @@ from ..errors import NotFound
 from ..store.cases import click_case
 from ..store.lookups import tab_trail
 from ..store.overview import overview
+from .audit import audited
 from .console_guard import render
 
 GOOD, BAD, WAIT = "good", "bad", "wait"
@@ -80,6 +81,7 @@ async def click_page(request: web.Request, session: Session) -> web.StreamRespon
         raise NotFound("no such click")
     click, merchant, conversions, signals, facts = (case.click, case.merchant, case.conversions, case.signals,
                                                     case.facts)
+    await audited(request, session.actor(), "click.read", [(click["user_id"], click_id, None)])
     for conv in conversions:
         for h in conv["history"]:
             h["raw"] = orjson.loads(h["raw"]) if isinstance(h["raw"], str) else h["raw"]

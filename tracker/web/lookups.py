@@ -20,6 +20,7 @@ from ..errors import BadRequest, NotFound
 from ..store import lookups
 from ..store.conversions import reconcile
 from .access import authorize
+from .audit import audited
 from .common import json_response, one
 
 log = structlog.get_logger("tracker.lookups")
@@ -75,7 +76,7 @@ async def user_page(app: web.Application, user_id: str, limit: int,
 
 
 async def user_clicks(request: web.Request) -> web.Response:
-    await authorize(request, LOOKUPS_READ)
+    actor = await authorize(request, LOOKUPS_READ)
     user_id = request.match_info["user_id"]
     if not USER_ID.fullmatch(user_id):
         raise NotFound("no such user")
@@ -83,6 +84,7 @@ async def user_clicks(request: web.Request) -> web.Response:
     before = one(request, "before")
     if before is not None and not is_click_id(before):
         raise BadRequest("before must be a click id (the `next` of the previous page)")
+    await audited(request, actor, "user.read", [(user_id, None, None)])
     items, nxt = await user_page(request.app, user_id, limit, before)
     return json_response({"clicks": items, "next": nxt})
 
@@ -96,10 +98,16 @@ def order_query(request: web.Request) -> tuple[str, str | None]:
     return order_id, network
 
 
+def order_subjects(order_id: str, rows: list[dict[str, Any]]) -> list[tuple[str | None, str | None, str | None]]:
+    """Reading an order is reading its users' data: one audit subject per conversion found."""
+    return [(r["user_id"], r["click_id"], order_id) for r in rows] or [(None, None, order_id)]
+
+
 async def conversions(request: web.Request) -> web.Response:
-    await authorize(request, LOOKUPS_READ)
+    actor = await authorize(request, LOOKUPS_READ)
     order_id, network = order_query(request)
     rows = await lookups.orders(request.app[keys.POOL], order_id, network)
+    await audited(request, actor, "order.read", order_subjects(order_id, rows))
     return json_response({"conversions": [conversion_item(r) for r in rows]})
 
 
@@ -139,5 +147,6 @@ async def reconcile_orphans(app: web.Application) -> dict[str, int]:
 
 
 async def reconcile_view(request: web.Request) -> web.Response:
-    await authorize(request, ORPHANS_WRITE)
+    actor = await authorize(request, ORPHANS_WRITE)
+    await audited(request, actor, "orphans.reconcile")
     return json_response(await reconcile_orphans(request.app))

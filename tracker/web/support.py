@@ -17,6 +17,7 @@ from ..domain.times import iso as _iso
 from ..errors import NotFound
 from ..store.cases import click_case
 from .access import authorize
+from .audit import audited
 from .common import json_response
 
 
@@ -45,7 +46,7 @@ def _conversion(row: ConversionRow) -> dict[str, Any]:
 
 async def click_view(request: web.Request) -> web.Response:
     app = request.app
-    await authorize(request, LOOKUPS_READ)
+    actor = await authorize(request, LOOKUPS_READ)
     click_id = request.match_info["click_id"]
     if not is_click_id(click_id):
         raise NotFound("no such click")
@@ -53,6 +54,7 @@ async def click_view(request: web.Request) -> web.Response:
     if case is None:
         raise NotFound("no such click")
     click, conversions, signals, facts = case.click, case.conversions, case.signals, case.facts
+    await audited(request, actor, "click.read", [(click["user_id"], click_id, None)])
     body_click = {k: v for k, v in click.items()}
     body_click["created_at"] = _iso(click["created_at"])
     return json_response({
