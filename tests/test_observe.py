@@ -227,15 +227,19 @@ async def test_a_landing_url_with_hundreds_of_parameters_is_handled(client, toke
     assert [s["kind"] for s in (await resp.json())["signals"]] == ["excluded_store"]
 
 
-async def test_event_stream_ignores_a_nonsense_heartbeat(client, tokens):
+async def test_event_stream_clamps_a_heartbeat_and_refuses_one_that_is_not_a_number(client, tokens):
     cid, _ = await activate(client, tokens, "o-user-8")
-    for heartbeat in ("nan", "inf", "-5", "abc"):
+    for heartbeat in ("-5", "1e9"):
         stream = await client.get(f"/v1/clicks/{cid}/events", params={"u": tokens.mint("o-user-8"),
                                                                       "heartbeat": heartbeat})
         assert stream.status == 200
         [first] = await read_events(stream, 1)
         assert first[1]["state"] == "active"
         stream.close()
+    for heartbeat in ("nan", "inf", "abc"):
+        resp = await client.get(f"/v1/clicks/{cid}/events", params={"u": tokens.mint("o-user-8"),
+                                                                    "heartbeat": heartbeat})
+        assert resp.status == 400 and (await resp.json())["error"] == "malformed"
 
 
 async def test_a_nul_in_a_promo_code_is_refused_and_stops_nobody(client, tokens, db):
