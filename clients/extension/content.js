@@ -1,9 +1,14 @@
-// Runs in every page (top frame only): reports promo codes typed into coupon fields, and shows the
-// re-activation banner when the service worker says this tab's click was overwritten. The service
-// worker ignores reports from tabs no activation opened.
+// Put by the service worker into the pages of a followed tab only (top frame): reports promo codes the
+// shopper typed into coupon fields, and shows the re-activation banner when the worker says this
+// tab's click was overwritten.
+//
+// The page is not to be believed: its scripts can fire any event and set any field. So only the
+// browser's own events (`isTrusted`) count, a code counts only if the shopper's own typing put it in
+// the field, the banner lives in a closed shadow root (no page script reaches its button), only a real
+// click on that button activates, and a banner the page removes or hides comes back.
 (() => {
   if (window.top !== window || window.__trackerContent) return;
-  window.__trackerContent = true;
+  window.__trackerContent = true; // this script's own world: the page cannot set it
   const BANNER = "tracker-cashback-banner";
   const PROMO = /promo|coupon|voucher|discount|gift.?code|промо|купон/i;
 
@@ -15,14 +20,66 @@
     }
   }
 
-  function show() {
-    if (document.getElementById(BANNER)) return;
+  // ---- Promo codes -------------------------------------------------------------------------------
+  function promoField(element) {
+    if (!(element instanceof HTMLInputElement) || !["text", "search", ""].includes(element.type)) return false;
+    const words = [element.name, element.id, element.placeholder, element.getAttribute("aria-label"),
+      element.className, element.autocomplete].join(" ");
+    return PROMO.test(words);
+  }
+
+  // field -> its value right after the shopper's last keystroke, paste or autofill in it. A value a
+  // script wrote afterwards differs, and is not the shopper's.
+  const typed = new WeakMap();
+  document.addEventListener("input", (event) => {
+    if (event.isTrusted && promoField(event.target)) typed.set(event.target, event.target.value);
+  }, true);
+
+  const reported = new Set();
+  function report(element) {
+    if (typed.get(element) !== element.value) return;
+    const code = element.value.trim();
+    if (!code || code.length > 64 || reported.has(code)) return;
+    reported.add(code);
+    send({ type: "promo", code });
+  }
+
+  function reportIn(scope) {
+    if (scope) scope.querySelectorAll("input").forEach((input) => promoField(input) && report(input));
+  }
+
+  // A code counts once it is committed: the field changed, Enter, its form sent, or an "Apply" button.
+  document.addEventListener("change", (event) => {
+    if (event.isTrusted && promoField(event.target)) report(event.target);
+  }, true);
+  document.addEventListener("keydown", (event) => {
+    if (event.isTrusted && event.key === "Enter" && promoField(event.target)) report(event.target);
+  }, true);
+  document.addEventListener("submit", (event) => {
+    if (event.isTrusted) reportIn(event.target); // a script's requestSubmit() is trusted: `typed` decides
+  }, true);
+  document.addEventListener("click", (event) => {
+    if (!event.isTrusted) return;
+    const button = event.target instanceof Element && event.target.closest("button, input[type=submit], input[type=button]");
+    if (button) reportIn(button.form || button.parentElement);
+  }, true);
+
+  // ---- The banner --------------------------------------------------------------------------------
+  // Every property of the host is set inline with !important: inline important declarations beat the
+  // page's style sheets, whatever their specificity. As a popover it is in the top layer, above
+  // whatever z-index the page uses and out of its ancestors' opacity, clipping and transforms.
+  const HOST_STYLE = "all: initial !important; display: block !important; position: fixed !important;"
+    + " inset: 0 0 auto 0 !important; z-index: 2147483647 !important; margin: 0 !important;"
+    + " padding: 0 !important; border: 0 !important; width: 100% !important; height: auto !important;"
+    + " max-height: none !important; overflow: visible !important; background: transparent !important;"
+    + " visibility: visible !important; opacity: 1 !important; pointer-events: auto !important;";
+  const OWN = { id: BANNER, popover: "manual", style: HOST_STYLE };
+  const banner = { host: null, wanted: false, repairs: 0, since: 0, timer: null };
+
+  function build() {
     const host = document.createElement("div");
-    host.id = BANNER;
-    // A shadow root keeps the store's styles out of the banner and ours out of the store.
-    const root = host.attachShadow({ mode: "open" });
+    const root = host.attachShadow({ mode: "closed" }); // host.shadowRoot is null for the page
     root.innerHTML = `<style>
-      :host { all: initial; position: fixed; top: 0; left: 0; right: 0; z-index: 2147483647; }
       .bar { display: flex; align-items: center; gap: 16px; padding: 14px 20px; background: #fff4e5;
              border-bottom: 3px solid #e8590c; font: 15px/1.4 system-ui, sans-serif; color: #222;
              box-shadow: 0 2px 8px rgba(0,0,0,.15); }
@@ -37,48 +94,62 @@
       <button class="again" type="button">Activate cashback again</button>
       <button class="close" type="button" aria-label="Dismiss">✕</button>
     </div>`;
-    root.querySelector(".again").addEventListener("click", () => send({ type: "reactivate" }));
-    root.querySelector(".close").addEventListener("click", () => host.remove());
-    document.documentElement.appendChild(host);
+    root.querySelector(".again").addEventListener("click", (event) => {
+      if (event.isTrusted) send({ type: "reactivate" });
+    });
+    root.querySelector(".close").addEventListener("click", (event) => {
+      if (event.isTrusted) hide(); // the shopper's choice; the toolbar badge stays
+    });
+    host.addEventListener("toggle", () => repair()); // the page called hidePopover()
+    new MutationObserver(() => repair()).observe(host, { attributes: true });
+    return host;
+  }
+
+  const watchRoot = new MutationObserver(() => repair());
+
+  /** Puts the banner back where the shopper sees it, as it was. A page that keeps undoing it gets
+   *  a bounded number of repairs a second (no endless fight freezing the tab), then one a second. */
+  function repair() {
+    const host = banner.host;
+    if (!banner.wanted || !host) return;
+    const now = Date.now();
+    if (now - banner.since > 1000) {
+      banner.since = now;
+      banner.repairs = 0;
+    }
+    if (++banner.repairs > 50) return; // the interval below comes back to it
+    const root = document.documentElement;
+    if (!root) return;
+    if (host.parentNode !== root) root.appendChild(host);
+    for (const name of host.getAttributeNames()) if (!(name in OWN)) host.removeAttribute(name);
+    for (const [name, value] of Object.entries(OWN)) if (host.getAttribute(name) !== value) host.setAttribute(name, value);
+    try {
+      if (!host.matches(":popover-open")) host.showPopover();
+    } catch {
+      // no popover support, or the document is not ready: the fixed position and z-index remain
+    }
+  }
+
+  function show() {
+    banner.wanted = true;
+    if (!banner.host) banner.host = build();
+    repair();
+    watchRoot.disconnect();
+    watchRoot.observe(document, { childList: true }); // the root element replaced
+    if (document.documentElement) watchRoot.observe(document.documentElement, { childList: true });
+    if (banner.timer === null) banner.timer = setInterval(repair, 1000);
   }
 
   function hide() {
-    const host = document.getElementById(BANNER);
-    if (host) host.remove();
+    banner.wanted = false;
+    watchRoot.disconnect();
+    clearInterval(banner.timer);
+    banner.timer = null;
+    if (banner.host) banner.host.remove();
   }
 
   chrome.runtime.onMessage.addListener((message) => {
     if (message && message.type === "tracker-state") (message.show ? show : hide)();
   });
   send({ type: "hello" }).then((answer) => answer && answer.show && show());
-
-  function promoField(element) {
-    if (!(element instanceof HTMLInputElement) || !["text", "search", ""].includes(element.type)) return false;
-    const words = [element.name, element.id, element.placeholder, element.getAttribute("aria-label"),
-      element.className, element.autocomplete].join(" ");
-    return PROMO.test(words);
-  }
-
-  const reported = new Set();
-  function report(element) {
-    const code = element.value.trim();
-    if (!code || code.length > 64 || reported.has(code)) return;
-    reported.add(code);
-    send({ type: "promo", code });
-  }
-
-  function reportIn(scope) {
-    if (scope) scope.querySelectorAll("input").forEach((input) => promoField(input) && report(input));
-  }
-
-  // A code counts once it is committed: the field changed, Enter, its form sent, or an "Apply" button.
-  document.addEventListener("change", (event) => promoField(event.target) && report(event.target), true);
-  document.addEventListener("keydown", (event) => {
-    if (event.key === "Enter" && promoField(event.target)) report(event.target);
-  }, true);
-  document.addEventListener("submit", (event) => reportIn(event.target), true);
-  document.addEventListener("click", (event) => {
-    const button = event.target instanceof Element && event.target.closest("button, input[type=submit], input[type=button]");
-    if (button) reportIn(button.form || button.parentElement);
-  }, true);
 })();
