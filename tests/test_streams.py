@@ -252,13 +252,15 @@ async def test_a_converted_state_is_replaced_only_when_forced(settings):
 @pytest.mark.parametrize("query", [
     [("u", "TOKEN"), ("u", "TOKEN")],
     [("u", "TOKEN"), ("heartbeat", "60"), ("heartbeat", "0.2")],
+    [("u", "TOKEN"), ("heartbeat", "soon")],
+    [("u", "TOKEN"), ("heartbeat", "nan")],
 ])
-async def test_a_stream_refuses_a_repeated_parameter(client, tokens, query):
-    """One meaning per parameter, as everywhere else: a repeated one is a 400 (malformed), never
-    the first of two taken as if it were the only one."""
+async def test_a_stream_refuses_a_malformed_or_repeated_parameter(client, tokens, query):
+    """One meaning per parameter, as everywhere else: a repeated or unreadable one is a 400, never
+    a guess (the first `u` of two, a heartbeat silently replaced by the default)."""
     token = tokens.mint("params")
     resp = await client.get("/go/nike", params={"u": token}, allow_redirects=False, headers=BROWSER)
     cid = resp.headers["X-Click-Id"]
     resp = await client.get(f"/v1/clicks/{cid}/events", params=[(k, token if v == "TOKEN" else v) for k, v in query])
     assert resp.status == 400, resp.headers  # (a stream, wrongly opened, would never end: no body read)
-    assert (await resp.json())["error"] in {"duplicate_parameter"}
+    assert (await resp.json())["error"] in {"duplicate_parameter", "malformed"}

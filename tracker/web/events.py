@@ -20,7 +20,7 @@ from aiohttp_sse import EventSourceResponse
 from .. import keys, metrics
 from ..domain.clickid import is_click_id
 from ..domain.states import ClickState, StoredState, action
-from ..errors import NotFound, RateLimited, Unauthorized
+from ..errors import BadRequest, NotFound, RateLimited, Unauthorized
 from ..store.feed import Link
 from ..store.support import load_click
 from ..store.unreachable import DEPENDENCY_DOWN
@@ -82,13 +82,16 @@ async def _read_state(app: web.Application, click_id: str) -> StoredState | None
 
 
 def _heartbeat(given: str | None) -> float:
-    """Seconds between heartbeats: a number brought within 0.2-60; 15 when absent or not a number
-    (an EventSource cannot be told why its stream was refused: a usable stream serves it better)."""
-    try:
-        seconds = float(given or "15")
-    except ValueError:
+    """Seconds between heartbeats: 15 by default, a number brought within 0.2-60, anything else a 400."""
+    if given is None:
         return 15.0
-    return min(max(seconds, 0.2), 60.0) if math.isfinite(seconds) else 15.0
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise BadRequest("heartbeat must be a number of seconds", code="malformed")
+    return min(max(seconds, 0.2), 60.0)
 
 
 async def _stream(request: web.Request, app: web.Application, click_id: str,
