@@ -31,7 +31,7 @@ from .waiting import answers_blocking, until
 
 HERE = Path(__file__).parent
 SECRET = "test-secret-0123456789abcdef"
-ADMIN_KEY = "test-admin-key"
+ADMIN_KEY = "test-admin-key-0123456789abcdefghij"
 
 
 @pytest.fixture(scope="session")
@@ -142,7 +142,7 @@ def serve_env(settings: Settings, env: dict[str, str] | None = None) -> dict[str
     """The environment of a `tracker serve` against the test database and Redis prefix, no rate limits."""
     return {**os.environ, "TRACKER_DATABASE_URL": settings.database_url or "",
             "TRACKER_REDIS_URL": settings.redis_url or "", "TRACKER_DATA_DIR": str(settings.data_dir),
-            "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 20,
+            "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 32,
             "TRACKER_REDIS_PREFIX": settings.redis_prefix, "TRACKER_RATE_LIMIT_IP": "0",
             "TRACKER_RATE_LIMIT_USER": "0", **(env or {})}
 

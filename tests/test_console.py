@@ -8,9 +8,8 @@ from datetime import datetime, timedelta, timezone
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
-from tracker import keys
 from tracker.app import create_app
-from tracker.domain.console_session import ConsoleKeys, SignInThrottle
+from tracker.domain.console_session import ConsoleKeys
 from tracker.domain.timeline import Moment, url_parts
 from tracker.domain.timeline_svg import layout
 
@@ -84,18 +83,13 @@ async def test_every_changing_post_needs_its_csrf_token(client):
     assert resp.status == 403
 
 
-async def test_a_wrong_key_is_slowed_down_and_logged_without_the_key(client):
-    client.app[keys.SIGN_IN].base = 0.01  # the schedule itself is checked below
+async def test_a_wrong_key_is_refused_and_logged_without_the_key(client):
+    # The throttle that follows ten of them: test_admin_guard.py.
     with capture_logs() as logs:
         resp = await sign_in(client, key="guess-ABCDEF-0123")
     assert resp.status == 401 and (await resp.json())["error"] == "unauthorized"
-    refused = [e for e in logs if e["event"] == "console_sign_in_refused"]
-    assert refused and refused[0]["failures_in_a_row"] == 1 and "guess-ABCDEF-0123" not in repr(logs)
-    throttle = SignInThrottle()
-    holds = [throttle.failed("198.51.100.7", float(t))[1] for t in range(6)]
-    assert holds == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
-    assert throttle.failed("198.51.100.7", 10_000.0) == (1, 0.5)  # forgotten after 15 quiet minutes
-    assert throttle.failed("198.51.100.8", 10_000.0) == (1, 0.5)  # per address
+    refused = [e for e in logs if e["event"] == "admin_key_refused"]
+    assert refused and refused[0]["route"] == "console_login" and "guess-ABCDEF-0123" not in repr(logs)
 
 
 async def test_secure_cookie_only_over_tls_or_a_trusted_proxy_saying_so(aiohttp_client, settings):

@@ -71,7 +71,7 @@ class Stack:
     def serve(self, workers: int = 2, **env: str) -> None:
         self.stop()  # one left running by a test that failed before its own stop()
         full = {**os.environ, "TRACKER_DATABASE_URL": self.dsn, "TRACKER_REDIS_URL": self.redis_url,
-                "TRACKER_DATA_DIR": str(self.data), "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 20,
+                "TRACKER_DATA_DIR": str(self.data), "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 32,
                 "TRACKER_RATE_LIMIT_IP": "0", "TRACKER_RATE_LIMIT_USER": "0", **env}
         log = (self.data / "serve.log").open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(self.port),

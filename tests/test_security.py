@@ -187,7 +187,7 @@ async def test_a_full_run_logs_no_secret(settings, tokens, tmp_path):
     password = "dsn-password-8d1c"  # trust auth ignores it; it must still never be printed
     parts = urlsplit(settings.database_url)
     dsn = urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:{password}@{parts.hostname}:{parts.port}"))
-    admin_key = "admin-key-for-the-log-test-5f2e"
+    admin_key = "admin-key-for-the-log-test-5f2e-0123"
     output = tmp_path / "run.log"
     run_settings = dataclasses.replace(settings, database_url=dsn)
     token = tokens.mint("log-user")

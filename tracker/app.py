@@ -22,6 +22,7 @@ from .store.clicks import ClickWriter
 from .store.db import create_pool, ensure_near_partitions
 from .store.delivery import Dispatcher, options_from
 from .store.feed import StateFeed
+from .store.key_guard import KeyGuard
 from .store.merchants import MerchantCache
 from .store.sequencer import Sequencer
 from .store.sessions import SYNC_TIMEOUT, SessionStore
@@ -94,6 +95,8 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
     await sessions.start()
     app[keys.REDIS] = client
     app[keys.SESSIONS] = sessions
+    app[keys.KEY_GUARD] = KeyGuard(client, settings.redis_prefix, up=lambda: sessions.ok,
+                                   window=settings.key_guess_window)
     yield
     await sessions.stop()
     await client.aclose()

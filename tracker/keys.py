@@ -8,13 +8,14 @@ import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from .domain.console_session import ConsoleKeys, SignInThrottle
+from .domain.console_session import ConsoleKeys
 from .domain.detection import Detector
 from .domain.tokens import UserTokens
 from .settings import Settings
 from .store.clicks import ClickWriter
 from .store.delivery import Dispatcher
 from .store.feed import StateFeed
+from .store.key_guard import KeyGuard
 from .store.merchants import MerchantCache
 from .store.sessions import SessionStore
 from .store.signals import SignalWriter
@@ -45,7 +46,7 @@ SIGNALS = web.AppKey("signals", SignalWriter)
 DETECTOR = web.AppKey("detector", Detector)
 CLOSING = web.AppKey("closing", asyncio.Event)
 CONSOLE = web.AppKey("console", ConsoleKeys)
-SIGN_IN = web.AppKey("sign_in", SignInThrottle)
+KEY_GUARD = web.AppKey("key_guard", KeyGuard)
 WEBHOOKS = web.AppKey("webhooks", Dispatcher)
 STREAMS = web.AppKey("streams", OpenStreams)
 HELD = web.AppKey("held", HeldAnswers)

@@ -126,9 +126,9 @@ events = Children(EVENTS)
 def prime() -> None:
     """Create the children whose label values are known up front, so that dashboards and alerts
     see a 0 rather than no series until the first event."""
-    for operation in ("rate_limit", "session", "state"):
+    for operation in ("rate_limit", "session", "state", "key_guard"):
         REDIS_FAIL_OPEN.labels(operation)
-    for scope in ("ip", "user"):
+    for scope in ("ip", "user", "admin_key"):
         RATE_LIMITED.labels(scope)
     for reason in ("queue_full", "unstorable", "stop"):
         SIGNALS_DROPPED.labels(reason)

@@ -18,6 +18,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 QUEUE_LIMIT = 50_000
 BATCH_LIMIT = 100
 SPOOL_MAX_BYTES = 1 << 30
+MIN_ADMIN_KEY = 32
 
 
 class SettingsError(ValueError):
@@ -59,6 +60,8 @@ class Settings:
     # The spool's own cap (bytes over every worker's segments): past it a click PostgreSQL cannot
     # take is refused with 503, before the volume itself fills (or a pod is evicted for it).
     spool_max_bytes: int = SPOOL_MAX_BYTES
+    # Wrong admin keys are counted over this many seconds (the contract's 60; tests shorten it).
+    key_guess_window: float = 60.0
     # How long a support console sign-in lasts, in seconds (TRACKER_CONSOLE_SESSION_HOURS).
     console_session: int = 8 * 3600
     # Slow clients: a connection that has not sent a whole request head (or idles between
@@ -162,6 +165,12 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("TRACKER_SECRET_PREVIOUS must be at least 16 characters")
     previous_until = _instant(env, "TRACKER_SECRET_PREVIOUS_UNTIL")
     admin_key = env.get("TRACKER_ADMIN_KEY", "") or _dev_key(data_dir, "admin_key")
+    if len(admin_key) < MIN_ADMIN_KEY:
+        # Ten guesses a minute (web/access.py) only protect a key that cannot be guessed in a
+        # lifetime of them: 32 random characters are far past that.
+        raise SettingsError(f"TRACKER_ADMIN_KEY must be at least {MIN_ADMIN_KEY} characters (it has "
+                            f"{len(admin_key)}): generate one with `python -c 'import secrets; "
+                            "print(secrets.token_urlsafe(32))'`")
     merchants = env.get("TRACKER_MERCHANTS")
     webhooks = (env.get("TRACKER_WEBHOOKS") or "on").strip().lower()
     if webhooks not in ("on", "off"):

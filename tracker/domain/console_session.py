@@ -1,4 +1,4 @@
-"""Support console sessions: signed cookies, CSRF tokens, and the slow-down of wrong admin keys.
+"""Support console sessions: signed cookies and CSRF tokens (wrong keys: domain/key_guesses.py).
 
 A session cookie is `v2.<session id>.<expiry>.<who>.<roles>.<mac>`: 16 random bytes, a Unix time,
 who signed in (base64url of the actor's name: `admin` for the admin key, else an agent's name), their
@@ -94,26 +94,3 @@ class ConsoleKeys:
 
     def csrf_ok(self, ident: str, token: str | None) -> bool:
         return bool(token) and same_secret(token or "", self.csrf(ident))
-
-
-class SignInThrottle:
-    """Wrong admin keys from one address wait longer each time (0.5 s, 1 s, 2 s ... up to 8 s), so a
-    guesser gets a handful of tries a minute per address instead of thousands. Counts are per worker
-    process, forgotten after `forget` seconds without a failure, and the table is bounded."""
-    MAX_ADDRESSES = 10_000
-
-    def __init__(self, base: float = 0.5, cap: float = 8.0, forget: float = 900.0) -> None:
-        self.base, self.cap, self.forget = base, cap, forget
-        self._failures: dict[str, tuple[int, float]] = {}
-
-    def failed(self, address: str, now: float) -> tuple[int, float]:
-        """Record a failure; (failures in a row from that address, seconds to hold the answer)."""
-        count, last = self._failures.get(address, (0, now))
-        count = 1 if now - last > self.forget else count + 1
-        if len(self._failures) >= self.MAX_ADDRESSES:
-            self._failures.clear()
-        self._failures[address] = (count, now)
-        return count, min(self.cap, self.base * 2 ** (count - 1))
-
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)

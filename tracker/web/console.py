@@ -11,7 +11,7 @@ from aiohttp import web
 from .. import keys
 from ..domain.access import AUDIT_READ, ORPHANS_WRITE
 from ..domain.clickid import is_click_id
-from ..domain.console_session import ConsoleKeys, Session, SignInThrottle
+from ..domain.console_session import ConsoleKeys, Session
 from ..domain.text import has_control
 from ..domain.tokens import USER_ID
 from ..errors import BadRequest, NotFound
@@ -104,7 +104,6 @@ def setup_console(app: web.Application) -> None:
                                autoescape=True, undefined=jinja2.StrictUndefined)
     env.filters.update(filters())
     app[keys.CONSOLE] = ConsoleKeys(settings.secret, settings.admin_key, settings.console_session)
-    app[keys.SIGN_IN] = SignInThrottle()
     r = app.router
     r.add_get("/support", _to_console, name="console_root", allow_head=False)
     r.add_get(PATH, signed_in(_home), name="console_home", allow_head=False)

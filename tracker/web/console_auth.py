@@ -1,7 +1,6 @@
 """Signing in to the support console with the admin key, and signing out."""
 from __future__ import annotations
 
-import asyncio
 import time
 
 import structlog
@@ -9,9 +8,9 @@ from aiohttp import web
 
 from .. import keys
 from ..domain.console_session import LOGIN_NONCE_TTL, Session
-from ..domain.tokens import same_secret
-from ..errors import Forbidden, Unauthorized
+from ..errors import Forbidden
 from ..store.signouts import sign_out
+from .access import admin_key_only, authenticate
 from .common import client_ip
 from .console_guard import (
     COOKIE,
@@ -43,24 +42,18 @@ async def login_page(request: web.Request) -> web.StreamResponse:
 
 async def login(request: web.Request) -> web.StreamResponse:
     app = request.app
-    console, settings = app[keys.CONSOLE], app[keys.SETTINGS]
+    console = app[keys.CONSOLE]
     fields = await form(request)
     nonce = console.read_nonce(request.cookies.get(NONCE_COOKIE), time.time())
     if nonce is None or not console.csrf_ok("login:" + nonce.session_id, single(fields, "csrf")):
         raise Forbidden("this form's CSRF token is missing or not valid: reload the sign-in page and try again",
                         code="csrf")
-    address = client_ip(request, settings.trusted_proxies)
-    key = single(fields, "key") or ""
-    if not key or not same_secret(key, settings.admin_key):
-        failures, hold = app[keys.SIGN_IN].failed(address, time.monotonic())
-        # Logged without the key (a typo of the real one is nearly the real one).
-        log.warning("console_sign_in_refused", client_ip=address, failures_in_a_row=failures,
-                    held_seconds=hold, key_given=bool(key))
-        await asyncio.sleep(hold)
-        raise Unauthorized("the admin key is not valid: go back and enter it again")
-    app[keys.SIGN_IN].succeeded(address)
+    # The admin key's one door, with its throttle: a client that guessed too often gets 429 here too.
+    await authenticate(request, single(fields, "key"), admin_key_only, "enter the admin key to sign in",
+                       "the admin key is not valid: go back and enter it again")
     cookie, session = console.issue(time.time())
-    log.info("console_signed_in", client_ip=address, session=session.session_id[:8])
+    log.info("console_signed_in", client_ip=client_ip(request, app[keys.SETTINGS].trusted_proxies),
+             session=session.session_id[:8])
     response = redirect(local_next(single(fields, "next")))
     set_cookie(request, response, COOKIE, cookie, console.ttl)
     response.del_cookie(NONCE_COOKIE, path=PATH)
