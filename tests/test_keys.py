@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
+from ipaddress import ip_network
 
 from aiohttp.test_utils import TestClient
 
@@ -55,13 +57,15 @@ async def test_a_key_opens_only_the_endpoints_of_its_scopes(client, settings):
         assert resp.status in ((200, 404) if scope == "lookups:read" else (403,)), path
 
 
-async def test_unknown_revoked_and_malformed_keys_are_401_everywhere(client, settings):
+async def test_unknown_revoked_and_malformed_keys_are_401_everywhere(aiohttp_client, settings):
+    # Each wrong key from its own address: ten from one are the wrong-key throttle's (test_admin_guard.py).
+    client = await aiohttp_client(create_app(replace(settings, trusted_proxies=(ip_network("127.0.0.0/8"),))))
     key = create_key(settings, "to-revoke", *SCOPES)
     unknown = "tk_" + "A" * 43
-    for headers in ({}, bearer("wrong"), bearer(unknown), bearer(key[:-1]), bearer(key + "x"),
-                    {"Authorization": f"Basic {key}"}, bearer("tk_\udcff" + "A" * 42)):
-        for method, path in ENDPOINTS:
-            resp = await client.request(method, path, headers=headers)
+    for i, headers in enumerate(({}, bearer("wrong"), bearer(unknown), bearer(key[:-1]), bearer(key + "x"),
+                                 {"Authorization": f"Basic {key}"}, bearer("tk_\udcff" + "A" * 42))):
+        for j, (method, path) in enumerate(ENDPOINTS):
+            resp = await client.request(method, path, headers={**headers, "X-Forwarded-For": f"198.18.{i}.{j}"})
             assert resp.status == 401, (path, headers)
             assert (await resp.json())["error"] == "unauthorized"
     assert (await client.get("/v1/events", headers=bearer(key))).status == 200
