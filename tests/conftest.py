@@ -27,6 +27,7 @@ from tracker.settings import Settings
 from tracker.store.db import migrate
 from tracker.store.merchants import sync
 
+from .stack import PgBouncer
 from .waiting import answers_blocking, until
 
 HERE = Path(__file__).parent
@@ -73,7 +74,14 @@ async def prepare_database(dsn: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def database(servers: tuple[str, str]) -> Iterator[str]:
+def pooler(request: pytest.FixtureRequest) -> str | None:
+    """None, or `transaction` for the second run of a `pooled` module (pytest_generate_tests)."""
+    return getattr(request, "param", None)
+
+
+@pytest.fixture(scope="module")
+def database(servers: tuple[str, str], pooler: str | None) -> Iterator[str]:
+    """A fresh database per module (and per run of a `pooled` one)."""
     name = f"trk_test_{secrets.token_hex(6)}"
     asyncio.run(_admin(servers[0], f"CREATE DATABASE {name}"))
     dsn = with_database(servers[0], name)
@@ -83,7 +91,7 @@ def database(servers: tuple[str, str]) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def redis_prefix(servers: tuple[str, str]) -> Iterator[str]:
+def redis_prefix(servers: tuple[str, str], pooler: str | None) -> Iterator[str]:
     prefix = f"trktest:{secrets.token_hex(4)}:"
     yield prefix
     client = redis.Redis.from_url(servers[1])
@@ -95,11 +103,42 @@ def redis_prefix(servers: tuple[str, str]) -> Iterator[str]:
         client.close()
 
 
+@pytest.fixture(scope="session")
+def pgbouncer(servers: tuple[str, str]) -> Iterator[PgBouncer]:
+    """Debian's PgBouncer in transaction pooling mode in front of the suite's PostgreSQL (tests/stack.py)."""
+    bouncer = PgBouncer(servers[0])
+    bouncer.start()
+    yield bouncer
+    bouncer.close()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A module marked `pooled` runs each test that uses `settings` twice: on PostgreSQL directly,
+    and behind PgBouncer in transaction mode (TRACKER_DATABASE_POOLER=transaction)."""
+    if "pooler" in metafunc.fixturenames and metafunc.definition.get_closest_marker("pooled"):
+        metafunc.parametrize("pooler", [None, "transaction"], ids=["direct", "pgbouncer"], indirect=True,
+                             scope="module")
+
+
 @pytest.fixture
-def settings(servers: tuple[str, str], database: str, redis_prefix: str, tmp_path: Path) -> Settings:
-    return Settings(database_url=database, redis_url=servers[1], data_dir=tmp_path, secret=SECRET,
-                    admin_key=ADMIN_KEY, redis_prefix=redis_prefix, workers=1,
-                    rate_limit_user=0, rate_limit_ip=0, rate_limit_delay_ms=0)
+def settings(servers: tuple[str, str], database: str, redis_prefix: str, tmp_path: Path, pooler: str | None,
+             request: pytest.FixtureRequest) -> Settings:
+    through: dict[str, str | None] = {"database_url": database}
+    if pooler:
+        bouncer: PgBouncer = request.getfixturevalue("pgbouncer")
+        through = {"database_url": bouncer.url(urlsplit(database).path.lstrip("/")), "database_pooler": pooler,
+                   "database_direct_url": database}
+    return Settings(redis_url=servers[1], data_dir=tmp_path, secret=SECRET, admin_key=ADMIN_KEY,
+                    redis_prefix=redis_prefix, workers=1, rate_limit_user=0, rate_limit_ip=0,
+                    rate_limit_delay_ms=0, **through)  # type: ignore[arg-type]
+
+
+def database_env(settings: Settings) -> dict[str, str]:
+    """The TRACKER_DATABASE_* variables of `settings`."""
+    return {name: value for name, value in (
+        ("TRACKER_DATABASE_URL", settings.database_url), ("TRACKER_DATABASE_POOLER", settings.database_pooler),
+        ("TRACKER_DATABASE_DIRECT_URL", settings.database_direct_url),
+        ("TRACKER_DATABASE_REPLICA_URL", settings.database_replica_url)) if value}
 
 
 @pytest.fixture
@@ -131,7 +170,7 @@ def free_port() -> int:
 
 def cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """`tracker ARGS` against the test database, with only the variables it needs (and `env`)."""
-    full_env = {"PATH": "/usr/bin:/bin", "TRACKER_DATABASE_URL": settings.database_url or "",
+    full_env = {"PATH": "/usr/bin:/bin", **database_env(settings),
                 "TRACKER_REDIS_URL": settings.redis_url or "", "TRACKER_DATA_DIR": str(settings.data_dir),
                 "TRACKER_SECRET": "cli-secret-0123456789", **env}
     return subprocess.run([sys.executable, "-m", "tracker.cli", *args], env=full_env, capture_output=True,
@@ -140,7 +179,7 @@ def cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProce
 
 def serve_env(settings: Settings, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a `tracker serve` against the test database and Redis prefix, no rate limits."""
-    return {**os.environ, "TRACKER_DATABASE_URL": settings.database_url or "",
+    return {**os.environ, **database_env(settings),
             "TRACKER_REDIS_URL": settings.redis_url or "", "TRACKER_DATA_DIR": str(settings.data_dir),
             "TRACKER_SECRET": SECRET, "TRACKER_ADMIN_KEY": "k" * 32,
             "TRACKER_REDIS_PREFIX": settings.redis_prefix, "TRACKER_RATE_LIMIT_IP": "0",

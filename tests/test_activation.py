@@ -14,6 +14,9 @@ from tracker.domain.clickid import click_time_ms, is_click_id
 from .conftest import BROWSER, redis_value
 from .waiting import until
 
+# Also behind PgBouncer in transaction mode (conftest.py)
+pytestmark = pytest.mark.pooled
+
 
 async def rows_for(db, user):
     return await db.fetch("SELECT * FROM clicks WHERE user_id = $1 ORDER BY click_id", user)

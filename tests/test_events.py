@@ -27,6 +27,9 @@ from .conftest import ADMIN
 from .test_postbacks import activate, admitad
 from .waiting import until
 
+# Also behind PgBouncer in transaction mode (conftest.py)
+pytestmark = pytest.mark.pooled
+
 
 async def settle(client) -> None:  # noqa: ANN001
     """Run the sequencer once here, so that every event committed so far is in the feed (the app's

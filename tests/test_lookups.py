@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tracker.domain.clickid import click_time, new_click_id
 
 from .conftest import ADMIN
 from .test_postbacks import activate, admitad
+
+# Also behind PgBouncer in transaction mode (conftest.py)
+pytestmark = pytest.mark.pooled
 
 
 async def test_lookups_need_the_admin_key(client):

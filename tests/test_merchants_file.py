@@ -11,6 +11,9 @@ from tracker.store.merchants import load, sync
 from .conftest import BROWSER, HERE, cli, load_merchants
 from .waiting import until
 
+# Also behind PgBouncer in transaction mode (conftest.py)
+pytestmark = pytest.mark.pooled
+
 GOOD = yaml.safe_load((HERE / "merchants.yaml").read_text())
 
 

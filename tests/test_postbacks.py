@@ -15,6 +15,9 @@ from tracker.domain.profiles import profiles
 
 from .conftest import ADMIN, BROWSER, cli, redis_value
 
+# Also behind PgBouncer in transaction mode (conftest.py)
+pytestmark = pytest.mark.pooled
+
 ADMITAD = "test-admitad-token"
 IMPACT_SECRET = b"test-impact-hmac-secret"
 

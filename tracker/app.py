@@ -24,6 +24,7 @@ from .store.delivery import Dispatcher, options_from
 from .store.feed import StateFeed
 from .store.key_guard import KeyGuard
 from .store.merchants import MerchantCache
+from .store.replica import SupportReads
 from .store.sequencer import Sequencer
 from .store.sessions import SYNC_TIMEOUT, SessionStore
 from .store.signals import SignalWriter
@@ -41,7 +42,7 @@ log = structlog.get_logger("tracker.app")
 async def _postgres(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     assert settings.database_url, "resolve the database before create_app"
-    pool = await create_pool(settings.database_url)
+    pool = await create_pool(settings.database_url, pooler=settings.database_pooler)
     async with pool.acquire() as conn:
         created = await ensure_near_partitions(conn)
     log.info("postgres_ready", dsn=censor_dsn(settings.database_url), partitions_created=created)
@@ -51,9 +52,21 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
+async def _reads(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    reads = SupportReads(app[keys.POOL], settings.database_replica_url, settings.database_pooler)
+    await reads.start()
+    if settings.database_replica_url:
+        log.info("replica_configured", dsn=censor_dsn(settings.database_replica_url))
+    app[keys.READS] = reads
+    yield
+    await reads.stop()
+
+
 async def _merchants(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
-    cache = MerchantCache(settings.database_url or "", app[keys.POOL])
+    # Reloads are NOTIFYed: LISTEN needs a session of its own, on the primary itself.
+    cache = MerchantCache(settings.direct_url or "", app[keys.POOL])
     await cache.start()
     app[keys.MERCHANTS] = cache
     yield
@@ -116,7 +129,7 @@ async def _writer(app: web.Application) -> AsyncIterator[None]:
     spool = Spool(settings.spool_dir, settings.spool_max_bytes)
     writer = ClickWriter(app[keys.POOL], spool, durability=settings.durability,
                          queue_limit=settings.queue_limit, batch_limit=settings.batch_limit,
-                         dsn=settings.database_url)
+                         dsn=settings.database_url, pooler=settings.database_pooler)
     await writer.start()
     app[keys.WRITER] = writer
     yield
@@ -215,7 +228,7 @@ def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application
     app[keys.HELD] = keys.HeldAnswers()
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts' start-up
     app.on_shutdown.append(_closing)
-    app.cleanup_ctx.extend([_tally, _postgres, _merchants, _redis, _feed, _writer, _signals, _sequencer, _webhooks])
+    app.cleanup_ctx.extend([_tally, _postgres, _reads, _merchants, _redis, _feed, _writer, _signals, _sequencer, _webhooks])
     app.router.add_get("/go/{merchant}", activation.activate, name="go")  # HEAD too: link previews
     app.router.add_get("/healthz", ops.healthz, name="healthz")  # HEAD too: some load balancers probe so
     app.router.add_get("/readyz", ops.readyz, name="readyz")

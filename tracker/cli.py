@@ -6,9 +6,12 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .settings import Settings, load_or_exit
+
+if TYPE_CHECKING:
+    import asyncpg
 
 
 def resolve_servers(settings: Settings) -> Settings:
@@ -27,12 +30,23 @@ def resolve_servers(settings: Settings) -> Settings:
 
 
 # -- database commands -----------------------------------------------------------------------------
+async def connect(settings: Settings) -> asyncpg.Connection:
+    """A connection to TRACKER_DATABASE_URL, fit for a transaction pooler when there is one."""
+    import asyncpg
+
+    from .store.db import connect_options
+
+    return await asyncpg.connect(settings.database_url, **connect_options(settings.database_pooler))
+
+
 async def _migrate(settings: Settings) -> list[str]:
     import asyncpg
 
     from .store.db import ensure_near_partitions, migrate
 
-    conn = await asyncpg.connect(settings.database_url)
+    # The migrations' lock is a session's: on the primary itself, never through a transaction pooler
+    # (there two pods both "held" it).
+    conn = await asyncpg.connect(settings.direct_url)
     try:
         applied = await migrate(conn)
         await ensure_near_partitions(conn)
@@ -57,14 +71,13 @@ def _read_merchants_file(path: Path) -> Any:
 
 
 async def sync_merchants_file(settings: Settings, path: Path) -> dict[str, list[str]]:
-    import asyncpg
 
     from .domain.merchants import parse_merchants_file
     from .domain.profiles import profile_names
     from .store.merchants import sync
 
     parsed = parse_merchants_file(_read_merchants_file(path), profile_names())
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await connect(settings)
     try:
         report = await sync(conn, parsed)
         report["warnings"] = list(parsed.warnings)
@@ -76,12 +89,10 @@ async def sync_merchants_file(settings: Settings, path: Path) -> dict[str, list[
 async def _maintain(settings: Settings, ahead: int) -> dict[str, Any]:
     from datetime import datetime, timedelta, timezone
 
-    import asyncpg
-
     from .store.db import drop_old_partitions, ensure_partitions
     from .store.retention import prune
 
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await connect(settings)
     try:
         today = datetime.now(timezone.utc).date()
         created = await ensure_partitions(conn, today - timedelta(days=1), ahead + 2)

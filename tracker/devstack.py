@@ -104,6 +104,7 @@ def run() -> int:
 
 
 CHROMIUM = Path("/usr/bin/chromium")
+PGBOUNCER = Path("/usr/sbin/pgbouncer")
 SCREENSHOTS = "screenshots"  # under TRACKER_DATA_DIR: the console's pages as the browser tests saw them
 
 
@@ -131,6 +132,9 @@ def test(pytest_args: list[str]) -> int:
     # chromium through Playwright, never a browser build that `playwright install` would download.
     _apt_install("prometheus", "promtool", lambda: shutil.which("promtool") is not None, "the rules tests")
     _apt_install("chromium", "chromium", CHROMIUM.exists, "the browser tests")
+    # The pooled runs of the core suites and the pooler's fault tests start Debian's PgBouncer
+    # (tests/stack.py); without it they fail, they are not skipped.
+    _apt_install("pgbouncer", "PgBouncer", PGBOUNCER.exists, "the tests behind PgBouncer")
     env = dict(os.environ)
     env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
     started = _servers(env)

@@ -17,6 +17,7 @@ from .store.delivery import Dispatcher
 from .store.feed import StateFeed
 from .store.key_guard import KeyGuard
 from .store.merchants import MerchantCache
+from .store.replica import SupportReads
 from .store.sessions import SessionStore
 from .store.signals import SignalWriter
 
@@ -37,6 +38,7 @@ class HeldAnswers:
 SETTINGS = web.AppKey("settings", Settings)
 TOKENS = web.AppKey("tokens", UserTokens)
 POOL = web.AppKey("pool", asyncpg.Pool)
+READS = web.AppKey("reads", SupportReads)  # support reads: the replica when there is one
 REDIS = web.AppKey("redis", aioredis.Redis)
 MERCHANTS = web.AppKey("merchants", MerchantCache)
 WRITER = web.AppKey("writer", ClickWriter)

@@ -34,6 +34,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
 
     from .domain.access import BadKeyRequest, check_key_request
     from .store import api_keys
+    from .store.db import connect_options
 
     if args.action == "create":
         try:
@@ -41,7 +42,9 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
         except BadKeyRequest as exc:
             print(f"tracker: {exc}", file=sys.stderr)
             return 2
-    conn = await asyncpg.connect(settings.database_url, server_settings={"TimeZone": "UTC"})
+    # TimeZone is one of the startup parameters a transaction pooler tracks per client.
+    conn = await asyncpg.connect(settings.database_url, server_settings={"TimeZone": "UTC"},
+                                 **connect_options(settings.database_pooler))
     try:
         if args.action == "create":
             try:

@@ -24,13 +24,12 @@ def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
-    import asyncpg
-
+    from .cli import connect
     from .domain.conversions import read_raw
     from .store.conversions import list_orphans, reconcile
     from .store.merchants import load
 
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await connect(settings)
     try:
         if args.action == "orphans":
             for row in await list_orphans(conn, args.limit):

@@ -29,6 +29,12 @@ class SettingsError(ValueError):
 class Settings:
     database_url: str | None = None
     redis_url: str | None = None
+    # Past one machine (docs/operations.md): `transaction` when database_url is a transaction-pooling
+    # PgBouncer; the primary itself for LISTEN and the migrations' lock; a streaming replica for
+    # support reads.
+    database_pooler: str | None = None
+    database_direct_url: str | None = None
+    database_replica_url: str | None = None
     data_dir: Path = Path(".data")
     host: str = "127.0.0.1"
     port: int = 8080
@@ -85,6 +91,11 @@ class Settings:
 
     def with_servers(self, database_url: str, redis_url: str) -> "Settings":
         return replace(self, database_url=database_url, redis_url=redis_url)
+
+    @property
+    def direct_url(self) -> str | None:
+        """Where a session of its own is needed (LISTEN, the migrations' lock): the primary itself."""
+        return self.database_direct_url or self.database_url
 
     @property
     def spool_dir(self) -> Path:
@@ -183,9 +194,20 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     host = env.get("TRACKER_HOST") or "127.0.0.1"
     port = _int(env, "TRACKER_PORT", 8080, 0, 65535)
     public_url = _public_url(env.get("TRACKER_PUBLIC_URL") or "", host, port)
+    pooler = (env.get("TRACKER_DATABASE_POOLER") or "").strip().lower() or None
+    if pooler not in (None, "transaction"):
+        raise SettingsError(f"TRACKER_DATABASE_POOLER={pooler!r}: use 'transaction' (a PgBouncer in "
+                            "transaction pooling mode) or leave it unset")
+    direct_url = env.get("TRACKER_DATABASE_DIRECT_URL") or None
+    if pooler and not direct_url:
+        raise SettingsError("TRACKER_DATABASE_POOLER=transaction needs TRACKER_DATABASE_DIRECT_URL, the "
+                            "primary itself: LISTEN and the migrations' lock cannot go through the pooler")
     return Settings(
         database_url=env.get("TRACKER_DATABASE_URL") or None,
         redis_url=env.get("TRACKER_REDIS_URL") or None,
+        database_pooler=pooler,
+        database_direct_url=direct_url,
+        database_replica_url=env.get("TRACKER_DATABASE_REPLICA_URL") or None,
         data_dir=data_dir,
         host=host,
         port=port,

@@ -11,11 +11,10 @@ from .settings import Settings
 
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
-    import asyncpg
-
+    from .cli import connect
     from .store.webhooks import retry_failed, status
 
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await connect(settings)
     try:
         if args.action == "status":
             print(json.dumps({"webhooks": await status(conn)}, indent=2))

@@ -38,7 +38,7 @@ class ClickWriter:
     def __init__(self, pool: asyncpg.Pool, spool: Spool, *, durability: str = "commit",
                  queue_limit: int = QUEUE_LIMIT, batch_limit: int = BATCH_LIMIT, merge_limit: int = MERGE_LIMIT,
                  flushers: int = FLUSHERS, flush_timeout: float = FLUSH_TIMEOUT, dsn: str | None = None,
-                 linger: float | None = None) -> None:
+                 linger: float | None = None, pooler: str | None = None) -> None:
         self.durability = durability
         self.wait_commit = durability == "commit"
         self.batches = Batches(wait_commit=self.wait_commit, queue_limit=queue_limit, batch_limit=batch_limit,
@@ -46,7 +46,7 @@ class ClickWriter:
         self.health = PostgresHealth(pool)
         self.spool = ClickSpool(pool, spool)
         self.flushers = Flushers(pool, self.batches, self.health, self.spool.spill, count=flushers,
-                                 flush_timeout=flush_timeout, dsn=dsn)
+                                 flush_timeout=flush_timeout, dsn=dsn, pooler=pooler)
         self._loop = asyncio.get_running_loop()
         self._tasks: list[asyncio.Task[None]] = []
 

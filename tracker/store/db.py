@@ -7,6 +7,7 @@ from datetime import date, datetime, timedelta, timezone
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -24,13 +25,24 @@ async def _release(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
-async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10) -> asyncpg.Pool:
+def connect_options(pooler: str | None) -> dict[str, Any]:
+    """asyncpg's options for a DSN that may be a transaction-pooling PgBouncer (`pooler`): behind
+    one, consecutive transactions of a client may run on different server connections, so a
+    statement prepared by name in one of them is not there in the next ("prepared statement
+    __asyncpg_stmt_N__ does not exist"). Without a statement cache asyncpg prepares each query
+    unnamed, and sends its Parse, Bind and Execute before one Sync: one transaction for PgBouncer."""
+    return {"statement_cache_size": 0} if pooler else {}
+
+
+async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10, pooler: str | None = None,
+                      timeout: float = 5.0, check: bool = True) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, command_timeout=30, timeout=5, reset=_release,
-        server_settings={"application_name": "tracker"},
+        dsn, min_size=min_size, max_size=max_size, command_timeout=30, timeout=timeout, reset=_release,
+        server_settings={"application_name": "tracker"}, **connect_options(pooler),
     )
-    async with pool.acquire() as conn:
-        await conn.fetchval("SELECT 1")
+    if check:
+        async with pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
     return pool
 
 

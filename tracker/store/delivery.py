@@ -23,6 +23,7 @@ from ..domain.backoff import Backoff
 from ..domain.events import encode_cursor, envelope
 from ..domain.webhooks import RETRY_FOR, Webhook, public_url, retry_delay, sign, signing_key
 from . import webhooks as queries
+from .db import connect_options
 from .tasks import Outage, cancel_and_wait
 
 log = structlog.get_logger("tracker.webhooks")
@@ -38,6 +39,7 @@ class DeliveryOptions:
     retry_base: float = 5.0  # seconds before the first retry, doubling up to an hour
     retry_for: float = RETRY_FOR
     poll: float = 0.5  # how often an idle subscriber looks for due work
+    pooler: str | None = None  # TRACKER_DATABASE_POOLER (store/db.py: connect_options)
     refresh: float = 5.0  # how often the subscriber list and the backlog gauge are refreshed
 
 
@@ -54,11 +56,9 @@ class Dispatcher:
         self._outage = Outage(log, "webhook_dispatcher_db_unavailable", "webhook_dispatcher_reconnected")
 
     async def start(self) -> None:
-        # synchronous_commit off: a lease or an outcome lost in a PostgreSQL crash means a send again
-        # (deliveries are at least once anyway), and no send waits for a WAL flush.
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, command_timeout=30, timeout=5,
-                                               server_settings={"application_name": "tracker-webhooks",
-                                                                "synchronous_commit": "off"})
+                                               server_settings={"application_name": "tracker-webhooks"},
+                                               **connect_options(self.options.pooler))
         # No connection limit here: each subscriber's own limit bounds it. No cookies, no redirects.
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
@@ -200,4 +200,4 @@ class Dispatcher:
 def options_from(settings: Any) -> DeliveryOptions:
     return DeliveryOptions(concurrency=settings.webhook_concurrency, timeout=float(settings.webhook_timeout),
                            lease=float(settings.webhook_lease), retry_base=settings.webhook_retry_base_ms / 1000,
-                           poll=settings.webhook_poll_ms / 1000)
+                           poll=settings.webhook_poll_ms / 1000, pooler=settings.database_pooler)

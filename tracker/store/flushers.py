@@ -17,6 +17,7 @@ from .. import metrics
 from ..errors import Unavailable
 from .batches import Batch, Batches
 from .click import COLUMNS, INSERT_ARRAYS, Click, Record, to_record
+from .db import connect_options
 from .health import CONNECT_TIMEOUT, UNREACHABLE, PostgresHealth
 from .refused import REFUSED, isolate
 from .replay import SPOOL_RETRY, not_stored
@@ -37,12 +38,12 @@ SMALL_BATCH = 32
 class Flushers:
     def __init__(self, pool: asyncpg.Pool, batches: Batches, health: PostgresHealth,
                  spill: Callable[[list[Click]], Awaitable[None]], *, count: int, flush_timeout: float,
-                 dsn: str | None) -> None:
+                 dsn: str | None, pooler: str | None = None) -> None:
         self.pool, self.batches, self.health, self.spill = pool, batches, health, spill
         self.count, self.flush_timeout = count, flush_timeout
         # Each flusher keeps a connection of its own when it has a DSN: a pool acquire and release
         # per batch cost more client CPU than the COPY of a small batch itself.
-        self._dsn = dsn
+        self._dsn, self._options = dsn, connect_options(pooler)
         self._conns: list[asyncpg.Connection | None] = [None] * count
         self._loop = asyncio.get_running_loop()
 
@@ -130,7 +131,8 @@ class Flushers:
         conn = self._conns[slot]
         if conn is None or conn.is_closed():
             conn = self._conns[slot] = await asyncpg.connect(
-                self._dsn, timeout=CONNECT_TIMEOUT, server_settings={"application_name": "tracker-writer"})
+                self._dsn, timeout=CONNECT_TIMEOUT, server_settings={"application_name": "tracker-writer"},
+                **self._options)
         return conn
 
     async def write_rows(self, rows: list[Click], slot: int | None = None) -> None:
@@ -156,7 +158,8 @@ class Flushers:
 
 async def _write(conn: asyncpg.Connection, rows: list[Click]) -> None:
     if len(rows) < SMALL_BATCH:
-        # The batch's columns as arrays (Click is a tuple in column order); prepared once per connection.
+        # The batch's columns as arrays (Click is a tuple in column order); prepared once per connection
+        # (behind a transaction pooler, unnamed, in the same round trip as the rest: store/db.py).
         await conn.execute(INSERT_ARRAYS, *zip(*rows))
     else:
         await conn.copy_records_to_table("clicks", records=[to_record(r) for r in rows], columns=COLUMNS)

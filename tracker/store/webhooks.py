@@ -12,8 +12,9 @@ A delivery that has failed for good does not hold the ones after it back.
 """
 from __future__ import annotations
 
+from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
+from typing import Any, AsyncIterator
 
 import asyncpg
 
@@ -65,14 +66,27 @@ async def load(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, Webhook]:
             for r in rows}
 
 
-async def claim(pool: asyncpg.Pool, webhook: str, limit: int, lease: float) -> list[asyncpg.Record]:
+@asynccontextmanager
+async def _unflushed(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A transaction whose commit does not wait for its WAL flush: a lease or an outcome lost in a
+    PostgreSQL crash means a send again (deliveries are at least once anyway), and no send waits for
+    a flush. SET LOCAL, not a session setting: a transaction pooler refuses that at connect, and
+    would carry it to other clients. BEGIN and SET in one round trip; on an error the pool's release
+    rolls back."""
     async with pool.acquire() as conn:
+        await conn.execute("BEGIN; SET LOCAL synchronous_commit = off")
+        yield conn
+        await conn.execute("COMMIT")
+
+
+async def claim(pool: asyncpg.Pool, webhook: str, limit: int, lease: float) -> list[asyncpg.Record]:
+    async with _unflushed(pool) as conn:
         rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, webhook, limit, float(lease), max(4 * limit, 32))
         return rows
 
 
 async def delivered(pool: asyncpg.Pool, webhook: str, event_id: int, status: int) -> None:
-    async with pool.acquire() as conn:
+    async with _unflushed(pool) as conn:
         await conn.execute(_DELIVERED, webhook, event_id, status)
 
 
@@ -80,7 +94,7 @@ async def failed(pool: asyncpg.Pool, webhook: str, event_id: int, attempt: int, 
                  error: str | None, gone: bool, retry_for: float, delay: float) -> str | None:
     """Record a failed attempt; the delivery's state after it ('pending' or 'failed'), or None when
     the lease had passed to another worker meanwhile."""
-    async with pool.acquire() as conn:
+    async with _unflushed(pool) as conn:
         state: str | None = await conn.fetchval(_FAILED, webhook, event_id, attempt, status, error, gone,
                                                 float(retry_for), float(delay))
         return state
@@ -88,7 +102,7 @@ async def failed(pool: asyncpg.Pool, webhook: str, event_id: int, attempt: int, 
 
 async def release(pool: asyncpg.Pool, webhook: str, leases: list[tuple[int, int]]) -> None:
     """Give back leases of sends cancelled by a stop, so that another worker takes them at once."""
-    async with pool.acquire() as conn:
+    async with _unflushed(pool) as conn:
         await conn.executemany(
             "UPDATE webhook_deliveries SET next_attempt_at = now(), attempts = attempts - 1 "
             "WHERE webhook = $1 AND event_id = $2 AND attempts = $3 AND state = 'pending'",

@@ -3,8 +3,10 @@ The click page and the overview are in console_views.py, sign-in in console_auth
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import aiohttp_jinja2
+import asyncpg
 import jinja2
 from aiohttp import web
 
@@ -34,12 +36,15 @@ async def _home(request: web.Request, session: Session) -> web.StreamResponse:
     q = raw.strip()
     if not q or len(q) > MAX_QUERY or has_control(q):  # no id holds a control character (nor can be stored)
         raise BadRequest(f"search for a click id, a user id or an order id (1 to {MAX_QUERY} characters)")
-    pool = request.app[keys.POOL]
-    if is_click_id(q) and await get_click(pool, q) is not None:
+    async def search(pool: asyncpg.Pool) -> tuple[bool, bool, list[dict[str, Any]], list[dict[str, Any]]]:
+        if is_click_id(q) and await get_click(pool, q) is not None:
+            return True, False, [], []
+        is_user = bool(USER_ID.fullmatch(q)) and await store.has_clicks(pool, q)
+        return False, is_user, await store.orders(pool, q), await store.orphans_of_order(pool, q)
+
+    (is_click, is_user, orders, orphans), origin = await request.app[keys.READS].read(search, lag=True)
+    if is_click:
         return redirect(f"{PATH}clicks/{q}")
-    is_user = bool(USER_ID.fullmatch(q)) and await store.has_clicks(pool, q)
-    orders = await store.orders(pool, q)
-    orphans = await store.orphans_of_order(pool, q)
     waiting = [o for o in orphans if o["reconciled_at"] is None]  # reconciled ones are in `orders` now
     if is_user and not orders and not orphans:
         return redirect(f"{PATH}users/{q}")
@@ -49,7 +54,7 @@ async def _home(request: web.Request, session: Session) -> web.StreamResponse:
     if orders:
         await audited(request, session.actor(), "order.read", lookups.order_subjects(q, orders))
     return render(request, session, "search.html", q=q, is_user=is_user, orders=orders, orphans=orphans,
-                  searched=True)
+                  searched=True, origin=origin)
 
 
 async def _user(request: web.Request, session: Session) -> web.StreamResponse:
@@ -60,31 +65,33 @@ async def _user(request: web.Request, session: Session) -> web.StreamResponse:
     if before is not None and not is_click_id(before):
         raise BadRequest("before must be a click id")
     await audited(request, session.actor(), "user.read", [(user_id, None, None)])
-    items, nxt = await lookups.user_page(request.app, user_id, 50, before)
+    items, nxt, origin = await lookups.user_page(request.app, user_id, 50, before, lag=True)
     names = {slug: m.name for slug, m in request.app[keys.MERCHANTS].merchants.items()}
     # Who looked at this user: for those allowed to read the audit trail (a read of it, recorded too).
     looked = None
     if session.actor().may(AUDIT_READ):
         looked = await audit.page(request.app[keys.POOL], user_id=user_id, actor=None, before=None, limit=20)
     return render(request, session, "user.html", user_id=user_id, clicks=items, next=nxt, names=names,
-                  first_page=before is None, looked=looked)
+                  first_page=before is None, looked=looked, origin=origin)
 
 
 async def _order(request: web.Request, session: Session) -> web.StreamResponse:
     order_id, network = lookups.order_query(request)
-    pool = request.app[keys.POOL]
-    rows = await store.orders(pool, order_id, network)
+    async def order(pool: asyncpg.Pool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return await store.orders(pool, order_id, network), await store.orphans_of_order(pool, order_id)
+
+    (rows, orphans), origin = await request.app[keys.READS].read(order, lag=True)
     await audited(request, session.actor(), "order.read", lookups.order_subjects(order_id, rows))
     orders = [lookups.conversion_item(r) for r in rows]
-    orphans = await store.orphans_of_order(pool, order_id)
-    return render(request, session, "order.html", order_id=order_id, orders=orders, orphans=orphans)
+    return render(request, session, "order.html", order_id=order_id, orders=orders, orphans=orphans,
+                  origin=origin)
 
 
 async def _orphans(request: web.Request, session: Session) -> web.StreamResponse:
-    rows, nxt = await lookups.orphan_page(request.app, 50, lookups.before_id(request))
+    rows, nxt, origin = await lookups.orphan_page(request.app, 50, lookups.before_id(request), lag=True)
     done = {k: request.query[k] for k in ("attached", "still") if request.query.get(k, "").isdigit()}
     return render(request, session, "orphans.html", orphans=rows, next=nxt, done=done,
-                  first_page="before" not in request.query)
+                  first_page="before" not in request.query, origin=origin)
 
 
 async def _reconcile(request: web.Request, session: Session) -> web.StreamResponse:

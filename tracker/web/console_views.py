@@ -5,6 +5,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
+import asyncpg
 import orjson
 from aiohttp import web
 
@@ -17,8 +18,9 @@ from ..domain.detection import DEFINITIVE
 from ..domain.diagnosis import ClickFacts, Finding, diagnose
 from ..domain.timeline import moments, network_name
 from ..domain.timeline_svg import layout
+from ..domain.trail import TrailEntry
 from ..errors import NotFound
-from ..store.cases import click_case
+from ..store.cases import ClickCase, click_case
 from ..store.lookups import tab_trail
 from ..store.overview import overview
 from .audit import audited
@@ -75,8 +77,11 @@ async def click_page(request: web.Request, session: Session) -> web.StreamRespon
     app, click_id = request.app, request.match_info["click_id"]
     if not is_click_id(click_id):
         raise NotFound("no such click")
-    pool = app[keys.POOL]
-    case = await click_case(pool, app[keys.MERCHANTS].merchants.get, click_id)
+    async def read(pool: asyncpg.Pool) -> tuple[ClickCase | None, list[TrailEntry]]:
+        case = await click_case(pool, app[keys.MERCHANTS].merchants.get, click_id)
+        return case, (await tab_trail(pool, click_id) if case is not None else [])
+
+    (case, trail), origin = await app[keys.READS].read(read, lag=True)
     if case is None:
         raise NotFound("no such click")
     click, merchant, conversions, signals, facts = (case.click, case.merchant, case.conversions, case.signals,
@@ -86,13 +91,13 @@ async def click_page(request: web.Request, session: Session) -> web.StreamRespon
         for h in conv["history"]:
             h["raw"] = orjson.loads(h["raw"]) if isinstance(h["raw"], str) else h["raw"]
     findings = diagnose(facts)
-    story = moments(click, merchant, signals, conversions, facts.session_ttl, await tab_trail(pool, click_id))
+    story = moments(click, merchant, signals, conversions, facts.session_ttl, trail)
     lost = next((s["at"] for s in signals if s["kind"] in DEFINITIVE and not s.get("late")), None)
     tone, headline = verdict(facts, findings)
     return render(request, session, "click.html", click=click, merchant=merchant, facts=facts, findings=findings,
                   tone=tone, headline=headline, story=story, drawing=layout(story, click["created_at"],
                                                                             facts.session_ttl, lost),
-                  conversions=conversions, target_href=safe_href(click["target"]))
+                  conversions=conversions, target_href=safe_href(click["target"]), origin=origin)
 
 
 def _charts(data: dict[str, Any], since: datetime, names: dict[str, str]) -> dict[str, Any]:
@@ -129,6 +134,7 @@ def _charts(data: dict[str, Any], since: datetime, names: dict[str, str]) -> dic
 async def overview_page(request: web.Request, session: Session) -> web.StreamResponse:
     now = datetime.now(timezone.utc)
     since = now - timedelta(hours=24)
-    data = await overview(request.app[keys.POOL], since)
+    data, origin = await request.app[keys.READS].read(lambda pool: overview(pool, since), lag=True)
     names = {slug: m.name for slug, m in request.app[keys.MERCHANTS].merchants.items()}
-    return render(request, session, "overview.html", since=since, now=now, charts=_charts(data, since, names))
+    return render(request, session, "overview.html", since=since, now=now, charts=_charts(data, since, names),
+                  origin=origin)

@@ -19,6 +19,7 @@ from ..domain.tokens import USER_ID
 from ..errors import BadRequest, NotFound
 from ..store import lookups
 from ..store.conversions import reconcile
+from ..store.replica import Origin
 from .access import authorize
 from .audit import audited
 from .common import json_response, one
@@ -66,13 +67,14 @@ def orphan_item(row: dict[str, Any]) -> dict[str, Any]:
             "reason": row["reason"], "received_at": iso(row["received_at"])}
 
 
-async def user_page(app: web.Application, user_id: str, limit: int,
-                    before: str | None) -> tuple[list[dict[str, Any]], str | None]:
-    """A page of a user's clicks as the API shapes them, and the `before` of the next page."""
-    rows = await lookups.user_clicks(app[keys.POOL], user_id, limit + 1, before)
+async def user_page(app: web.Application, user_id: str, limit: int, before: str | None,
+                    lag: bool = False) -> tuple[list[dict[str, Any]], str | None, Origin]:
+    """A page of a user's clicks as the API shapes them, the `before` of the next page, and where
+    the page was read (store/replica.py)."""
+    rows, origin = await app[keys.READS].read(lambda pool: lookups.user_clicks(pool, user_id, limit + 1, before), lag)
     now = datetime.now(timezone.utc)
     items = [click_item(app, r, now) for r in rows[:limit]]
-    return items, (items[-1]["click_id"] if len(rows) > limit else None)
+    return items, (items[-1]["click_id"] if len(rows) > limit else None), origin
 
 
 async def user_clicks(request: web.Request) -> web.Response:
@@ -85,7 +87,7 @@ async def user_clicks(request: web.Request) -> web.Response:
     if before is not None and not is_click_id(before):
         raise BadRequest("before must be a click id (the `next` of the previous page)")
     await audited(request, actor, "user.read", [(user_id, None, None)])
-    items, nxt = await user_page(request.app, user_id, limit, before)
+    items, nxt, _ = await user_page(request.app, user_id, limit, before)
     return json_response({"clicks": items, "next": nxt})
 
 
@@ -106,14 +108,15 @@ def order_subjects(order_id: str, rows: list[dict[str, Any]]) -> list[tuple[str 
 async def conversions(request: web.Request) -> web.Response:
     actor = await authorize(request, LOOKUPS_READ)
     order_id, network = order_query(request)
-    rows = await lookups.orders(request.app[keys.POOL], order_id, network)
+    rows, _ = await request.app[keys.READS].read(lambda pool: lookups.orders(pool, order_id, network))
     await audited(request, actor, "order.read", order_subjects(order_id, rows))
     return json_response({"conversions": [conversion_item(r) for r in rows]})
 
 
-async def orphan_page(app: web.Application, limit: int, before: int | None) -> tuple[list[dict[str, Any]], int | None]:
-    rows = await lookups.open_orphans(app[keys.POOL], limit + 1, before)
-    return rows[:limit], (rows[limit - 1]["id"] if len(rows) > limit else None)
+async def orphan_page(app: web.Application, limit: int, before: int | None,
+                      lag: bool = False) -> tuple[list[dict[str, Any]], int | None, Origin]:
+    rows, origin = await app[keys.READS].read(lambda pool: lookups.open_orphans(pool, limit + 1, before), lag)
+    return rows[:limit], (rows[limit - 1]["id"] if len(rows) > limit else None), origin
 
 
 def before_id(request: web.Request) -> int | None:
@@ -127,7 +130,7 @@ def before_id(request: web.Request) -> int | None:
 
 async def orphans(request: web.Request) -> web.Response:
     await authorize(request, LOOKUPS_READ)
-    rows, nxt = await orphan_page(request.app, limit_of(request), before_id(request))
+    rows, nxt, _ = await orphan_page(request.app, limit_of(request), before_id(request))
     return json_response({"orphans": [orphan_item(r) for r in rows], "next": nxt})
 
 
