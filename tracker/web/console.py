@@ -89,9 +89,19 @@ async def _order(request: web.Request, session: Session) -> web.StreamResponse:
 
 async def _orphans(request: web.Request, session: Session) -> web.StreamResponse:
     rows, nxt, origin = await lookups.orphan_page(request.app, 50, lookups.before_id(request), lag=True)
-    done = {k: request.query[k] for k in ("attached", "still") if request.query.get(k, "").isdigit()}
-    return render(request, session, "orphans.html", orphans=rows, next=nxt, done=done,
+    return render(request, session, "orphans.html", orphans=rows, next=nxt, done=_reconciled(request),
                   first_page="before" not in request.query, origin=origin)
+
+
+def _reconciled(request: web.Request) -> dict[str, int] | None:
+    """The notice a reconcile's redirect asks for (`?attached=N&still=M`): both counts in ASCII digits,
+    or no notice (the list is the same without it; a count alone or a `²` once made the page a 500)."""
+    attached, still = one(request, "attached"), one(request, "still")
+    if attached is None or still is None:
+        return None
+    if not all(c.isascii() and c.isdigit() and len(c) <= 9 for c in (attached, still)):
+        return None
+    return {"attached": int(attached), "still": int(still)}
 
 
 async def _reconcile(request: web.Request, session: Session) -> web.StreamResponse:
