@@ -42,7 +42,9 @@ pytestmark = [pytest.mark.fault, pytest.mark.browser,
 
 FORGE_PROMO = """() => {
     const field = document.querySelector("input[name=promo_code]");
-    field.value = "FORGED-CODE";
+    field.focus();
+    document.execCommand("insertText", false, "FORGED-CODE");  // a trusted input event, and change on blur
+    field.blur();
     for (const type of ["input", "change"]) field.dispatchEvent(new Event(type, {bubbles: true}));
     field.dispatchEvent(new KeyboardEvent("keydown", {key: "Enter", bubbles: true}));
     field.form.dispatchEvent(new Event("submit", {bubbles: true, cancelable: true}));

@@ -28,11 +28,30 @@
     return PROMO.test(words);
   }
 
-  // field -> its value right after the shopper's last keystroke, paste or autofill in it. A value a
-  // script wrote afterwards differs, and is not the shopper's.
+  // field -> its value right after the shopper's last keystroke, paste, drop or autofill in it. A value
+  // a script wrote afterwards differs, and is not the shopper's. A trusted `input` is not enough: a
+  // script's document.execCommand("insertText") fires one too (and a trusted `change` on blur), but
+  // never the `beforeinput` that the browser sends first for what the shopper does; so an `input`
+  // counts only right after a trusted `beforeinput` of the same field, kind and text (or when the
+  // browser autofilled the field).
   const typed = new WeakMap();
+  let intent = null; // the shopper's last beforeinput, until the end of the task that sent it
+  document.addEventListener("beforeinput", (event) => {
+    if (!event.isTrusted || !promoField(event.target)) return;
+    const mine = { field: event.target, kind: event.inputType, data: event.data };
+    intent = mine;
+    setTimeout(() => {
+      if (intent === mine) intent = null;
+    }, 0);
+  }, true);
   document.addEventListener("input", (event) => {
-    if (event.isTrusted && promoField(event.target)) typed.set(event.target, event.target.value);
+    const field = event.target;
+    if (!event.isTrusted || !promoField(field)) return;
+    const shopper = (intent && intent.field === field && intent.kind === event.inputType && intent.data === event.data)
+      || field.matches(":autofill");
+    intent = null;
+    if (shopper) typed.set(field, field.value);
+    else typed.delete(field);
   }, true);
 
   const reported = new Set();
