@@ -30,6 +30,7 @@ from .extension_harness import (
     reported,
     sign_in,
     support_view,
+    tab_click,
     tab_id,
     until,
 )
@@ -114,6 +115,19 @@ def test_a_page_script_can_neither_press_nor_remove_the_banner(browser, tracker)
     until(page, lambda: any(r.get("detail") == "MEGA5" for r in reported(worker)), "our own code reported")
     assert not [r for r in reported(worker) if r["what"] == "reactivate"]
     assert page.url == landed and worker.evaluate("(t) => trackerExtension.tabs.get(t).clickId", tab) == cid
+    # The popup, out of the page's reach, says the same and re-activates the store's tab.
+    page.bring_to_front()
+    with context.expect_page() as opened:  # the popup's page beside the store's tab, which stays the active one
+        worker.evaluate("() => chrome.tabs.create({url: chrome.runtime.getURL('popup.html'), active: false})")
+    popup = opened.value
+    popup.locator("#risk").wait_for(state="visible")
+    assert "shopper-banner" in popup.locator("#account").inner_text()
+    popup.screenshot(path=str(SHOTS / "e2e-08-popup-at-risk.png"))
+    popup.click("#again")
+    assert tab_click(worker, page, other_than=cid) != cid
+    page.locator(BANNER).wait_for(state="detached", timeout=5_000)
+    until(page, lambda: worker.evaluate("(tabId) => chrome.action.getBadgeText({tabId})", tab) == "", "the badge gone")
+    popup.close()
     page.close()
 
 

@@ -217,6 +217,8 @@ async function onMessage(message, sender) {
   await ready;
   const tabId = sender.tab && sender.tab.id;
   const tab = tabId !== undefined ? tabs.get(tabId) : undefined;
+  // The popup and the options page, not a content script in some web page.
+  const ownPage = String(sender.url || "").startsWith(chrome.runtime.getURL(""));
   switch (message && message.type) {
     case "hello": // a content script started: should it show the banner?
       return { show: Boolean(tab && tab.action === "reactivate") };
@@ -227,16 +229,17 @@ async function onMessage(message, sender) {
       }
       return { ok: Boolean(tab) };
     case "reactivate": // the banner's button, pressed by the shopper (the content script checks)
-      return sender.tab ? reactivate(tabId, sender.url) : { ok: false };
+      return sender.tab && !ownPage ? reactivate(tabId, sender.url) : { ok: false };
     case "reactivate-tab": // the popup's button, for the tab it was opened over
-      return sender.tab ? { ok: false } : reactivate(message.tabId, (tabs.get(message.tabId) || {}).lastUrl);
+      return ownPage ? reactivate(message.tabId, (tabs.get(message.tabId) || {}).lastUrl) : { ok: false };
     case "status": { // the popup: who is connected, and is this tab's cashback at risk?
+      if (!ownPage) return undefined;
       const followed = tabs.get(message.tabId);
       return { account: accountOf(settings.token), service: settings.baseUrl,
                tab: followed ? { merchant: followed.merchant, state: followed.state, action: followed.action } : null };
     }
     case "activate": // from the popup
-      return sender.tab ? { ok: false } : { tabId: await activate(message.merchant, message.to) };
+      return ownPage ? { tabId: await activate(message.merchant, message.to) } : { ok: false };
     default:
       return undefined;
   }
