@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import aiohttp
+import asyncpg
 import pytest
 
 from tracker import embedded
@@ -19,7 +20,7 @@ from tracker.domain.tokens import UserTokens
 from tracker.store.flushers import FLUSH_TIMEOUT
 
 from .conftest import BROWSER, SECRET, prepare_database
-from .test_faults import Stack, readyz_until, wait_rows
+from .test_faults import Stack, readyz_until
 from .waiting import until
 
 pytestmark = pytest.mark.fault
@@ -94,18 +95,43 @@ class Clicks:
         return len(self.refused) - mark
 
 
+async def unready(port: int, spool: str) -> None:
+    """/readyz says 503, with Retry-After, that this process cannot take redirects: PostgreSQL down
+    and the spool `spool` (each worker answers for itself: asked until both did)."""
+    async with aiohttp.ClientSession() as session:
+        for _ in range(4):
+            async with session.get(f"http://127.0.0.1:{port}/readyz") as r:
+                assert r.status == 503 and r.headers["Retry-After"] == "5", (r.status, await r.text())
+                assert await r.json() == {"status": "unavailable", "postgres": "down", "redis": "up",
+                                          "spool": spool, "writer": "up"}
+
+
 async def _recover_and_check(stack: Stack, clicks: Clicks, user: str) -> None:
     """PostgreSQL back: every 302 is stored exactly once, the spool drains, redirects work again."""
     await asyncio.to_thread(stack.start_pg)
-    total, distinct = await wait_rows(stack.dsn, user, len(clicks.ids), timeout=60)
-    assert total == distinct == len(clicks.ids)
+    redirected = set(clicks.ids)
+
+    async def stored() -> set[str] | None:
+        conn = await asyncpg.connect(stack.dsn)
+        try:
+            rows = await conn.fetch("SELECT click_id FROM clicks WHERE user_id = $1", user)
+        finally:
+            await conn.close()
+        ids = [r["click_id"] for r in rows]
+        assert len(ids) == len(set(ids)), "a click stored twice"
+        return set(ids) if set(ids) >= redirected else None
+    found = await until(stored, "every redirected click in PostgreSQL", 60, ignoring=(OSError, asyncpg.PostgresError))
+    # Beyond them, only clicks answered 503: a batch whose commit PostgreSQL's stop cut off may
+    # have committed after all (the client was told to retry; no click is redirected twice).
+    assert len(found - redirected) <= len(clicks.refused)
     await readyz_until(stack.port, lambda status, body: status == 200 and body["postgres"] == "up",
                        "200 with PostgreSQL back")
     after = Clicks(stack.port, user + "-after", n=2)
     after.start()
     await until(lambda: len(after.ids) >= 20, "redirects again after the recovery")
     await after.stop()
-    assert after.hung == 0 and after.refused == []
+    # (A worker that has not seen PostgreSQL back yet may still refuse for a moment.)
+    assert after.hung == 0 and set(after.refused) <= {(503, "5", "unavailable")}
 
 
 @pytest.mark.parametrize("durability", ["commit", "async"])
@@ -120,6 +146,7 @@ async def test_a_full_spool_disk_refuses_with_503_and_loses_no_302(stack: Stack,
         await asyncio.to_thread(stack.stop_pg)
         before_outage = len(clicks.ids)
         await until(lambda: len(clicks.refused) >= 200, "refusals once the spool's disk is full", 60)
+        await unready(stack.port, "full")
         await clicks.stop()
         assert len(clicks.ids) > before_outage  # spooled until the disk was full
         assert clicks.hung == 0
@@ -139,6 +166,7 @@ async def test_a_read_only_spool_refuses_with_503_until_it_is_writable_again(sta
         remount(spool, "ro")  # nothing is spooled yet: no file is open for writing
         await asyncio.to_thread(stack.stop_pg)
         await until(lambda: len(clicks.refused) >= 100, "refusals while the spool is read-only", 60)
+        await unready(stack.port, "failing")
         remount(spool, "rw")
         spooled_from = len(clicks.ids)
         await until(lambda: len(clicks.ids) >= spooled_from + 100, "redirects spooled once it is writable", 60)
@@ -158,6 +186,7 @@ async def test_past_the_spool_cap_clicks_are_refused(stack: Stack) -> None:
     await until(lambda: len(clicks.ids) >= 20, "redirects before the outage")
     await asyncio.to_thread(stack.stop_pg)
     await until(lambda: len(clicks.refused) >= 100, "refusals past the cap", 60)
+    await unready(stack.port, "full")
     await clicks.stop()
     assert clicks.hung == 0
     assert {r for r in clicks.refused} == {(503, "5", "unavailable")}

@@ -36,7 +36,7 @@ async def test_health_ready_and_metrics(client, tokens):
     assert (await client.get("/healthz")).status == 200
     ready = await client.get("/readyz")
     assert ready.status == 200
-    assert (await ready.json())["postgres"] == "up"
+    assert await ready.json() == {"status": "ready", "postgres": "up", "redis": "up", "spool": "ok", "writer": "up"}
     await client.get("/go/nike", params={"u": tokens.mint("lee")}, allow_redirects=False, headers=BROWSER)
     text = await (await client.get("/metrics")).text()
     for name in ("tracker_clicks_total", "tracker_redirect_duration_seconds_bucket",

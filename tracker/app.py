@@ -29,7 +29,7 @@ from .store.sequencer import Sequencer
 from .store.sessions import SYNC_TIMEOUT, SessionStore
 from .store.signals import SignalWriter
 from .store.spool import Spool
-from .store.tasks import cancel_and_wait
+from .store.tasks import cancel_and_wait, supervised
 from .web import activation, audit, event_feed, events, lookups, observe, ops, postbacks, support
 from .web.common import answer, answer_protocol_errors_as_json, errors
 from .web.console import setup_console
@@ -171,7 +171,7 @@ async def _tally(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(1.0)
             metrics.tally.flush()
 
-    task = asyncio.create_task(flush_every_second(), name="metrics-tally")
+    task = supervised("metrics-tally", flush_every_second)
     yield
     await cancel_and_wait([task])
     metrics.tally.flush()

@@ -44,6 +44,10 @@ WRITER_QUEUE = Gauge("tracker_writer_queue_clicks", "Clicks waiting in the in-pr
                      multiprocess_mode="livesum")
 DEPENDENCY_UP = Gauge("tracker_dependency_up", "1 while PostgreSQL / Redis answer this worker",
                       ["dependency"], multiprocess_mode="livemin")
+READINESS = Gauge("tracker_readiness", "1 for the status this worker's last /readyz answered (ready, degraded, "
+                  "unavailable)", ["status"], multiprocess_mode="livemax")
+TASK_RESTARTS = Counter("tracker_task_restarts_total",
+                        "Background tasks that died (logged with the traceback) and were started again", ["task"])
 REDIS_FAIL_OPEN = Counter("tracker_redis_fail_open_total",
                           "Operations that went on without Redis (rate limit, session)", ["operation"])
 RATE_LIMITED = Counter("tracker_rate_limited_total", "Requests refused by a rate limit", ["scope"])

@@ -13,6 +13,7 @@ of store/health.py); rows PostgreSQL refuses are found by bisection and quaranti
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import asyncpg
 import structlog
@@ -25,7 +26,7 @@ from .flushers import FLUSH_TIMEOUT, FLUSHERS, Flushers
 from .health import PostgresHealth
 from .replay import REPLAY_CHUNK, ClickSpool, not_stored
 from .spool import Spool
-from .tasks import cancel_and_wait
+from .tasks import Supervised, cancel_and_wait
 
 __all__ = ["Click", "ClickWriter"]
 log = structlog.get_logger("tracker.clicks")
@@ -48,7 +49,7 @@ class ClickWriter:
         self.flushers = Flushers(pool, self.batches, self.health, self.spool.spill, count=flushers,
                                  flush_timeout=flush_timeout, dsn=dsn, pooler=pooler)
         self._loop = asyncio.get_running_loop()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[Supervised] = []
 
     async def write(self, click: Click) -> None:
         """Queue a click; in commit mode return once it is committed (or spooled). Raises
@@ -83,7 +84,7 @@ class ClickWriter:
         await self.spool.count()
         await self.spool.check()
         self._tasks = self.flushers.start()
-        self._tasks.append(asyncio.create_task(self.spool.replayer(self.health), name="spool-replayer"))
+        self._tasks.append(Supervised("spool-replayer", functools.partial(self.spool.replayer, self.health)))
 
     async def close(self, timeout: float = 10.0) -> None:
         """Stop taking clicks into the queue, commit (or spool) what is queued, stop the tasks."""
@@ -94,7 +95,7 @@ class ClickWriter:
         while not batches.empty() and self._loop.time() < deadline:
             batches.wake.set()
             await asyncio.sleep(0.01)
-        await cancel_and_wait(self._tasks)
+        await cancel_and_wait(t.task for t in self._tasks)
         while (batch := batches.take()) is not None:  # whatever is left after the deadline
             try:
                 await self.spool.spill(batch.rows)
@@ -113,6 +114,18 @@ class ClickWriter:
     @property
     def queued(self) -> int:
         return self.batches.queued
+
+    @property
+    def alive(self) -> bool:
+        """Every flusher and the replayer running (none waiting to be started again after a death)."""
+        return bool(self._tasks) and all(t.running for t in self._tasks)
+
+    async def spool_state(self, probe: bool = False) -> str:
+        """"ok", "full" or "failing"; with `probe` (PostgreSQL down) the spool is tried now if it
+        has not refused yet, so that readiness tells what the next click would meet."""
+        if probe and self.spool.state == "ok":
+            await self.spool.check()
+        return self.spool.state
 
     @property
     def pg_ok(self) -> bool:

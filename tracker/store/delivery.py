@@ -24,7 +24,7 @@ from ..domain.events import encode_cursor, envelope
 from ..domain.webhooks import RETRY_FOR, Webhook, public_url, retry_delay, sign, signing_key
 from . import webhooks as queries
 from .db import connect_options
-from .tasks import Outage, cancel_and_wait
+from .tasks import Outage, cancel_and_wait, supervised
 
 log = structlog.get_logger("tracker.webhooks")
 OUTCOMES = ("delivered", "retried", "failed")
@@ -64,7 +64,7 @@ class Dispatcher:
             connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
             timeout=aiohttp.ClientTimeout(total=self.options.timeout), cookie_jar=aiohttp.DummyCookieJar(),
             headers={"User-Agent": USER_AGENT}, auto_decompress=False)
-        self._task = asyncio.create_task(self._run(), name="webhook-dispatcher")
+        self._task = supervised("webhook-dispatcher", self._run)
 
     async def stop(self, grace: float = 2.0) -> None:
         """Stop leasing; let sends in flight finish for `grace` seconds, then cancel them and give
@@ -93,6 +93,7 @@ class Dispatcher:
         assert self._pool is not None
         self.webhooks = await queries.load(self._pool)
         for name in self.webhooks:
+            _report_death(f"webhook-{name}", self._loops.get(name))
             if name not in self._loops or self._loops[name].done():
                 for outcome in OUTCOMES:  # a 0 to rate() from, before the first delivery
                     metrics.WEBHOOK_DELIVERIES.labels(name, outcome)
@@ -201,3 +202,10 @@ def options_from(settings: Any) -> DeliveryOptions:
     return DeliveryOptions(concurrency=settings.webhook_concurrency, timeout=float(settings.webhook_timeout),
                            lease=float(settings.webhook_lease), retry_base=settings.webhook_retry_base_ms / 1000,
                            poll=settings.webhook_poll_ms / 1000, pooler=settings.database_pooler)
+
+
+def _report_death(name: str, task: asyncio.Task[None] | None) -> None:
+    """A subscriber's loop that died is started again by the refresh; its death is said first."""
+    if task is not None and task.done() and not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("task_died", task=name, exc_info=exc)
+        metrics.TASK_RESTARTS.labels(name).inc()

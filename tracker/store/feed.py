@@ -25,7 +25,7 @@ import structlog
 from redis.asyncio.client import PubSub
 
 from ..domain.backoff import Backoff
-from .tasks import cancel_and_wait
+from .tasks import cancel_and_wait, supervised
 
 log = structlog.get_logger("tracker.feed")
 QUEUE_SIZE = 8  # per listener; past it the oldest item goes
@@ -103,7 +103,7 @@ class StateFeed:
                 listener.put(Link.LOST)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="state-feed")
+        self._task = supervised("state-feed", self._run)
 
     async def stop(self) -> None:
         await cancel_and_wait([self._task])

@@ -8,6 +8,7 @@ refuses (a bad row) is bisected through refused.py, so that every good row is co
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Awaitable, Callable
 
 import asyncpg
@@ -21,6 +22,7 @@ from .db import connect_options
 from .health import CONNECT_TIMEOUT, UNREACHABLE, PostgresHealth
 from .refused import REFUSED, isolate
 from .replay import SPOOL_RETRY, not_stored
+from .tasks import Supervised
 
 log = structlog.get_logger("tracker.clicks")
 
@@ -47,8 +49,8 @@ class Flushers:
         self._conns: list[asyncpg.Connection | None] = [None] * count
         self._loop = asyncio.get_running_loop()
 
-    def start(self) -> list[asyncio.Task[None]]:
-        return [asyncio.create_task(self._run(i), name=f"click-flusher-{i}") for i in range(self.count)]
+    def start(self) -> list[Supervised]:
+        return [Supervised(f"click-flusher-{i}", functools.partial(self._run, i)) for i in range(self.count)]
 
     async def _run(self, slot: int) -> None:
         batches = self.batches

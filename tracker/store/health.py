@@ -32,6 +32,11 @@ class PostgresHealth:
         """Up again if PostgreSQL answers; raises what it raised if not."""
         async with self.pool.acquire(timeout=CONNECT_TIMEOUT) as conn:
             await conn.fetchval("SELECT 1")
+        self.up()
+
+    def up(self) -> None:
+        """PostgreSQL answered (the probe, or /readyz's query): batches go to it again."""
+        if not self.ok:
+            log.info("postgres_back")
         self.ok = True
         metrics.DEPENDENCY_UP.labels("postgres").set(1)
-        log.info("postgres_back")

@@ -12,7 +12,7 @@ import structlog
 from ..domain.backoff import Backoff
 from ..domain.merchants import Merchant, MerchantsFile
 from ..domain.networks import Network
-from .tasks import cancel_and_wait
+from .tasks import cancel_and_wait, supervised
 
 CHANNEL = "tracker_merchants"
 log = structlog.get_logger("tracker.merchants")
@@ -140,7 +140,7 @@ class MerchantCache:
 
     async def start(self) -> None:
         await self.reload()
-        self._task = asyncio.create_task(self._listen(), name="merchant-listener")
+        self._task = supervised("merchant-listener", self._listen)
 
     async def stop(self) -> None:
         await cancel_and_wait([self._task])

@@ -76,10 +76,13 @@ class ClickSpool:
         metrics.SPOOL_OK.set(1)
 
     async def check(self) -> None:
-        """Whether the spool takes records again (a probe write, and the cap)."""
+        """Whether the spool takes records (again): a probe write, and room under the cap. Once full,
+        a tenth of the cap must be free again, so that it does not flap between a refusal and the
+        next batch that does not fit."""
+        headroom = self.spool.max_bytes // 10 if self.state == "full" else 0
         try:
             async with self._append_lock:
-                await asyncio.to_thread(self.spool.probe)
+                await asyncio.to_thread(self.spool.probe, headroom)
         except SpoolRefused as exc:
             self._refused(exc, 0)
         else:

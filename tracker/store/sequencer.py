@@ -15,7 +15,7 @@ import structlog
 
 from .. import metrics
 from .events import sequence
-from .tasks import Outage, cancel_and_wait
+from .tasks import Outage, cancel_and_wait, supervised
 
 log = structlog.get_logger("tracker.sequencer")
 
@@ -28,7 +28,7 @@ class Sequencer:
         self._outage = Outage(log, "sequencer_failed", "sequencer_recovered")
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="event-sequencer")
+        self._task = supervised("event-sequencer", self._run)
 
     async def stop(self) -> None:
         await cancel_and_wait([self._task])

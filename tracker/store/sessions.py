@@ -29,7 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .. import metrics
 from ..domain.states import ActivationSession, StoredState
 from .ratelimit import COUNTS_LUA, EDGE, Check, RateLimits, Sent, Verdict
-from .tasks import cancel_and_wait
+from .tasks import cancel_and_wait, supervised
 
 log = structlog.get_logger("tracker.redis")
 SYNC_TIMEOUT = 5.0
@@ -186,7 +186,7 @@ class SessionStore:
 
     # -- the batch loop -----------------------------------------------------------------------
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="redis-batcher")
+        self._task = supervised("redis-batcher", self._run)
 
     async def stop(self) -> None:
         await cancel_and_wait([self._task, self._probe])
@@ -266,7 +266,7 @@ class SessionStore:
             log.error("redis_unreachable", error=repr(exc)[:300])
             metrics.DEPENDENCY_UP.labels("redis").set(0)
             self._fail_pending()
-            self._probe = asyncio.create_task(self._probe_until_up(), name="redis-probe")
+            self._probe = supervised("redis-probe", self._probe_until_up)
 
     async def _probe_until_up(self) -> None:
         while True:

@@ -26,7 +26,7 @@ from ..domain.events import CLICK_OVERWRITTEN
 from ..domain.signals import Signal
 from ..domain.states import ClickState, StoredState
 from .refused import REFUSED, storable
-from .tasks import cancel_and_wait
+from .tasks import cancel_and_wait, supervised
 
 log = structlog.get_logger("tracker.signals")
 COLUMNS = ("click_id", "merchant", "kind", "network", "evidence", "at", "late")
@@ -113,7 +113,7 @@ class SignalWriter:
             self._wake.set()
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="signal-writer")
+        self._task = supervised("signal-writer", self._run)
 
     async def stop(self) -> None:
         await cancel_and_wait([self._task])

@@ -103,10 +103,10 @@ class Spool:
                 pass  # replayed and removed meanwhile
         return total
 
-    def probe(self) -> None:
-        """Raise SpoolRefused unless the spool can take a record now: under its cap, and a page
-        written and fsynced on its disk (then removed)."""
-        if self.used_bytes() + PROBE_BYTES > self.max_bytes:
+    def probe(self, headroom: int = PROBE_BYTES) -> None:
+        """Raise SpoolRefused unless the spool can take a record now: `headroom` bytes under its cap,
+        and a page written and fsynced on its disk (then removed)."""
+        if self.used_bytes() + max(headroom, PROBE_BYTES) > self.max_bytes:
             raise SpoolRefused("full", f"the cap of {self.max_bytes} bytes is reached")
         path = self.dir / f"probe-{os.getpid()}"
         try:

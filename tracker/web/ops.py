@@ -18,6 +18,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 while this worker can take redirects, even with PostgreSQL or Redis down (fail-open:
+    "degraded"); 503 only when it cannot: its click writer is not running, it has no merchants, or
+    PostgreSQL is down and the spool refuses (full or failing)."""
     app = request.app
 
     async def postgres() -> bool:
@@ -25,19 +28,33 @@ async def readyz(request: web.Request) -> web.Response:
             async with app[keys.POOL].acquire(timeout=1.0) as conn:
                 await asyncio.wait_for(conn.fetchval("SELECT 1"), 1.0)
             return True
-        except Exception:  # noqa: BLE001 - any failure means not ready
+        except Exception:  # noqa: BLE001 - any failure means down
             return False
 
     pg_ok, redis_ok = await asyncio.gather(postgres(), app[keys.SESSIONS].ping())
     metrics.DEPENDENCY_UP.labels("postgres").set(int(pg_ok))
     metrics.DEPENDENCY_UP.labels("redis").set(int(redis_ok))
-    down = [name for name, ok in (("postgres", pg_ok), ("redis", redis_ok)) if not ok]
-    body = {"status": "ready" if not down else "unavailable",
-            "postgres": "up" if pg_ok else "down", "redis": "up" if redis_ok else "down",
-            "spool_pending_clicks": app[keys.WRITER].pending_spool}
-    if down:
-        body["message"] = f"not ready: {', '.join(down)} unreachable"
-    return json_response(body, 200 if not down else 503)
+    writer = app[keys.WRITER]
+    writer_up = writer.alive
+    if pg_ok:
+        writer.health.up()  # back before the writer's own probe noticed: no need to wait for it
+    spool = await writer.spool_state(probe=not pg_ok)
+    if not writer_up or not app[keys.MERCHANTS].merchants or (not pg_ok and spool != "ok"):
+        status = "unavailable"
+    elif pg_ok and redis_ok and spool == "ok":
+        status = "ready"
+    else:
+        status = "degraded"
+    for each in READINESS:
+        metrics.READINESS.labels(each).set(int(each == status))
+    body = {"status": status, "postgres": "up" if pg_ok else "down", "redis": "up" if redis_ok else "down",
+            "spool": spool, "writer": "up" if writer_up else "down"}
+    if status == "unavailable":
+        return json_response(body, 503, {"Retry-After": "5"})
+    return json_response(body)
+
+
+READINESS = ("ready", "degraded", "unavailable")
 
 
 @functools.cache
