@@ -23,8 +23,8 @@ async def _click_rows(db: asyncpg.Connection, at: datetime) -> str:
     await db.execute("INSERT INTO clicks (click_id, created_at, user_id, merchant, source, target) "
                      "VALUES ($1, $2, 'u-ret', 'aliexpress', 'web', 'https://aliexpress.ru/')", cid, at)
     await db.execute("INSERT INTO click_states (click_id, created_at, state) VALUES ($1, $2, 'active')", cid, at)
-    await db.execute("INSERT INTO signals (click_id, merchant, kind, evidence, at, received_at) "
-                     "VALUES ($1, 'aliexpress', 'ad_click_id', '{}', $2, $2)", cid, at)
+    await db.execute("INSERT INTO signals (click_id, merchant, kind, key, evidence, at, last_at, received_at) "
+                     "VALUES ($1, 'aliexpress', 'ad_click_id', '', '{}', $2, $2, $2)", cid, at)
     for table in ("clicks_quarantine", "signals_quarantine"):
         await db.execute(f"INSERT INTO {table} (click_id, record, reason, created_at) VALUES ($1, '[]', 'r', $2)",
                          cid, at)

@@ -54,6 +54,8 @@ RATE_LIMITED = Counter("tracker_rate_limited_total", "Requests refused by a rate
 POSTBACKS = Counter("tracker_postbacks_total", "Postbacks by network and outcome", ["network", "outcome"])
 CONVERSIONS = Counter("tracker_conversions_total", "Conversion status changes", ["merchant", "status"])
 SIGNALS = Counter("tracker_signals_total", "Overwrite and risk signals", ["merchant", "kind", "network"])
+# New signals not kept because their click already holds its 100: by design, not a loss to alert on.
+SIGNALS_OVER_CAP = Counter("tracker_signals_over_cap_total", "New signals refused: their click holds 100 already")
 OBSERVE_EVENTS = Counter("tracker_observe_events_total", "Events reported by the extension", ["type"])
 SSE_CLIENTS = Gauge("tracker_sse_clients", "Open live event streams", multiprocess_mode="livesum")
 EVENTS = Counter("tracker_events_total", "Events written to the outbox", ["type"])

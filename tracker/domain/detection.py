@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunspli
 from . import trail
 from .catalog import AffiliateCatalog, Hit, host_of, query_fields
 from .merchants import Merchant
-from .signals import Evidence, Signal
+from .signals import MAX_PER_CLICK, Evidence, Signal
 from .states import ClickState, StoredState
 from .targets import host_allowed
 from .text import has_control, without_control
@@ -52,18 +52,21 @@ class SessionState:
     overwritten_at: int | None = None
     expired_signalled: bool = False
     trail: list[TrailEntry] = field(default_factory=list)  # for support: domain/trail.py
+    seen: list[str] = field(default_factory=list)  # digests of the click's signals (signals.admit)
 
     def dump(self) -> StoredState:
         return {"state": self.state, "landed": self.landed, "bound": self.bound,
                 "overwritten_at": self.overwritten_at, "expired_signalled": self.expired_signalled,
-                "trail": list(self.trail)}
+                "trail": list(self.trail), "seen": list(self.seen)}
 
     @classmethod
     def load(cls, raw: StoredState | None) -> "SessionState":
         raw = raw or {}
+        seen = raw.get("seen")
         return cls(state=ClickState(raw.get("state", ClickState.ACTIVE)), landed=bool(raw.get("landed")),
                    bound=dict(raw.get("bound") or {}), overwritten_at=raw.get("overwritten_at"),
-                   expired_signalled=bool(raw.get("expired_signalled")), trail=trail.load(raw.get("trail")))
+                   expired_signalled=bool(raw.get("expired_signalled")), trail=trail.load(raw.get("trail")),
+                   seen=[d for d in seen if isinstance(d, str)][:MAX_PER_CLICK] if isinstance(seen, list) else [])
 
 
 @dataclass(frozen=True)
@@ -217,12 +220,16 @@ class Detector:
         keep = frozenset([ctx.click_id, *state.bound.values()])
         out: list[Found] = []
         seen: set[tuple[str, str | None]] = set()
+        shown: dict[str, str] = {}  # each URL sanitized once, however many signals quote it
 
         def add(kind: str, hit: Hit, **extra: bool) -> None:
             if (kind, hit.network) in seen:
                 return
             seen.add((kind, hit.network))
-            evidence: Evidence = {"host": hit.host, "url": sanitize(hit.url or url, keep)}
+            where = hit.url or url
+            if where not in shown:
+                shown[where] = sanitize(where, keep)
+            evidence: Evidence = {"host": hit.host, "url": shown[where]}
             if hit.param:
                 evidence["param"] = hit.param
                 evidence["value"] = _shorten(hit.value or "", keep)

@@ -41,6 +41,8 @@ class SignalRow(TypedDict):
     evidence: Evidence
     at: datetime
     late: bool
+    count: int  # sightings of this signal (one click, kind, network and evidence key)
+    last_at: datetime  # the latest
 
 
 class PostbackRow(TypedDict):

@@ -25,6 +25,7 @@ class StoredState(TypedDict, total=False):
     overwritten_at: int | None  # ms since the epoch
     expired_signalled: bool
     trail: list[TrailEntry]
+    seen: list[str]  # digests of the click's stored signals, at most 100 (domain/signals.py)
     status: str | None  # the conversion's status, when a postback wrote the state
 
 

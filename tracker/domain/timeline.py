@@ -124,6 +124,10 @@ def _signal(sig: SignalRow) -> Moment:
     else:
         title, tone = kind, "risk"
     details = [(k.replace("_", " "), _text(v)) for k, v in ev.items() if k != "url"]
+    count, last = sig.get("count") or 1, sig.get("last_at")
+    if count > 1:
+        details.append(("seen", f"{count} times" + (f", last at {last:%Y-%m-%d %H:%M:%S} UTC"
+                                                    if isinstance(last, datetime) else "")))
     late = bool(sig.get("late"))
     if late:
         title += " (late: after the first postback, changes nothing)"

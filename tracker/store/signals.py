@@ -1,8 +1,11 @@
 """Signals and detector state to PostgreSQL, in batches: observe never waits for the database.
 
-A flusher task COPYs the signals gathered since the last flush and upserts the changed click states
-in one transaction, every `interval` seconds or sooner when `batch_limit` rows wait. What is queued
-when the process is killed is lost (the state also lives in Redis); a clean stop flushes it.
+A flusher task upserts the signals gathered since the last flush and the changed click states in
+one transaction, every `interval` seconds or sooner when `batch_limit` rows wait. The queue holds one
+row per signal (click, kind, network, evidence key): sightings of one signal fold into its row's
+`count` and `last_at` before they reach PostgreSQL, so a flood of the same report costs one row
+update a flush, not a row per sighting. What is queued when the process is killed is lost (the
+state also lives in Redis); a clean stop flushes it.
 
 A batch that PostgreSQL refuses (a value it cannot store) is bisected, as the click writer does:
 every good row is written and each bad one kept in signals_quarantine with the reason, so one row
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timezone
-from typing import NamedTuple, TypeAlias
+from typing import NamedTuple, Sequence, TypeAlias
 
 import asyncpg
 import orjson
@@ -23,13 +26,31 @@ from ..domain.backoff import Backoff
 from ..domain.clickid import click_time
 from ..domain.detection import DEFINITIVE
 from ..domain.events import CLICK_OVERWRITTEN
-from ..domain.signals import Signal
+from ..domain.signals import MAX_PER_CLICK, Sighting, Signal
 from ..domain.states import ClickState, StoredState
 from .refused import REFUSED, storable
 from .tasks import cancel_and_wait, supervised
 
 log = structlog.get_logger("tracker.signals")
-COLUMNS = ("click_id", "merchant", "kind", "network", "evidence", "at", "late")
+# One statement a flush: new signals inserted, known ones counted. A click's new signals are taken in
+# time order while it holds fewer than MAX_PER_CLICK (observe admits them against the click's `seen`
+# list already; this holds the bound when two workers' observes raced on one click). The flush first
+# locks its clicks (_LOCK_CLICKS, in one order) so that two workers cannot both fill the last places.
+_LOCK_CLICKS = "SELECT pg_advisory_xact_lock($2::integer, hashtext(c)) FROM unnest($1::text[]) AS c"
+_UPSERT_SIGNALS = (
+    "WITH b AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], "
+    "$7::timestamptz[], $8::timestamptz[], $9::integer[], $10::boolean[]) "
+    "AS b(click_id, merchant, kind, network, key, evidence, at, last_at, count, late)), "
+    "r AS (SELECT b.*, EXISTS (SELECT 1 FROM signals s WHERE s.click_id = b.click_id AND s.kind = b.kind "
+    "AND s.network IS NOT DISTINCT FROM b.network AND s.key = b.key) AS known FROM b), "
+    "ranked AS (SELECT r.*, row_number() OVER (PARTITION BY r.click_id, r.known ORDER BY r.at) AS place, "
+    "(SELECT count(*) FROM signals c WHERE c.click_id = r.click_id) AS held FROM r) "
+    "INSERT INTO signals (click_id, merchant, kind, network, key, evidence, at, last_at, count, late) "
+    "SELECT click_id, merchant, kind, network, key, evidence::jsonb, at, last_at, count, late FROM ranked "
+    "WHERE known OR held + place <= $11 "
+    "ON CONFLICT (click_id, kind, network, key) DO UPDATE SET count = signals.count + EXCLUDED.count, "
+    "last_at = GREATEST(signals.last_at, EXCLUDED.last_at)")
+SIGNALS_LOCK = 740_391  # the first key of _LOCK_CLICKS's two-part advisory locks
 # Several workers (and pods) flush states of one click, each from its own queue, so an older state
 # can arrive after a newer one. A click's state only moves forward (active -> overwritten | expired
 # -> converted; overwritten and expired are for good), so a state that would move it back is older
@@ -60,16 +81,27 @@ _ANNOUNCE_OVERWRITES = (
     "SELECT count(*) FROM e")
 
 
-# Rows as tuples, in their columns' order: COPY and executemany take them as they are.
+# Rows as tuples, in their columns' order: executemany and the arrays of unnest take them as they are.
 class SignalRecord(NamedTuple):
-    """A row of signals (COLUMNS)."""
+    """A row of signals, as _UPSERT_SIGNALS takes it: the first sighting, and how many since."""
     click_id: str
     merchant: str
     kind: str
     network: str | None
+    key: str  # the evidence key (Signal.key)
     evidence: str  # JSON
     at: datetime
+    last_at: datetime
+    times: int  # the count column (`count` is a tuple's method)
     late: bool
+
+    @property
+    def identity(self) -> tuple[str, str, str | None, str]:
+        return self.click_id, self.kind, self.network, self.key
+
+    def folded(self, later: "SignalRecord") -> "SignalRecord":
+        """This row with `later`'s sightings added to it."""
+        return self._replace(times=self.times + later.times, last_at=max(self.last_at, later.last_at))
 
 
 class StateRecord(NamedTuple):
@@ -90,21 +122,20 @@ class SignalWriter:
     def __init__(self, pool: asyncpg.Pool, interval: float = 0.1, batch_limit: int = 2000,
                  queue_limit: int = 100_000) -> None:
         self.pool, self.interval, self.batch_limit, self.queue_limit = pool, interval, batch_limit, queue_limit
-        self._signals: list[SignalRecord] = []
+        self._signals: dict[tuple[str, str, str | None, str], SignalRecord] = {}
         self._states: dict[str, StateRecord] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def add(self, click_id: str, merchant: str, user_id: str, signals: list[Signal],
+    def add(self, click_id: str, merchant: str, user_id: str, signals: Sequence[Signal | Sighting],
             state: StoredState | None) -> None:
-        if len(self._signals) >= self.queue_limit:
-            if signals:  # bounded memory while PostgreSQL is away
-                metrics.SIGNALS_DROPPED.labels("queue_full").inc(len(signals))
-            signals = []
-        for s in signals:
-            self._signals.append(SignalRecord(click_id, merchant, s.kind, s.network,
-                                              orjson.dumps(s.evidence).decode(),
-                                              datetime.fromtimestamp(s.at / 1000, tz=timezone.utc), s.late))
+        """Queue signals (a bare Signal is one sighting) and the click's new state, if any."""
+        for item in signals:
+            seen = item if isinstance(item, Sighting) else Sighting(item, 1, item.at)
+            s = seen.signal
+            record = SignalRecord(click_id, merchant, s.kind, s.network, s.key, orjson.dumps(s.evidence).decode(),
+                                  _at(s.at), _at(seen.last_at), seen.count, s.late)
+            self._fold(record)
         if state is not None:
             self._states[click_id] = StateRecord(click_id, click_time(click_id), state["state"],
                                                  _ts(state.get("overwritten_at")), orjson.dumps(state).decode(),
@@ -143,7 +174,7 @@ class SignalWriter:
     async def flush(self) -> None:
         if not self._signals and not self._states:
             return
-        signals, self._signals = self._signals, []
+        signals, self._signals = list(self._signals.values()), {}
         states, self._states = self._states, {}
         await self._store([*signals, *states.values()])
 
@@ -181,7 +212,8 @@ class SignalWriter:
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 if signals:
-                    await conn.copy_records_to_table("signals", records=signals, columns=COLUMNS)
+                    await conn.execute(_LOCK_CLICKS, sorted({r.click_id for r in signals}), SIGNALS_LOCK)
+                    await conn.execute(_UPSERT_SIGNALS, *zip(*signals), MAX_PER_CLICK)
                 if states:
                     await conn.executemany(_UPSERT_STATE, states)
                 if overwritten:
@@ -190,10 +222,22 @@ class SignalWriter:
         if announced:
             metrics.events(CLICK_OVERWRITTEN).inc(announced)
 
+    def _fold(self, record: SignalRecord) -> None:
+        queued = self._signals.get(record.identity)
+        if queued is not None:
+            # The earlier sighting stays the row's first (a requeued batch is older than the queue).
+            first, later = (queued, record) if queued.at <= record.at else (record, queued)
+            self._signals[record.identity] = first.folded(later)
+        elif len(self._signals) >= self.queue_limit:  # bounded memory while PostgreSQL is away
+            metrics.SIGNALS_DROPPED.labels("queue_full").inc()
+        else:
+            self._signals[record.identity] = record
+
     def _requeue(self, rows: list[Row]) -> None:
-        self._signals[:0] = [r for r in rows if isinstance(r, SignalRecord)]
         for r in rows:
-            if isinstance(r, StateRecord):
+            if isinstance(r, SignalRecord):
+                self._fold(r)
+            else:
                 self._states.setdefault(r.click_id, r)
 
     async def _quarantine(self, row: Row, exc: BaseException) -> None:
@@ -207,5 +251,9 @@ class SignalWriter:
         log.warning("signal_quarantined", click_id=str(row.click_id)[:32], row=table, reason=str(exc)[:200])
 
 
+def _at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
 def _ts(ms: int | None) -> datetime | None:
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc) if ms else None
+    return _at(ms) if ms else None

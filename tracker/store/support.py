@@ -45,7 +45,8 @@ async def load_click(sessions: SessionStore, pool: asyncpg.Pool,
 
 async def get_signals(conn: Conn, click_id: str) -> list[SignalRow]:
     rows = await conn.fetch(
-        "SELECT kind, network, evidence, at, late FROM signals WHERE click_id = $1 ORDER BY at, id",
+        "SELECT kind, network, evidence, at, late, count, last_at FROM signals WHERE click_id = $1 "
+        "ORDER BY at, id",
         click_id)
     out = []
     for r in rows:

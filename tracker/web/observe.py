@@ -10,6 +10,7 @@ from aiohttp import web
 from .. import keys, metrics
 from ..domain.clickid import is_click_id
 from ..domain.detection import BadEvent, ClickContext, SessionState
+from ..domain.signals import Sighting, admit, tally
 from ..domain.states import ClickState, action, state_ttl
 from ..domain.times import iso_ms
 from ..errors import BadRequest, NotFound, RateLimited, Unauthorized
@@ -65,24 +66,34 @@ async def observe(request: web.Request) -> web.Response:
                        merchant=merchant, our_network=our, converted=state.state == ClickState.CONVERTED)
     now_ms = time.time_ns() // 1_000_000
     try:
-        signals = detector.observe(ctx, state, doc["events"], now_ms)
+        found = detector.observe(ctx, state, doc["events"], now_ms)
     except BadEvent as exc:
         raise BadRequest(str(exc), code="bad_event") from None
     for event in doc["events"]:
         metrics.OBSERVE_EVENTS.labels(str(event.get("type"))[:16]).inc()
+    # One signal per click, kind, network and evidence key: this request's sightings folded
+    # together, then split into what is new to the click (answered, at most 100 a click) and what
+    # it has (counted). The writer gets at most one row per signal, however repetitive the report.
+    admitted = admit(tally(found), state.seen)
     after = state.dump()
     changed = after != before
     if changed:
         await app[keys.SESSIONS].save_state(click_id, after, state_ttl(state.state, merchant.session_ttl))
-    if signals or changed:
-        app[keys.SIGNALS].add(click_id, merchant.slug, user_id, signals, after if changed else None)
-    for s in signals:
-        metrics.signals(merchant.slug, s.kind, s.network or "none").inc()
+    if admitted.added or admitted.repeated or changed:
+        app[keys.SIGNALS].add(click_id, merchant.slug, user_id, [*admitted.added, *admitted.repeated],
+                              after if changed else None)
+    for seen in admitted.added:
+        metrics.signals(merchant.slug, seen.signal.kind, seen.signal.network or "none").inc()
+    if admitted.dropped:
+        metrics.SIGNALS_OVER_CAP.inc(admitted.dropped)
     if before["state"] != after["state"]:
         log.info("click_state", click_id=click_id, merchant=merchant.slug, state=after["state"],
                  previous=before["state"])
-    return json_response({"click_id": click_id, "state": state.state,
-                  "action": action(state.state),
-                  "signals": [{"kind": s.kind, "network": s.network, "evidence": s.evidence,
-                               "at": iso_ms(s.at), "late": s.late} for s in signals]})
+    return json_response({"click_id": click_id, "state": state.state, "action": action(state.state),
+                          "signals": [_answered(seen) for seen in admitted.added]})
 
+
+def _answered(seen: Sighting) -> dict[str, Any]:
+    s = seen.signal
+    return {"kind": s.kind, "network": s.network, "evidence": s.evidence, "at": iso_ms(s.at),
+            "late": s.late, "count": seen.count, "last_at": iso_ms(seen.last_at)}

@@ -62,7 +62,8 @@ async def click_view(request: web.Request) -> web.Response:
         "state": facts.state,
         "action": action(facts.state),
         "signals": [{"kind": s["kind"], "network": s["network"], "evidence": s["evidence"],
-                     "at": _iso(s["at"]), "late": s["late"]} for s in signals],
+                     "at": _iso(s["at"]), "late": s["late"], "count": s["count"],
+                     "last_at": _iso(s["last_at"])} for s in signals],
         "conversions": [_conversion(c) for c in conversions],
         "diagnosis": [{"code": d.code, "text": d.text} for d in diagnose(facts)],
     })
