@@ -17,9 +17,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m tracker.devstack test $(PYTEST_ARGS)
 
-# The fuzzing of `make test` (schemathesis and hypothesis) with 50 times the examples: for nightly runs.
+# The fuzzing of `make test` (schemathesis and hypothesis) with 50 times the examples, drawn at random
+# (`make test` draws the same ones every run) and failing examples kept in .hypothesis/: for nightly runs.
 fuzz: $(STAMP)
-	TRACKER_FUZZ_EXAMPLES=$${TRACKER_FUZZ_EXAMPLES:-1000} $(BIN)/python -m tracker.devstack test tests/test_openapi.py tests/test_properties.py $(PYTEST_ARGS)
+	TRACKER_FUZZ_EXAMPLES=$${TRACKER_FUZZ_EXAMPLES:-1000} $(BIN)/python -m tracker.devstack test tests/test_openapi.py tests/test_properties.py --hypothesis-profile=fuzz $(PYTEST_ARGS)
 
 stop: $(STAMP)
 	$(BIN)/python -m tracker.devstack stop

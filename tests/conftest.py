@@ -5,20 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
+import random
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 from typing import AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import hypothesis
 import pytest
 import redis
 import yaml
+from aiohttp import web
 
+from tracker import keys
 from tracker.app import create_app
 from tracker.domain.merchants import parse_merchants_file
 from tracker.domain.profiles import profile_names
@@ -33,6 +41,13 @@ from .waiting import answers_blocking, until
 HERE = Path(__file__).parent
 SECRET = "test-secret-0123456789abcdef"
 ADMIN_KEY = "test-admin-key-0123456789abcdefghij"
+
+# `make test` fuzzes derandomized: the same examples on every run, so that a failure shows again
+# on the next run and a pass is not luck. `make fuzz` (--hypothesis-profile=fuzz) draws new ones and
+# keeps every failing example in .hypothesis/, to be replayed first next time.
+hypothesis.settings.register_profile("derandomized", derandomize=True, database=None)
+hypothesis.settings.register_profile("fuzz", derandomize=False)
+hypothesis.settings.load_profile("derandomized")
 
 
 @pytest.fixture(scope="session")
@@ -162,10 +177,58 @@ BROWSER = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chr
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Temporary directories of this run's own, not under the shared /tmp/pytest-of-<user>: every
+    pytest that starts on the machine chmods that one back to 0700 and prunes its older runs, which
+    took the embedded PostgreSQL's data (owned by another user) away from it mid-run."""
+    if config.option.basetemp is None and not hasattr(config, "workerinput"):
+        config.option.basetemp = tempfile.mkdtemp(prefix="tracker-tests-")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run that passed leaves nothing behind; a failed one keeps its servers' logs to read."""
+    basetemp = session.config.option.basetemp
+    if exitstatus == 0 and basetemp and Path(basetemp).name.startswith("tracker-tests-"):
+        shutil.rmtree(basetemp, ignore_errors=True)
+
+
+_PORT_LOCKS = Path("/tmp/tracker-test-ports")
+_held_ports: list[object] = []  # the lock files of this session's ports, open until it ends
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port for a server of a test, that nothing else takes before the server binds it.
+    Not from bind(("127.0.0.1", 0)): that draws from the kernel's ephemeral range, which every
+    outgoing connection on the machine (and every other test run's bind 0) draws from too, so the
+    port could be taken between the check and the server's bind. Below that range instead, free
+    now, and locked (flock) against other test runs on this machine until this session ends."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
+    _PORT_LOCKS.mkdir(exist_ok=True)
+    pick = random.Random()
+    for _ in range(1000):
+        port = pick.randrange(20000, low)
+        lock = (_PORT_LOCKS / str(port)).open("a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with socket.socket() as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+                sock.bind(("127.0.0.1", port))
+        except OSError:  # another run's port, or in use
+            lock.close()
+            continue
+        _held_ports.append(lock)
+        return port
+    raise RuntimeError("no free loopback port below the ephemeral range")
+
+
+def one_minute(*apps: web.Application) -> None:
+    """The apps' rate limits count within one minute for the rest of the test: per-minute counts
+    that a minute's end reset halfway would make a test pass or fail by the wall clock."""
+    now = time.time()
+    for app in apps:
+        app[keys.SESSIONS].limits.clock = lambda: now
 
 
 def cli(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

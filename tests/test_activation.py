@@ -1,6 +1,5 @@
 import asyncio
 import dataclasses
-import time
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -11,7 +10,7 @@ from tracker import keys
 from tracker.app import create_app
 from tracker.domain.clickid import click_time_ms, is_click_id
 
-from .conftest import BROWSER, redis_value
+from .conftest import BROWSER, one_minute, redis_value
 from .waiting import until
 
 # Also behind PgBouncer in transaction mode (conftest.py)
@@ -125,8 +124,7 @@ async def test_400_concurrent_activations(client, tokens, db):
 async def test_rate_limits_per_user_and_per_ip(aiohttp_client, settings, tokens, db):
     app = create_app(dataclasses.replace(settings, rate_limit_user=3, rate_limit_ip=5))
     client = await aiohttp_client(app)
-    if time.time() % 60 > 50:  # the counts are per minute: do not straddle a window's end
-        await asyncio.sleep(60 - time.time() % 60 + 0.1)  # the window's end passing, not a wait for an event
+    one_minute(app)
     limits = app[keys.SESSIONS].limits
 
     async def synced() -> None:
@@ -184,8 +182,7 @@ async def test_rate_limit_is_shared_between_workers_through_redis(aiohttp_client
     first = await aiohttp_client(create_app(limited))
     second = await aiohttp_client(create_app(limited))
     token = tokens.mint("shared-limit")
-    if time.time() % 60 > 58:  # the counts are per minute: do not straddle a window's end
-        await asyncio.sleep(60 - time.time() % 60 + 0.1)  # the window's end passing, not a wait for an event
+    one_minute(first.server.app, second.server.app)
 
     def knows(client, total: int) -> bool:  # noqa: ANN001
         """The worker's last answer from Redis counted `total` hits of the user (its sync ran)."""

@@ -7,7 +7,7 @@ import redis.asyncio as aioredis
 from tracker.app import create_app
 from tracker.domain.clickid import new_click_id
 
-from .conftest import ADMIN, BROWSER, redis_value
+from .conftest import ADMIN, BROWSER, one_minute, redis_value
 from .waiting import stored, until
 
 
@@ -212,6 +212,7 @@ async def test_observe_rate_limit_per_address(aiohttp_client, settings, tokens):
     import dataclasses
 
     client = await aiohttp_client(create_app(dataclasses.replace(settings, rate_limit_ip=3)))
+    one_minute(client.server.app)
     cid, _ = await activate(client, tokens, "o-user-6")  # the activation counts too
     statuses = [(await observe(client, tokens, "o-user-6", cid, [])).status for _ in range(3)]
     assert statuses == [200, 200, 429]

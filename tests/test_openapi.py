@@ -136,8 +136,8 @@ def test_fuzz_every_operation(live, method, path, credentials, mode):
     strategy = SCHEMA[path][method].as_strategy(generation_mode=mode, **fixed)
 
     @hypothesis.given(case=strategy)
-    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
-                         suppress_health_check=list(hypothesis.HealthCheck))
+    # Derandomized in `make test`, random in `make fuzz` (the profiles are in conftest.py).
+    @hypothesis.settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
     def fuzz(case: schemathesis.Case) -> None:
         if credentials and path == "/v1/observe" and isinstance(case.body, dict):
             case.body = {**case.body, "click_id": live["click_id"]}  # a click of this user

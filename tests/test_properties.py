@@ -22,8 +22,8 @@ from tracker.domain.tokens import UserTokens
 from tracker.web.activation import parse_query
 
 EXAMPLES = max(int(os.environ.get("TRACKER_FUZZ_EXAMPLES", "20")) * 10, 50)
-PROPERTY = settings(max_examples=EXAMPLES, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+# Derandomized in `make test`, random in `make fuzz` (the profiles are in conftest.py).
+PROPERTY = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # -- the target check: never a redirect outside allowed_hosts ------------------------------------------
 ALLOWED = frozenset(normalize_pattern(p) for p in ("shop.example", "*.shop.example", "магазин.рф"))

@@ -45,10 +45,12 @@ async def test_a_user_flooding_every_worker_gets_the_limit_and_at_most_ten_perce
         settings, tokens, workers):
     env = {"TRACKER_RATE_LIMIT_USER": str(LIMIT), "TRACKER_RATE_LIMIT_DELAY_MS": "20"}
     async with serve_process(settings, workers=workers, env=env) as (_, base):
-        token = tokens.mint(f"flood-{workers}-{time.time_ns()}")
-        if time.time() % 60 > 45:  # the counts are per minute: do not straddle a window's end
-            await asyncio.sleep(60 - time.time() % 60 + 0.1)  # the window's end passing, not a wait for an event
-        statuses = await _burst(base, token, requests=6 * LIMIT, connections=32)
+        while True:  # the counts are per minute: a burst that a minute's end cut in two is run again
+            token = tokens.mint(f"flood-{workers}-{time.time_ns()}")
+            minute = int(time.time() // 60)
+            statuses = await _burst(base, token, requests=6 * LIMIT, connections=32)
+            if int(time.time() // 60) == minute:
+                break
     assert set(statuses) <= {302, 429}, statuses
     assert LIMIT <= statuses[302] <= LIMIT * 1.1, statuses
 

@@ -22,7 +22,7 @@ from tracker.domain.clickid import LENGTH, click_time_ms, new_click_id
 from tracker.domain.tokens import UserTokens
 from tracker.serve import server_options
 
-from .conftest import BROWSER, SECRET, serve_process
+from .conftest import BROWSER, SECRET, one_minute, serve_process
 from .waiting import until
 
 OLD_SECRET = "the-old-secret-0123456789"
@@ -123,6 +123,7 @@ async def test_another_users_click_id_shows_nothing(client, tokens):
 # -- rate limits on reports -------------------------------------------------------------------------
 async def test_observe_rate_limit_per_user(aiohttp_client, settings, tokens):
     client = await aiohttp_client(create_app(dataclasses.replace(settings, rate_limit_observe_user=2)))
+    one_minute(client.server.app)
     resp = await client.get("/go/nike", params={"u": tokens.mint("chatty")}, allow_redirects=False,
                             headers=BROWSER)
     cid = resp.headers["X-Click-Id"]
@@ -226,8 +227,11 @@ async def test_a_full_run_logs_no_secret(settings, tokens, tmp_path):
 
 
 async def test_a_rate_limited_answer_is_held_so_a_retry_loop_cannot_spin(aiohttp_client, settings, tokens):
-    held = dataclasses.replace(settings, rate_limit_user=1, rate_limit_delay_ms=400)
+    # Held 2 s: the other user's one redirect must be answered within that, a wide margin even on
+    # a loaded machine (the held answer's own wait is a lower bound, which load only lengthens).
+    held = dataclasses.replace(settings, rate_limit_user=1, rate_limit_delay_ms=2000)
     client = await aiohttp_client(create_app(held))
+    one_minute(client.server.app)
     params = {"u": tokens.mint("spinner")}
     assert (await client.get("/go/nike", params=params, allow_redirects=False, headers=BROWSER)).status == 302
     finished: dict[str, float] = {}
@@ -240,7 +244,7 @@ async def test_a_rate_limited_answer_is_held_so_a_retry_loop_cannot_spin(aiohttp
 
     held_resp, other = await asyncio.gather(go(params, "held"), go({"u": tokens.mint("patient")}, "other"))
     assert held_resp.status == 429 and "Retry-After" in held_resp.headers
-    assert finished["held"] - started >= 0.35  # held for the configured delay, not answered at once
+    assert finished["held"] - started >= 1.95  # held for the configured delay, not answered at once
     # Meanwhile another user was answered without waiting behind the held request.
     assert other.status == 302 and finished["other"] < finished["held"]
 
