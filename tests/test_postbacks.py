@@ -256,6 +256,10 @@ async def test_wrong_token_and_unknown_network(client, tokens, db):
     ({"payment_sum": "NaN"}, "commission"), ({"payment_sum": "1e30"}, "commission"),
     ({"order_sum": "99999999999999"}, "amount"), ({"status": "weird"}, "status"), ({"status": ""}, "status"),
     ({"currency": "RUBLES"}, "currency"), ({"time": "yesterday"}, "order_time"),
+    # Three letters are not a currency: only ISO 4217's (ZZZ is none, BTC is not one, XTS is its
+    # code for tests and XAU an ounce of gold: neither is money a network pays in).
+    ({"currency": "ZZZ"}, "currency"), ({"currency": "BTC"}, "currency"), ({"currency": "xts"}, "currency"),
+    ({"currency": "XAU"}, "currency"), ({"currency": "RUR"}, "currency"),
     ({"order_id": "x" * 500}, "order id"),
 ])
 async def test_malformed_postbacks_are_refused_and_not_stored(client, tokens, db, change, reason):

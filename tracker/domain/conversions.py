@@ -11,6 +11,7 @@ from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 from typing import Any, Mapping
 
 from .clickid import is_click_id
+from .currencies import is_currency, minor_unit
 from .networks import Network
 from .profiles import Profile, profiles
 
@@ -28,11 +29,6 @@ LATEST_ORDER = datetime(2100, 1, 1, tzinfo=timezone.utc)
 _SPACE = " \t\r\n"  # only ASCII blanks are trimmed: "12\u00a0" is not a number a network sent
 _CURRENCY = re.compile(r"[A-Za-z]{3}", re.ASCII)
 DEFAULT_CURRENCY = "USD"  # the currency of a postback that names none
-# ISO 4217 currencies whose minor unit is not 2 digits.
-_MINOR_UNITS = {"BIF": 0, "CLP": 0, "DJF": 0, "GNF": 0, "ISK": 0, "JPY": 0, "KMF": 0, "KRW": 0,
-                "PYG": 0, "RWF": 0, "UGX": 0, "UYI": 0, "VND": 0, "VUV": 0, "XAF": 0, "XOF": 0,
-                "XPF": 0, "BHD": 3, "IQD": 3, "JOD": 3, "KWD": 3, "LYD": 3, "OMR": 3, "TND": 3,
-                "CLF": 4, "UYW": 4}
 # Allowed moves; anything else (a late pending after approved, anything after declined or
 # reversed) is kept in the history and changes nothing.
 FORWARD = {("pending", "approved"), ("pending", "declined"), ("approved", "reversed")}
@@ -180,8 +176,8 @@ def read_postback(params: Mapping[str, str], profile: Profile) -> Postback:
     amount = parse_money(raw_amount, "amount") if raw_amount is not None else None
     currency = _field(params, p["currency"])
     if currency is not None:
-        if not _CURRENCY.fullmatch(currency):
-            raise MalformedPostback(f"currency: {currency[:10]!r} is not an ISO 4217 code")
+        if not _CURRENCY.fullmatch(currency) or not is_currency(currency.upper()):
+            raise MalformedPostback(f"currency: {currency[:10]!r} is not an ISO 4217 currency code")
         currency = currency.upper()
     raw_time = _field(params, p["order_time"])
     order_time = parse_time(raw_time, profile.time) if raw_time is not None else None
@@ -207,10 +203,6 @@ def orphan_reason(click_id: str | None, found: bool, bot: bool, merchant_network
     if merchant_network != network:
         return "wrong_network"
     return None
-
-
-def minor_unit(currency: str) -> int:
-    return _MINOR_UNITS.get(currency.upper(), 2)
 
 
 def cashback(commission: Decimal, user_share: Decimal, currency: str, status: str) -> Decimal:
