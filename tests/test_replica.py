@@ -132,3 +132,33 @@ async def test_a_stopped_replica_sends_support_reads_to_the_primary(aiohttp_clie
 
 async def _user_clicks_without(client, click: str) -> bool:  # noqa: ANN001
     return click not in await _user_clicks(client, "replica-down")
+
+
+async def test_an_erasure_the_replica_has_not_replayed_is_never_shown_from_it(aiohttp_client, replica_settings,
+                                                                              tokens, pair):
+    replicated, name = pair
+    client = await aiohttp_client(create_app(replica_settings))
+    cid = await activate(client, tokens, "replica-erased", "aliexpress")
+    assert (await client.get("/postback/admitad", params=admitad(cid, "REPL-ERASE"))).status == 200
+    async def order_replayed() -> bool:
+        found = await (await client.get("/v1/conversions", params={"order_id": "REPL-ERASE"}, headers=ADMIN)).json()
+        return bool(found["conversions"])
+
+    await until(lambda: _user_clicks(client, "replica-erased"), "the click on the replica")
+    await until(order_replayed, "the order on the replica")
+    await _replay(replicated.replica_url(name), paused=True)
+    try:
+        resp = await client.delete("/v1/users/replica-erased", headers=ADMIN)  # on the primary
+        assert resp.status == 200 and (await resp.json())["erased"]["clicks"] == 1
+        # The replica still has the user's click; every read of it goes to the primary instead.
+        assert await _user_clicks(client, "replica-erased") == []
+        view = await (await client.get(f"/v1/clicks/{cid}", headers=ADMIN)).json()
+        assert view["click"]["user_id"].startswith("erased~") and view["click"]["client_ip"] is None
+        orders = await (await client.get("/v1/conversions", params={"order_id": "REPL-ERASE"}, headers=ADMIN)).json()
+        assert [c["user_id"].startswith("erased~") for c in orders["conversions"]] == [True]
+        await sign_in(client)
+        # No activation listed (the audit trail at the bottom still names who read the click, by design).
+        assert f'href="/support/clicks/{cid}"' not in await (await client.get("/support/users/replica-erased")).text()
+        assert "replica-erased" not in await (await client.get(f"/support/clicks/{cid}")).text()
+    finally:
+        await _replay(replicated.replica_url(name), paused=False)

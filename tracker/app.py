@@ -21,6 +21,7 @@ from .settings import Settings, censor_dsn
 from .store.clicks import ClickWriter
 from .store.db import create_pool, ensure_near_partitions
 from .store.delivery import Dispatcher, options_from
+from .store.erasure_watch import ErasureWatch
 from .store.feed import StateFeed
 from .store.key_guard import KeyGuard
 from .store.merchants import MerchantCache
@@ -30,7 +31,7 @@ from .store.sessions import SYNC_TIMEOUT, SessionStore
 from .store.signals import SignalWriter
 from .store.spool import Spool
 from .store.tasks import cancel_and_wait, supervised
-from .web import activation, audit, event_feed, events, lookups, observe, ops, postbacks, support
+from .web import activation, audit, erasure, event_feed, events, lookups, observe, ops, postbacks, support
 from .web.common import answer, answer_protocol_errors_as_json, errors
 from .web.console import setup_console
 from .web.console_guard import console_headers
@@ -144,6 +145,16 @@ async def _signals(app: web.Application) -> AsyncIterator[None]:
     await writer.stop()
 
 
+async def _erasures(app: web.Application) -> AsyncIterator[None]:
+    """This worker's sweep of what it held of a user when an erasure ran (store/erasure_watch.py)."""
+    watch = ErasureWatch(app[keys.SETTINGS].database_url or "", app[keys.POOL], app[keys.WRITER],
+                         app[keys.SIGNALS], app[keys.SESSIONS])
+    await watch.start()
+    app[keys.ERASURES] = watch
+    yield
+    await watch.stop()
+
+
 async def _sequencer(app: web.Application) -> AsyncIterator[None]:
     """This worker's offer to number committed events into the feed (one worker at a time does)."""
     sequencer = Sequencer(app[keys.POOL])
@@ -228,7 +239,8 @@ def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application
     app[keys.HELD] = keys.HeldAnswers()
     app.on_startup.append(_freeze_startup_objects)  # after the cleanup contexts' start-up
     app.on_shutdown.append(_closing)
-    app.cleanup_ctx.extend([_tally, _postgres, _reads, _merchants, _redis, _feed, _writer, _signals, _sequencer, _webhooks])
+    app.cleanup_ctx.extend([_tally, _postgres, _reads, _merchants, _redis, _feed, _writer, _signals, _erasures, _sequencer,
+                            _webhooks])
     app.router.add_get("/go/{merchant}", activation.activate, name="go")  # HEAD too: link previews
     app.router.add_get("/healthz", ops.healthz, name="healthz")  # HEAD too: some load balancers probe so
     app.router.add_get("/readyz", ops.readyz, name="readyz")
@@ -236,6 +248,7 @@ def create_app(settings: Settings, *, direct_go: bool = True) -> web.Application
     app.router.add_get("/openapi.json", ops.openapi, name="openapi", allow_head=False)
     app.router.add_get("/v1/clicks/{click_id}", support.click_view, name="click", allow_head=False)
     app.router.add_get("/v1/users/{user_id}/clicks", lookups.user_clicks, name="user_clicks", allow_head=False)
+    app.router.add_delete("/v1/users/{user_id}", erasure.erase_user, name="erase_user")
     app.router.add_get("/v1/conversions", lookups.conversions, name="conversions", allow_head=False)
     app.router.add_get("/v1/postbacks/orphans", lookups.orphans, name="orphans", allow_head=False)
     app.router.add_post("/v1/postbacks/orphans/reconcile", lookups.reconcile_view, name="orphans_reconcile")

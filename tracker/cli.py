@@ -1,4 +1,4 @@
-"""The `tracker` command: serve, migrate, merchants sync, token, maintain, postbacks, webhooks, keys."""
+"""The `tracker` command: serve, migrate, merchants sync, token, maintain, postbacks, webhooks, keys, users."""
 from __future__ import annotations
 
 import argparse
@@ -90,6 +90,7 @@ async def _maintain(settings: Settings, ahead: int) -> dict[str, Any]:
     from datetime import datetime, timedelta, timezone
 
     from .store.db import drop_old_partitions, ensure_partitions
+    from .store.erasure import sweep_erasures
     from .store.retention import prune
 
     conn = await connect(settings)
@@ -98,9 +99,10 @@ async def _maintain(settings: Settings, ahead: int) -> dict[str, Any]:
         created = await ensure_partitions(conn, today - timedelta(days=1), ahead + 2)
         dropped = await drop_old_partitions(conn, settings.retention_days, today)
         pruned = await prune(conn, settings, today)
+        swept = await sweep_erasures(conn)
     finally:
         await conn.close()
-    return {"created": created, "dropped": dropped, "pruned": pruned}
+    return {"created": created, "dropped": dropped, "pruned": pruned, "erasures_swept": swept}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
     p_wh_sub.add_parser("status", help="each subscriber's backlog and failures, as JSON")
     p_retry = p_wh_sub.add_parser("retry", help="send a subscriber's failed deliveries again")
     p_retry.add_argument("name")
-    from . import keys_cli
+    from . import keys_cli, users_cli
 
     keys_cli.add_parser(sub)
+    users_cli.add_parser(sub)
     args = parser.parse_args(argv)
 
     settings = load_or_exit()
@@ -198,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return webhooks_cli.run(settings, args)
     if args.command == "keys":
         return keys_cli.run(settings, args)
+    if args.command == "users":
+        return users_cli.run(settings, args)
     return 2
 
 

@@ -14,6 +14,7 @@ from .domain.tokens import UserTokens
 from .settings import Settings
 from .store.clicks import ClickWriter
 from .store.delivery import Dispatcher
+from .store.erasure_watch import ErasureWatch
 from .store.feed import StateFeed
 from .store.key_guard import KeyGuard
 from .store.merchants import MerchantCache
@@ -52,3 +53,4 @@ KEY_GUARD = web.AppKey("key_guard", KeyGuard)
 WEBHOOKS = web.AppKey("webhooks", Dispatcher)
 STREAMS = web.AppKey("streams", OpenStreams)
 HELD = web.AppKey("held", HeldAnswers)
+ERASURES = web.AppKey("erasures", ErasureWatch)

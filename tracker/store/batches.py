@@ -50,7 +50,7 @@ class Batches:
     counts `queued` itself (the redirect's path: no call more per click); the flushers `take`."""
 
     __slots__ = ("wait_commit", "queue_limit", "batch_limit", "merge_limit", "linger", "open", "sealed",
-                 "queued", "wake", "room", "closing", "in_flight", "last_start", "_loop")
+                 "queued", "wake", "room", "closing", "in_flight", "running", "last_start", "_loop")
 
     def __init__(self, *, wait_commit: bool, queue_limit: int, batch_limit: int, merge_limit: int,
                  linger: float | None) -> None:
@@ -70,6 +70,7 @@ class Batches:
         self.room.set()
         self.closing = False
         self.in_flight = 0  # COPYs running
+        self.running: set[Batch] = set()  # the batches being written (for ClickWriter.settle)
         self.last_start = 0.0  # when the last COPY started (loop time)
         self._loop = asyncio.get_running_loop()
 

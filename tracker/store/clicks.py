@@ -80,6 +80,19 @@ class ClickWriter:
             batch.waiters.append(waiter)
             await waiter
 
+    async def settle(self) -> None:
+        """Return once every click queued before this call is committed or spooled (an erasure's
+        sweep then sees them). Each batch present now, open, sealed or being written, gets a
+        waiter of its own; nothing changes for the clicks."""
+        batches = self.batches
+        waits = []
+        for batch in (*batches.running, *batches.sealed, *((batches.open,) if batches.open.rows else ())):
+            waiter = self._loop.create_future()
+            batch.waiters.append(waiter)
+            waits.append(waiter)
+        batches.wake.set()
+        await asyncio.gather(*waits)
+
     async def start(self) -> None:
         await self.spool.count()
         await self.spool.check()

@@ -66,10 +66,12 @@ class Flushers:
                     continue
                 batches.last_start = self._loop.time()
                 batches.in_flight += 1
+                batches.running.add(batch)
                 try:
                     await self._flush(batch, slot)
                 finally:
                     batches.in_flight -= 1
+                    batches.running.discard(batch)
         finally:
             self._drop_conn(slot)
 

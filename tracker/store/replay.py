@@ -175,6 +175,17 @@ async def insert_missing(pool: asyncpg.Pool, records: list[Record]) -> int:
         return await insert_missing(pool, records[:mid]) + await insert_missing(pool, records[mid:])
 
 
+# A click of a user erased after it was made (it waited in the spool meanwhile) goes in under the
+# erasure's pseudonym, without its address, user agent or device (store/erasure.py).
+REPLAY_INSERT = (
+    f"INSERT INTO clicks ({', '.join(COLUMNS)}) SELECT r.click_id, r.created_at, coalesce(e.pseudonym, r.user_id), "
+    "r.merchant, r.source, r.target, CASE WHEN e.user_id IS NULL THEN r.device END, "
+    "CASE WHEN e.user_id IS NULL THEN r.client_ip END, CASE WHEN e.user_id IS NULL THEN r.user_agent END, "
+    "r.bot, r.method FROM clicks_replay r "
+    "LEFT JOIN erasures e ON e.user_id = r.user_id AND r.created_at <= e.erased_at "
+    "ON CONFLICT (click_id, created_at) DO NOTHING")
+
+
 async def _insert_new(pool: asyncpg.Pool, records: list[Record]) -> int:
     async with pool.acquire() as conn:
         async with conn.transaction():
@@ -182,7 +193,5 @@ async def _insert_new(pool: asyncpg.Pool, records: list[Record]) -> int:
                 "CREATE TEMP TABLE IF NOT EXISTS clicks_replay "
                 "(LIKE clicks INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
             await conn.copy_records_to_table("clicks_replay", records=records, columns=COLUMNS)
-            status = await conn.execute(
-                f"INSERT INTO clicks ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} "
-                "FROM clicks_replay ON CONFLICT (click_id, created_at) DO NOTHING")
+            status = await conn.execute(REPLAY_INSERT)
     return int(status.rsplit(" ", 1)[-1])

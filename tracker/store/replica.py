@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, TypeVar
+from typing import Awaitable, Callable, Iterable, TypeVar
 
 import asyncpg
 import structlog
@@ -61,9 +61,14 @@ class SupportReads:
         if self.replica is not None:
             await self.replica.close()
 
-    async def read(self, query: Callable[[asyncpg.Pool], Awaitable[T]], lag: bool = False) -> tuple[T, Origin]:
+    async def read(self, query: Callable[[asyncpg.Pool], Awaitable[T]], lag: bool = False,
+                   users: Callable[[T], Iterable[str | None]] | None = None) -> tuple[T, Origin]:
         """`query(pool)` on the replica, or on the primary when there is no replica or it cannot
-        answer. With `lag`, how far behind the replica was is read too (one more round trip)."""
+        answer. With `lag`, how far behind the replica was is read too (one more round trip).
+
+        `users` names the user ids the replica's answer is about: when the primary has erased any
+        of them, the answer is read again on the primary, so that a replica that has not replayed
+        an erasure yet never shows what it removed (one indexed probe of `erasures`)."""
         replica = self.replica
         if replica is not None and time.monotonic() >= self._down_until:
             try:
@@ -76,8 +81,13 @@ class SupportReads:
                     self._down_until = 0.0
                     log.info("replica_back")
                     metrics.DEPENDENCY_UP.labels("replica").set(1)
-                return result, Origin(replica=True, lag=behind)
+                if users is None or not await self._erased([u for u in users(result) if u]):
+                    return result, Origin(replica=True, lag=behind)
         return await query(self.primary), PRIMARY
+
+    async def _erased(self, user_ids: list[str]) -> bool:
+        return bool(user_ids) and bool(await self.primary.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM erasures WHERE user_id = ANY($1::text[]))", user_ids))
 
     def _down(self, exc: BaseException) -> None:
         log.warning("replica_unavailable", error=repr(exc)[:300], retry_after=RETRY_AFTER)

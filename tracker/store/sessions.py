@@ -70,6 +70,7 @@ class SessionStore:
         self._task: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         self._slow_logged = -1e9  # monotonic time of the last redis_slow line
+        self._after_pass: list[asyncio.Future[None]] = []  # settle(): resolved when a batch call ends
 
     @property
     def ok(self) -> bool:
@@ -178,6 +179,31 @@ class SessionStore:
         self.limits.settle_edge(sent, reply, window)
         return [(bool(reply[4 + 4 * i]), int(reply[1 + 4 * i])) for i in range(len(sent))]
 
+    async def settle(self) -> None:
+        """Return once the session writes queued before this call have been sent to Redis (or
+        dropped, Redis being down): the next batch call carries them."""
+        if not self.ok:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._after_pass.append(waiter)
+        self._wake.set()
+        try:
+            await asyncio.wait_for(waiter, self.sync_timeout + 1)
+        except TimeoutError:
+            pass  # the batch call's own deadline passed: Redis is being found down
+
+    async def forget(self, click_ids: list[str]) -> int:
+        """Delete the clicks' sessions and detector states (an erasure); how many sessions there were."""
+        deleted = 0
+        for start in range(0, len(click_ids), 500):
+            async with self.client.pipeline(transaction=False) as pipe:
+                for click_id in click_ids[start:start + 500]:
+                    pipe.delete(self.session_key(click_id))
+                    pipe.delete(self.state_key(click_id))
+                replies = await pipe.execute()
+            deleted += sum(int(r) for r in replies[0::2])
+        return deleted
+
     async def ping(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.client.ping(), self.timeout))
@@ -204,7 +230,7 @@ class SessionStore:
                 self._fail_pending()
             # Gather a little before the next round trip: one call per interval, not per request.
             await asyncio.sleep(sync_interval)
-            if not self._ops and not self.limits.active:
+            if not self._ops and not self.limits.active and not self._after_pass:
                 self._wake.clear()
                 try:
                     await asyncio.wait_for(self._wake.wait(), HEARTBEAT)
@@ -212,6 +238,15 @@ class SessionStore:
                     pass
 
     async def _sync_once(self, timeout: float, final: bool = False) -> None:
+        settled, self._after_pass = self._after_pass, []
+        try:
+            await self._sync(timeout, final)
+        finally:
+            for waiter in settled:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def _sync(self, timeout: float, final: bool = False) -> None:
         ops, self._ops = self._ops, []
         counts, sent, window = self.limits.batch(final)
         # One script call carries the whole interval: every session write and every rate-limit

@@ -42,7 +42,8 @@ async def _home(request: web.Request, session: Session) -> web.StreamResponse:
         is_user = bool(USER_ID.fullmatch(q)) and await store.has_clicks(pool, q)
         return False, is_user, await store.orders(pool, q), await store.orphans_of_order(pool, q)
 
-    (is_click, is_user, orders, orphans), origin = await request.app[keys.READS].read(search, lag=True)
+    (is_click, is_user, orders, orphans), origin = await request.app[keys.READS].read(
+        search, lag=True, users=lambda found: [q, *(r["user_id"] for r in found[2])])
     if is_click:
         return redirect(f"{PATH}clicks/{q}")
     waiting = [o for o in orphans if o["reconciled_at"] is None]  # reconciled ones are in `orders` now
@@ -80,7 +81,8 @@ async def _order(request: web.Request, session: Session) -> web.StreamResponse:
     async def order(pool: asyncpg.Pool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         return await store.orders(pool, order_id, network), await store.orphans_of_order(pool, order_id)
 
-    (rows, orphans), origin = await request.app[keys.READS].read(order, lag=True)
+    (rows, orphans), origin = await request.app[keys.READS].read(
+        order, lag=True, users=lambda found: [r["user_id"] for r in found[0]])
     await audited(request, session.actor(), "order.read", lookups.order_subjects(order_id, rows))
     orders = [lookups.conversion_item(r) for r in rows]
     return render(request, session, "order.html", order_id=order_id, orders=orders, orphans=orphans,

@@ -81,7 +81,8 @@ async def click_page(request: web.Request, session: Session) -> web.StreamRespon
         case = await click_case(pool, app[keys.MERCHANTS].merchants.get, click_id)
         return case, (await tab_trail(pool, click_id) if case is not None else [])
 
-    (case, trail), origin = await app[keys.READS].read(read, lag=True)
+    (case, trail), origin = await app[keys.READS].read(
+        read, lag=True, users=lambda found: [found[0].click["user_id"]] if found[0] else [])
     if case is None:
         raise NotFound("no such click")
     click, merchant, conversions, signals, facts = (case.click, case.merchant, case.conversions, case.signals,

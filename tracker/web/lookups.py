@@ -71,7 +71,8 @@ async def user_page(app: web.Application, user_id: str, limit: int, before: str 
                     lag: bool = False) -> tuple[list[dict[str, Any]], str | None, Origin]:
     """A page of a user's clicks as the API shapes them, the `before` of the next page, and where
     the page was read (store/replica.py)."""
-    rows, origin = await app[keys.READS].read(lambda pool: lookups.user_clicks(pool, user_id, limit + 1, before), lag)
+    rows, origin = await app[keys.READS].read(lambda pool: lookups.user_clicks(pool, user_id, limit + 1, before), lag,
+                                              users=lambda _: [user_id])
     now = datetime.now(timezone.utc)
     items = [click_item(app, r, now) for r in rows[:limit]]
     return items, (items[-1]["click_id"] if len(rows) > limit else None), origin
@@ -108,7 +109,8 @@ def order_subjects(order_id: str, rows: list[dict[str, Any]]) -> list[tuple[str 
 async def conversions(request: web.Request) -> web.Response:
     actor = await authorize(request, LOOKUPS_READ)
     order_id, network = order_query(request)
-    rows, _ = await request.app[keys.READS].read(lambda pool: lookups.orders(pool, order_id, network))
+    rows, _ = await request.app[keys.READS].read(lambda pool: lookups.orders(pool, order_id, network),
+                                                 users=lambda found: [r["user_id"] for r in found])
     await audited(request, actor, "order.read", order_subjects(order_id, rows))
     return json_response({"conversions": [conversion_item(r) for r in rows]})
 

@@ -50,7 +50,8 @@ async def click_view(request: web.Request) -> web.Response:
     click_id = request.match_info["click_id"]
     if not is_click_id(click_id):
         raise NotFound("no such click")
-    case, _ = await app[keys.READS].read(lambda pool: click_case(pool, app[keys.MERCHANTS].merchants.get, click_id))
+    case, _ = await app[keys.READS].read(lambda pool: click_case(pool, app[keys.MERCHANTS].merchants.get, click_id),
+                                         users=lambda found: [found.click["user_id"]] if found else [])
     if case is None:
         raise NotFound("no such click")
     click, conversions, signals, facts = case.click, case.conversions, case.signals, case.facts

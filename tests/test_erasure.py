@@ -1,0 +1,231 @@
+"""Erasure: DELETE /v1/users/{user_id} and `tracker users erase` remove a user's personal data from
+PostgreSQL and Redis, keep the money under a pseudonym, answer zeros on a repeat, are audited, leave
+the user's tokens working, and hold while that user's clicks are still arriving (in the writer's
+batches, in the spool)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+from decimal import Decimal
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from tracker.app import create_app
+from tracker.domain.clickid import new_click_id
+from tracker.store.clicks import Click, ClickWriter
+from tracker.store.db import create_pool
+from tracker.store.spool import Spool
+
+from .conftest import ADMIN, BROWSER, cli, redis_value
+from .test_console import sign_in
+from .test_keys import bearer, create_key
+from .test_observe import activate, observe
+from .test_postbacks import admitad
+from .waiting import stored, until
+
+ZEROS = {"clicks": 0, "conversions": 0, "signals": 0, "events": 0, "sessions": 0}
+
+
+async def erase(client, user: str, headers: dict[str, str] = ADMIN) -> dict:  # noqa: B006
+    resp = await client.delete(f"/v1/users/{user}", headers=headers)
+    assert resp.status == 200, await resp.text()
+    return await resp.json()
+
+
+async def traces(db, settings, user: str) -> list[str]:  # noqa: ANN001
+    """Where the user id still appears in PostgreSQL, outside the audit trail and the erasure record."""
+    found = []
+    for table, column in (("clicks", "user_id"), ("conversions", "user_id"), ("click_states", "user_id")):
+        if await db.fetchval(f"SELECT count(*) FROM {table} WHERE {column} = $1", user):
+            found.append(table)
+    if await db.fetchval("SELECT count(*) FROM events WHERE strpos(data::text, $1) > 0", f'"{user}"'):
+        found.append("events")
+    if await db.fetchval("SELECT count(*) FROM clicks_quarantine WHERE strpos(record, $1) > 0", f'"{user}"'):
+        found.append("clicks_quarantine")
+    return found
+
+
+async def test_erasure_removes_the_users_data_everywhere_and_keeps_the_money(client, tokens, db, settings):
+    user, other = "erase-me", "keep-me"
+    cid, location = await activate(client, tokens, user)
+    cid2, _ = await activate(client, tokens, user, merchant="nike")
+    kept, _ = await activate(client, tokens, other)
+    chain = [{"type": "navigation", "url": location},
+             {"type": "navigation", "url": "https://aliexpress.ru/item/1.html?admitad_uid=ours0000000000000001"},
+             {"type": "navigation", "url": "https://aliexpress.ru/item/1.html?admitad_uid=theirs000000000000002"}]
+    assert (await observe(client, tokens, user, cid, chain)).status == 200
+    assert (await observe(client, tokens, other, kept, chain[:2])).status == 200
+    assert (await client.get("/postback/admitad", params=admitad(cid, "ERASE-1", payment="40.00"))).status == 200
+    await stored(db, "SELECT 1 FROM signals WHERE click_id = $1", cid)
+    await stored(db, "SELECT 1 FROM click_states WHERE click_id = $1 AND detector IS NOT NULL", cid)
+    await db.execute("INSERT INTO clicks_quarantine (click_id, record, reason) VALUES ($1, $2, 'test')",
+                     "bad", orjson.dumps(["bad", "2026-12-01T00:00:00Z", user, "nike"]).decode())
+    money = await db.fetchrow("SELECT commission, cashback, amount FROM conversions WHERE order_id = 'ERASE-1'")
+    assert await traces(db, settings, user) == ["clicks", "conversions", "click_states", "events",
+                                                "clicks_quarantine"]
+
+    answer = await erase(client, user)
+    assert answer["user_id"] == user
+    assert answer["erased"]["clicks"] == 2 and answer["erased"]["conversions"] == 1
+    assert answer["erased"]["signals"] >= 1 and answer["erased"]["events"] >= 1
+    assert answer["erased"]["sessions"] == 2
+
+    assert await traces(db, settings, user) == []
+    rows = await db.fetch("SELECT user_id, client_ip, user_agent, device FROM clicks WHERE click_id = ANY($1)",
+                          [cid, cid2])
+    assert len(rows) == 2 and all(r["user_id"].startswith("erased~") for r in rows)
+    assert all(r["client_ip"] is None and r["user_agent"] is None and r["device"] is None for r in rows)
+    assert await db.fetchval("SELECT count(*) FROM signals WHERE click_id = ANY($1)", [cid, cid2]) == 0
+    assert await db.fetchval("SELECT detector FROM click_states WHERE click_id = $1", cid) is None
+    assert await db.fetchrow("SELECT commission, cashback, amount FROM conversions "
+                             "WHERE order_id = 'ERASE-1'") == money  # the books keep the money
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        for c in (cid, cid2):
+            assert not await redis.exists(f"{settings.redis_prefix}s:{c}", f"{settings.redis_prefix}st:{c}")
+        assert await redis.exists(f"{settings.redis_prefix}s:{kept}")  # another user's stays
+    finally:
+        await redis.aclose()
+
+    # No lookup, console page or feed shows anything of the user.
+    assert await (await client.get(f"/v1/users/{user}/clicks", headers=ADMIN)).json() == {"clicks": [], "next": None}
+    view = await (await client.get(f"/v1/clicks/{cid}", headers=ADMIN)).json()
+    assert view["click"]["user_id"].startswith("erased~") and view["click"]["client_ip"] is None
+    assert view["signals"] == [] and user not in json.dumps(view)
+    order = await (await client.get("/v1/conversions", params={"order_id": "ERASE-1"}, headers=ADMIN)).json()
+    assert order["conversions"][0]["user_id"].startswith("erased~")
+    assert order["conversions"][0]["commission"] == "40.00"
+    async def feed() -> str | None:
+        text = await (await client.get("/v1/events", params={"limit": "1000"}, headers=ADMIN)).text()
+        return text if "ERASE-1" in text else None  # once the sequencer has numbered the event
+
+    assert f'"{user}"' not in await until(feed, "the order's event in the feed")
+    assert (await sign_in(client)).status == 303
+    page = await (await client.get(f"/support/users/{user}")).text()
+    assert f'href="/support/clicks/{cid}"' not in page and f'href="/support/clicks/{cid2}"' not in page
+    click_page = await (await client.get(f"/support/clicks/{cid}")).text()
+    assert "admitad_uid=theirs" not in click_page
+    # Another user is untouched.
+    assert await db.fetchval("SELECT user_id FROM clicks WHERE click_id = $1", kept) == other
+    assert await db.fetchval("SELECT count(*) FROM signals WHERE click_id = $1", kept) >= 0
+
+    # A repeat changes nothing and says so; the audit trail keeps the real user id.
+    assert await erase(client, user) == {"user_id": user, "erased": ZEROS}
+    trail = await (await client.get("/v1/audit", params={"user_id": user, "actor": "admin"}, headers=ADMIN)).json()
+    assert [e["action"] for e in trail["entries"] if e["action"] == "user.erase"] == ["user.erase", "user.erase"]
+
+    # Erasure is not a ban: the user's token still activates, and the new click is theirs.
+    new, _ = await activate(client, tokens, user)
+    assert await db.fetchval("SELECT user_id FROM clicks WHERE click_id = $1", new) == user
+    listed = await (await client.get(f"/v1/users/{user}/clicks", headers=ADMIN)).json()
+    assert [c["click_id"] for c in listed["clicks"]] == [new]
+    assert (await observe(client, tokens, user, cid, [{"type": "navigation", "url": location}])).status == 404
+
+
+async def test_erasure_needs_users_erase_and_refuses_bad_ids(client, settings, tokens, db):
+    lookups = create_key(settings, "no-erase", "lookups:read", "audit:read", "orphans:write", "events:read")
+    resp = await client.delete("/v1/users/someone", headers=bearer(lookups))
+    assert resp.status == 403 and (await resp.json())["error"] == "forbidden"
+    assert (await client.delete("/v1/users/someone")).status == 401
+    eraser = create_key(settings, "eraser", "users:erase")
+    for bad in ("bad%20id", "x" * 65, "erased~0123", "a%00b"):
+        resp = await client.delete(f"/v1/users/{bad}", headers=bearer(eraser))
+        assert resp.status == 404, bad
+        assert (await resp.json())["error"] == "not_found"
+    assert await erase(client, "never-seen", bearer(eraser)) == {"user_id": "never-seen", "erased": ZEROS}
+    trail = await (await client.get("/v1/audit", params={"actor": "eraser"}, headers=ADMIN)).json()
+    assert [(e["action"], e["user_id"]) for e in trail["entries"]] == [("user.erase", "never-seen")]
+
+
+async def test_the_command_line_erases_the_same_way(client, settings, tokens, db):
+    cid, _ = await activate(client, tokens, "cli-erased")
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        await redis_value(redis, f"{settings.redis_prefix}s:{cid}")  # the session, once its batch is sent
+    finally:
+        await redis.aclose()
+    # In a thread: this test's own app sweeps on the erasure's NOTIFY meanwhile (its loop must run).
+    out = await asyncio.to_thread(cli, settings, "users", "erase", "cli-erased",
+                                  TRACKER_REDIS_PREFIX=settings.redis_prefix)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"user_id": "cli-erased", "erased": {**ZEROS, "clicks": 1, "sessions": 1}}
+    assert await traces(db, settings, "cli-erased") == []
+    again = await asyncio.to_thread(cli, settings, "users", "erase", "cli-erased",
+                                    TRACKER_REDIS_PREFIX=settings.redis_prefix)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["erased"] == ZEROS
+    assert cli(settings, "users", "erase", "bad id").returncode == 2
+    actors = await db.fetch("SELECT actor FROM audit_log WHERE user_id = 'cli-erased' AND action = 'user.erase'")
+    assert len(actors) == 2 and all(a["actor"].startswith("cli") for a in actors)
+
+
+@pytest.mark.parametrize("durability", ["commit", "async"])
+async def test_erasure_is_safe_while_the_users_clicks_are_still_arriving(aiohttp_client, settings, tokens, db,
+                                                                         durability):
+    user = f"arriving-{durability}"
+    client = await aiohttp_client(create_app(replace(settings, durability=durability)))
+    token = tokens.mint(user)
+
+    async def click() -> str:
+        resp = await client.get("/go/aliexpress", params={"u": token, "device": "d1"}, allow_redirects=False,
+                                headers=BROWSER)
+        assert resp.status == 302
+        return resp.headers["X-Click-Id"]
+
+    async def erase_midway() -> dict:
+        await asyncio.sleep(0)  # let the first clicks reach the writer
+        return await erase(client, user)
+
+    results = await asyncio.gather(*(click() for _ in range(20)), erase_midway(), *(click() for _ in range(20)))
+    ids, answer = [r for r in results if isinstance(r, str)], results[20]
+    erased_at = await db.fetchval("SELECT erased_at FROM erasures WHERE user_id = $1", user)
+    if durability == "async":
+        await stored(db, "SELECT CASE WHEN count(*) = $2 THEN 1 END FROM clicks WHERE click_id = ANY($1)",
+                     ids, len(ids))
+    rows = await db.fetch("SELECT click_id, created_at, user_id, client_ip, device FROM clicks "
+                          "WHERE click_id = ANY($1)", ids)
+    assert len(rows) == 40
+    before = [r for r in rows if r["created_at"] <= erased_at]
+    after = [r for r in rows if r["created_at"] > erased_at]
+    assert before, "some clicks were made before the erasure"
+    # Every click made before the erasure is erased, whether it was committed before the erasure's
+    # transaction or still in the writer's batch; those made after are the user's new activity.
+    assert all(r["user_id"].startswith("erased~") and r["client_ip"] is None and r["device"] is None
+               for r in before), [r["click_id"] for r in before if not r["user_id"].startswith("erased~")]
+    assert all(r["user_id"] == user for r in after)
+    assert answer["erased"]["clicks"] == len(before)
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        for r in before:
+            assert not await redis.exists(f"{settings.redis_prefix}s:{r['click_id']}"), r["click_id"]
+    finally:
+        await redis.aclose()
+
+
+async def test_a_click_still_in_the_spool_is_erased_as_it_is_replayed(client, settings, db, tmp_path):
+    user = "spooled-user"
+    pool = await create_pool(settings.database_url or "")
+    writer = ClickWriter(pool, Spool(tmp_path / "spool"), durability="async")
+    try:
+        cid, ms = new_click_id()
+        await writer.spool.spill([Click(cid, ms, user, "nike", "web", "https://www.nike.com/", "dev", "192.0.2.7",
+                                        "ua", False, "GET")])
+        assert await erase(client, user) == {"user_id": user, "erased": ZEROS}  # not in PostgreSQL yet
+        assert await writer.replay() == 1
+        row = await db.fetchrow("SELECT user_id, client_ip, user_agent, device, merchant FROM clicks "
+                                "WHERE click_id = $1", cid)
+        assert row["user_id"].startswith("erased~") and row["merchant"] == "nike"
+        assert (row["client_ip"], row["user_agent"], row["device"]) == (None, None, None)
+        # A click of the user made after the erasure is new activity: replayed as it was.
+        later, later_ms = new_click_id()
+        await writer.spool.spill([Click(later, later_ms, user, "nike", "web", "https://www.nike.com/", None,
+                                        "192.0.2.7", "ua", False, "GET")])
+        assert await writer.replay() == 1
+        assert await db.fetchval("SELECT user_id FROM clicks WHERE click_id = $1", later) == user
+    finally:
+        writer.spool.close()
+        await pool.close()
+    assert Decimal  # money is checked above through the API's decimal strings
