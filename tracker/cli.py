@@ -89,6 +89,7 @@ async def sync_merchants_file(settings: Settings, path: Path) -> dict[str, list[
 async def _maintain(settings: Settings, ahead: int) -> dict[str, Any]:
     from datetime import datetime, timedelta, timezone
 
+    from .store.addresses import truncate_addresses
     from .store.db import drop_old_partitions, ensure_partitions
     from .store.erasure import sweep_erasures
     from .store.retention import prune
@@ -100,9 +101,11 @@ async def _maintain(settings: Settings, ahead: int) -> dict[str, Any]:
         dropped = await drop_old_partitions(conn, settings.retention_days, today)
         pruned = await prune(conn, settings, today)
         swept = await sweep_erasures(conn)
+        truncated = await truncate_addresses(conn, settings.ip_retention_days, today)
     finally:
         await conn.close()
-    return {"created": created, "dropped": dropped, "pruned": pruned, "erasures_swept": swept}
+    return {"created": created, "dropped": dropped, "pruned": pruned, "erasures_swept": swept,
+            "addresses_truncated": truncated}
 
 
 def main(argv: list[str] | None = None) -> int:

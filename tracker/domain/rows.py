@@ -25,6 +25,8 @@ class ClickRow(TypedDict):
     user_agent: str | None
     bot: bool
     method: str
+    # When `client_ip` was truncated to its network (address retention), or None while it is whole.
+    client_ip_truncated_at: datetime | None
 
 
 class ClickStateRow(TypedDict):

@@ -21,7 +21,7 @@ async def get_click(conn: Conn, click_id: str) -> ClickRow | None:
     the console, postbacks)."""
     row = await conn.fetchrow(
         "SELECT click_id, created_at, user_id, merchant, source, target, device, client_ip, "
-        "user_agent, bot, method FROM clicks WHERE click_id = $1 AND created_at = $2",
+        "user_agent, bot, method, client_ip_truncated_at FROM clicks WHERE click_id = $1 AND created_at = $2",
         click_id, click_time(click_id))
     return cast(ClickRow, dict(row)) if row else None
 

@@ -58,6 +58,7 @@ async def click_view(request: web.Request) -> web.Response:
     await audited(request, actor, "click.read", [(click["user_id"], click_id, None)])
     body_click = {k: v for k, v in click.items()}
     body_click["created_at"] = _iso(click["created_at"])
+    body_click["client_ip_truncated_at"] = _iso(click["client_ip_truncated_at"])
     return json_response({
         "click": body_click,
         "state": facts.state,

@@ -1,0 +1,61 @@
+"""Address retention: `tracker maintain` truncates the client addresses of clicks older than
+TRACKER_IP_RETENTION_DAYS (IPv4 to /24, IPv6 to /48), once per daily partition, and the support view
+and the console say when an address was truncated."""
+from __future__ import annotations
+
+import json
+import time
+from datetime import date, timedelta
+
+from tracker.domain.clickid import click_time, new_click_id
+from tracker.store.db import ensure_partitions
+
+from .conftest import ADMIN, cli
+from .test_console import sign_in
+from .test_postbacks import activate
+
+
+async def old_click(db, days_ago: int, address: str | None) -> str:  # noqa: ANN001
+    cid, _ = new_click_id(int((time.time() - days_ago * 86400) * 1000))
+    await ensure_partitions(db, click_time(cid).date(), 1)
+    await db.execute("INSERT INTO clicks (click_id, created_at, user_id, merchant, source, target, client_ip) "
+                     "VALUES ($1, $2, 'old-user', 'nike', 'web', 'https://www.nike.com/', $3)",
+                     cid, click_time(cid), address)
+    return cid
+
+
+async def test_maintain_truncates_old_addresses_once_and_the_support_view_says_when(client, settings, tokens, db):
+    v4 = await old_click(db, 40, "192.0.2.77")
+    v6 = await old_click(db, 41, "2001:db8:1234:5678::9")
+    none = await old_click(db, 40, None)
+    odd = await old_click(db, 42, "not an address")
+    fresh_old = await old_click(db, 20, "198.51.100.9")  # within the 30 days
+    recent = await activate(client, tokens, "recent-user")
+    out = cli(settings, "maintain")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["addresses_truncated"] == 3
+    stored = {r["click_id"]: (r["client_ip"], r["client_ip_truncated_at"] is not None) for r in await db.fetch(
+        "SELECT click_id, client_ip, client_ip_truncated_at FROM clicks WHERE click_id = ANY($1)",
+        [v4, v6, none, odd, fresh_old, recent])}
+    assert stored == {v4: ("192.0.2.0/24", True), v6: ("2001:db8:1234::/48", True), none: (None, False),
+                      odd: (None, True), fresh_old: ("198.51.100.9", False), recent: ("127.0.0.1", False)}
+    # Each partition once: a second run scans nothing again and truncates nothing.
+    again = cli(settings, "maintain")
+    assert json.loads(again.stdout)["addresses_truncated"] == 0
+    view = await (await client.get(f"/v1/clicks/{v4}", headers=ADMIN)).json()
+    assert view["click"]["client_ip"] == "192.0.2.0/24" and view["click"]["client_ip_truncated_at"].endswith("Z")
+    whole = await (await client.get(f"/v1/clicks/{recent}", headers=ADMIN)).json()
+    assert whole["click"]["client_ip"] == "127.0.0.1" and whole["click"]["client_ip_truncated_at"] is None
+    assert (await sign_in(client)).status == 303
+    page = await (await client.get(f"/support/clicks/{v4}")).text()
+    assert "192.0.2.0/24" in page and "truncated to its network on" in page
+    assert "truncated to its network" not in await (await client.get(f"/support/clicks/{recent}")).text()
+
+
+async def test_the_retention_follows_the_setting(client, settings, db):
+    cid = await old_click(db, 3, "203.0.113.200")
+    out = cli(settings, "maintain", TRACKER_IP_RETENTION_DAYS="2")
+    assert out.returncode == 0, out.stderr
+    assert await db.fetchval("SELECT client_ip FROM clicks WHERE click_id = $1", cid) == "203.0.113.0/24"
+    assert cli(settings, "maintain", TRACKER_IP_RETENTION_DAYS="0").returncode == 2  # a bad setting, named
+    assert date.today() - timedelta(days=3) <= click_time(cid).date()
