@@ -5,6 +5,7 @@ Examples per operation: TRACKER_FUZZ_EXAMPLES (default 20 in `make test`; `make 
 """
 from __future__ import annotations
 
+import itertools
 import os
 from importlib import resources
 from typing import Any, Iterator
@@ -62,6 +63,18 @@ def test_every_operation_documents_its_errors_as_json():
                     assert schema == {"$ref": "#/components/schemas/Error"}
 
 
+def test_every_admin_operation_documents_the_wrong_key_throttle():
+    """Every operation behind an admin credential answers 401, 403 and the wrong-key throttle's 429
+    (ten wrong keys from one address lock it out of every admin request): an operation added without
+    them is found here, not by a client."""
+    for path, item in SPEC["paths"].items():
+        for method, op in item.items():
+            if method in METHODS and {"adminKey": []} in op.get("security", []):
+                responses = op["responses"]
+                assert {"401", "403", "429"} <= set(responses), (method, path)
+                assert responses["429"] == {"$ref": "#/components/responses/KeyGuessesThrottled"}, (method, path)
+
+
 async def test_the_spec_is_served_as_json(client):
     resp = await client.get("/openapi.json")
     assert resp.status == 200 and resp.content_type == "application/json"
@@ -74,7 +87,10 @@ def live(servers, database, redis_prefix, tmp_path_factory) -> Iterator[dict[str
     settings = Settings(database_url=database, redis_url=servers[1], data_dir=tmp_path_factory.mktemp("live"),
                         secret=SECRET, admin_key=ADMIN_KEY, redis_prefix=redis_prefix)
     # Rate limits on, as in production, but high enough that the fuzzer's own traffic stays under.
-    env = {"TRACKER_ADMIN_KEY": ADMIN_KEY, "TRACKER_RATE_LIMIT_USER": "100000",
+    # Each example comes from an address of its own (X-Forwarded-For from the loopback proxy), so the
+    # fuzzer's wrong keys never add up to the wrong-key throttle, which would then answer every admin
+    # request 429 and the fuzzer would never reach past authentication.
+    env = {"TRACKER_ADMIN_KEY": ADMIN_KEY, "TRACKER_TRUSTED_PROXIES": "127.0.0.1/32", "TRACKER_RATE_LIMIT_USER": "100000",
            "TRACKER_RATE_LIMIT_IP": "1000000", "TRACKER_RATE_LIMIT_OBSERVE_USER": "100000"}
     with served(settings, env=env) as (_, base):
         token = UserTokens(SECRET).mint(FUZZ_USER)
@@ -98,6 +114,9 @@ CALL = {"allow_redirects": False, "timeout": 10}
 SEMANTIC = [positive_data_acceptance]
 
 
+ADDRESSES = itertools.count(1)  # one client address per fuzzed request
+
+
 def _credentials(method: str, path: str, live: dict[str, str]) -> dict[str, Any]:
     """Real credentials and real names for an operation, so that the fuzzer reaches past
     authentication into the parameter checks, the postback parser and the overwrite detector."""
@@ -110,7 +129,8 @@ def _credentials(method: str, path: str, live: dict[str, str]) -> dict[str, Any]
         return fixed
     if path in ("/v1/observe", "/v1/clicks/{click_id}/events"):
         return {"headers": {"Authorization": f"Bearer {live['token']}"}}
-    if path == "/v1/clicks/{click_id}" or path.startswith(("/v1/users/", "/v1/conversions", "/v1/postbacks/", "/v1/events")):
+    if path == "/v1/clicks/{click_id}" or path.startswith(("/v1/users/", "/v1/conversions", "/v1/postbacks/", "/v1/events",
+                                                            "/v1/audit")):
         return {"headers": {"Authorization": f"Bearer {ADMIN_KEY}"}}
     return {}
 
@@ -141,6 +161,8 @@ def test_fuzz_every_operation(live, method, path, credentials, mode):
     def fuzz(case: schemathesis.Case) -> None:
         if credentials and path == "/v1/observe" and isinstance(case.body, dict):
             case.body = {**case.body, "click_id": live["click_id"]}  # a click of this user
+        n = next(ADDRESSES)
+        case.headers = {**(case.headers or {}), "X-Forwarded-For": f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"}
         case.call_and_validate(base_url=live["base"], excluded_checks=SEMANTIC, **CALL)
 
     fuzz()
