@@ -138,6 +138,8 @@ def prime() -> None:
         RATE_LIMITED.labels(scope)
     for reason in ("queue_full", "unstorable", "stop"):
         SIGNALS_DROPPED.labels(reason)
+    for status in ("ready", "degraded", "unavailable"):  # all 0 until the first /readyz
+        READINESS.labels(status)
 
 
 def render() -> bytes:
