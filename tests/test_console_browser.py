@@ -159,9 +159,11 @@ def test_sign_in_and_search_by_each_kind_of_id(browser, site):
         page.wait_for_url(f"{base}{lands_on}")
         page.goto(f"{base}/support/")
     page.goto(f"{base}/support/users/shopper-1")
-    rows = page.locator("table.list tbody tr")
+    rows = page.locator("table#activations tbody tr")
     assert rows.count() == 2
     assert "overwritten" in rows.nth(0).inner_text() and "converted" in rows.nth(1).inner_text()
+    looked = page.locator("table#looked tbody tr")  # the admin key's own reads of this user, just now
+    assert looked.count() >= 1 and "user.read" in looked.nth(0).inner_text()
     shot(page, "03-user")
     page.fill("header input[name=q]", "no-such-order-4242")
     page.press("header input[name=q]", "Enter")
