@@ -69,7 +69,8 @@ def test_a_page_script_cannot_report_a_promo_code(browser, tracker):
     assert page.locator("#done").inner_text() == "Coupon applied"  # the page's own handler ran
     _typed(page, "SAVE10")  # then the shopper's own code, which must be reported
     page.locator(BANNER).wait_for(state="visible", timeout=5_000)
-    view = support_view(tracker, cid)
+    # Signals are written a moment after observe answers (the signal writer's batch): wait for ours.
+    view = until(page, lambda: (v := support_view(tracker, cid))["signals"] and v, "the shopper's code stored")
     assert [(s["kind"], s["evidence"].get("code")) for s in view["signals"]] == [("foreign_promo_code", "SAVE10")]
     assert "FORGED-CODE" not in json.dumps(reported(worker))
     page.close()

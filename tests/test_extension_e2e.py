@@ -67,7 +67,8 @@ def test_a_coupon_site_overwrites_the_link_the_banner_says_so_and_reactivation_c
     banner.host.wait_for(state="visible", timeout=5_000)
     assert "Your cashback is at risk" in banner.text()
     page.screenshot(path=str(SHOTS / "e2e-02-banner-coupon-site.png"))
-    view = support_view(tracker, cid)
+    # Signals are written a moment after observe answers (the signal writer's batch): wait for them.
+    view = until(page, lambda: (v := support_view(tracker, cid))["signals"] and v, "the overwrite's signal stored")
     assert view["state"] == "overwritten"
     assert ("foreign_affiliate_param", "cj") in {(s["kind"], s["network"]) for s in view["signals"]}
     # Re-activation: a new click through /go in the same tab, back on the item without the foreign parameter.
@@ -94,7 +95,7 @@ def test_a_foreign_promo_code_at_checkout_shows_the_banner_and_ours_does_not(bro
     page.locator(BANNER).wait_for(state="visible", timeout=5_000)
     assert page.locator("#done").inner_text() == "Coupon applied"  # the store's own script still ran
     page.screenshot(path=str(SHOTS / "e2e-04-banner-promo-code.png"))
-    view = support_view(tracker, cid)
+    view = until(page, lambda: (v := support_view(tracker, cid))["signals"] and v, "the foreign code's signal stored")
     assert [(s["kind"], s["evidence"].get("code")) for s in view["signals"]] == [("foreign_promo_code", "SAVE10")]
     page.close()
 
