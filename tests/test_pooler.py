@@ -131,7 +131,7 @@ async def test_pgbouncer_restarted_under_load_loses_no_click(settings, servers, 
             assert len(load.ids) > 50 and seen
             total, distinct = await wait_rows(database, "fault-pgbouncer", len(load.ids))
             assert total == distinct == len(load.ids)
-            await readyz_until(port, lambda status, body: status == 200 and body["spool_pending_clicks"] == 0,
-                               "200 with the spool replayed")
+            await readyz_until(port, lambda status, body: status == 200 and body["status"] == "ready", "ready again")
+            await until(lambda: not list(pooled.spool_dir.glob("*.spool")), "the spool replayed")
     finally:
         bouncer.close()
