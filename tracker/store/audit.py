@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence, TypeAlias
 
-import asyncpg
+from .db import Executor
 
-Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection
+Conn: TypeAlias = Executor
 
 
 @dataclass(frozen=True, slots=True)

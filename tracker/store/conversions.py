@@ -18,6 +18,7 @@ from ..domain.clickid import click_time, is_click_id
 from ..domain.conversions import Conversion, Postback, Terms, cashback, orphan_reason, settle
 from ..domain.merchants import Merchant
 from ..domain.rows import ClickRow, ConversionRow, OrphanRow, PostbackRow
+from .db import Connection
 from .events import emit
 from .support import get_click
 
@@ -46,14 +47,14 @@ class Attached(TypedDict):
     conversion_id: int | None
 
 
-async def find_click(conn: asyncpg.Connection, click_id: str | None) -> ClickRow | None:
+async def find_click(conn: Connection, click_id: str | None) -> ClickRow | None:
     """The click a postback names, if that is a click id at all."""
     if not click_id or not is_click_id(click_id):
         return None
     return await get_click(conn, click_id)
 
 
-async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, raw: Mapping[str, Any],
+async def record_postback(conn: Connection, network: str, pb: Postback, raw: Mapping[str, Any],
                           merchants: Callable[[str], Merchant | None]) -> Recorded:
     raw_json = orjson.dumps(raw).decode()
     async with conn.transaction():
@@ -104,10 +105,11 @@ async def record_postback(conn: asyncpg.Connection, network: str, pb: Postback, 
     return result
 
 
-async def _update(conn: asyncpg.Connection, network: str, pb: Postback) -> Recorded:
+async def _update(conn: Connection, network: str, pb: Postback) -> Recorded:
     row = await conn.fetchrow(
         "SELECT id, status, amount, commission, currency, user_share, merchant, click_id, user_id, cashback "
         "FROM conversions WHERE network = $1 AND order_id = $2 FOR UPDATE", network, pb.order_id)
+    assert row is not None  # the INSERT's conflict was with this row, and conversions are never deleted
     current = Terms(row["status"], row["amount"], row["commission"], row["currency"].strip())
     base = dict(conversion_id=row["id"], merchant=row["merchant"], click_id=row["click_id"],
                 user_id=row["user_id"], previous=current)
@@ -137,7 +139,7 @@ async def _update(conn: asyncpg.Connection, network: str, pb: Postback) -> Recor
     return Recorded("accepted", status=pb.status, status_changed=effect == "moved", event=event, **base)
 
 
-async def _orphan(conn: asyncpg.Connection, network: str, pb: Postback, reason: str, raw_json: str) -> str | None:
+async def _orphan(conn: Connection, network: str, pb: Postback, reason: str, raw_json: str) -> str | None:
     """Keep an orphan postback; write postback.orphaned unless the same order, click and reason was
     orphaned before (a network retrying). The advisory lock makes two identical orphans arriving at
     once agree on which one is first (taken before the check, whose snapshot then sees the other)."""
@@ -175,7 +177,7 @@ async def conversions_for_click(conn: asyncpg.Pool | asyncpg.Connection, click_i
     return out
 
 
-async def list_orphans(conn: asyncpg.Connection, limit: int, include_reconciled: bool = False) -> list[OrphanRow]:
+async def list_orphans(conn: Connection, limit: int, include_reconciled: bool = False) -> list[OrphanRow]:
     rows = await conn.fetch(
         "SELECT id, network, order_id, click_id, reason, raw, received_at, reconciled_at, conversion_id "
         "FROM orphan_postbacks WHERE ($2 OR reconciled_at IS NULL) ORDER BY id LIMIT $1",
@@ -183,7 +185,7 @@ async def list_orphans(conn: asyncpg.Connection, limit: int, include_reconciled:
     return [cast(OrphanRow, dict(r)) for r in rows]  # asyncpg ships no types
 
 
-async def reconcile(conn: asyncpg.Connection, read: Callable[[str, Mapping[str, Any]], Postback | None],
+async def reconcile(conn: Connection, read: Callable[[str, Mapping[str, Any]], Postback | None],
                     merchants: Callable[[str], Merchant | None], limit: int = 10_000) -> list[Attached]:
     """Attach open orphans whose click exists now (a spool replay, a late partition): each is
     recorded as the postback it was, and the orphan marked reconciled."""

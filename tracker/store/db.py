@@ -7,14 +7,20 @@ from datetime import date, datetime, timedelta, timezone
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 _MIGRATION = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 # Arbitrary constants for pg_advisory_lock: one for migrations, one for partition maintenance.
 MIGRATE_LOCK = 7_403_911_001
 PARTITION_LOCK = 7_403_911_002
+
+# An acquired connection: one of its own (asyncpg.connect) or one a pool lends (a proxy to it).
+Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+# Whatever runs a query: a pool (each query on a connection it lends) or an acquired connection.
+Executor: TypeAlias = asyncpg.Pool | Connection
 
 
 async def _release(conn: asyncpg.Connection) -> None:
@@ -108,7 +114,7 @@ def partition_name(day: date) -> str:
     return f"clicks_p{day:%Y%m%d}"
 
 
-async def ensure_partitions(conn: asyncpg.Connection, first: date, days: int) -> list[str]:
+async def ensure_partitions(conn: Connection, first: date, days: int) -> list[str]:
     """Create the daily partitions of clicks for [first, first + days) that do not exist yet."""
     created = []
     async with conn.transaction():
@@ -128,7 +134,7 @@ async def ensure_partitions(conn: asyncpg.Connection, first: date, days: int) ->
     return created
 
 
-async def _partitions(conn: asyncpg.Connection) -> set[str]:
+async def _partitions(conn: Connection) -> set[str]:
     rows = await conn.fetch(
         "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
         "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'clicks'")
@@ -154,6 +160,6 @@ async def drop_old_partitions(conn: asyncpg.Connection, retention_days: int,
     return dropped
 
 
-async def ensure_near_partitions(conn: asyncpg.Connection, ahead: int = 7) -> list[str]:
+async def ensure_near_partitions(conn: Connection, ahead: int = 7) -> list[str]:
     today = datetime.now(timezone.utc).date()
     return await ensure_partitions(conn, today - timedelta(days=1), ahead + 2)

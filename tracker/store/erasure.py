@@ -18,6 +18,8 @@ from datetime import datetime
 import asyncpg
 import orjson
 
+from .db import Connection
+
 CHANNEL = "tracker_erasures"
 PSEUDONYM_PREFIX = "erased~"  # `~` is in no user id: a pseudonym is never a token's or a lookup's user
 
@@ -49,7 +51,7 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def erase(conn: asyncpg.Connection, user_id: str, before: datetime | None = None) -> Erased:
+async def erase(conn: Connection, user_id: str, before: datetime | None = None) -> Erased:
     """Erase the user's data made before `before` (None: all of it, now) in one transaction.
     Idempotent: a repeat changes nothing. Then `announce` it, so that every worker sweeps."""
     done = Erased()

@@ -48,9 +48,9 @@ class ErasureWatch:
         done.sessions = await self.sessions.forget(done.click_ids)
         return done
 
-    def _notified(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+    def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         try:
-            doc = orjson.loads(payload)
+            doc = orjson.loads(str(payload))  # a NOTIFY payload is text
             user_id, before = str(doc["user_id"]), datetime.fromisoformat(doc["before"])
         except (ValueError, KeyError, TypeError):
             log.error("erasure_notice_unreadable")

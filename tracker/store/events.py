@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence, TypeAlias
 
-import asyncpg
 import orjson
 
 from ..domain.events import encode_cursor, envelope
+from .db import Connection, Executor
 
-Conn: TypeAlias = asyncpg.Connection | asyncpg.Pool
+Conn: TypeAlias = Executor
 SEQUENCER_LOCK = 7_403_911_004  # pg_advisory_xact_lock key (store/db.py has the others)
 INSERT = "INSERT INTO events (type, ordering_key, data) VALUES ($1, $2, $3::jsonb)"
 # One statement: number a batch of committed events after the last number given, move that number
@@ -40,12 +40,12 @@ _SEQUENCE = (
 ANALYZE_AFTER = 1000
 
 
-async def emit(conn: asyncpg.Connection, type_: str, data: dict[str, Any], ordering_key: str | None = None) -> None:
+async def emit(conn: Connection, type_: str, data: dict[str, Any], ordering_key: str | None = None) -> None:
     """Write one event; call it inside the transaction of the change it reports."""
     await conn.execute(INSERT, type_, ordering_key, orjson.dumps(data).decode())
 
 
-async def sequence(conn: asyncpg.Connection, batch: int = 5000) -> int | None:
+async def sequence(conn: Connection, batch: int = 5000) -> int | None:
     """Number the events committed since the last run (at most `batch`); None when another worker
     is sequencing right now. The numbering statement runs after the lock is held, so its snapshot
     sees everything the previous run committed. Nothing to number (the common case, checked first
@@ -56,6 +56,7 @@ async def sequence(conn: asyncpg.Connection, batch: int = 5000) -> int | None:
         if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SEQUENCER_LOCK):
             return None
         row = await conn.fetchrow(_SEQUENCE, batch)
+        assert row is not None  # a SELECT of two counts: always one row
     if row["fanned"] >= ANALYZE_AFTER:
         await conn.execute("ANALYZE webhook_deliveries")
     return int(row["numbered"])

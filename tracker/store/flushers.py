@@ -18,7 +18,7 @@ from .. import metrics
 from ..errors import Unavailable
 from .batches import Batch, Batches
 from .click import COLUMNS, INSERT_ARRAYS, Click, Record, to_record
-from .db import connect_options
+from .db import Connection, connect_options
 from .health import CONNECT_TIMEOUT, UNREACHABLE, PostgresHealth
 from .refused import REFUSED, isolate
 from .replay import SPOOL_RETRY, not_stored
@@ -160,7 +160,7 @@ class Flushers:
         await isolate(self.pool, records, exc, copy)
 
 
-async def _write(conn: asyncpg.Connection, rows: list[Click]) -> None:
+async def _write(conn: Connection, rows: list[Click]) -> None:
     if len(rows) < SMALL_BATCH:
         # The batch's columns as arrays (Click is a tuple in column order); prepared once per connection
         # (behind a transaction pooler, unnamed, in the same round trip as the rest: store/db.py).

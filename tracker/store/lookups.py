@@ -11,13 +11,13 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any, TypeAlias
 
-import asyncpg
 import orjson
 
 from ..domain import trail
 from ..domain.clickid import click_time
+from .db import Executor
 
-Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection
+Conn: TypeAlias = Executor
 
 # One round trip for a page: the clicks, then each one's detector state (primary key) and its
 # conversions (conversions_click_idx), money as text so that no decimal goes through a float.

@@ -10,9 +10,10 @@ import orjson
 from ..domain.clickid import click_time, click_time_ms
 from ..domain.rows import ClickRow, ClickStateRow, SignalRow
 from ..domain.states import ActivationSession, StoredState
+from .db import Executor
 from .sessions import SessionStore
 
-Conn: TypeAlias = asyncpg.Pool | asyncpg.Connection
+Conn: TypeAlias = Executor
 # asyncpg ships no types: a row it returns is cast, once here, to the shape its SELECT list gives it.
 
 

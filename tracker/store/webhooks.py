@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 import asyncpg
 
 from ..domain.webhooks import Webhook
+from .db import Connection
 
 # Candidates come from the due index in order, a bounded number of them, so the work per call stays
 # small whatever the backlog and whatever the planner's statistics say of a table that just grew. A
@@ -67,7 +68,7 @@ async def load(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, Webhook]:
 
 
 @asynccontextmanager
-async def _unflushed(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+async def _unflushed(pool: asyncpg.Pool) -> AsyncIterator[Connection]:
     """A transaction whose commit does not wait for its WAL flush: a lease or an outcome lost in a
     PostgreSQL crash means a send again (deliveries are at least once anyway), and no send waits for
     a flush. SET LOCAL, not a session setting: a transaction pooler refuses that at connect, and
@@ -115,7 +116,7 @@ async def oldest_pending(conn: asyncpg.Connection | asyncpg.Pool, webhook: str) 
     return oldest
 
 
-async def status(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+async def status(conn: Connection) -> list[dict[str, Any]]:
     """Per subscriber: backlog, the oldest pending event's age, failures and the last error (no
     secret, and the URL without its query)."""
     from ..domain.webhooks import public_url
@@ -126,6 +127,7 @@ async def status(conn: asyncpg.Connection) -> list[dict[str, Any]]:
             "SELECT count(*) AS backlog, extract(epoch FROM now() - min(created_at))::float8 AS age, "
             "count(*) FILTER (WHERE attempts > 0) AS retrying FROM webhook_deliveries "
             "WHERE webhook = $1 AND state = 'pending'", w["name"])
+        assert row is not None  # an aggregate without GROUP BY: always one row
         failed_count = await conn.fetchval(
             "SELECT count(*) FROM webhook_deliveries WHERE webhook = $1 AND state = 'failed'", w["name"])
         last = await conn.fetchrow(
@@ -144,7 +146,7 @@ async def status(conn: asyncpg.Connection) -> list[dict[str, Any]]:
     return out
 
 
-async def retry_failed(conn: asyncpg.Connection, webhook: str) -> int | None:
+async def retry_failed(conn: Connection, webhook: str) -> int | None:
     """Send a subscriber's failed deliveries again, with a fresh 24 h of retries. None: no such
     subscriber."""
     async with conn.transaction():
