@@ -19,6 +19,7 @@ from bench import OUT, SECRET, TRACKER, free_port, setup, stop, wait_http
 
 sys.path.insert(0, str(OUT.parent.parent))
 from tracker.domain.tokens import UserTokens  # noqa: E402
+from tracker.store.redis_keys import session_key  # noqa: E402
 
 BROWSER = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/130.0 Safari/537.36"}
 
@@ -50,7 +51,7 @@ async def drive(base: str, n: int, admin: redis.Redis) -> dict[str, object]:
         during = worker_connections(admin)
         walkers = await asyncio.gather(*(go(f"w-{i}") for i in range(200)))
         await asyncio.sleep(1.0)  # the batcher's next rounds
-        sessions = sum(1 for v in admin.mget([f"trkbench:s:{c}" for c in walkers]) if v)
+        sessions = sum(1 for v in admin.mget([session_key("trkbench:", c) for c in walkers]) if v)
         async with http.get(f"{base}/metrics") as r:
             dropped = sum(float(line.rsplit(" ", 1)[1]) for line in (await r.text()).splitlines()
                           if line.startswith("tracker_redis_fail_open_total{"))

@@ -25,6 +25,7 @@ import requests
 
 from tracker.domain.tokens import UserTokens
 from tracker.settings import Settings
+from tracker.store.redis_keys import state_key
 
 from .conftest import ADMIN_KEY, SECRET, served
 from .test_console_browser import SHOTS
@@ -253,7 +254,7 @@ def reported(worker: Any) -> list[dict[str, Any]]:
 def detector_state(settings: Settings, cid: str) -> dict[str, Any] | None:
     client = redis.Redis.from_url(settings.redis_url or "")
     try:
-        raw = client.get(f"{settings.redis_prefix}st:{cid}")
+        raw = client.get(state_key(settings.redis_prefix, cid))
     finally:
         client.close()
     return json.loads(raw) if raw else None

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from tracker import keys
 from tracker.app import create_app
 from tracker.domain.clickid import click_time_ms, is_click_id
+from tracker.store.redis_keys import session_key
 
 from .conftest import BROWSER, one_minute, redis_value
 from .waiting import until
@@ -101,11 +102,11 @@ async def test_bots_and_head_get_the_redirect_flagged_and_no_session(client, tok
     assert not rows[human.headers["X-Click-Id"]]["bot"]
     r = aioredis.Redis.from_url(settings.redis_url)
     try:
-        session = orjson.loads(await redis_value(r, f"{settings.redis_prefix}s:{human.headers['X-Click-Id']}"))
+        session = orjson.loads(await redis_value(r, session_key(settings.redis_prefix, human.headers["X-Click-Id"])))
         assert session["u"] == "erin" and session["m"] == "aliexpress"
-        ttl = await r.ttl(f"{settings.redis_prefix}s:{human.headers['X-Click-Id']}")
+        ttl = await r.ttl(session_key(settings.redis_prefix, human.headers["X-Click-Id"]))
         assert 7000 < ttl <= 7200  # the merchant's session_ttl (2h)
-        assert await r.get(f"{settings.redis_prefix}s:{bot.headers['X-Click-Id']}") is None
+        assert await r.get(session_key(settings.redis_prefix, bot.headers["X-Click-Id"])) is None
     finally:
         await r.aclose()
 

@@ -110,3 +110,11 @@ def test_a_public_url_that_is_not_one_is_refused_at_start(bad, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     with pytest.raises(settings_module.SettingsError, match="TRACKER_PUBLIC_URL"):
         settings_module.load({**BASE, "TRACKER_PUBLIC_URL": bad})
+
+
+@pytest.mark.parametrize("bad", ["trk{a}:", "{trk}:", "trk}"])
+def test_a_redis_prefix_with_a_brace_is_refused_at_start(bad, tmp_path, monkeypatch):
+    """A hash tag in the prefix would put every key in one Redis Cluster slot (store/redis_keys.py)."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(settings_module.SettingsError, match="TRACKER_REDIS_PREFIX"):
+        settings_module.load({**BASE, "TRACKER_REDIS_PREFIX": bad})

@@ -17,6 +17,7 @@ from tracker.app import create_app
 from tracker.domain.clickid import new_click_id
 from tracker.store.clicks import Click, ClickWriter
 from tracker.store.db import create_pool
+from tracker.store.redis_keys import session_key, state_key
 from tracker.store.spool import Spool
 
 from .conftest import ADMIN, BROWSER, cli, redis_value
@@ -85,8 +86,8 @@ async def test_erasure_removes_the_users_data_everywhere_and_keeps_the_money(cli
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
         for c in (cid, cid2):
-            assert not await redis.exists(f"{settings.redis_prefix}s:{c}", f"{settings.redis_prefix}st:{c}")
-        assert await redis.exists(f"{settings.redis_prefix}s:{kept}")  # another user's stays
+            assert not await redis.exists(session_key(settings.redis_prefix, c), state_key(settings.redis_prefix, c))
+        assert await redis.exists(session_key(settings.redis_prefix, kept))  # another user's stays
     finally:
         await redis.aclose()
 
@@ -144,7 +145,7 @@ async def test_the_command_line_erases_the_same_way(client, settings, tokens, db
     cid, _ = await activate(client, tokens, "cli-erased")
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        await redis_value(redis, f"{settings.redis_prefix}s:{cid}")  # the session, once its batch is sent
+        await redis_value(redis, session_key(settings.redis_prefix, cid))  # the session, once its batch is sent
     finally:
         await redis.aclose()
     # In a thread: this test's own app sweeps on the erasure's NOTIFY meanwhile (its loop must run).
@@ -200,7 +201,7 @@ async def test_erasure_is_safe_while_the_users_clicks_are_still_arriving(aiohttp
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
         for r in before:
-            assert not await redis.exists(f"{settings.redis_prefix}s:{r['click_id']}"), r["click_id"]
+            assert not await redis.exists(session_key(settings.redis_prefix, r["click_id"])), r["click_id"]
     finally:
         await redis.aclose()
 

@@ -6,6 +6,7 @@ import redis.asyncio as aioredis
 
 from tracker.app import create_app
 from tracker.domain.clickid import new_click_id
+from tracker.store.redis_keys import channel, session_key, state_key
 
 from .conftest import ADMIN, BROWSER, one_minute, redis_value
 from .waiting import stored, until
@@ -26,7 +27,7 @@ async def subscribed(settings, cid):
     """Whether a live stream of the click listens on its Redis channel."""
     admin = aioredis.Redis.from_url(settings.redis_url)
     try:
-        return (await admin.pubsub_numsub(f"{settings.redis_prefix}ev:{cid}"))[0][1] > 0
+        return (await admin.pubsub_numsub(channel(settings.redis_prefix, cid)))[0][1] > 0
     finally:
         await admin.aclose()
 
@@ -82,7 +83,7 @@ async def test_the_detector_state_outlives_redis_losing_the_click(client, tokens
     assert await stored(db, bound, cid) == ours
     admin = aioredis.Redis.from_url(settings.redis_url)
     try:
-        keys = [f"{settings.redis_prefix}s:{cid}", f"{settings.redis_prefix}st:{cid}"]
+        keys = [session_key(settings.redis_prefix, cid), state_key(settings.redis_prefix, cid)]
         await redis_value(admin, keys[0])  # the session's batched write done: nothing recreates it
         assert await admin.delete(*keys) == 2
     finally:
@@ -108,7 +109,7 @@ async def test_a_conversion_outlives_redis_losing_the_click(client, tokens, db, 
                              "AND state = 'converted'", cid) == "active"
     admin = aioredis.Redis.from_url(settings.redis_url)
     try:
-        keys = [f"{settings.redis_prefix}s:{cid}", f"{settings.redis_prefix}st:{cid}"]
+        keys = [session_key(settings.redis_prefix, cid), state_key(settings.redis_prefix, cid)]
         await redis_value(admin, keys[0])
         await admin.delete(*keys)
     finally:

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from tracker.domain.clickid import click_time, new_click_id
 from tracker.domain.conversions import MalformedPostback, cashback, parse_money, read_postback, transition
 from tracker.domain.profiles import profiles
+from tracker.store.redis_keys import state_key
 
 from .conftest import ADMIN, BROWSER, cli, redis_value
 
@@ -115,7 +116,7 @@ async def test_admitad_postback_creates_a_conversion_and_is_idempotent(client, t
     assert await db.fetchval("SELECT state FROM click_states WHERE click_id = $1", cid) == "converted"
     r = aioredis.Redis.from_url(settings.redis_url)
     try:
-        assert orjson.loads(await redis_value(r, f"{settings.redis_prefix}st:{cid}"))["state"] == "converted"
+        assert orjson.loads(await redis_value(r, state_key(settings.redis_prefix, cid)))["state"] == "converted"
     finally:
         await r.aclose()
     view = await (await client.get(f"/v1/clicks/{cid}", headers=ADMIN)).json()

@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tracker.store.ratelimit import EDGE, RateLimits, Sent, blind_budget
+from tracker.store.redis_keys import limits_prefix
 from tracker.store.sessions import _SYNC, SessionStore
 
 from .conftest import BROWSER, free_port, serve_process
@@ -206,7 +207,7 @@ async def test_a_request_one_limit_refuses_is_not_counted_against_another(settin
         assert [v and v[0] for v in verdicts] == [None, None, None, "user", None, None, "ip"]
         assert 1 < verdicts[3][1] <= 61 and 1 < verdicts[6][1] <= 61  # full until the minute ends
         window = int(now // 60)
-        counted = await client.get(f"{settings.redis_prefix}two-limits:rl:ip:192.0.2.1:{window}")
+        counted = await client.get(f"{limits_prefix(settings.redis_prefix)}two-limits:rl:ip:192.0.2.1:{window}")
         assert int(counted or 0) <= 5
     finally:
         await client.aclose()

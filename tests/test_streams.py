@@ -19,6 +19,8 @@ import redis.asyncio as aioredis
 from tracker import embedded
 from tracker.app import REDIS_MAX_CONNECTIONS
 from tracker.store.feed import QUEUE_SIZE, Link, StateFeed
+from tracker.store.redis_keys import channel as channel_of
+from tracker.store.redis_keys import session_key
 from tracker.store.sessions import SessionStore
 
 from .conftest import BROWSER, serve_process
@@ -73,7 +75,7 @@ async def test_many_streams_leave_the_redirects_their_redis_connections(settings
         streams = await asyncio.gather(*(open_stream(http, base, t, c) for t, c in zip(users, cids)))
         firsts = await asyncio.gather(*(next_state(s) for s in streams))
         assert {f["state"] for f in firsts} == {"active"}
-        channels = [f"{prefix}ev:{cid}" for cid in cids]
+        channels = [channel_of(prefix, cid) for cid in cids]
 
         async def all_subscribed() -> bool:
             return min(await subscribers(admin, channels)) == 1
@@ -84,7 +86,7 @@ async def test_many_streams_leave_the_redirects_their_redis_connections(settings
         more = await asyncio.gather(*(activate(http, base, token) for token in walkers))
 
         async def sessions_written() -> bool:
-            return all(await admin.mget([f"{prefix}s:{cid}" for cid in more]))
+            return all(await admin.mget([session_key(prefix, cid) for cid in more]))
         await until(sessions_written, "the redirects' sessions in Redis")
 
         # Redis's own view: one pub/sub connection carries every stream; the rest stays bounded.
@@ -123,7 +125,7 @@ async def test_two_streams_of_one_click_share_one_subscription(client, settings,
     resp = await client.get("/go/nike", params={"u": token}, allow_redirects=False, headers=BROWSER)
     cid = resp.headers["X-Click-Id"]
     admin = aioredis.Redis.from_url(settings.redis_url)
-    channel = f"{settings.redis_prefix}ev:{cid}"
+    channel = channel_of(settings.redis_prefix, cid)
     store = SessionStore(admin, settings.redis_prefix)
     first, second = [await client.get(f"/v1/clicks/{cid}/events", params={"u": token, "heartbeat": "60"})
                      for _ in range(2)]
@@ -150,7 +152,7 @@ async def test_two_streams_of_one_click_share_one_subscription(client, settings,
 async def test_a_listener_that_does_not_read_keeps_only_the_newest(settings):
     feed = StateFeed(settings.redis_url, name="tracker-feed-test")
     admin = aioredis.Redis.from_url(settings.redis_url)
-    slow, fence = f"{settings.redis_prefix}ev:slow", f"{settings.redis_prefix}ev:fence"
+    slow, fence = channel_of(settings.redis_prefix, "slow"), channel_of(settings.redis_prefix, "fence")
     await feed.start()
     try:
         with feed.listen(slow) as idle, feed.listen(fence) as reader:
@@ -190,7 +192,7 @@ async def test_a_stream_gets_its_change_again_after_redis_comes_back(settings, t
             cid = await activate(http, base, token)
             stream = await open_stream(http, base, token, cid)
             assert (await next_state(stream))["state"] == "active"
-            channel = f"{settings.redis_prefix}ev:{cid}"
+            channel = channel_of(settings.redis_prefix, cid)
             admin = aioredis.Redis.from_url(url)
 
             async def subscribed() -> bool:

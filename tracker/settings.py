@@ -202,6 +202,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     if pooler and not direct_url:
         raise SettingsError("TRACKER_DATABASE_POOLER=transaction needs TRACKER_DATABASE_DIRECT_URL, the "
                             "primary itself: LISTEN and the migrations' lock cannot go through the pooler")
+    redis_prefix = env.get("TRACKER_REDIS_PREFIX") or "trk:"
+    if "{" in redis_prefix or "}" in redis_prefix:
+        raise SettingsError(f"TRACKER_REDIS_PREFIX={redis_prefix!r}: no braces (a Redis Cluster hash tag in the "
+                            "prefix would put every key in one slot)")
     return Settings(
         database_url=env.get("TRACKER_DATABASE_URL") or None,
         redis_url=env.get("TRACKER_REDIS_URL") or None,
@@ -226,7 +230,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         cors_origins=_origins(env.get("TRACKER_CORS_ORIGINS") or ""),
         merchants_file=Path(merchants) if merchants else None,
         log_format=log_format,
-        redis_prefix=env.get("TRACKER_REDIS_PREFIX") or "trk:",
+        redis_prefix=redis_prefix,
         queue_limit=_int(env, "TRACKER_QUEUE_LIMIT", QUEUE_LIMIT, 100),
         batch_limit=_int(env, "TRACKER_BATCH_LIMIT", BATCH_LIMIT, 1),
         retention_days=_int(env, "TRACKER_RETENTION_DAYS", 400, 1),

@@ -43,7 +43,8 @@ LIVE_FOR = 60  # seconds a worker counts in W after its last call
 # Appended to the batch script (sessions.py). ARGV[2]: one line per key: name (scope:key:minute),
 # hits to count, reserved hits given back (used or released), reserved hits kept, limit, the
 # reservation wanted, this worker's blind hits that an earlier call (maybe not yet run) carries,
-# and 1 to admit one more hit if it fits. ARGV[3]: the key prefix, ARGV[4]: this worker's id,
+# and 1 to admit one more hit if it fits. ARGV[3]: the rate limits' key prefix
+# (redis_keys.limits_prefix: one hash tag for all of them), ARGV[4]: this worker's id,
 # ARGV[5]: the time. Every call is also the worker's heartbeat. Replies W, then per key: counted,
 # counted + reserved, this worker's reservation, room (0/1: the key had room for the hit). The hit
 # is one request's: counted for every key of the call only if each had room (else for none).

@@ -29,6 +29,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .. import metrics
 from ..domain.states import ActivationSession, StoredState
 from .ratelimit import COUNTS_LUA, EDGE, Check, RateLimits, Sent, Verdict
+from .redis_keys import channel, limits_prefix, session_key, state_key
 from .tasks import cancel_and_wait, supervised
 
 log = structlog.get_logger("tracker.redis")
@@ -82,10 +83,10 @@ class SessionStore:
 
     # -- public -------------------------------------------------------------------------------
     def state_key(self, click_id: str) -> str:
-        return f"{self.prefix}st:{click_id}"
+        return state_key(self.prefix, click_id)
 
     def channel(self, click_id: str) -> str:
-        return f"{self.prefix}ev:{click_id}"
+        return channel(self.prefix, click_id)
 
     async def save_state(self, click_id: str, state: StoredState, ttl: int, force: bool = False) -> bool:
         """Write a click's detector state and tell its live streams, waiting for Redis (so the next
@@ -120,7 +121,7 @@ class SessionStore:
                 cast(StoredState, orjson.loads(raw[1])) if raw[1] else None, True)
 
     def session_key(self, click_id: str) -> str:
-        return f"{self.prefix}s:{click_id}"
+        return session_key(self.prefix, click_id)
 
     def put_session(self, click_id: str, session: ActivationSession, ttl: int) -> None:
         """Write the activation session without waiting for it."""
@@ -168,7 +169,7 @@ class SessionStore:
         call finds that out, with its longer deadline)."""
         try:
             reply = await asyncio.wait_for(self.client.eval(
-                _SYNC, 0, b"", line, self.prefix, self.worker_id, int(time.time())), self.timeout)
+                _SYNC, 0, b"", line, limits_prefix(self.prefix), self.worker_id, int(time.time())), self.timeout)
         except asyncio.CancelledError:
             self.limits.settle(sent, None, window)
             raise
@@ -255,7 +256,7 @@ class SessionStore:
         sessions = b"\n".join(b"%s\t%d\t%s" % (key.encode(), ttl, body) for key, body, ttl in ops)
         try:
             reply = await asyncio.wait_for(self.client.eval(
-                _SYNC, 0, sessions, counts, self.prefix, self.worker_id, int(time.time())), timeout)
+                _SYNC, 0, sessions, counts, limits_prefix(self.prefix), self.worker_id, int(time.time())), timeout)
         except asyncio.CancelledError:
             # Stopping mid-call: the sessions go back for stop()'s last call (writing one twice is
             # harmless); the counts are not sent again, so no hit is counted twice.
