@@ -32,7 +32,7 @@ from tracker.domain.merchants import parse_merchants_file
 from tracker.domain.profiles import profile_names
 from tracker.domain.tokens import UserTokens
 from tracker.settings import Settings
-from tracker.store.db import migrate
+from tracker.store.db import connect, migrate
 from tracker.store.merchants import sync
 
 from .stack import PgBouncer
@@ -168,7 +168,7 @@ async def client(aiohttp_client, settings: Settings):  # noqa: ANN001, ANN201
 
 @pytest.fixture
 async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(database)
+    conn = await connect(database)  # as tracker's own: json and jsonb read as Python values
     yield conn
     await conn.close()
 

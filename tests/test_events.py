@@ -9,7 +9,6 @@ import random
 from datetime import datetime, timezone
 from decimal import Decimal
 
-import asyncpg
 import pytest
 
 from tracker import keys
@@ -18,6 +17,7 @@ from tracker.domain.conversions import Postback
 from tracker.domain.events import START, decode_cursor, encode_cursor
 from tracker.domain.signals import Signal
 from tracker.store.conversions import record_postback
+from tracker.store.db import connect, create_pool
 from tracker.store.events import emit, read_feed, sequence
 from tracker.store.merchants import load
 from tracker.store.retention import RETAINED, cutoff, prune_table
@@ -137,7 +137,7 @@ async def test_a_rolled_back_postback_writes_no_event(client, tokens, database, 
     merchants, _ = await load(db)
     pb = Postback(click_id=cid, order_id="EV-ROLLBACK", status="pending", status_word="pending",
                   amount=Decimal("10"), commission=Decimal("1"), currency="RUB", order_time=None)
-    conn = await asyncpg.connect(database)
+    conn = await connect(database)
     try:
         with pytest.raises(RuntimeError):
             async with conn.transaction():  # the change fails after the postback's own statements
@@ -153,7 +153,7 @@ async def test_a_rolled_back_postback_writes_no_event(client, tokens, database, 
 async def test_an_overwritten_click_yields_one_event_however_many_workers_flush_it(client, tokens, database):
     cid = await activate(client, tokens, "ev-user-3")
     start = await head(client)
-    pool = await asyncpg.create_pool(database, min_size=4, max_size=8)
+    pool = await create_pool(database, min_size=4, max_size=8)
     writers = [SignalWriter(pool) for _ in range(4)]  # four workers' writers
     overwritten = {"state": "overwritten", "overwritten_at": 1_795_660_900_000}
     signal = Signal("foreign_affiliate_param", "cj", {"param": "cjevent"}, 1_795_660_900_000, False)
@@ -234,7 +234,7 @@ async def test_an_event_committed_late_comes_after_the_cursor_not_behind_it(clie
     T1's, committed later, comes after it. A feed by id would have handed out T2's id as a cursor and
     skipped T1's event for ever."""
     start = await head(client)
-    t1, t2 = await asyncpg.connect(database), await asyncpg.connect(database)
+    t1, t2 = await connect(database), await connect(database)
     try:
         tx1 = t1.transaction()
         await tx1.start()
@@ -254,7 +254,7 @@ async def test_an_event_committed_late_comes_after_the_cursor_not_behind_it(clie
 
 
 async def db_ids(database: str, public_ids: list[str]) -> list[int]:
-    conn = await asyncpg.connect(database)
+    conn = await connect(database)
     try:
         return [await conn.fetchval("SELECT id FROM events WHERE public_id = $1", p) for p in public_ids]
     finally:
@@ -272,7 +272,7 @@ async def test_concurrent_writers_and_a_paging_reader_see_every_event_exactly_on
     writing = True
 
     async def writer(n: int) -> None:
-        conn = await asyncpg.connect(database)
+        conn = await connect(database)
         try:
             for i in range(25):
                 marks = [f"w{n}-{i}-{k}" for k in range(rng.randint(1, 3))]
@@ -316,7 +316,7 @@ async def test_concurrent_writers_and_a_paging_reader_see_every_event_exactly_on
 
 async def test_the_feed_reads_the_same_from_the_store(database, client):
     """read_feed is what the endpoint serves: pages join up, and a cursor past the end stays put."""
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    pool = await create_pool(database, min_size=1, max_size=2)
     try:
         events, position = await read_feed(pool, 0, 2, None)
         if events:

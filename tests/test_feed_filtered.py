@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import asyncio
 
-import asyncpg
-
 from tracker import keys
 from tracker.domain.clickid import new_click_id
 from tracker.domain.events import CONVERSION_CREATED, POSTBACK_ORPHANED, decode_cursor, encode_cursor
+from tracker.store.db import connect
 from tracker.store.events import emit, read_feed, sequence
 
 from .conftest import ADMIN
@@ -24,7 +23,7 @@ ROUNDS = 60
 
 async def sequenced(database: str) -> None:
     """Every event committed so far has its number (None: another sequencer was running)."""
-    conn = await asyncpg.connect(database)
+    conn = await connect(database)
     try:
         async def all_numbered() -> bool:
             return await sequence(conn) is not None and not await conn.fetchval(
@@ -43,7 +42,7 @@ async def test_a_filtered_consumer_gets_every_event_of_its_type_while_writers_co
 
     async def writer(n: int) -> None:
         """Each transaction: a conversion and an orphan, as a busy network's postbacks write them."""
-        conn = await asyncpg.connect(database)
+        conn = await connect(database)
         try:
             for i in range(ROUNDS):
                 mark = f"w{n}-{i}"
@@ -63,7 +62,7 @@ async def test_a_filtered_consumer_gets_every_event_of_its_type_while_writers_co
 
     async def sequencer() -> None:
         """Numbers in small batches, as often as it can: many commits of the feed's order."""
-        conn = await asyncpg.connect(database)
+        conn = await connect(database)
         try:
             while writing:
                 await sequence(conn, batch=3)

@@ -12,7 +12,7 @@ import orjson
 
 from tracker.domain.clickid import new_click_id
 from tracker.domain.signals import MAX_PER_CLICK, Signal
-from tracker.store.db import migrations
+from tracker.store.db import create_pool, migrations
 from tracker.store.signals import SignalWriter
 
 from .conftest import ADMIN, _admin, with_database
@@ -100,7 +100,7 @@ async def test_concurrent_reports_of_one_click_keep_the_cap(client, tokens, db):
 
 async def test_two_writers_flushing_one_click_at_once_keep_the_cap(database):
     """Two workers' writers, each with 80 new signals of one click, flush at once: 100 stored."""
-    pool = await asyncpg.create_pool(database, min_size=2, max_size=4)
+    pool = await create_pool(database, min_size=2, max_size=4)
     writers = [SignalWriter(pool), SignalWriter(pool)]
     cid = new_click_id()[0]
     try:
@@ -115,7 +115,7 @@ async def test_two_writers_flushing_one_click_at_once_keep_the_cap(database):
 
 
 async def test_a_writer_folds_sightings_before_postgresql(database):
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    pool = await create_pool(database, min_size=1, max_size=2)
     writer = SignalWriter(pool)
     cid = new_click_id()[0]
     try:

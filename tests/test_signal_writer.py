@@ -1,9 +1,9 @@
 """The signal writer against real PostgreSQL: a row PostgreSQL refuses is bisected out and
 quarantined, every other row is stored, and nothing is retried for ever."""
-import asyncpg
 
 from tracker.domain.clickid import new_click_id
 from tracker.domain.signals import Signal
+from tracker.store.db import create_pool
 from tracker.store.signals import SignalWriter
 
 
@@ -12,7 +12,7 @@ def signal(kind="foreign_promo_code", evidence=None):
 
 
 async def test_a_refused_row_is_quarantined_and_the_rest_stored(database):
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    pool = await create_pool(database, min_size=1, max_size=2)
     writer = SignalWriter(pool)
     try:
         good = [new_click_id()[0] for _ in range(7)]
@@ -48,7 +48,7 @@ async def test_a_refused_row_is_quarantined_and_the_rest_stored(database):
 
 async def test_an_older_state_flushed_later_does_not_move_a_click_back(database):
     """Two workers' writers flush one click's states in the wrong order: overwritten stays."""
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    pool = await create_pool(database, min_size=1, max_size=2)
     first, second = SignalWriter(pool), SignalWriter(pool)
     try:
         cid = new_click_id()[0]
@@ -85,7 +85,7 @@ async def test_signals_past_the_queue_limit_are_counted_as_dropped(database):
     def dropped() -> float:
         return REGISTRY.get_sample_value("tracker_signals_dropped_total", {"reason": "queue_full"}) or 0.0
 
-    pool = await asyncpg.create_pool(database, min_size=1, max_size=2)
+    pool = await create_pool(database, min_size=1, max_size=2)
     writer = SignalWriter(pool, queue_limit=3)
     try:
         before = dropped()

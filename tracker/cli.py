@@ -32,21 +32,17 @@ def resolve_servers(settings: Settings) -> Settings:
 # -- database commands -----------------------------------------------------------------------------
 async def connect(settings: Settings) -> asyncpg.Connection:
     """A connection to TRACKER_DATABASE_URL, fit for a transaction pooler when there is one."""
-    import asyncpg
+    from .store.db import connect, connect_options
 
-    from .store.db import connect_options
-
-    return await asyncpg.connect(settings.database_url, **connect_options(settings.database_pooler))
+    return await connect(settings.database_url, **connect_options(settings.database_pooler))
 
 
 async def _migrate(settings: Settings) -> list[str]:
-    import asyncpg
-
-    from .store.db import ensure_near_partitions, migrate
+    from .store.db import connect, ensure_near_partitions, migrate
 
     # The migrations' lock is a session's: on the primary itself, never through a transaction pooler
     # (there two pods both "held" it).
-    conn = await asyncpg.connect(settings.direct_url)
+    conn = await connect(settings.direct_url)
     try:
         applied = await migrate(conn)
         await ensure_near_partitions(conn)

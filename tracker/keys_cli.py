@@ -30,11 +30,9 @@ def _iso(value: datetime | None) -> str | None:
 
 
 async def _run(settings: Settings, args: argparse.Namespace) -> int:
-    import asyncpg
-
     from .domain.access import BadKeyRequest, check_key_request
     from .store import api_keys
-    from .store.db import connect_options
+    from .store.db import connect, connect_options
 
     if args.action == "create":
         try:
@@ -43,7 +41,7 @@ async def _run(settings: Settings, args: argparse.Namespace) -> int:
             print(f"tracker: {exc}", file=sys.stderr)
             return 2
     # TimeZone is one of the startup parameters a transaction pooler tracks per client.
-    conn = await asyncpg.connect(settings.database_url, server_settings={"TimeZone": "UTC"},
+    conn = await connect(settings.database_url, server_settings={"TimeZone": "UTC"},
                                  **connect_options(settings.database_pooler))
     try:
         if args.action == "create":

@@ -17,8 +17,6 @@ def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
     for key, value in row.items():
         if hasattr(value, "isoformat"):
             value = value.isoformat()
-        elif isinstance(value, str) and key == "raw":
-            value = json.loads(value)
         out[key] = value
     return out
 

@@ -26,14 +26,14 @@ def actor() -> str:
 
 
 async def _erase(settings: Settings, user_id: str) -> dict[str, object]:
-    import asyncpg
     import redis.asyncio as aioredis
 
     from .store import audit
+    from .store.db import connect
     from .store.erasure import announce, erase
     from .store.sessions import SessionStore
 
-    conn = await asyncpg.connect(settings.database_url)
+    conn = await connect(settings.database_url)
     client = aioredis.Redis.from_url(settings.redis_url or "")
     try:
         await audit.record(conn, [audit.Entry(actor(), "user.erase", None, user_id)])

@@ -57,7 +57,7 @@ class PostbackRow(TypedDict):
     commission: Decimal | None
     currency: str | None
     order_time: datetime | None
-    raw: dict[str, str] | str  # jsonb: the parameters as sent, secrets left out
+    raw: dict[str, Any]  # jsonb: the parameters as sent, secrets left out
     received_at: datetime
     previous_status: str | None
     previous_amount: Decimal | None
@@ -90,7 +90,7 @@ class OrphanRow(TypedDict):
     order_id: str
     click_id: str | None
     reason: str
-    raw: dict[str, Any] | str  # jsonb, as the postback was read
+    raw: dict[str, Any]  # jsonb, as the postback was read
     received_at: datetime
     reconciled_at: datetime | None
     conversion_id: int | None

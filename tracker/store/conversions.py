@@ -11,7 +11,6 @@ from decimal import Decimal
 from typing import Any, Callable, Mapping, TypedDict, cast
 
 import asyncpg
-import orjson
 
 from ..domain import events
 from ..domain.clickid import click_time, is_click_id
@@ -56,14 +55,13 @@ async def find_click(conn: Connection, click_id: str | None) -> ClickRow | None:
 
 async def record_postback(conn: Connection, network: str, pb: Postback, raw: Mapping[str, Any],
                           merchants: Callable[[str], Merchant | None]) -> Recorded:
-    raw_json = orjson.dumps(raw).decode()
     async with conn.transaction():
         click = await find_click(conn, pb.click_id)
         merchant = merchants(click["merchant"]) if click is not None else None
         reason = orphan_reason(pb.click_id, click is not None, bool(click and click["bot"]),
                                merchant.network if merchant else None, network)
         if reason is not None or click is None:
-            event = await _orphan(conn, network, pb, reason or "unknown_click", raw_json)
+            event = await _orphan(conn, network, pb, reason or "unknown_click", raw)
             return Recorded("orphan", click_id=pb.click_id, reason=reason, event=event)
         share = merchant.user_share if merchant else Decimal(0)
         terms = pb.terms(None)
@@ -90,9 +88,9 @@ async def record_postback(conn: Connection, network: str, pb: Postback, raw: Map
             "INSERT INTO postback_history (conversion_id, network, order_id, click_id, outcome, status, "
             "status_word, amount, commission, currency, order_time, raw, previous_status, previous_amount, "
             "previous_commission, previous_currency) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12::jsonb, $13, $14, $15, $16)",
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
             result.conversion_id, network, pb.order_id, pb.click_id, result.outcome, pb.status,
-            pb.status_word, pb.amount, pb.commission, pb.currency, pb.order_time, raw_json,
+            pb.status_word, pb.amount, pb.commission, pb.currency, pb.order_time, raw,
             before.status if before else None, before.amount if before else None,
             before.commission if before else None, before.currency if before else None)
         if result.conversion_id is not None:
@@ -139,7 +137,7 @@ async def _update(conn: Connection, network: str, pb: Postback) -> Recorded:
     return Recorded("accepted", status=pb.status, status_changed=effect == "moved", event=event, **base)
 
 
-async def _orphan(conn: Connection, network: str, pb: Postback, reason: str, raw_json: str) -> str | None:
+async def _orphan(conn: Connection, network: str, pb: Postback, reason: str, raw: Mapping[str, Any]) -> str | None:
     """Keep an orphan postback; write postback.orphaned unless the same order, click and reason was
     orphaned before (a network retrying). The advisory lock makes two identical orphans arriving at
     once agree on which one is first (taken before the check, whose snapshot then sees the other)."""
@@ -150,7 +148,7 @@ async def _orphan(conn: Connection, network: str, pb: Postback, reason: str, raw
         "AND click_id IS NOT DISTINCT FROM $3 AND reason = $4)", network, pb.order_id, pb.click_id, reason)
     await conn.execute(
         "INSERT INTO orphan_postbacks (network, order_id, click_id, reason, raw) "
-        "VALUES ($1, $2, $3, $4, $5::jsonb)", network, pb.order_id, pb.click_id, reason, raw_json)
+        "VALUES ($1, $2, $3, $4, $5)", network, pb.order_id, pb.click_id, reason, raw)
     if seen:
         return None
     await emit(conn, events.POSTBACK_ORPHANED, {"network": network, "order_id": pb.order_id,
@@ -191,7 +189,7 @@ async def reconcile(conn: Connection, read: Callable[[str, Mapping[str, Any]], P
     recorded as the postback it was, and the orphan marked reconciled."""
     attached: list[Attached] = []
     for orphan in await list_orphans(conn, limit):
-        raw = orjson.loads(orphan["raw"]) if isinstance(orphan["raw"], str) else orphan["raw"]
+        raw = orphan["raw"]
         pb = read(orphan["network"], raw)
         if pb is None:
             continue

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 import asyncpg
+import orjson
 from asyncpg.pool import PoolConnectionProxy
 
 _MIGRATION = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
@@ -31,6 +32,31 @@ async def _release(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def json_codecs(conn: asyncpg.Connection) -> None:
+    """json and jsonb as Python values on this connection, both ways, through orjson: a query reads
+    objects, not their text, and an INSERT passes the object, never text dumped beforehand (text
+    would be stored as a JSON string). Text format, so a COPY (binary) of a table with a json column
+    would refuse it: none has one. Built-in types: no round trip to look them up."""
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, schema="pg_catalog", encoder=_json_text, decoder=orjson.loads,
+                                  format="text")
+
+
+async def connect(dsn: str | None, **options: Any) -> asyncpg.Connection:
+    """A connection of its own, json decoded as the pool's are (json_codecs)."""
+    conn: asyncpg.Connection = await asyncpg.connect(dsn, **options)
+    try:
+        await json_codecs(conn)
+    except BaseException:
+        conn.terminate()
+        raise
+    return conn
+
+
 def connect_options(pooler: str | None) -> dict[str, Any]:
     """asyncpg's options for a DSN that may be a transaction-pooling PgBouncer (`pooler`): behind
     one, consecutive transactions of a client may run on different server connections, so a
@@ -44,7 +70,7 @@ async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10, pooler: s
                       timeout: float = 5.0, check: bool = True) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, command_timeout=30, timeout=timeout, reset=_release,
-        server_settings={"application_name": "tracker"}, **connect_options(pooler),
+        init=json_codecs, server_settings={"application_name": "tracker"}, **connect_options(pooler),
     )
     if check:
         async with pool.acquire() as conn:

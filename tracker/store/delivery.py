@@ -23,7 +23,7 @@ from ..domain.backoff import Backoff
 from ..domain.events import encode_cursor, envelope
 from ..domain.webhooks import RETRY_FOR, Webhook, public_url, retry_delay, sign, signing_key
 from . import webhooks as queries
-from .db import connect_options
+from .db import connect_options, json_codecs
 from .tasks import Outage, cancel_and_wait, supervised
 
 log = structlog.get_logger("tracker.webhooks")
@@ -57,6 +57,7 @@ class Dispatcher:
 
     async def start(self) -> None:
         self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, command_timeout=30, timeout=5,
+                                               init=json_codecs,
                                                server_settings={"application_name": "tracker-webhooks"},
                                                **connect_options(self.options.pooler))
         # No connection limit here: each subscriber's own limit bounds it. No cookies, no redirects.
@@ -158,7 +159,7 @@ class Dispatcher:
             await queries.release(self._pool, name, [(row["event_id"], row["attempts"])])
             return
         body = orjson.dumps(envelope(row["public_id"], row["type"], row["created_at"],
-                                     encode_cursor(row["seq"]), orjson.loads(row["data"])))
+                                     encode_cursor(row["seq"]), row["data"]))
         status, error = await self._post(webhook, row["public_id"], body)
         try:
             if status is not None and 200 <= status < 300:

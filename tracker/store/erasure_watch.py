@@ -16,6 +16,7 @@ import structlog
 
 from ..domain.backoff import Backoff
 from .clicks import ClickWriter
+from .db import connect
 from .erasure import CHANNEL, Erased, erase
 from .sessions import SessionStore
 from .signals import SignalWriter
@@ -78,7 +79,7 @@ class ErasureWatch:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._dsn)
+                conn = await connect(self._dsn)
                 await conn.add_listener(CHANNEL, self._notified)
                 reconnect.reset()
                 while not conn.is_closed():

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 from typing import Any, Sequence, TypeAlias
 
-import orjson
-
 from ..domain.events import encode_cursor, envelope
 from .db import Connection, Executor
 
 Conn: TypeAlias = Executor
 SEQUENCER_LOCK = 7_403_911_004  # pg_advisory_xact_lock key (store/db.py has the others)
-INSERT = "INSERT INTO events (type, ordering_key, data) VALUES ($1, $2, $3::jsonb)"
+INSERT = "INSERT INTO events (type, ordering_key, data) VALUES ($1, $2, $3)"
 # One statement: number a batch of committed events after the last number given, move that number
 # on, and write a delivery for each subscriber whose `types` take the event (so that a subscriber
 # added by a sync receives the events numbered after it).
@@ -42,7 +40,7 @@ ANALYZE_AFTER = 1000
 
 async def emit(conn: Connection, type_: str, data: dict[str, Any], ordering_key: str | None = None) -> None:
     """Write one event; call it inside the transaction of the change it reports."""
-    await conn.execute(INSERT, type_, ordering_key, orjson.dumps(data).decode())
+    await conn.execute(INSERT, type_, ordering_key, data)
 
 
 async def sequence(conn: Connection, batch: int = 5000) -> int | None:
@@ -68,7 +66,7 @@ async def sequence(conn: Connection, batch: int = 5000) -> int | None:
 # position there skips only events the page looked at. (Read in a second statement, `top` took in
 # events numbered in between: a filtered consumer lost them for ever.)
 _PAGE = (
-    "WITH page AS (SELECT seq, public_id, type, created_at, data::text AS data FROM events "
+    "WITH page AS (SELECT seq, public_id, type, created_at, data FROM events "
     "WHERE seq > $1 AND ($2::text[] IS NULL OR type = ANY ($2::text[])) ORDER BY seq LIMIT $3) "
     "SELECT top.top, page.* FROM (SELECT max(seq) AS top FROM events) AS top "
     "LEFT JOIN page ON true ORDER BY page.seq")
@@ -82,7 +80,7 @@ async def read_feed(conn: Conn, after: int, limit: int,
     the same events on every call."""
     rows = await conn.fetch(_PAGE, after, list(types) if types else None, limit)
     page = [r for r in rows if r["seq"] is not None]  # no events: one row, of `top` alone
-    events = [envelope(r["public_id"], r["type"], r["created_at"], encode_cursor(r["seq"]), orjson.loads(r["data"]))
+    events = [envelope(r["public_id"], r["type"], r["created_at"], encode_cursor(r["seq"]), r["data"])
               for r in page]
     position = page[-1]["seq"] if page else after
     top = rows[0]["top"]

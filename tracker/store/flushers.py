@@ -18,7 +18,7 @@ from .. import metrics
 from ..errors import Unavailable
 from .batches import Batch, Batches
 from .click import COLUMNS, INSERT_ARRAYS, Click, Record, to_record
-from .db import Connection, connect_options
+from .db import Connection, connect, connect_options
 from .health import CONNECT_TIMEOUT, UNREACHABLE, PostgresHealth
 from .refused import REFUSED, isolate
 from .replay import SPOOL_RETRY, not_stored
@@ -134,7 +134,7 @@ class Flushers:
     async def _own_conn(self, slot: int) -> asyncpg.Connection:
         conn = self._conns[slot]
         if conn is None or conn.is_closed():
-            conn = self._conns[slot] = await asyncpg.connect(
+            conn = self._conns[slot] = await connect(
                 self._dsn, timeout=CONNECT_TIMEOUT, server_settings={"application_name": "tracker-writer"},
                 **self._options)
         return conn

@@ -11,8 +11,6 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any, TypeAlias
 
-import orjson
-
 from ..domain import trail
 from ..domain.clickid import click_time
 from .db import Executor
@@ -52,7 +50,7 @@ async def user_clicks(conn: Conn, user_id: str, limit: int, before: str | None =
         click = {k: r[k] for k in ("click_id", "created_at", "merchant", "source", "bot")}
         click["stored"] = {"state": r["state"], "overwritten_at": r["overwritten_at"]} if r["state"] else None
         click["conversions"] = [{**c, "cashback": Decimal(c["cashback"])}
-                                for c in (orjson.loads(r["conversions"]) if r["conversions"] else [])]
+                                for c in r["conversions"] or ()]
         clicks.append(click)
     return clicks
 
@@ -96,5 +94,4 @@ async def count_open_orphans(conn: Conn) -> int:
 async def tab_trail(conn: Conn, click_id: str) -> list[trail.TrailEntry]:
     """What the shopping tab did (the detector state's trail, domain/trail.py), oldest first."""
     detector = await conn.fetchval("SELECT detector FROM click_states WHERE click_id = $1", click_id)
-    doc = orjson.loads(detector) if isinstance(detector, str) else detector
-    return sorted(trail.load((doc or {}).get("trail")), key=lambda e: e["t"])
+    return sorted(trail.load((detector or {}).get("trail")), key=lambda e: e["t"])

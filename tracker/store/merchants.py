@@ -12,6 +12,7 @@ import structlog
 from ..domain.backoff import Backoff
 from ..domain.merchants import Merchant, MerchantsFile
 from ..domain.networks import Network
+from .db import connect
 from .tasks import cancel_and_wait, supervised
 
 CHANNEL = "tracker_merchants"
@@ -153,7 +154,7 @@ class MerchantCache:
         while True:
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._dsn)
+                conn = await connect(self._dsn)
                 await conn.add_listener(CHANNEL, self._notified)
                 await self.reload()  # anything that changed while we were not listening
                 reconnect.reset()

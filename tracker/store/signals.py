@@ -57,7 +57,7 @@ SIGNALS_LOCK = 740_391  # the first key of _LOCK_CLICKS's two-part advisory lock
 # news and leaves the row, detector included, as it is.
 _UPSERT_STATE = (
     "INSERT INTO click_states (click_id, created_at, state, overwritten_at, detector, "
-    "user_id, merchant) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7) "
+    "user_id, merchant) VALUES ($1, $2, $3, $4, $5, $6, $7) "
     "ON CONFLICT (click_id) DO UPDATE SET "
     "state = CASE WHEN click_states.state = 'converted' THEN 'converted' "
     "WHEN click_states.state <> 'active' AND EXCLUDED.state = 'active' THEN click_states.state "
@@ -110,7 +110,7 @@ class StateRecord(NamedTuple):
     created_at: datetime
     state: str  # a ClickState's value
     overwritten_at: datetime | None
-    detector: str  # the StoredState as JSON
+    detector: StoredState  # jsonb: the pool's codec writes it
     user_id: str
     merchant: str
 
@@ -138,7 +138,7 @@ class SignalWriter:
             self._fold(record)
         if state is not None:
             self._states[click_id] = StateRecord(click_id, click_time(click_id), state["state"],
-                                                 _ts(state.get("overwritten_at")), orjson.dumps(state).decode(),
+                                                 _ts(state.get("overwritten_at")), state,
                                                  user_id, merchant)
         if len(self._signals) >= self.batch_limit:
             self._wake.set()

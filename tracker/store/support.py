@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import TypeAlias, cast
 
 import asyncpg
-import orjson
 
 from ..domain.clickid import click_time, click_time_ms
 from ..domain.rows import ClickRow, ClickStateRow, SignalRow
@@ -49,13 +48,7 @@ async def get_signals(conn: Conn, click_id: str) -> list[SignalRow]:
         "SELECT kind, network, evidence, at, late, count, last_at FROM signals WHERE click_id = $1 "
         "ORDER BY at, id",
         click_id)
-    out = []
-    for r in rows:
-        item = cast(SignalRow, dict(r))
-        if isinstance(item["evidence"], str):
-            item["evidence"] = orjson.loads(item["evidence"])
-        out.append(item)
-    return out
+    return [cast(SignalRow, dict(r)) for r in rows]
 
 
 async def get_detector_state(conn: Conn, click_id: str) -> StoredState | None:
@@ -66,8 +59,6 @@ async def get_detector_state(conn: Conn, click_id: str) -> StoredState | None:
     if row is None:
         return None
     doc = row["detector"]
-    if isinstance(doc, str):  # asyncpg hands jsonb over as its text
-        doc = orjson.loads(doc)
     state = cast(StoredState, doc) if isinstance(doc, dict) else StoredState()
     state["state"] = row["state"]
     return state

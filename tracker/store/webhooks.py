@@ -38,7 +38,7 @@ _CLAIM = (
     "UPDATE webhook_deliveries d SET next_attempt_at = now() + make_interval(secs => $3), "
     "attempts = d.attempts + 1, last_attempt_at = now() FROM due, events e "
     "WHERE d.webhook = $1 AND d.event_id = due.event_id AND e.id = d.event_id "
-    "RETURNING d.event_id, d.attempts, e.public_id, e.type, e.created_at, e.seq, e.data::text AS data")
+    "RETURNING d.event_id, d.attempts, e.public_id, e.type, e.created_at, e.seq, e.data")
 # A delivery that stops being pending (delivered, or failed for good) wakes the next delivery of its
 # conversion, deferred while it was pending. One statement each: one round trip per outcome.
 _WAKE_NEXT = (

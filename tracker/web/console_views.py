@@ -6,7 +6,6 @@ from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import asyncpg
-import orjson
 from aiohttp import web
 
 from .. import keys
@@ -88,9 +87,6 @@ async def click_page(request: web.Request, session: Session) -> web.StreamRespon
     click, merchant, conversions, signals, facts = (case.click, case.merchant, case.conversions, case.signals,
                                                     case.facts)
     await audited(request, session.actor(), "click.read", [(click["user_id"], click_id, None)])
-    for conv in conversions:
-        for h in conv["history"]:
-            h["raw"] = orjson.loads(h["raw"]) if isinstance(h["raw"], str) else h["raw"]
     findings = diagnose(facts)
     story = moments(click, merchant, signals, conversions, facts.session_ttl, trail)
     lost = next((s["at"] for s in signals if s["kind"] in DEFINITIVE and not s.get("late")), None)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from .. import keys
@@ -39,7 +38,7 @@ def _conversion(row: ConversionRow) -> dict[str, Any]:
                 "status": h["previous_status"], "amount": money(h["previous_amount"], cur),
                 "commission": money(h["previous_commission"], cur),
                 "currency": (h["previous_currency"] or "").strip() or None},
-            "raw": h["raw"] if isinstance(h["raw"], dict) else orjson.loads(h["raw"]),
+            "raw": h["raw"],
         } for h in row["history"]],
     }
 
