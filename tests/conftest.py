@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import IO, AsyncIterator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -187,14 +187,18 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """A run that passed leaves nothing behind; a failed one keeps its servers' logs to read."""
+    """A run that passed leaves nothing behind; a failed one keeps its servers' logs to read. The
+    ports' locks are let go now that every server of the run has stopped."""
+    for lock in _held_ports:
+        lock.close()
+    _held_ports.clear()
     basetemp = session.config.option.basetemp
     if exitstatus == 0 and basetemp and Path(basetemp).name.startswith("tracker-tests-"):
         shutil.rmtree(basetemp, ignore_errors=True)
 
 
 _PORT_LOCKS = Path("/tmp/tracker-test-ports")
-_held_ports: list[object] = []  # the lock files of this session's ports, open until it ends
+_held_ports: list[IO[str]] = []  # the lock files of this session's ports, open until it ends
 
 
 def free_port() -> int:
