@@ -97,13 +97,61 @@ merchants:
     own_promo_codes: ["MEGA5"]
     app_url: "aliexpress://..."
     excluded_stores: ["1102345"]
+    network_offer_ids: ["6115", 6116]
 ''')
     parsed = parse(doc)
     [merchant] = parsed.merchants
     assert str(merchant.user_share) == "0.5" and merchant.network == "admitad"
+    assert merchant.network_offer_ids == {"6115", "6116"}
     assert any("user_share" in w for w in parsed.warnings)
     assert any("app_url" in w for w in parsed.warnings)
     assert any("no entry under networks" in w for w in parsed.warnings)
+
+
+@pytest.mark.parametrize("value", ["6115", ["6115", ""], ["61 15"], ["x" * 129], [["6115"]], [True], ["\u200b"]])
+def test_bad_network_offer_ids_are_named(value):
+    doc = copy.deepcopy(GOOD)
+    doc["merchants"][0]["network_offer_ids"] = value
+    with pytest.raises(MerchantsFileError) as err:
+        parse(doc)
+    assert any(p.startswith("merchant 'aliexpress': network_offer_ids") for p in err.value.problems), err.value.problems
+
+
+def test_an_offer_id_belongs_to_one_merchant_of_a_network():
+    """Two merchants of one network listing the same offer would let either's click id take the
+    other's orders: refused. The same id at two networks is two offers."""
+    doc = copy.deepcopy(GOOD)
+    ali, nike, _, _, epn = doc["merchants"]
+    twin = {**ali, "slug": "aliexpress-2", "network_offer_ids": ["6115"]}
+    ali["network_offer_ids"] = ["6115", "6116"]
+    epn["network_offer_ids"] = ["6115"]
+    nike["network_offer_ids"] = ["6115"]
+    doc["merchants"].append(twin)
+    with pytest.raises(MerchantsFileError) as err:
+        parse(doc)
+    assert err.value.problems == [
+        "merchant 'aliexpress-2': network_offer_ids: '6115' is also listed by 'aliexpress' of network 'admitad'"]
+    twin["network_offer_ids"] = ["6117"]
+    parsed = parse(doc)
+    # ePN's profile reads no offer id: listing them there is allowed, and said to do nothing.
+    assert [w for w in parsed.warnings if "network_offer_ids" in w] == [
+        "merchant 'nike': network_offer_ids: the impact profile reads no offer id, so its orders are not "
+        "checked against them",
+        "merchant 'aliexpress-epn': network_offer_ids: the epn profile reads no offer id, so its orders are not "
+        "checked against them"]
+
+
+async def test_offer_ids_are_synced_and_loaded(db):
+    doc = copy.deepcopy(GOOD)
+    doc["merchants"][0]["network_offer_ids"] = ["6115"]
+    report = await sync(db, parse(doc))
+    assert report["changed"] == ["aliexpress"]
+    merchants, _ = await load(db)
+    assert merchants["aliexpress"].network_offer_ids == {"6115"}
+    assert (await sync(db, parse(doc)))["changed"] == []
+    assert (await sync(db, load_merchants()))["changed"] == ["aliexpress"]
+    merchants, _ = await load(db)
+    assert merchants["aliexpress"].network_offer_ids == frozenset()
 
 
 def test_network_needs_credentials():

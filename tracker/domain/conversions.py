@@ -29,6 +29,9 @@ LATEST_ORDER = datetime(2100, 1, 1, tzinfo=timezone.utc)
 _SPACE = " \t\r\n"  # only ASCII blanks are trimmed: "12\u00a0" is not a number a network sent
 _CURRENCY = re.compile(r"[A-Za-z]{3}", re.ASCII)
 DEFAULT_CURRENCY = "USD"  # the currency of a postback that names none
+# Orphans that reconcile never attaches, however the click or the merchants file changes: the order
+# is another offer's, not a click that was late.
+NEVER_ATTACHED = frozenset({"wrong_offer"})
 # Allowed moves; anything else (a late pending after approved, anything after declined or
 # reversed) is kept in the history and changes nothing.
 FORWARD = {("pending", "approved"), ("pending", "declined"), ("approved", "reversed")}
@@ -74,6 +77,7 @@ class Postback:
     commission: Decimal | None  # None: the postback does not say
     currency: str | None  # None: the postback does not say
     order_time: datetime | None
+    offer_id: str | None = None  # the network's offer the order belongs to, where its profile reads one
 
     def terms(self, current: Terms | None) -> Terms:
         """The conversion's terms once this postback applies. What it leaves out stays as it was; a
@@ -182,16 +186,23 @@ def read_postback(params: Mapping[str, str], profile: Profile) -> Postback:
     raw_time = _field(params, p["order_time"])
     order_time = parse_time(raw_time, profile.time) if raw_time is not None else None
     click_id = _field(params, p["click_id"])
+    offer_id = _field(params, p["offer_id"])
+    if offer_id is not None and (len(offer_id) > MAX_ID or not offer_id.isprintable()):
+        raise MalformedPostback("offer id is too long or not printable")
     return Postback(click_id=click_id[:MAX_ID] if click_id else None, order_id=order_id,
                     status=status, status_word=word[:64], amount=amount, commission=commission,
-                    currency=currency, order_time=order_time)
+                    currency=currency, order_time=order_time, offer_id=offer_id)
 
 
 def orphan_reason(click_id: str | None, found: bool, bot: bool, merchant_network: str | None,
-                  network: str) -> str | None:
+                  network: str, offer_id: str | None = None,
+                  merchant_offers: frozenset[str] = frozenset()) -> str | None:
     """Why a postback cannot be attributed to the click it names, or None when it can. A network's
     credentials speak for that network's orders only: a click whose merchant reports through
-    another network (or whose merchant is gone) is never theirs to convert."""
+    another network (or whose merchant is gone) is never theirs to convert. Nor is an order of an
+    offer the click's merchant does not list: a shopper who puts one merchant's click id into
+    another merchant's link on the same network would be paid at the first one's share. With no
+    offer id on either side there is nothing to compare, and the check is skipped."""
     if not click_id:
         return "no_click_id"
     if not is_click_id(click_id):
@@ -202,6 +213,8 @@ def orphan_reason(click_id: str | None, found: bool, bot: bool, merchant_network
         return "bot_click"
     if merchant_network != network:
         return "wrong_network"
+    if offer_id is not None and merchant_offers and offer_id not in merchant_offers:
+        return "wrong_offer"
     return None
 
 

@@ -21,6 +21,7 @@ from pydantic import (
 
 from .networks import Entry, Network, NetworkEntry, slug
 from .problems import NAMING, label, problems
+from .profiles import profiles
 from .targets import BadTarget, check_target, normalize_pattern
 from .webhooks import Webhook, WebhookEntry, warnings_for
 
@@ -55,6 +56,7 @@ class Merchant:
     app_url: str | None = None
     excluded_stores: frozenset[str] = frozenset()
     active: bool = True
+    network_offer_ids: frozenset[str] = frozenset()  # empty: its network's orders are not checked by offer
 
     def partner_link(self, click_id: str, target: str, app: bool = False) -> str:
         template = self.app_url if app and self.app_url else self.partner_url
@@ -137,8 +139,17 @@ def _share(value: Any) -> Decimal:
     raise ValueError("")
 
 
+def _offer_id(value: str | int) -> str:
+    """A network's offer id as postbacks carry it: written as a string or a bare number."""
+    text = str(value).strip()
+    if not text or len(text) > 128 or not text.isprintable() or " " in text:
+        raise ValueError(f"{str(value)[:40]!r} is not an offer id (1-128 printable characters, no spaces)")
+    return text
+
+
 Duration = Annotated[int, BeforeValidator(parse_duration)]
 Codes = list[Annotated[str | int, AfterValidator(str)]]
+OfferIds = list[Annotated[str | int, AfterValidator(_offer_id)]]
 
 
 class MerchantEntry(Entry):
@@ -151,7 +162,8 @@ class MerchantEntry(Entry):
         "allowed_hosts": "a non-empty list of host names or *.domain",
         "user_share": 'a decimal between 0 and 1, like "0.5"', "session_ttl": DURATION,
         "confirmation_window": DURATION, "own_promo_codes": "must be a list of strings",
-        "excluded_stores": "must be a list of strings", "active": "true or false"}
+        "excluded_stores": "must be a list of strings", "active": "true or false",
+        "network_offer_ids": "must be a list of the network's offer ids (strings)"}
     slug: Annotated[str, AfterValidator(slug)]
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     network: str
@@ -165,6 +177,7 @@ class MerchantEntry(Entry):
     app_url: Annotated[str, AfterValidator(lambda v: _template(v, False))] | None = None
     excluded_stores: Codes = []
     active: bool = True
+    network_offer_ids: OfferIds = []
 
     @field_validator("network")
     @classmethod
@@ -192,7 +205,7 @@ class MerchantEntry(Entry):
             session_ttl=self.session_ttl, confirmation_window=self.confirmation_window,
             own_promo_codes=frozenset(str(c).strip().casefold() for c in self.own_promo_codes if str(c).strip()),
             app_url=self.app_url, excluded_stores=frozenset(str(s).strip() for s in self.excluded_stores),
-            active=self.active)
+            active=self.active, network_offer_ids=frozenset(str(o) for o in self.network_offer_ids))
 
 
 class MerchantsDocument(BaseModel):
@@ -213,6 +226,22 @@ def _duplicates(doc: dict[str, Any], section: str) -> list[str]:
             for dup in sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})]
 
 
+def _shared_offers(doc: dict[str, Any]) -> list[str]:
+    """An offer id listed by two merchants of one network: its orders could be attributed to either
+    merchant's clicks, which is the swap the check is there to stop."""
+    owners: dict[tuple[str, str], list[str]] = {}
+    raw = doc.get("merchants")
+    for entry in raw if isinstance(raw, list) else ():
+        if not isinstance(entry, dict) or not isinstance(entry.get("slug"), str):
+            continue
+        offers = entry.get("network_offer_ids")
+        for offer in {str(o).strip() for o in offers if isinstance(o, str | int)} if isinstance(offers, list) else ():
+            owners.setdefault((str(entry.get("network")), offer), []).append(entry["slug"])
+    return [f"merchant {slugs[-1]!r}: network_offer_ids: {offer!r} is also listed by "
+            f"{', '.join(repr(s) for s in slugs[:-1])} of network {network!r}"
+            for (network, offer), slugs in sorted(owners.items()) if offer and len(slugs) > 1]
+
+
 def parse_merchants_file(doc: Any, profiles: frozenset[str]) -> MerchantsFile:
     """Validate a whole merchants document; MerchantsFileError lists every problem found."""
     if not isinstance(doc, dict):
@@ -222,7 +251,7 @@ def parse_merchants_file(doc: Any, profiles: frozenset[str]) -> MerchantsFile:
     # need a network entry before postbacks are accepted).
     networks = {n["name"] for n in raw_networks if isinstance(n, dict) and isinstance(n.get("name"), str)} \
         if isinstance(raw_networks, list) else set()
-    found = [p for section in ENTRIES for p in _duplicates(doc, section)]
+    found = [p for section in ENTRIES for p in _duplicates(doc, section)] + _shared_offers(doc)
     try:
         parsed = MerchantsDocument.model_validate(doc, context={"profiles": profiles,
                                                                 "networks": networks | set(profiles)})
@@ -248,4 +277,10 @@ def _with_warnings(parsed: MerchantsDocument, doc: dict[str, Any]) -> MerchantsF
     listed = {n.name for n in networks}
     warnings += [f"merchant {m.slug!r}: network: {m.network!r} has no entry under networks; "
                  "its postbacks are refused until one is added" for m in parsed.merchants if m.network not in listed]
+    profile_of = {n.name: n.profile for n in networks}
+    for m in parsed.merchants:
+        profile = profiles().get(profile_of.get(m.network, m.network))
+        if m.network_offer_ids and profile is not None and not profile.params["offer_id"]:
+            warnings.append(f"merchant {m.slug!r}: network_offer_ids: the {profile.name} profile reads no "
+                            "offer id, so its orders are not checked against them")
     return MerchantsFile(tuple(m.merchant() for m in parsed.merchants), networks, tuple(warnings), webhooks)

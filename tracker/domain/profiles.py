@@ -7,7 +7,7 @@ from importlib import resources
 
 import yaml
 
-FIELDS = ("click_id", "order_id", "status", "amount", "commission", "currency", "order_time")
+FIELDS = ("click_id", "order_id", "status", "amount", "commission", "currency", "order_time", "offer_id")
 STATUSES = ("pending", "approved", "declined", "reversed")
 
 

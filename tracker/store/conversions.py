@@ -14,7 +14,7 @@ import asyncpg
 
 from ..domain import events
 from ..domain.clickid import click_time, is_click_id
-from ..domain.conversions import Conversion, Postback, Terms, cashback, orphan_reason, settle
+from ..domain.conversions import NEVER_ATTACHED, Conversion, Postback, Terms, cashback, orphan_reason, settle
 from ..domain.merchants import Merchant
 from ..domain.rows import ClickRow, ConversionRow, OrphanRow, PostbackRow
 from .db import Connection
@@ -53,13 +53,18 @@ async def find_click(conn: Connection, click_id: str | None) -> ClickRow | None:
     return await get_click(conn, click_id)
 
 
+def _orphan_reason(network: str, pb: Postback, click: ClickRow | None, merchant: Merchant | None) -> str | None:
+    return orphan_reason(pb.click_id, click is not None, bool(click and click["bot"]),
+                         merchant.network if merchant else None, network, pb.offer_id,
+                         merchant.network_offer_ids if merchant else frozenset())
+
+
 async def record_postback(conn: Connection, network: str, pb: Postback, raw: Mapping[str, Any],
                           merchants: Callable[[str], Merchant | None]) -> Recorded:
     async with conn.transaction():
         click = await find_click(conn, pb.click_id)
         merchant = merchants(click["merchant"]) if click is not None else None
-        reason = orphan_reason(pb.click_id, click is not None, bool(click and click["bot"]),
-                               merchant.network if merchant else None, network)
+        reason = _orphan_reason(network, pb, click, merchant)
         if reason is not None or click is None:
             event = await _orphan(conn, network, pb, reason or "unknown_click", raw)
             return Recorded("orphan", click_id=pb.click_id, reason=reason, event=event)
@@ -189,14 +194,15 @@ async def reconcile(conn: Connection, read: Callable[[str, Mapping[str, Any]], P
     recorded as the postback it was, and the orphan marked reconciled."""
     attached: list[Attached] = []
     for orphan in await list_orphans(conn, limit):
+        if orphan["reason"] in NEVER_ATTACHED:
+            continue
         raw = orphan["raw"]
         pb = read(orphan["network"], raw)
         if pb is None:
             continue
         click = await find_click(conn, pb.click_id)
         merchant = merchants(click["merchant"]) if click is not None else None
-        if orphan_reason(pb.click_id, click is not None, bool(click and click["bot"]),
-                         merchant.network if merchant else None, orphan["network"]) is not None:
+        if _orphan_reason(orphan["network"], pb, click, merchant) is not None:
             continue  # still not attributable: left open, not recorded again
         async with conn.transaction():
             locked = await conn.fetchval(

@@ -19,13 +19,14 @@ CHANNEL = "tracker_merchants"
 log = structlog.get_logger("tracker.merchants")
 
 _MERCHANT_COLS = ("slug, name, network, partner_url, default_target, allowed_hosts, user_share, "
-                  "session_ttl_s, confirmation_window_s, own_promo_codes, app_url, excluded_stores, active")
+                  "session_ttl_s, confirmation_window_s, own_promo_codes, app_url, excluded_stores, active, "
+                  "network_offer_ids")
 
 
 def _merchant_row(m: Merchant) -> tuple[Any, ...]:
     return (m.slug, m.name, m.network, m.partner_url, m.default_target, sorted(m.allowed_hosts),
             m.user_share, m.session_ttl, m.confirmation_window, sorted(m.own_promo_codes), m.app_url,
-            sorted(m.excluded_stores), m.active)
+            sorted(m.excluded_stores), m.active, sorted(m.network_offer_ids))
 
 
 def _network_row(n: Network) -> tuple[Any, ...]:
@@ -64,10 +65,11 @@ async def sync(conn: asyncpg.Connection, file: MerchantsFile) -> dict[str, list[
                 continue
             await conn.execute(
                 f"INSERT INTO merchants ({_MERCHANT_COLS}) VALUES "
-                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (slug) DO UPDATE SET "
+                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT (slug) DO UPDATE SET "
                 "name = $2, network = $3, partner_url = $4, default_target = $5, allowed_hosts = $6, "
                 "user_share = $7, session_ttl_s = $8, confirmation_window_s = $9, own_promo_codes = $10, "
-                "app_url = $11, excluded_stores = $12, active = $13, updated_at = now()", *row)
+                "app_url = $11, excluded_stores = $12, active = $13, network_offer_ids = $14, "
+                "updated_at = now()", *row)
             report["added" if old is None else "changed"].append(m.slug)
         slugs = [m.slug for m in file.merchants]
         for r in await conn.fetch(
@@ -116,7 +118,8 @@ async def load(conn: asyncpg.Connection | asyncpg.Pool) -> tuple[dict[str, Merch
             user_share=r["user_share"], session_ttl=r["session_ttl_s"],
             confirmation_window=r["confirmation_window_s"],
             own_promo_codes=frozenset(r["own_promo_codes"]), app_url=r["app_url"],
-            excluded_stores=frozenset(r["excluded_stores"]), active=r["active"])
+            excluded_stores=frozenset(r["excluded_stores"]), active=r["active"],
+            network_offer_ids=frozenset(r["network_offer_ids"]))
     networks = {}
     for r in await conn.fetch(
             "SELECT name, profile, token, hmac_secret, allow_ips FROM networks WHERE active"):
