@@ -89,7 +89,8 @@ def test_defaults_not_written_as_code_are_the_few_that_are_not_constants():
                      "TRACKER_ADMIN_KEY", "TRACKER_SECRET_PREVIOUS", "TRACKER_SECRET_PREVIOUS_UNTIL",
                      "TRACKER_TRUSTED_PROXIES", "TRACKER_MERCHANTS", "TRACKER_PUBLIC_URL",
                      "TRACKER_CORS_ORIGINS", "TRACKER_DATABASE_POOLER", "TRACKER_DATABASE_DIRECT_URL",
-                     "TRACKER_DATABASE_REPLICA_URL"}
+                     "TRACKER_DATABASE_REPLICA_URL", "TRACKER_OIDC_ISSUER", "TRACKER_OIDC_CLIENT_ID",
+                     "TRACKER_OIDC_CLIENT_SECRET"}
 
 
 @pytest.mark.parametrize("env,url", [

@@ -203,3 +203,12 @@ async def test_odd_input_on_every_page_is_never_a_server_error(client):
             assert resp.status < 500, (path, resp.status)
     form = await client.post("/support/login", data=b"\xff\xfe=%%%", headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert form.status < 500
+
+
+async def test_without_an_openid_issuer_the_console_signs_in_with_the_admin_key_alone(client):
+    page = await client.get("/support/login")
+    text = await page.text()
+    assert 'name="key"' in text and "company account" not in text and "/support/auth/start" not in text
+    for path in ("/support/auth/start", "/support/auth/callback?state=x&code=y"):
+        resp = await client.get(path, allow_redirects=False)
+        assert resp.status == 404 and (await resp.json())["error"] == "not_found"

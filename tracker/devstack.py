@@ -127,6 +127,17 @@ def _apt_install(package: str, what: str, present: Callable[[], bool], tests: st
         print(f"devstack: {what} could not be installed; {tests} will be skipped", file=sys.stderr)
 
 
+def _npm_ci(folder: Path) -> None:
+    """The folder's node_modules as its package-lock.json pins them, when they are not there yet."""
+    lock = folder / "package-lock.json"
+    stamp = folder / "node_modules" / ".package-lock.json"  # npm's own record of what it installed
+    if not shutil.which("npm") or (stamp.exists() and stamp.stat().st_mtime >= lock.stat().st_mtime):
+        return
+    print(f"devstack: npm ci in {folder.relative_to(ROOT)}", file=sys.stderr)
+    subprocess.run(["npm", "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder, check=False,
+                   stdout=subprocess.DEVNULL)
+
+
 def test(pytest_args: list[str]) -> int:
     # promtool (Debian's `prometheus`) checks the alert rules; the browser tests drive Debian's
     # chromium through Playwright, never a browser build that `playwright install` would download.
@@ -135,6 +146,11 @@ def test(pytest_args: list[str]) -> int:
     # The pooled runs of the core suites and the pooler's fault tests start Debian's PgBouncer
     # (tests/stack.py); without it they fail, they are not skipped.
     _apt_install("pgbouncer", "PgBouncer", PGBOUNCER.exists, "the tests behind PgBouncer")
+    # The console's OpenID sign-in is tested against the `oidc-provider` package run by Debian's node,
+    # pinned in tests/oidc/package-lock.json (npm ci installs exactly that).
+    _apt_install("nodejs", "node", lambda: shutil.which("node") is not None, "the OpenID sign-in tests")
+    _apt_install("npm", "npm", lambda: shutil.which("npm") is not None, "the OpenID sign-in tests")
+    _npm_ci(ROOT / "tests" / "oidc")
     env = dict(os.environ)
     env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
     started = _servers(env)

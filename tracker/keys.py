@@ -10,6 +10,7 @@ from aiohttp import web
 
 from .domain.console_session import ConsoleKeys
 from .domain.detection import Detector
+from .domain.openid import FlowKeys
 from .domain.tokens import UserTokens
 from .settings import Settings
 from .store.clicks import ClickWriter
@@ -18,6 +19,7 @@ from .store.erasure_watch import ErasureWatch
 from .store.feed import StateFeed
 from .store.key_guard import KeyGuard
 from .store.merchants import MerchantCache
+from .store.openid import Provider
 from .store.replica import SupportReads
 from .store.sessions import SessionStore
 from .store.signals import SignalWriter
@@ -54,3 +56,6 @@ WEBHOOKS = web.AppKey("webhooks", Dispatcher)
 STREAMS = web.AppKey("streams", OpenStreams)
 HELD = web.AppKey("held", HeldAnswers)
 ERASURES = web.AppKey("erasures", ErasureWatch)
+# The company's OpenID Connect provider and the sign-in flow's cookie keys: only with TRACKER_OIDC_ISSUER.
+OPENID = web.AppKey("openid", Provider)
+OPENID_FLOWS = web.AppKey("openid_flows", FlowKeys)

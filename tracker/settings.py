@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Mapping
 from urllib.parse import urlsplit
 
+from .domain.openid import BadOpenIDSetting, OpenIDSettings, load_openid
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # The click writer's limits (store/clicks.py takes its defaults from here): clicks a worker holds for
@@ -87,6 +89,9 @@ class Settings:
     webhook_lease: int = 60  # a delivery whose worker died is sent again after this long
     webhook_retry_base_ms: int = 5000  # first retry after 2.5-5 s, doubling up to an hour
     webhook_poll_ms: int = 500
+    # The company's OpenID Connect provider for the console's agents (TRACKER_OIDC_*); None: the
+    # console signs in with the admin key alone.
+    oidc: OpenIDSettings | None = None
     secret_generated: bool = field(default=False, compare=False)
 
     def with_servers(self, database_url: str, redis_url: str) -> "Settings":
@@ -206,6 +211,10 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     if "{" in redis_prefix or "}" in redis_prefix:
         raise SettingsError(f"TRACKER_REDIS_PREFIX={redis_prefix!r}: no braces (a Redis Cluster hash tag in the "
                             "prefix would put every key in one slot)")
+    try:
+        oidc = load_openid(env)
+    except BadOpenIDSetting as exc:
+        raise SettingsError(str(exc)) from None
     return Settings(
         database_url=env.get("TRACKER_DATABASE_URL") or None,
         redis_url=env.get("TRACKER_REDIS_URL") or None,
@@ -247,6 +256,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         webhook_lease=webhook_lease,
         webhook_retry_base_ms=_int(env, "TRACKER_WEBHOOK_RETRY_BASE_MS", 5000, 1, 3_600_000),
         webhook_poll_ms=_int(env, "TRACKER_WEBHOOK_POLL_MS", 500, 10, 60_000),
+        oidc=oidc,
         secret_generated=generated,
     )
 

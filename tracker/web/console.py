@@ -2,8 +2,9 @@
 The click page and the overview are in console_views.py, sign-in in console_auth.py."""
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiohttp_jinja2
 import asyncpg
@@ -14,13 +15,15 @@ from .. import keys
 from ..domain.access import AUDIT_READ, ORPHANS_WRITE
 from ..domain.clickid import is_click_id
 from ..domain.console_session import ConsoleKeys, Session
+from ..domain.openid import CALLBACK_PATH, FlowKeys
 from ..domain.text import has_control
 from ..domain.tokens import USER_ID
 from ..errors import BadRequest, NotFound
 from ..store import audit
 from ..store import lookups as store
+from ..store.openid import Provider
 from ..store.support import get_click
-from . import console_auth, console_views, lookups
+from . import console_auth, console_openid, console_views, lookups
 from .audit import audited
 from .common import one
 from .console_guard import PATH, redirect, render, signed_in, static
@@ -116,6 +119,20 @@ async def _to_console(request: web.Request) -> web.StreamResponse:
     return redirect(PATH)
 
 
+async def _openid(app: web.Application) -> AsyncIterator[None]:
+    """The company's OpenID Connect provider: its discovery document read in the background at start
+    (an issuer that cannot be reached is logged; the console starts anyway, a sign-in tries again)."""
+    settings = app[keys.SETTINGS].oidc
+    assert settings is not None
+    provider = Provider(settings)
+    app[keys.OPENID] = provider
+    probe = asyncio.create_task(provider.probe())
+    yield
+    probe.cancel()
+    await asyncio.gather(probe, return_exceptions=True)
+    await provider.close()
+
+
 def setup_console(app: web.Application) -> None:
     """Templates (autoescaped, package data), the session keys and the console's routes."""
     settings = app[keys.SETTINGS]
@@ -129,6 +146,12 @@ def setup_console(app: web.Application) -> None:
     r.add_get(PATH + "login", console_auth.login_page, name="console_login_page", allow_head=False)
     r.add_post(PATH + "login", console_auth.login, name="console_login")
     r.add_post(PATH + "logout", console_auth.logout, name="console_logout")
+    r.add_get(console_openid.FLOW_PATH + "start", console_openid.start, name="console_auth_start",
+              allow_head=False)
+    r.add_get(CALLBACK_PATH, console_openid.callback, name="console_auth_callback", allow_head=False)
+    if settings.oidc is not None:
+        app[keys.OPENID_FLOWS] = FlowKeys(settings.secret)
+        app.cleanup_ctx.append(_openid)
     r.add_get(PATH + "users/{user_id}", signed_in(_user), name="console_user", allow_head=False)
     r.add_get(PATH + "clicks/{click_id}", signed_in(console_views.click_page), name="console_click",
               allow_head=False)

@@ -35,7 +35,8 @@ async def login_page(request: web.Request) -> web.StreamResponse:
     console = request.app[keys.CONSOLE]
     cookie, nonce = console.issue_nonce(time.time())
     response = render(request, None, "login.html", csrf=console.csrf("login:" + nonce.session_id),
-                      next=local_next(request.query.get("next")), hours=console.ttl // 3600)
+                      next=local_next(request.query.get("next")), hours=console.ttl // 3600,
+                      openid=keys.OPENID in request.app)
     set_cookie(request, response, NONCE_COOKIE, cookie, LOGIN_NONCE_TTL)
     return response
 

@@ -125,8 +125,12 @@ def signed_in(page: Page, scope: str | None = LOOKUPS_READ) -> Handler:
 def render(request: web.Request, session: Session | None, template: str, status: int = 200,
            **context: Any) -> web.Response:
     csrf = request.app[keys.CONSOLE].csrf(session.session_id) if session else context.pop("csrf", "")
-    return aiohttp_jinja2.render_template(template, request, {"csrf": csrf, "signed_in": session is not None,
-                                                              **context}, status=status)
+    # The header names who is signed in: an agent by their name, the admin key as such.
+    actor = session.actor() if session else None
+    who = "" if actor is None else "admin key" if actor.kind == "admin" else actor.name
+    return aiohttp_jinja2.render_template(template, request, {
+        "csrf": csrf, "signed_in": session is not None, "who": who,
+        "scopes": actor.scopes if actor else frozenset(), **context}, status=status)
 
 
 @cache
