@@ -255,12 +255,13 @@ def serve_env(settings: Settings, env: dict[str, str] | None = None) -> dict[str
 
 @contextlib.contextmanager
 def served(settings: Settings, workers: int = 1, env: dict[str, str] | None = None,
-           output: Path | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+           output: Path | None = None, port: int | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
     """The real `tracker serve` in a subprocess against the test database, ready (/readyz answers 200)
     when this yields (process, base URL), else an error: never a server that did not start. Killed
     afterwards. Its stdout and stderr go to `output` when given. Tests that use it are marked
-    `fault` (pyproject.toml): they take seconds."""
-    port = free_port()
+    `fault` (pyproject.toml): they take seconds. `port`: one the test drew with free_port() already
+    (to tell another server where this one will be)."""
+    port = port or free_port()
     log_path = output or settings.data_dir / "serve.log"
     log = log_path.open("wb")
     proc = subprocess.Popen([sys.executable, "-m", "tracker.cli", "serve", "--port", str(port),
