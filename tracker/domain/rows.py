@@ -1,7 +1,9 @@
-"""What support reads back about a click from PostgreSQL, keyed as the queries name the columns.
+"""What support reads back from PostgreSQL (a click, a user's clicks, an order, orphans), keyed as
+the queries name the columns.
 
 TypedDicts rather than classes: each is the row as asyncpg returns it (`dict(record)`), handed on
-as is to the diagnosis, the timeline, the console's templates and, for the click, to the JSON view.
+as is to the diagnosis, the timeline, the console's templates and the JSON views. tests/test_rows.py
+holds each query's columns to its type's keys.
 """
 from __future__ import annotations
 
@@ -94,3 +96,49 @@ class OrphanRow(TypedDict):
     received_at: datetime
     reconciled_at: datetime | None
     conversion_id: int | None
+
+
+class OrderRow(TypedDict):
+    """A conversion as an order lookup lists it (store/lookups.CONVERSION_COLUMNS)."""
+    id: int
+    network: str
+    order_id: str
+    click_id: str
+    user_id: str
+    merchant: str
+    status: str
+    status_word: str
+    amount: Decimal | None
+    commission: Decimal
+    currency: str  # char(3)
+    user_share: Decimal
+    cashback: Decimal
+    order_time: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class StoredStateRow(TypedDict):
+    """The stored state of a user's click, as the list of a user's clicks carries it."""
+    state: str
+    overwritten_at: datetime | None
+
+
+class ClickConversionRow(TypedDict):
+    """A conversion of a user's click, as the list carries it (money read as text: no float)."""
+    network: str
+    order_id: str
+    status: str
+    cashback: Decimal
+    currency: str  # char(3)
+
+
+class UserClickRow(TypedDict):
+    """One of a user's clicks (store/lookups.user_clicks), with its stored state and conversions."""
+    click_id: str
+    created_at: datetime
+    merchant: str
+    source: str
+    bot: bool
+    stored: StoredStateRow | None
+    conversions: list[ClickConversionRow]

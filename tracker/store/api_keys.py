@@ -6,7 +6,7 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TypedDict, cast
 
 import asyncpg
 
@@ -15,6 +15,14 @@ from ..domain.access import key_hash, new_key
 # last_used_at is written when the stored one is older than this: at most about one write a minute
 # per key, whatever the key's request rate.
 TOUCH_EVERY = timedelta(seconds=60)
+
+
+class ListedKey(TypedDict):
+    """A live key as `tracker keys list` shows it (never its hash)."""
+    name: str
+    scopes: list[str]
+    created_at: datetime
+    last_used_at: datetime | None
 
 
 class KeyNameTaken(ValueError):
@@ -39,10 +47,10 @@ async def create(conn: asyncpg.Pool | asyncpg.Connection, name: str, scopes: lis
     return key
 
 
-async def listed(conn: asyncpg.Pool | asyncpg.Connection) -> list[dict[str, Any]]:
+async def listed(conn: asyncpg.Pool | asyncpg.Connection) -> list[ListedKey]:
     rows = await conn.fetch("SELECT name, scopes, created_at, last_used_at FROM api_keys "
                             "WHERE revoked_at IS NULL ORDER BY name")
-    return [dict(r) for r in rows]
+    return [cast(ListedKey, dict(r)) for r in rows]
 
 
 async def revoke(conn: asyncpg.Pool | asyncpg.Connection, name: str) -> bool:

@@ -3,7 +3,8 @@ changed. Written and read on the primary: an entry is part of the read or change
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence, TypeAlias
+from datetime import datetime
+from typing import Sequence, TypeAlias, TypedDict, cast
 
 from .db import Executor
 
@@ -20,6 +21,18 @@ class Entry:
     order_id: str | None = None
 
 
+class AuditRow(TypedDict):
+    """An entry as a page reads it back."""
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    user_id: str | None
+    click_id: str | None
+    order_id: str | None
+    address: str | None
+
+
 async def record(conn: Conn, entries: Sequence[Entry]) -> None:
     """Write entries in one statement (one round trip however many subjects a read touched)."""
     if not entries:
@@ -32,7 +45,7 @@ async def record(conn: Conn, entries: Sequence[Entry]) -> None:
 
 
 async def page(conn: Conn, *, user_id: str | None, actor: str | None, before: int | None,
-               limit: int) -> list[dict[str, Any]]:
+               limit: int) -> list[AuditRow]:
     """Entries newest first, filtered by user and/or actor, older than the entry `before`."""
     where, args = [], []
     for clause, value in (("user_id = ${}", user_id), ("actor = ${}", actor), ("id < ${}", before)):
@@ -43,4 +56,4 @@ async def page(conn: Conn, *, user_id: str | None, actor: str | None, before: in
     rows = await conn.fetch(
         "SELECT id, at, actor, action, user_id, click_id, order_id, address FROM audit_log "
         f"WHERE {' AND '.join(where) or 'true'} ORDER BY id DESC LIMIT ${len(args)}", *args)
-    return [dict(r) for r in rows]
+    return [cast(AuditRow, dict(r)) for r in rows]

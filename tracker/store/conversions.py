@@ -171,7 +171,7 @@ async def conversions_for_click(conn: asyncpg.Pool | asyncpg.Connection, click_i
         "raw, received_at, previous_status, previous_amount, previous_commission, previous_currency "
         "FROM postback_history WHERE conversion_id = ANY($1::bigint[]) ORDER BY id",
         [r["id"] for r in rows])
-    # asyncpg ships no types: its rows are cast to the shape their SELECT lists give them.
+    # A record's values are untyped (Any): each row is cast to the shape its SELECT list gives it.
     out = []
     for r in rows:
         item = cast(ConversionRow, dict(r))
@@ -185,7 +185,7 @@ async def list_orphans(conn: Connection, limit: int, include_reconciled: bool = 
         "SELECT id, network, order_id, click_id, reason, raw, received_at, reconciled_at, conversion_id "
         "FROM orphan_postbacks WHERE ($2 OR reconciled_at IS NULL) ORDER BY id LIMIT $1",
         limit, include_reconciled)
-    return [cast(OrphanRow, dict(r)) for r in rows]  # asyncpg ships no types
+    return [cast(OrphanRow, dict(r)) for r in rows]
 
 
 async def reconcile(conn: Connection, read: Callable[[str, Mapping[str, Any]], Postback | None],

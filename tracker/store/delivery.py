@@ -123,7 +123,7 @@ class Dispatcher:
         assert self._pool is not None
         while name in self.webhooks and not self._stopping:
             free = opts.concurrency - len(inflight)
-            claimed: list[asyncpg.Record] = []
+            claimed: list[queries.Claimed] = []
             # Lease in bunches (half the slots at least) rather than one row per finished send.
             if free > 0 and (not inflight or free * 2 >= opts.concurrency):
                 try:
@@ -144,7 +144,7 @@ class Dispatcher:
             elif not claimed:
                 await asyncio.sleep(opts.poll)
 
-    async def _deliver(self, name: str, row: asyncpg.Record) -> None:
+    async def _deliver(self, name: str, row: queries.Claimed) -> None:
         try:
             await self._deliver_one(name, row)
         except asyncio.CancelledError:
@@ -152,7 +152,7 @@ class Dispatcher:
         except Exception:  # noqa: BLE001 - one send's failure must not go unseen, nor stop the others
             log.exception("webhook_delivery_error", webhook=name, event_id=row["public_id"])
 
-    async def _deliver_one(self, name: str, row: asyncpg.Record) -> None:
+    async def _deliver_one(self, name: str, row: queries.Claimed) -> None:
         assert self._http is not None and self._pool is not None
         webhook = self.webhooks.get(name)
         if webhook is None:  # removed meanwhile: give it back for when it returns

@@ -9,10 +9,11 @@ Measured plans and timings at 20 million clicks: docs/performance.md.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Any, TypeAlias
+from typing import TypeAlias, cast
 
 from ..domain import trail
 from ..domain.clickid import click_time
+from ..domain.rows import ClickConversionRow, OrderRow, OrphanRow, StoredStateRow, UserClickRow
 from .db import Executor
 
 Conn: TypeAlias = Executor
@@ -34,37 +35,36 @@ USER_CLICKS_BEFORE = ("SELECT click_id, created_at, merchant, source, bot FROM c
 CONVERSION_COLUMNS = ("id, network, order_id, click_id, user_id, merchant, status, status_word, amount, "
                       "commission, currency, user_share, cashback, order_time, created_at, updated_at")
 ORDER = f"SELECT {CONVERSION_COLUMNS} FROM conversions WHERE order_id = $1 ORDER BY id"
-ORPHAN_COLUMNS = "id, network, order_id, click_id, reason, raw, received_at"
+ORPHAN_COLUMNS = "id, network, order_id, click_id, reason, raw, received_at, reconciled_at, conversion_id"
 ORDER_IN_NETWORK = f"SELECT {CONVERSION_COLUMNS} FROM conversions WHERE order_id = $1 AND network = $2 ORDER BY id"
 
 
-async def user_clicks(conn: Conn, user_id: str, limit: int, before: str | None = None) -> list[dict[str, Any]]:
+async def user_clicks(conn: Conn, user_id: str, limit: int, before: str | None = None) -> list[UserClickRow]:
     """Up to `limit` of the user's clicks, newest first, older than the click `before` if given;
     each with its stored state (or None) and its conversions."""
     if before is None:
         rows = await conn.fetch(PAGE.format(USER_CLICKS), user_id, limit)
     else:
         rows = await conn.fetch(PAGE.format(USER_CLICKS_BEFORE), user_id, limit, click_time(before), before)
-    clicks = []
-    for r in rows:
-        click = {k: r[k] for k in ("click_id", "created_at", "merchant", "source", "bot")}
-        click["stored"] = {"state": r["state"], "overwritten_at": r["overwritten_at"]} if r["state"] else None
-        click["conversions"] = [{**c, "cashback": Decimal(c["cashback"])}
-                                for c in r["conversions"] or ()]
-        clicks.append(click)
-    return clicks
+    return [UserClickRow(
+        click_id=r["click_id"], created_at=r["created_at"], merchant=r["merchant"], source=r["source"], bot=r["bot"],
+        stored=StoredStateRow(state=r["state"], overwritten_at=r["overwritten_at"]) if r["state"] else None,
+        conversions=[ClickConversionRow(network=c["network"], order_id=c["order_id"], status=c["status"],
+                                        cashback=Decimal(c["cashback"]), currency=c["currency"])
+                     for c in r["conversions"] or ()],
+    ) for r in rows]
 
 
-async def orders(conn: Conn, order_id: str, network: str | None = None) -> list[dict[str, Any]]:
+async def orders(conn: Conn, order_id: str, network: str | None = None) -> list[OrderRow]:
     """The conversions of an order id (one per network that reported it)."""
     if network is None:
         rows = await conn.fetch(ORDER, order_id)
     else:
         rows = await conn.fetch(ORDER_IN_NETWORK, order_id, network)
-    return [dict(r) for r in rows]
+    return [cast(OrderRow, dict(r)) for r in rows]
 
 
-async def open_orphans(conn: Conn, limit: int, before: int | None = None) -> list[dict[str, Any]]:
+async def open_orphans(conn: Conn, limit: int, before: int | None = None) -> list[OrphanRow]:
     """Orphan postbacks not reconciled yet, newest first, older than the orphan `before` if given."""
     if before is None:
         rows = await conn.fetch(f"SELECT {ORPHAN_COLUMNS} FROM orphan_postbacks WHERE reconciled_at IS NULL "
@@ -72,14 +72,14 @@ async def open_orphans(conn: Conn, limit: int, before: int | None = None) -> lis
     else:
         rows = await conn.fetch(f"SELECT {ORPHAN_COLUMNS} FROM orphan_postbacks WHERE reconciled_at IS NULL "
                                 "AND id < $2 ORDER BY id DESC LIMIT $1", limit, before)
-    return [dict(r) for r in rows]
+    return [cast(OrphanRow, dict(r)) for r in rows]
 
 
-async def orphans_of_order(conn: Conn, order_id: str) -> list[dict[str, Any]]:
+async def orphans_of_order(conn: Conn, order_id: str) -> list[OrphanRow]:
     """Every orphan postback of an order id, reconciled or not (the search shows both)."""
-    rows = await conn.fetch(f"SELECT {ORPHAN_COLUMNS}, reconciled_at FROM orphan_postbacks "
+    rows = await conn.fetch(f"SELECT {ORPHAN_COLUMNS} FROM orphan_postbacks "
                             "WHERE order_id = $1 ORDER BY id DESC LIMIT 100", order_id)
-    return [dict(r) for r in rows]
+    return [cast(OrphanRow, dict(r)) for r in rows]
 
 
 async def has_clicks(conn: Conn, user_id: str) -> bool:

@@ -6,14 +6,51 @@ the newest one or two partitions); at the 20-million-click scale that is about 3
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TypedDict, cast
 
 import asyncpg
 
 from ..domain.detection import DEFINITIVE
 
 
-async def overview(conn: asyncpg.Pool | asyncpg.Connection, since: datetime) -> dict[str, Any]:
+class Activations(TypedDict):
+    merchant: str
+    shoppers: int
+    bots: int
+
+
+class Hourly(TypedDict):
+    hour: datetime
+    n: int
+
+
+class Overwritten(TypedDict):
+    merchant: str
+    n: int
+
+
+class ByNetwork(TypedDict):
+    merchant: str
+    network: str  # or 'promo code', or '?'
+    n: int
+
+
+class ByStatus(TypedDict):
+    merchant: str
+    status: str
+    n: int
+
+
+class Overview(TypedDict):
+    """Per merchant (and hour, network, status) counts of the day, one list per query."""
+    activations: list[Activations]
+    hourly: list[Hourly]
+    overwritten: list[Overwritten]
+    by_network: list[ByNetwork]
+    conversions: list[ByStatus]
+
+
+async def overview(conn: asyncpg.Pool | asyncpg.Connection, since: datetime) -> Overview:
     activations = await conn.fetch(
         "SELECT merchant, count(*) FILTER (WHERE NOT bot) AS shoppers, count(*) FILTER (WHERE bot) AS bots "
         "FROM clicks WHERE created_at >= $1 GROUP BY merchant", since)
@@ -31,6 +68,8 @@ async def overview(conn: asyncpg.Pool | asyncpg.Connection, since: datetime) -> 
         "ORDER BY click_id, at, id) first GROUP BY 1, 2", since, sorted(DEFINITIVE))
     conversions = await conn.fetch(
         "SELECT merchant, status, count(*) AS n FROM conversions WHERE created_at >= $1 GROUP BY 1, 2", since)
-    return {"activations": [dict(r) for r in activations], "hourly": [dict(r) for r in hourly],
-            "overwritten": [dict(r) for r in overwritten], "by_network": [dict(r) for r in by_network],
-            "conversions": [dict(r) for r in conversions]}
+    return Overview(activations=[cast(Activations, dict(r)) for r in activations],
+                    hourly=[cast(Hourly, dict(r)) for r in hourly],
+                    overwritten=[cast(Overwritten, dict(r)) for r in overwritten],
+                    by_network=[cast(ByNetwork, dict(r)) for r in by_network],
+                    conversions=[cast(ByStatus, dict(r)) for r in conversions])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, TypedDict, cast
 
 import asyncpg
 
@@ -61,6 +61,36 @@ _DELIVERED = (
     + _WAKE_NEXT)
 
 
+class Claimed(TypedDict):
+    """A delivery leased to this worker (claim), with the event it sends."""
+    event_id: int
+    attempts: int  # this attempt's number
+    public_id: str
+    type: str
+    created_at: datetime
+    seq: int
+    data: dict[str, Any]
+
+
+class LastFailure(TypedDict):
+    status: int | None
+    error: str | None
+    at: str
+
+
+class SubscriberStatus(TypedDict):
+    """A subscriber as `tracker webhooks status` shows it."""
+    name: str
+    url: str  # without its query (public_url)
+    active: bool
+    types: list[str] | None
+    backlog: int
+    oldest_pending_seconds: float
+    retrying: int
+    failed: int
+    last_failure: LastFailure | None
+
+
 async def load(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, Webhook]:
     rows = await conn.fetch("SELECT name, url, secret, types FROM webhooks WHERE active ORDER BY name")
     return {r["name"]: Webhook(r["name"], r["url"], r["secret"], tuple(r["types"]) if r["types"] is not None else None)
@@ -80,10 +110,10 @@ async def _unflushed(pool: asyncpg.Pool) -> AsyncIterator[Connection]:
         await conn.execute("COMMIT")
 
 
-async def claim(pool: asyncpg.Pool, webhook: str, limit: int, lease: float) -> list[asyncpg.Record]:
+async def claim(pool: asyncpg.Pool, webhook: str, limit: int, lease: float) -> list[Claimed]:
     async with _unflushed(pool) as conn:
-        rows: list[asyncpg.Record] = await conn.fetch(_CLAIM, webhook, limit, float(lease), max(4 * limit, 32))
-        return rows
+        rows = await conn.fetch(_CLAIM, webhook, limit, float(lease), max(4 * limit, 32))
+        return [cast(Claimed, dict(r)) for r in rows]
 
 
 async def delivered(pool: asyncpg.Pool, webhook: str, event_id: int, status: int) -> None:
@@ -116,12 +146,12 @@ async def oldest_pending(conn: asyncpg.Connection | asyncpg.Pool, webhook: str) 
     return oldest
 
 
-async def status(conn: Connection) -> list[dict[str, Any]]:
+async def status(conn: Connection) -> list[SubscriberStatus]:
     """Per subscriber: backlog, the oldest pending event's age, failures and the last error (no
     secret, and the URL without its query)."""
     from ..domain.webhooks import public_url
 
-    out = []
+    out: list[SubscriberStatus] = []
     for w in await conn.fetch("SELECT name, url, types, active FROM webhooks ORDER BY name"):
         row = await conn.fetchrow(
             "SELECT count(*) AS backlog, extract(epoch FROM now() - min(created_at))::float8 AS age, "

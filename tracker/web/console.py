@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import aiohttp_jinja2
 import asyncpg
@@ -16,6 +16,7 @@ from ..domain.access import AUDIT_READ, ORPHANS_WRITE
 from ..domain.clickid import is_click_id
 from ..domain.console_session import ConsoleKeys, Session
 from ..domain.openid import CALLBACK_PATH, FlowKeys
+from ..domain.rows import OrderRow, OrphanRow
 from ..domain.text import has_control
 from ..domain.tokens import USER_ID
 from ..errors import BadRequest, NotFound
@@ -39,7 +40,7 @@ async def _home(request: web.Request, session: Session) -> web.StreamResponse:
     q = raw.strip()
     if not q or len(q) > MAX_QUERY or has_control(q):  # no id holds a control character (nor can be stored)
         raise BadRequest(f"search for a click id, a user id or an order id (1 to {MAX_QUERY} characters)")
-    async def search(pool: asyncpg.Pool) -> tuple[bool, bool, list[dict[str, Any]], list[dict[str, Any]]]:
+    async def search(pool: asyncpg.Pool) -> tuple[bool, bool, list[OrderRow], list[OrphanRow]]:
         if is_click_id(q) and await get_click(pool, q) is not None:
             return True, False, [], []
         is_user = bool(USER_ID.fullmatch(q)) and await store.has_clicks(pool, q)
@@ -81,7 +82,7 @@ async def _user(request: web.Request, session: Session) -> web.StreamResponse:
 
 async def _order(request: web.Request, session: Session) -> web.StreamResponse:
     order_id, network = lookups.order_query(request)
-    async def order(pool: asyncpg.Pool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    async def order(pool: asyncpg.Pool) -> tuple[list[OrderRow], list[OrphanRow]]:
         return await store.orders(pool, order_id, network), await store.orphans_of_order(pool, order_id)
 
     (rows, orphans), origin = await request.app[keys.READS].read(

@@ -21,7 +21,7 @@ from ..domain.trail import TrailEntry
 from ..errors import NotFound
 from ..store.cases import ClickCase, click_case
 from ..store.lookups import tab_trail
-from ..store.overview import overview
+from ..store.overview import Overview, overview
 from .audit import audited
 from .console_guard import render
 
@@ -97,7 +97,7 @@ async def click_page(request: web.Request, session: Session) -> web.StreamRespon
                   conversions=conversions, target_href=safe_href(click["target"]), origin=origin)
 
 
-def _charts(data: dict[str, Any], since: datetime, names: dict[str, str]) -> dict[str, Any]:
+def _charts(data: Overview, since: datetime, names: dict[str, str]) -> dict[str, Any]:
     shoppers = {r["merchant"]: r["shoppers"] for r in data["activations"]}
     overwritten = {r["merchant"]: r["n"] for r in data["overwritten"]}
     start = since.replace(minute=0, second=0, microsecond=0)
@@ -116,8 +116,8 @@ def _charts(data: dict[str, Any], since: datetime, names: dict[str, str]) -> dic
     network_rows = [(network_name(n) if n != "promo code" else "promo codes (no network)", [(v, "bar-bad")],
                      f"{v:,} click{'s' if v != 1 else ''}") for n, v in sorted(networks.items(), key=lambda kv: -kv[1])]
     statuses: dict[str, dict[str, int]] = {}
-    for r in data["conversions"]:
-        statuses.setdefault(r["merchant"], {})[r["status"]] = r["n"]
+    for c in data["conversions"]:
+        statuses.setdefault(c["merchant"], {})[c["status"]] = c["n"]
     order = ("approved", "pending", "declined", "reversed")
     conversion_rows = [(names.get(m, m), [(s.get(k, 0), f"bar-{k}") for k in order],
                         " · ".join(f"{s[k]} {k}" for k in order if s.get(k)))

@@ -13,6 +13,7 @@ from ..domain.access import LOOKUPS_READ, ORPHANS_WRITE
 from ..domain.clickid import is_click_id
 from ..domain.conversions import MAX_ID, Postback, money, read_raw
 from ..domain.diagnosis import click_state
+from ..domain.rows import OrderRow, OrphanRow, UserClickRow
 from ..domain.text import has_control
 from ..domain.times import iso
 from ..domain.tokens import USER_ID
@@ -39,12 +40,13 @@ def limit_of(request: web.Request, default: int = DEFAULT_PAGE, high: int = MAX_
     return int(raw)
 
 
-def click_item(app: web.Application, click: dict[str, Any], now: datetime) -> dict[str, Any]:
+def click_item(app: web.Application, click: UserClickRow, now: datetime) -> dict[str, Any]:
     """A click of a user's list, with its state as the support view would decide it."""
     merchant = app[keys.MERCHANTS].merchants.get(click["merchant"])
-    stored = click["stored"] or {}
+    stored = click["stored"]
     state = click_state(click["created_at"], now, merchant.session_ttl if merchant else 7200,
-                        stored.get("state"), bool(click["conversions"]), stored.get("overwritten_at") is not None)
+                        stored["state"] if stored else None, bool(click["conversions"]),
+                        stored is not None and stored["overwritten_at"] is not None)
     return {"click_id": click["click_id"], "merchant": click["merchant"], "source": click["source"],
             "created_at": iso(click["created_at"]), "bot": click["bot"], "state": state,
             "conversions": [{"network": c["network"], "order_id": c["order_id"], "status": c["status"],
@@ -52,7 +54,7 @@ def click_item(app: web.Application, click: dict[str, Any], now: datetime) -> di
                              "currency": c["currency"].strip()} for c in click["conversions"]]}
 
 
-def conversion_item(row: dict[str, Any]) -> dict[str, Any]:
+def conversion_item(row: OrderRow) -> dict[str, Any]:
     cur = row["currency"].strip()
     return {"network": row["network"], "order_id": row["order_id"], "click_id": row["click_id"],
             "user_id": row["user_id"], "merchant": row["merchant"], "status": row["status"],
@@ -62,7 +64,7 @@ def conversion_item(row: dict[str, Any]) -> dict[str, Any]:
             "created_at": iso(row["created_at"]), "updated_at": iso(row["updated_at"])}
 
 
-def orphan_item(row: dict[str, Any]) -> dict[str, Any]:
+def orphan_item(row: OrphanRow) -> dict[str, Any]:
     return {"id": row["id"], "network": row["network"], "order_id": row["order_id"], "click_id": row["click_id"],
             "reason": row["reason"], "received_at": iso(row["received_at"])}
 
@@ -101,7 +103,7 @@ def order_query(request: web.Request) -> tuple[str, str | None]:
     return order_id, network
 
 
-def order_subjects(order_id: str, rows: list[dict[str, Any]]) -> list[tuple[str | None, str | None, str | None]]:
+def order_subjects(order_id: str, rows: list[OrderRow]) -> list[tuple[str | None, str | None, str | None]]:
     """Reading an order is reading its users' data: one audit subject per conversion found."""
     return [(r["user_id"], r["click_id"], order_id) for r in rows] or [(None, None, order_id)]
 
@@ -116,7 +118,7 @@ async def conversions(request: web.Request) -> web.Response:
 
 
 async def orphan_page(app: web.Application, limit: int, before: int | None,
-                      lag: bool = False) -> tuple[list[dict[str, Any]], int | None, Origin]:
+                      lag: bool = False) -> tuple[list[OrphanRow], int | None, Origin]:
     rows, origin = await app[keys.READS].read(lambda pool: lookups.open_orphans(pool, limit + 1, before), lag)
     return rows[:limit], (rows[limit - 1]["id"] if len(rows) > limit else None), origin
 
