@@ -361,6 +361,8 @@ def test_a_wrong_issuer_or_an_unreachable_one_is_a_503_page_never_a_500(stack, s
     try:
         with served(settings, port=port, output=log, env={
                 "TRACKER_ADMIN_KEY": ADMIN_KEY, "TRACKER_PUBLIC_URL": base, **_oidc_env(impostor.url)}):
+            # It started anyway, and said so (the discovery document is read in the background at start).
+            until_blocking(lambda: "oidc_provider_unreachable_at_start" in log.read_text(), "the start-up warning")
             resp = requests.get(f"{base}/support/auth/start", allow_redirects=False, timeout=10)
             assert resp.status_code == 503 and "cannot be reached" in resp.text and resp.headers["Retry-After"]
             assert "localhost" in log.read_text() and "oidc_provider_unavailable" in log.read_text()
