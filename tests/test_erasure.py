@@ -1,7 +1,8 @@
 """Erasure: DELETE /v1/users/{user_id} and `tracker users erase` remove a user's personal data from
 PostgreSQL and Redis, keep the money under a pseudonym, answer zeros on a repeat, are audited, leave
 the user's tokens working, and hold while that user's clicks are still arriving (in the writer's
-batches, in the spool)."""
+batches, in the spool). They run directly and behind PgBouncer in transaction mode (`pooled`): the
+workers' sweep listens on the primary itself, the command line's statements are fit for the pooler."""
 from __future__ import annotations
 
 import asyncio
@@ -27,6 +28,7 @@ from .test_observe import activate, observe
 from .test_postbacks import admitad
 from .waiting import stored, until
 
+pytestmark = pytest.mark.pooled
 ZEROS = {"clicks": 0, "conversions": 0, "signals": 0, "events": 0, "sessions": 0}
 
 
@@ -208,7 +210,7 @@ async def test_erasure_is_safe_while_the_users_clicks_are_still_arriving(aiohttp
 
 async def test_a_click_still_in_the_spool_is_erased_as_it_is_replayed(client, settings, db, tmp_path):
     user = "spooled-user"
-    pool = await create_pool(settings.database_url or "")
+    pool = await create_pool(settings.database_url or "", pooler=settings.database_pooler)
     writer = ClickWriter(pool, Spool(tmp_path / "spool"), durability="async")
     try:
         cid, ms = new_click_id()

@@ -147,7 +147,8 @@ async def _signals(app: web.Application) -> AsyncIterator[None]:
 
 async def _erasures(app: web.Application) -> AsyncIterator[None]:
     """This worker's sweep of what it held of a user when an erasure ran (store/erasure_watch.py)."""
-    watch = ErasureWatch(app[keys.SETTINGS].database_url or "", app[keys.POOL], app[keys.WRITER],
+    # LISTEN needs a session of its own: on the primary itself, never through a transaction pooler.
+    watch = ErasureWatch(app[keys.SETTINGS].direct_url or "", app[keys.POOL], app[keys.WRITER],
                          app[keys.SIGNALS], app[keys.SESSIONS])
     await watch.start()
     app[keys.ERASURES] = watch

@@ -29,11 +29,11 @@ async def _erase(settings: Settings, user_id: str) -> dict[str, object]:
     import redis.asyncio as aioredis
 
     from .store import audit
-    from .store.db import connect
+    from .store.db import connect, connect_options
     from .store.erasure import announce, erase
     from .store.sessions import SessionStore
 
-    conn = await connect(settings.database_url)
+    conn = await connect(settings.database_url, **connect_options(settings.database_pooler))
     client = aioredis.Redis.from_url(settings.redis_url or "")
     try:
         await audit.record(conn, [audit.Entry(actor(), "user.erase", None, user_id)])
