@@ -35,7 +35,7 @@ from tracker.settings import Settings
 from tracker.store.openid import JWKS_REFRESH, CodeRefused, Provider, ProviderUnavailable
 
 from .conftest import ADMIN_KEY, SECRET, free_port, served
-from .test_console_browser import ARGS, CHROMIUM, _insert_click, _run
+from .test_console_browser import ARGS, CHROMIUM, _insert_click, _run, shot
 from .waiting import until_blocking
 
 pytestmark = [pytest.mark.fault, pytest.mark.browser]
@@ -127,7 +127,8 @@ def _patient(new_context: Any) -> Any:
 def _to_provider(page: Any, base: str, next_path: str = "/support/") -> None:
     page.goto(f"{base}/support/login?next={next_path}")
     link = page.locator("a.button", has_text="company account")
-    assert link.count() == 1
+    assert link.count() == 1 and page.locator("details.break-glass input[name=key]").count() == 1
+    shot(page, "openid-sign-in")
     link.click()
     page.wait_for_selector("input[name=login]")
 
@@ -201,6 +202,7 @@ def test_each_role_signs_in_and_sees_what_its_scopes_allow(browser, stack):
 
     admin = sign_in(browser, base, "ada.admin", f"/support/users/{USER}")
     assert admin.locator("header .who").inner_text() == "ada@example.com"
+    shot(admin, "openid-admin-user-page")
     looked = admin.locator("#looked")  # who looked at this user: the support agent, by name
     assert "sofia@example.com" in looked.inner_text()
     for page in (support, operator, admin):
@@ -217,6 +219,7 @@ def test_an_agent_without_a_role_is_refused_and_told_why(browser, stack):
     assert answered.value.status == 403
     assert "No access to the support console" in page.content()
     assert "nina@example.com" in page.inner_text("main")
+    shot(page, "openid-no-role")
     assert not [c for c in context.cookies() if c["name"] == "tracker_console"]
     page.goto(f"{base}/support/")
     assert page.url.startswith(f"{base}/support/login")
