@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import replace
 from decimal import Decimal
 
@@ -14,8 +15,12 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from tracker import keys
 from tracker.app import create_app
 from tracker.domain.clickid import new_click_id
+from tracker.domain.detection import SessionState
+from tracker.domain.signals import Signal
+from tracker.domain.states import ClickState
 from tracker.store.clicks import Click, ClickWriter
 from tracker.store.db import create_pool
 from tracker.store.redis_keys import session_key, state_key
@@ -206,6 +211,47 @@ async def test_erasure_is_safe_while_the_users_clicks_are_still_arriving(aiohttp
             assert not await redis.exists(session_key(settings.redis_prefix, r["click_id"])), r["click_id"]
     finally:
         await redis.aclose()
+
+
+async def test_what_an_observe_in_flight_queues_after_the_erasure_stores_nothing_of_the_user(client, tokens, db,
+                                                                                                settings):
+    """An observe that read its click before the erasure and queued what it found only after the
+    erasure and every worker's sweep were done (seen under load: signals, detector trails and the
+    real user id in click_states, left until `tracker maintain`): the writer stores none of it, and
+    no click.overwritten names the user."""
+    user = "in-flight"
+    cid, location = await activate(client, tokens, user)
+    landing = "https://aliexpress.ru/item/1.html?admitad_uid=ours0000000000000001"
+    assert (await observe(client, tokens, user, cid, [{"type": "navigation", "url": location},
+                                                      {"type": "navigation", "url": landing}])).status == 200
+    await stored(db, "SELECT 1 FROM click_states WHERE click_id = $1 AND detector IS NOT NULL", cid)
+    assert (await erase(client, user))["erased"]["clicks"] == 1
+    # What that observe queues now, as observe queues it: its signal, and the overwritten state under
+    # the user id its token carries.
+    now = time.time_ns() // 1_000_000
+    theirs = "https://aliexpress.ru/item/1.html?admitad_uid=theirs000000000000002"
+    signal = Signal("foreign_affiliate_param", "admitad", {"url": theirs, "param": "admitad_uid", "same_network": True},
+                    now, False)
+    state = SessionState(state=ClickState.OVERWRITTEN, landed=True, overwritten_at=now,
+                         trail=[], seen=["x"]).dump()
+    sessions, writer = client.app[keys.SESSIONS], client.app[keys.SIGNALS]
+    assert await sessions.save_state(cid, state, 3600)
+    writer.add(cid, "aliexpress", user, [signal], state)
+    await writer.flush()
+    assert await traces(db, settings, user) == []
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:  # the state that observe wrote back to Redis goes too
+        assert not await redis.exists(sessions.state_key(cid))
+    finally:
+        await redis.aclose()
+    assert await db.fetchval("SELECT count(*) FROM signals WHERE click_id = $1", cid) == 0
+    assert await db.fetchval("SELECT count(*) FROM click_states WHERE click_id = $1 AND detector IS NOT NULL", cid) == 0
+    # Another user's report in the same flush is stored as ever.
+    other, other_location = await activate(client, tokens, "not-erased")
+    writer.add(other, "aliexpress", "not-erased", [replace(signal, at=now)], state)
+    await writer.flush()
+    assert await db.fetchval("SELECT count(*) FROM signals WHERE click_id = $1", other) == 1
+    assert await db.fetchval("SELECT user_id FROM click_states WHERE click_id = $1", other) == "not-erased"
 
 
 async def test_a_click_still_in_the_spool_is_erased_as_it_is_replayed(client, settings, db, tmp_path):

@@ -138,7 +138,7 @@ async def _writer(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _signals(app: web.Application) -> AsyncIterator[None]:
-    writer = SignalWriter(app[keys.POOL])
+    writer = SignalWriter(app[keys.POOL], forget=app[keys.SESSIONS].forget_states)
     await writer.start()
     app[keys.SIGNALS] = writer
     yield

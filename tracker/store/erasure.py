@@ -19,6 +19,7 @@ import asyncpg
 import orjson
 
 from .db import Connection
+from .signals import LOCK_CLICKS, SIGNALS_LOCK
 
 CHANNEL = "tracker_erasures"
 PSEUDONYM_PREFIX = "erased~"  # `~` is in no user id: a pseudonym is never a token's or a lookup's user
@@ -69,6 +70,10 @@ async def erase(conn: Connection, user_id: str, before: datetime | None = None) 
         # after an earlier pass by an observe already under way, a detector state flushed late).
         ids = [r["click_id"] for r in await conn.fetch("SELECT click_id FROM clicks WHERE user_id = $1", pseudonym)]
         done.click_ids = ids
+        # The signal writer's lock on these clicks (store/signals.py): a flush that began before
+        # this point is committed before what follows reads, and one that begins later waits for
+        # this erasure and then finds it (it drops what it holds of these clicks).
+        await conn.execute(LOCK_CLICKS, sorted(ids), SIGNALS_LOCK)
         done.signals = _count(await conn.execute("DELETE FROM signals WHERE click_id = ANY($1::text[])", ids))
         await conn.execute("DELETE FROM signals_quarantine WHERE click_id = ANY($1::text[])", ids)
         # A quarantined click is its refused row as JSON text: its user id is there, quoted.

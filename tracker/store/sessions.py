@@ -205,6 +205,16 @@ class SessionStore:
             deleted += sum(int(r) for r in replies[0::2])
         return deleted
 
+    async def forget_states(self, click_ids: list[str]) -> int:
+        """Delete the clicks' detector states only (what an observe writes back); how many there were."""
+        deleted = 0
+        for start in range(0, len(click_ids), 500):
+            async with self.client.pipeline(transaction=False) as pipe:  # a key at a time: any slot
+                for click_id in click_ids[start:start + 500]:
+                    pipe.delete(self.state_key(click_id))
+                deleted += sum(int(r) for r in await pipe.execute())
+        return deleted
+
     async def ping(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.client.ping(), self.timeout))

@@ -10,12 +10,18 @@ state also lives in Redis); a clean stop flushes it.
 A batch that PostgreSQL refuses (a value it cannot store) is bisected, as the click writer does:
 every good row is written and each bad one kept in signals_quarantine with the reason, so one row
 never stops everyone's signals. Only an unreachable PostgreSQL makes a batch wait for the next round.
+
+Nothing is written for a click whose user was erased after it was made (store/erasure.py): an
+observe that read the click before the erasure may queue its report after the erasure and every
+worker's sweep are done. A flush locks its clicks first, as the erasure does before it deletes their
+signals and detector trails, so one of the two always sees the other: the flush finds the erasure
+and drops the click's rows, or the erasure finds the flush's rows and erases them.
 """
 from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timezone
-from typing import NamedTuple, Sequence, TypeAlias
+from typing import Awaitable, Callable, NamedTuple, Sequence, TypeAlias
 
 import asyncpg
 import orjson
@@ -35,8 +41,11 @@ log = structlog.get_logger("tracker.signals")
 # One statement a flush: new signals inserted, known ones counted. A click's new signals are taken in
 # time order while it holds fewer than MAX_PER_CLICK (observe admits them against the click's `seen`
 # list already; this holds the bound when two workers' observes raced on one click). The flush first
-# locks its clicks (_LOCK_CLICKS, in one order) so that two workers cannot both fill the last places.
-_LOCK_CLICKS = "SELECT pg_advisory_xact_lock($2::integer, hashtext(c)) FROM unnest($1::text[]) AS c"
+# locks its clicks (LOCK_CLICKS, in one order) so that two workers cannot both fill the last places.
+LOCK_CLICKS = "SELECT pg_advisory_xact_lock($2::integer, hashtext(c)) FROM unnest($1::text[]) AS c"
+# The clicks of a batch whose user was erased after the click was made (store/erasure.py).
+_ERASED_CLICKS = ("SELECT c.click_id FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS c(click_id, user_id, "
+                  "created_at) JOIN erasures e ON e.user_id = c.user_id AND e.erased_at >= c.created_at")
 _UPSERT_SIGNALS = (
     "WITH b AS (SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], "
     "$7::timestamptz[], $8::timestamptz[], $9::integer[], $10::boolean[]) "
@@ -50,7 +59,7 @@ _UPSERT_SIGNALS = (
     "WHERE known OR held + place <= $11 "
     "ON CONFLICT (click_id, kind, network, key) DO UPDATE SET count = signals.count + EXCLUDED.count, "
     "last_at = GREATEST(signals.last_at, EXCLUDED.last_at)")
-SIGNALS_LOCK = 740_391  # the first key of _LOCK_CLICKS's two-part advisory locks
+SIGNALS_LOCK = 740_391  # the first key of LOCK_CLICKS's two-part advisory locks
 # Several workers (and pods) flush states of one click, each from its own queue, so an older state
 # can arrive after a newer one. A click's state only moves forward (active -> overwritten | expired
 # -> converted; overwritten and expired are for good), so a state that would move it back is older
@@ -120,16 +129,21 @@ Row: TypeAlias = SignalRecord | StateRecord
 
 class SignalWriter:
     def __init__(self, pool: asyncpg.Pool, interval: float = 0.1, batch_limit: int = 2000,
-                 queue_limit: int = 100_000) -> None:
+                 queue_limit: int = 100_000, forget: Callable[[list[str]], Awaitable[int]] | None = None) -> None:
         self.pool, self.interval, self.batch_limit, self.queue_limit = pool, interval, batch_limit, queue_limit
+        # Deletes clicks' detector states in Redis (SessionStore.forget_states): for erased clicks
+        # whose state an observe in flight wrote back to Redis after the erasure's sweep.
+        self.forget = forget
         self._signals: dict[tuple[str, str, str | None, str], SignalRecord] = {}
         self._states: dict[str, StateRecord] = {}
+        self._users: dict[str, str] = {}  # the user of each click queued (the token's, as observe got it)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     def add(self, click_id: str, merchant: str, user_id: str, signals: Sequence[Signal | Sighting],
             state: StoredState | None) -> None:
         """Queue signals (a bare Signal is one sighting) and the click's new state, if any."""
+        self._users[click_id] = user_id
         for item in signals:
             seen = item if isinstance(item, Sighting) else Sighting(item, 1, item.at)
             s = seen.signal
@@ -173,12 +187,19 @@ class SignalWriter:
 
     async def flush(self) -> None:
         if not self._signals and not self._states:
+            self._users.clear()
             return
         signals, self._signals = list(self._signals.values()), {}
         states, self._states = self._states, {}
-        await self._store([*signals, *states.values()])
+        users, self._users = self._users, {}
+        try:
+            await self._store([*signals, *states.values()], users)
+        finally:
+            for click_id in {k[0] for k in self._signals} | set(self._states):  # what went back to the queue keeps its user
+                if click_id in users:
+                    self._users.setdefault(click_id, users[click_id])
 
-    async def _store(self, rows: list[Row]) -> None:
+    async def _store(self, rows: list[Row], users: dict[str, str]) -> None:
         """Write rows in one transaction; a refused batch is bisected down to the rows PostgreSQL
         will not take, which are quarantined. On any other failure (PostgreSQL away, a stop) what is
         not written yet goes back to the queue and the failure is raised."""
@@ -187,7 +208,7 @@ class SignalWriter:
             batch, refused = todo.pop()
             try:
                 if refused is None:
-                    await self._write(batch)
+                    await self._write(batch, users)
                 elif len(batch) == 1:
                     await self._quarantine(batch[0], refused)
                 else:
@@ -204,15 +225,23 @@ class SignalWriter:
                     self._requeue(pending)
                 raise
 
-    async def _write(self, rows: list[Row]) -> None:
-        signals = [r for r in rows if isinstance(r, SignalRecord)]
-        states = [r for r in rows if isinstance(r, StateRecord)]
-        overwritten = [r.click_id for r in states if r.state == ClickState.OVERWRITTEN]
+    async def _write(self, rows: list[Row], users: dict[str, str]) -> None:
+        clicks = sorted({r.click_id for r in rows})
         announced = 0
         async with self.pool.acquire() as conn:
             async with conn.transaction():
+                # Locked before anything is read, in the erasure's order (store/erasure.py).
+                await conn.execute(LOCK_CLICKS, clicks, SIGNALS_LOCK)
+                known = [c for c in clicks if c in users]
+                erased = {r["click_id"] for r in await conn.fetch(
+                    _ERASED_CLICKS, known, [users[c] for c in known], [click_time(c) for c in known])}
+                if erased:
+                    log.info("erased_clicks_reports_dropped", clicks=len(erased))  # never the user id
+                    rows = [r for r in rows if r.click_id not in erased]
+                signals = [r for r in rows if isinstance(r, SignalRecord)]
+                states = [r for r in rows if isinstance(r, StateRecord)]
+                overwritten = [r.click_id for r in states if r.state == ClickState.OVERWRITTEN]
                 if signals:
-                    await conn.execute(_LOCK_CLICKS, sorted({r.click_id for r in signals}), SIGNALS_LOCK)
                     await conn.execute(_UPSERT_SIGNALS, *zip(*signals), MAX_PER_CLICK)
                 if states:
                     await conn.executemany(_UPSERT_STATE, states)
@@ -221,6 +250,11 @@ class SignalWriter:
                                                     sorted(DEFINITIVE))
         if announced:
             metrics.events(CLICK_OVERWRITTEN).inc(announced)
+        if erased and self.forget is not None:
+            try:
+                await self.forget(sorted(erased))
+            except Exception as exc:  # noqa: BLE001 - Redis away: the state expires with its session
+                log.warning("erased_clicks_states_kept", error=repr(exc)[:200])
 
     def _fold(self, record: SignalRecord) -> None:
         queued = self._signals.get(record.identity)
