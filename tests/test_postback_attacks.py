@@ -14,6 +14,7 @@ from tracker.store.conversions import reconcile
 from tracker.store.merchants import load
 
 from .conftest import ADMIN
+from .test_events import head, new_events
 from .test_postbacks import IMPACT_SECRET, activate, admitad, conversion, history
 
 GENERIC = "test-generic-token"
@@ -329,3 +330,51 @@ async def test_what_a_postback_leaves_out_stays_as_it_was(client, tokens, db):
     rows = await history(db, "generic", "KEEP-1")
     assert [r["outcome"] for r in rows] == ["accepted", "accepted", "duplicate"]
     assert (await conversion(db, "generic", "KEEP-1"))["commission"] == Decimal("7.5")
+
+
+# -- a signed postback carries no time: a replay changes nothing -----------------------------------
+def impact_signed(cid: str, order: str, status: str, payout: str) -> tuple[bytes, dict[str, str]]:
+    body = impact_form(cid, order, status, payout)
+    return body, {"X-Signature": sign(body), "Content-Type": "application/x-www-form-urlencoded"}
+
+
+async def test_a_captured_signed_postback_replayed_later_changes_nothing(client, tokens, db):
+    cid = await activate(client, tokens, "atk-replay-1", "nike")
+    captured = impact_signed(cid, "REPLAY-1", "PENDING", "9.00")  # the network's first report
+    assert (await client.post("/postback/impact", data=captured[0], headers=captured[1])).status == 200
+    later = impact_signed(cid, "REPLAY-1", "PENDING", "3.00")  # its correction before approval
+    assert (await client.post("/postback/impact", data=later[0], headers=later[1])).status == 200
+    before = await conversion(db, "impact", "REPLAY-1")
+    assert before["commission"] == Decimal("3.00")
+    start = await head(client)
+    for _ in range(2):
+        resp = await client.post("/postback/impact", data=captured[0], headers=captured[1])
+        assert resp.status == 200 and await resp.text() == "OK"  # answered as any duplicate
+    after = await conversion(db, "impact", "REPLAY-1")
+    assert (after["status"], after["commission"], after["cashback"], after["updated_at"]) == (
+        before["status"], before["commission"], before["cashback"], before["updated_at"])
+    assert await new_events(client, start) == []
+    assert [r["outcome"] for r in await history(db, "impact", "REPLAY-1")] == [
+        "accepted", "accepted", "duplicate", "duplicate"]
+
+
+async def test_a_replayed_signed_get_or_an_early_reversal_changes_nothing(client, tokens, db):
+    """A signed GET replays the same way; and a reversal that met a pending order (not a move
+    from pending) cannot be replayed once the order is approved."""
+    cid = await activate(client, tokens, "atk-replay-2", "nike")
+    base = str(client.make_url("/postback/impact"))
+
+    def get(query: str):  # the query exactly as signed
+        return client.session.get(URL(f"{base}?{query}", encoded=True), headers={"X-Signature": sign(query.encode())})
+
+    first = impact_form(cid, "REPLAY-2", "PENDING", "8.00").decode()
+    reversal = impact_form(cid, "REPLAY-2", "REVERSED", "8.00").decode()
+    for query in (first, reversal, impact_form(cid, "REPLAY-2", "PENDING", "6.00").decode(),
+                  impact_form(cid, "REPLAY-2", "APPROVED", "6.00").decode()):
+        assert (await get(query)).status == 200
+    start = await head(client)
+    for query in (first, reversal):
+        assert (await get(query)).status == 200
+    conv = await conversion(db, "impact", "REPLAY-2")
+    assert (conv["status"], conv["commission"], conv["cashback"]) == ("approved", Decimal("6.00"), Decimal("4.20"))
+    assert await new_events(client, start) == []

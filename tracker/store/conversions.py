@@ -87,7 +87,7 @@ async def record_postback(conn: Connection, network: str, pb: Postback, raw: Map
                 terms.amount, terms.commission, terms.currency, owed, pb.order_time))},
                 events.conversion_key(conversion_id))
         else:
-            result = await _update(conn, network, pb)
+            result = await _update(conn, network, pb, raw)
         before = result.previous
         await conn.execute(
             "INSERT INTO postback_history (conversion_id, network, order_id, click_id, outcome, status, "
@@ -108,7 +108,7 @@ async def record_postback(conn: Connection, network: str, pb: Postback, raw: Map
     return result
 
 
-async def _update(conn: Connection, network: str, pb: Postback) -> Recorded:
+async def _update(conn: Connection, network: str, pb: Postback, raw: Mapping[str, Any]) -> Recorded:
     row = await conn.fetchrow(
         "SELECT id, status, amount, commission, currency, user_share, merchant, click_id, user_id, cashback "
         "FROM conversions WHERE network = $1 AND order_id = $2 FOR UPDATE", network, pb.order_id)
@@ -117,6 +117,16 @@ async def _update(conn: Connection, network: str, pb: Postback) -> Recorded:
     base = dict(conversion_id=row["id"], merchant=row["merchant"], click_id=row["click_id"],
                 user_id=row["user_id"], previous=current)
     effect = settle(current, pb)
+    # Signed postbacks carry no time of sending (no network's profile signs one), so a captured one
+    # authenticates forever: an older pending replayed after a correction would bring its values
+    # back, an early reversal replayed after approval would reverse the order. A postback that would
+    # change the order but whose parameters the order has met before is a replay or a resend: a
+    # duplicate, whatever it says. Under the row lock every earlier postback of the order is in the
+    # history.
+    if effect in ("moved", "corrected", "adjusted") and await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM postback_history WHERE network = $1 AND order_id = $2 AND raw = $3)",
+            network, pb.order_id, raw):
+        effect = "duplicate"
     if effect in ("ignored", "duplicate"):
         return Recorded("duplicate", status=row["status"], **base)
     if effect == "refused":
