@@ -7,7 +7,7 @@ import pytest
 from tracker.domain.catalog import load_catalog
 from tracker.domain.detection import BadEvent, ClickContext, Detector, SessionState
 from tracker.domain.diagnosis import ClickFacts, diagnose
-from tracker.domain.signals import Signal
+from tracker.domain.signals import MAX_PER_CLICK, Signal, admit, tally
 
 from .conftest import load_merchants
 
@@ -216,3 +216,21 @@ def test_event_times_from_broken_clocks_are_clamped(raw):
     from tracker.domain.detection import parse_at
 
     assert T0 <= parse_at(raw, T0, T0 + 1000) <= T0 + 1000
+
+
+def test_a_flood_of_new_signals_past_the_cap_is_left_out_and_repeats_quote_no_url():
+    """A click holding its 100 signals gets no new one, however many a request carries, and the
+    detector does not quote (shorten) a URL for a signal it will not keep: only a new signal's first
+    sighting carries its URL. The work per request is then the search alone."""
+    params = ("cjevent", "awc", "irclickid", "ranmid", "sscid", "tduid")
+    state = SessionState()
+    first = [nav("https://aliexpress.ru/item/1.html?" + "&".join(f"{p}=v{i}x{j}" for j, p in enumerate(params)), 1)
+             for i in range(20)]
+    found = DETECTOR.observe(ctx(), state, ALI_CHAIN + first, T0 + 60 * 60_000)
+    admitted = admit(tally(found), state.seen)
+    assert len(admitted.added) == MAX_PER_CLICK and state.over_cap == 20 * len(params) - MAX_PER_CLICK
+    assert all("url" in s.signal.evidence for s in admitted.added)
+    again = DETECTOR.observe(ctx(), state, first[:2], T0 + 61 * 60_000)  # seen before: repeats
+    repeated = admit(tally(again), state.seen)
+    assert repeated.added == [] and len(repeated.repeated) == 2 * len(params)
+    assert not any("url" in s.signal.evidence for s in repeated.repeated)

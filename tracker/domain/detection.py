@@ -16,13 +16,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, TypeAlias
+from typing import Any, Callable, TypeAlias
 from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
 from . import trail
 from .catalog import AffiliateCatalog, Hit, host_of, query_fields
 from .merchants import Merchant
-from .signals import MAX_PER_CLICK, Evidence, Signal
+from .signals import MAX_PER_CLICK, Evidence, Signal, digest
 from .states import ClickState, StoredState
 from .targets import host_allowed
 from .text import has_control, without_control
@@ -37,6 +37,10 @@ _OTHER_SCHEME = re.compile(r"(?!https?:)[a-z][a-z0-9+.-]*:", re.IGNORECASE)
 # Evidence quotes at most this much of a URL: the query is cut there before it is taken apart.
 _EVIDENCE_QUERY = 2048
 Found: TypeAlias = tuple[str, str | None, Evidence]  # a signal's kind, network and evidence, before its time
+# A navigation's finding, with the URL its evidence quotes still to be made (None: nothing to quote).
+# Shortening a URL's values costs more than finding its signals, and only a signal new to the click
+# keeps its first URL: a repeat, or one past the click's 100, never needs it.
+Quoted: TypeAlias = tuple[str, str | None, Evidence, Callable[[], str] | None]
 
 
 class BadEvent(ValueError):
@@ -53,6 +57,9 @@ class SessionState:
     expired_signalled: bool = False
     trail: list[TrailEntry] = field(default_factory=list)  # for support: domain/trail.py
     seen: list[str] = field(default_factory=list)  # digests of the click's signals (signals.admit)
+    # Not stored: new signals this observe found for a click that holds MAX_PER_CLICK already, left
+    # out at once (admit() would drop them) so that a flood of them costs no more than finding them.
+    over_cap: int = 0
 
     def dump(self) -> StoredState:
         return {"state": self.state, "landed": self.landed, "bound": self.bound,
@@ -162,6 +169,8 @@ class Detector:
         ttl_ms = ctx.merchant.session_ttl * 1000
         timed = sorted(((parse_at(e.get("at"), ctx.created_ms, now_ms), i, e) for i, e in enumerate(events)),
                        key=lambda t: (t[0], t[1]))
+        known = set(state.seen)
+        fresh: set[str] = set()  # this request's signals new to the click, up to what it may still hold
         for at, _, event in timed:
             late = ctx.converted or state.state == ClickState.CONVERTED
             if not late and at > ctx.created_ms + ttl_ms and state.state == ClickState.ACTIVE:
@@ -171,6 +180,7 @@ class Detector:
                 signals.append(self._signal("session_expired", None, {
                     "session_ttl_s": ctx.merchant.session_ttl}, ctx.created_ms + ttl_ms, False))
             kind = event.get("type")
+            found: list[Found] | list[Quoted]
             if kind == "navigation":
                 found = self._navigation(ctx, state, event.get("url"), at)
             elif kind == "promo_code":
@@ -183,8 +193,17 @@ class Detector:
                 trail.record(state.trail, trail.checkout(at, event))
             else:
                 raise BadEvent(f"unknown event type {event_type(event)!r}")
-            for sig_kind, network, evidence in found:
-                signals.append(self._signal(sig_kind, network, evidence, at, late))
+            for sig_kind, network, evidence, *quote in found:
+                signal = self._signal(sig_kind, network, evidence, at, late)
+                if quote and quote[0] is not None:
+                    d = digest(signal.identity)
+                    if d not in known and d not in fresh:
+                        if len(known) + len(fresh) >= MAX_PER_CLICK:
+                            state.over_cap += 1
+                            continue
+                        fresh.add(d)
+                        signal.evidence["url"] = without_control(quote[0]())
+                signals.append(signal)
                 if not late and sig_kind in DEFINITIVE and state.state == ClickState.ACTIVE:
                     state.state = ClickState.OVERWRITTEN
                     state.overwritten_at = at
@@ -200,14 +219,14 @@ class Detector:
         return Signal(kind, network, evidence, at, late)
 
     def _navigation(self, ctx: ClickContext, state: SessionState, url: Any,
-                    at: int = 0) -> list[Found]:
+                    at: int = 0) -> list[Quoted]:
         if not isinstance(url, str) or _OTHER_SCHEME.match(url):
             return []
         # Browsers report URLs percent-encoded: raw control characters mean a garbled one. Neither it
         # nor one without a host can be searched, and a URL not searched is never taken for clean.
         host = None if has_control(url) else host_of(url)
         if host is None:
-            return [("unreadable_url", None, {"url": url[:200]})]
+            return [("unreadable_url", None, {"url": url[:200]}, None)]
         merchant = ctx.merchant
         hits = self.catalog.scan(url)
         ours_prefix = url.startswith(merchant.partner_url.split("{", 1)[0]) or (
@@ -218,23 +237,27 @@ class Detector:
         if on_store:
             state.landed = True
         keep = frozenset([ctx.click_id, *state.bound.values()])
-        out: list[Found] = []
+        out: list[Quoted] = []
         seen: set[tuple[str, str | None]] = set()
         shown: dict[str, str] = {}  # each URL sanitized once, however many signals quote it
+
+        def quote(where: str) -> Callable[[], str]:
+            def made() -> str:
+                if where not in shown:
+                    shown[where] = sanitize(where, keep)
+                return shown[where]
+            return made
 
         def add(kind: str, hit: Hit, **extra: bool) -> None:
             if (kind, hit.network) in seen:
                 return
             seen.add((kind, hit.network))
-            where = hit.url or url
-            if where not in shown:
-                shown[where] = sanitize(where, keep)
-            evidence: Evidence = {"host": hit.host, "url": shown[where]}
+            evidence: Evidence = {"host": hit.host}
             if hit.param:
                 evidence["param"] = hit.param
                 evidence["value"] = _shorten(hit.value or "", keep)
             evidence.update(extra)
-            out.append((kind, hit.network, evidence))
+            out.append((kind, hit.network, evidence, quote(hit.url or url)))
 
         for hit in hits:
             if hit.risk:
@@ -267,8 +290,9 @@ class Detector:
         if on_store and merchant.excluded_stores:
             store = self._store_id(url)
             if store and store in merchant.excluded_stores:
-                out.append(("excluded_store", None, {"store_id": store, "url": sanitize(url, keep)}))
-        if in_chain:  # the redirect chain and the landing, for support's timeline
+                out.append(("excluded_store", None, {"store_id": store}, quote(url)))
+        # The redirect chain and the landing, for support's timeline (while the trail has room for them).
+        if in_chain and trail.has_room(state.trail, "landing" if state.landed else "chain"):
             ours = frozenset([ctx.click_id, *state.bound.values()])
             trail.record(state.trail, trail.navigation(at, sanitize(url, ours), state.landed))
         return out

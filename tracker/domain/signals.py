@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TypeAlias
 
 # What was seen, as stored in signals.evidence (JSON) and answered: a flat object of text, counts and
@@ -76,15 +77,17 @@ def tally(signals: list[Signal]) -> list[Sighting]:
     """One Sighting per identity, in the order first seen."""
     found: dict[tuple[str, str | None, str], Sighting] = {}
     for s in signals:
-        seen = found.get(s.identity)
+        identity = s.identity
+        seen = found.get(identity)
         if seen is None:
-            found[s.identity] = Sighting(s, 1, s.at)
+            found[identity] = Sighting(s, 1, s.at)
         else:
             seen.count += 1
             seen.last_at = max(seen.last_at, s.at)
     return list(found.values())
 
 
+@lru_cache(maxsize=4096)  # the detector and admit() both ask, for every sighting of a flood
 def digest(identity: tuple[str, str | None, str]) -> str:
     """A signal's identity in 12 characters, for the click's `seen` list (its detector state)."""
     kind, network, key = identity

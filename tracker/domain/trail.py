@@ -28,6 +28,11 @@ class TrailEntry(TypedDict):
     store: NotRequired[str | None]  # checkout
 
 
+def has_room(trail: list[TrailEntry], kind: str) -> bool:
+    """Whether an entry of this kind would still be kept (record's rule), before making one."""
+    return sum(1 for e in trail if e.get("e") == kind) < LIMITS[kind]
+
+
 def record(trail: list[TrailEntry], entry: TrailEntry) -> None:
     """Append an entry unless its kind already has its share (the first ones tell the story)."""
     kind = entry["e"]

@@ -84,8 +84,8 @@ async def observe(request: web.Request) -> web.Response:
                               after if changed else None)
     for seen in admitted.added:
         metrics.signals(merchant.slug, seen.signal.kind, seen.signal.network or "none").inc()
-    if admitted.dropped:
-        metrics.SIGNALS_OVER_CAP.inc(admitted.dropped)
+    if admitted.dropped or state.over_cap:
+        metrics.SIGNALS_OVER_CAP.inc(admitted.dropped + state.over_cap)
     if before["state"] != after["state"]:
         log.info("click_state", click_id=click_id, merchant=merchant.slug, state=after["state"],
                  previous=before["state"])
