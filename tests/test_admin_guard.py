@@ -177,3 +177,17 @@ def test_a_short_admin_key_is_refused_at_start(tmp_path: Path):
     assert load({**base, "TRACKER_ADMIN_KEY": "a" * 32}).admin_key == "a" * 32
     generated = load(base).admin_key  # the development key `make run` generates and prints
     assert len(generated) >= 32 and load(base).admin_key == generated
+
+
+async def test_a_held_client_cannot_start_the_company_sign_in_either(aiohttp_client, settings):
+    from tracker.domain.openid import OpenIDSettings
+
+    # A provider where nothing listens: a client that is not held gets as far as it (503).
+    oidc = OpenIDSettings(f"http://127.0.0.1:{free_port()}", "tracker-console", "s" * 32)
+    client = await aiohttp_client(create_app(replace(behind_proxy(settings), oidc=oidc)))
+    guessing, bystander = "198.51.100.70", "198.51.100.71"
+    for _ in range(10):
+        assert (await client.get(ORPHANS, headers=via(guessing, WRONG))).status == 401
+    await assert_throttled(await client.get("/support/auth/start", headers={"X-Forwarded-For": guessing}))
+    resp = await client.get("/support/auth/start", headers={"X-Forwarded-For": bystander}, allow_redirects=False)
+    assert resp.status == 503 and resp.headers["Retry-After"] and "cannot be reached" in await resp.text()

@@ -141,6 +141,11 @@ class Provider:
             doc = orjson.loads(body) if len(body) <= MAX_DOCUMENT else None
         except ValueError:
             doc = None
+        if status in (400, 401) and isinstance(doc, dict) and doc.get("error") in ("invalid_client",
+                                                                                   "unauthorized_client"):
+            # Not this code's fault: the provider does not take tracker's client id and secret.
+            raise ProviderUnavailable(f"the provider's token endpoint refused tracker's client credentials "
+                                      f"({doc['error']}): check TRACKER_OIDC_CLIENT_ID and TRACKER_OIDC_CLIENT_SECRET")
         if status in (400, 401) and isinstance(doc, dict) and isinstance(doc.get("error"), str):
             error = doc["error"]
             raise CodeRefused(error if error.isascii() and error.replace("_", "").isalpha() else "invalid_grant")

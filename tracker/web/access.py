@@ -43,19 +43,19 @@ async def authenticate(request: web.Request, key: str | None, who: Identify, mis
     app = request.app
     guard, address = app[keys.KEY_GUARD], client_ip(request, app[keys.SETTINGS].trusted_proxies)
     client = guesser(address)
-    _refuse_if_held(await guard.wait(client))
+    refuse_if_held(await guard.wait(client))
     if not key:
         raise Unauthorized(missing)
     actor = await who(app, key)
     if actor is None:
         # Counted and decided in one step: of concurrent guesses only those within the allowance get 401.
-        _refuse_if_held(await guard.wrong(client))
+        refuse_if_held(await guard.wrong(client))
         log.warning("admin_key_refused", client_ip=address, route=request.match_info.route.name)
         raise Unauthorized(wrong)
     return actor
 
 
-def _refuse_if_held(wait: float) -> None:
+def refuse_if_held(wait: float) -> None:
     if wait > 0:
         metrics.RATE_LIMITED.labels("admin_key").inc()
         raise RateLimited("too many wrong keys from this address: wait before trying again", math.ceil(wait))

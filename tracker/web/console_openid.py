@@ -21,10 +21,12 @@ import structlog
 from aiohttp import web
 
 from .. import keys, metrics
+from ..domain.key_guesses import guesser
 from ..domain.openid import CALLBACK_PATH, FLOW_TTL, BadIDToken, agent_name, authorization_url, roles_of
 from ..domain.text import has_control
 from ..domain.tokens import same_secret
 from ..store.openid import CodeRefused, Provider, ProviderUnavailable
+from .access import refuse_if_held
 from .common import client_ip, error_response, one
 from .console_guard import COOKIE, local_next, over_tls, render, set_cookie
 
@@ -68,6 +70,9 @@ def _unavailable(request: web.Request, provider: Provider, exc: ProviderUnavaila
 async def start(request: web.Request) -> web.StreamResponse:
     provider = _provider(request)
     next_path = local_next(one(request, "next"))
+    # A client held by the wrong-key throttle gets 429 for every console sign-in, this one too.
+    address = client_ip(request, request.app[keys.SETTINGS].trusted_proxies)
+    refuse_if_held(await request.app[keys.KEY_GUARD].wait(guesser(address)))
     try:
         endpoint = (await provider.metadata())["authorization_endpoint"]
     except ProviderUnavailable as exc:
