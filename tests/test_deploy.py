@@ -41,8 +41,13 @@ def test_kubernetes_manifests():
     assert pod["securityContext"]["runAsNonRoot"] is True
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert "/var/lib/tracker" in mounts  # the spool
-    secret_keys = {e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"] if "valueFrom" in e}
-    assert secret_keys == {"database-url", "redis-url", "secret", "admin-key"}
+    refs = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e]
+    assert {r["key"] for r in refs if not r.get("optional")} == {"database-url", "redis-url", "secret", "admin-key"}
+    # The console's OpenID sign-in: optional keys, each named (commented out) in the example Secret.
+    optional = {r["key"] for r in refs if r.get("optional")}
+    assert optional == {"oidc-issuer", "oidc-client-id", "oidc-client-secret"}
+    example = (DEPLOY / "k8s" / "secret.example.yaml").read_text()
+    assert all(f"# {key}:" in example for key in optional)
     assert docs["Job"]["spec"]["template"]["spec"]["containers"][0]["args"] == ["migrate"]
     assert docs["CronJob"]["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"] == ["maintain"]
     assert docs["CronJob"]["spec"]["concurrencyPolicy"] == "Forbid"
