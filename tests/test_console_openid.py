@@ -416,6 +416,7 @@ def test_roles_from_a_claim_or_a_dotted_path():
     assert roles_of(claims, "https://example.com/roles") == ("support",)
     assert roles_of(claims, "missing.path") == ()
     assert agent_name({"sub": "x", "email": "a@b.c", "email_verified": False}) == "agent:x"
+    assert len(agent_name({"sub": "s" * 255})) == 200  # as long as the audit trail's actor filter takes
 
 
 def _b64(raw: bytes) -> str:

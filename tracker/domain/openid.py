@@ -40,7 +40,7 @@ FLOW_TTL = 600  # a sign-in at the provider has ten minutes to come back
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "Ed25519", "Ed448")
 LEEWAY = 60  # seconds of clock difference allowed with the provider
 MAX_TOKEN = 16_384
-MAX_NAME = 200
+MAX_NAME = 200  # an agent's name, as GET /v1/audit?actor= can ask for it
 _CLAIM = re.compile(r"[^\s\x00-\x1f\x7f]{1,200}")
 
 
@@ -253,4 +253,4 @@ def agent_name(claims: Mapping[str, Any]) -> str:
     if (isinstance(email, str) and "@" in email and len(email) <= MAX_NAME and email.isprintable()
             and " " not in email and claims.get("email_verified") is not False):
         return email
-    return f"agent:{claims['sub']}"[:MAX_NAME + 60]
+    return f"agent:{claims['sub']}"[:MAX_NAME]  # the audit trail's actor filter takes up to 200 characters
