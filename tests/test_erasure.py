@@ -21,9 +21,11 @@ from tracker.domain.clickid import new_click_id
 from tracker.domain.detection import SessionState
 from tracker.domain.signals import Signal
 from tracker.domain.states import ClickState
+from tracker.store.click import to_record
 from tracker.store.clicks import Click, ClickWriter
 from tracker.store.db import create_pool
 from tracker.store.redis_keys import session_key, state_key
+from tracker.store.refused import quarantine
 from tracker.store.spool import Spool
 
 from .conftest import ADMIN, BROWSER, cli, redis_value
@@ -278,3 +280,44 @@ async def test_a_click_still_in_the_spool_is_erased_as_it_is_replayed(client, se
         writer.spool.close()
         await pool.close()
     assert Decimal  # money is checked above through the API's decimal strings
+
+
+async def test_an_erased_users_console_page_names_none_of_their_clicks_or_orders(client, tokens, db, settings):
+    """The user page's 'who looked at this user' listed the click ids and order ids of an erased
+    user's reads: each led to the click's page (merchant, times, money) under the pseudonym, so the
+    page undid the pseudonym. After an erasure the table still says who looked and when, without
+    what; GET /v1/audit (audit:read) keeps the whole record."""
+    user = "looked-then-erased"
+    cid, _ = await activate(client, tokens, user)
+    assert (await client.get("/postback/admitad", params=admitad(cid, "LOOKED-ORDER-1", "pending", "10.00"))).status == 200
+    assert (await sign_in(client)).status == 303
+    assert (await client.get(f"/support/clicks/{cid}")).status == 200
+    assert (await client.get("/support/orders", params={"order_id": "LOOKED-ORDER-1"})).status == 200
+    text = await (await client.get(f"/support/users/{user}")).text()
+    assert cid in text and "LOOKED-ORDER-1" in text  # before the erasure: what was read
+    await erase(client, user)
+    text = await (await client.get(f"/support/users/{user}")).text()
+    assert "Who looked at this user" in text and "click.read" in text and "user.erase" in text
+    assert cid not in text and "LOOKED-ORDER-1" not in text
+    entries = (await (await client.get("/v1/audit", params={"user_id": user}, headers=ADMIN)).json())["entries"]
+    assert {e["click_id"] for e in entries} >= {cid} and {e["order_id"] for e in entries} >= {"LOOKED-ORDER-1"}
+
+
+async def test_erasing_a_user_takes_only_their_own_quarantined_clicks(client, db, settings):
+    """A quarantined click is its refused row as JSON text, and the erasure took every row holding
+    the user id as any quoted value: erasing a user called `shop` took every quarantined click of the
+    merchant `shop` (or, for `web`, of every web activation). Only the row's user id counts now."""
+    pool = await create_pool(settings.database_url or "")
+    try:
+        theirs, _ = new_click_id()
+        others, _ = new_click_id()
+        for cid, user in ((theirs, "shop"), (others, "someone-else")):
+            click = Click(cid, int(time.time() * 1000), user, "shop", "web", "https://shop.example.com/", None,
+                          "192.0.2.9", "ua", False, "GET")
+            await quarantine(pool, to_record(click), ValueError("refused"))
+        await erase(client, "shop")
+        left = {r["click_id"] for r in await db.fetch("SELECT click_id FROM clicks_quarantine "
+                                                      "WHERE click_id = ANY($1)", [theirs, others])}
+        assert left == {others}
+    finally:
+        await pool.close()

@@ -76,9 +76,10 @@ async def erase(conn: Connection, user_id: str, before: datetime | None = None) 
         await conn.execute(LOCK_CLICKS, sorted(ids), SIGNALS_LOCK)
         done.signals = _count(await conn.execute("DELETE FROM signals WHERE click_id = ANY($1::text[])", ids))
         await conn.execute("DELETE FROM signals_quarantine WHERE click_id = ANY($1::text[])", ids)
-        # A quarantined click is its refused row as JSON text: its user id is there, quoted.
-        await conn.execute("DELETE FROM clicks_quarantine WHERE strpos(record, $1) > 0",
-                           orjson.dumps(user_id).decode())
+        # A quarantined click is its refused row as a JSON list in the clicks' column order: the user
+        # id is its third value (not any value that happens to be spelt like it: a merchant `shop`).
+        await conn.execute("DELETE FROM clicks_quarantine WHERE strpos(record, $1) > 0 AND record::jsonb->>2 = $2",
+                           orjson.dumps(user_id).decode(), user_id)
         await conn.execute(
             "UPDATE click_states SET user_id = $2, detector = NULL WHERE click_id = ANY($1::text[]) "
             "AND (user_id IS DISTINCT FROM $2 OR detector IS NOT NULL)", ids, pseudonym)

@@ -73,11 +73,15 @@ async def _user(request: web.Request, session: Session) -> web.StreamResponse:
     items, nxt, origin = await lookups.user_page(request.app, user_id, 50, before, lag=True)
     names = {slug: m.name for slug, m in request.app[keys.MERCHANTS].merchants.items()}
     # Who looked at this user: for those allowed to read the audit trail (a read of it, recorded too).
-    looked = None
+    # Once the user is erased, which clicks and orders were read is left out: each would lead to
+    # its click's page under the pseudonym and undo it (GET /v1/audit keeps the whole record).
+    looked, erased = None, False
     if session.actor().may(AUDIT_READ):
-        looked = await audit.page(request.app[keys.POOL], user_id=user_id, actor=None, before=None, limit=20)
+        pool = request.app[keys.POOL]
+        looked = await audit.page(pool, user_id=user_id, actor=None, before=None, limit=20)
+        erased = bool(await pool.fetchval("SELECT EXISTS (SELECT 1 FROM erasures WHERE user_id = $1)", user_id))
     return render(request, session, "user.html", user_id=user_id, clicks=items, next=nxt, names=names,
-                  first_page=before is None, looked=looked, origin=origin)
+                  first_page=before is None, looked=looked, erased=erased, origin=origin)
 
 
 async def _order(request: web.Request, session: Session) -> web.StreamResponse:
