@@ -255,7 +255,7 @@ def serve_env(settings: Settings, env: dict[str, str] | None = None) -> dict[str
 
 @contextlib.contextmanager
 def served(settings: Settings, workers: int = 1, env: dict[str, str] | None = None,
-           output: Path | None = None, port: int | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+           output: Path | None = None, port: int | None = None) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """The real `tracker serve` in a subprocess against the test database, ready (/readyz answers 200)
     when this yields (process, base URL), else an error: never a server that did not start. Killed
     afterwards. Its stdout and stderr go to `output` when given. Tests that use it are marked
@@ -280,12 +280,12 @@ def served(settings: Settings, workers: int = 1, env: dict[str, str] | None = No
 
 @contextlib.asynccontextmanager
 async def serve_process(settings: Settings, workers: int = 1, env: dict[str, str] | None = None,
-                        output: Path | None = None) -> AsyncIterator[tuple[subprocess.Popen, str]]:
+                        output: Path | None = None) -> AsyncIterator[tuple[subprocess.Popen[bytes], str]]:
     """`served` for async tests (its start-up wait blocks the loop briefly; nothing else runs)."""
     with served(settings, workers, env, output) as running:
         yield running
 
 
-async def redis_value(client, key: str) -> bytes | None:  # noqa: ANN001
+async def redis_value(client, key: str) -> bytes:  # noqa: ANN001
     """A Redis key's value once the service's batched writes have put it there."""
     return await until(lambda: client.get(key), f"Redis key {key} written")

@@ -36,7 +36,7 @@ def via(address: str, headers: dict[str, str]) -> dict[str, str]:
 
 async def sign_in(client, key: str, address: str):  # noqa: ANN001, ANN201
     page = await client.get("/support/login", headers={"X-Forwarded-For": address})
-    token = CSRF.search(await page.text()).group(1)
+    token = CSRF.findall(await page.text())[0]
     return await client.post("/support/login", data={"csrf": token, "key": key, "next": "/support/"},
                              headers={"X-Forwarded-For": address}, allow_redirects=False)
 

@@ -4,6 +4,7 @@ first; the console's user page shows who looked; rows cannot be changed; maintai
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import asyncpg
 import pytest
@@ -14,7 +15,7 @@ from .test_keys import agent_cookie, bearer, create_key
 from .test_postbacks import activate, admitad
 
 
-async def audit_of(client, **params: str) -> dict:  # noqa: ANN003
+async def audit_of(client, **params: str) -> dict[str, Any]:  # noqa: ANN003
     resp = await client.get("/v1/audit", params=params, headers=ADMIN)
     assert resp.status == 200, await resp.text()
     return await resp.json()

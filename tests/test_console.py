@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta, timezone
+from typing import cast
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from structlog.testing import capture_logs
 
@@ -20,15 +22,15 @@ from .waiting import stored
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
 
-async def sign_in(client: TestClient, key: str = ADMIN_KEY, **headers: str):  # noqa: ANN201
+async def sign_in(client: TestClient[web.Request, web.Application], key: str = ADMIN_KEY, **headers: str):  # noqa: ANN201
     page = await client.get("/support/login", headers=headers)
-    token = CSRF.search(await page.text()).group(1)
+    token = CSRF.findall(await page.text())[0]
     return await client.post("/support/login", data={"csrf": token, "key": key, "next": "/support/"},
                              allow_redirects=False, headers=headers)
 
 
-async def csrf_of(client: TestClient, path: str = "/support/orphans") -> str:
-    return CSRF.search(await (await client.get(path)).text()).group(1)
+async def csrf_of(client: TestClient[web.Request, web.Application], path: str = "/support/orphans") -> str:
+    return CSRF.findall(await (await client.get(path)).text())[0]
 
 
 def assert_hardened(resp) -> None:  # noqa: ANN001
@@ -102,7 +104,7 @@ async def test_secure_cookie_only_over_tls_or_a_trusted_proxy_saying_so(aiohttp_
     nonce = page.cookies["tracker_console_signin"]
     assert nonce["secure"] and nonce["httponly"] and nonce["samesite"] == "Strict"
     # The client's jar keeps a Secure cookie off plain HTTP; the proxy would have passed it on.
-    resp = await proxied.post("/support/login", data={"csrf": CSRF.search(await page.text()).group(1),
+    resp = await proxied.post("/support/login", data={"csrf": CSRF.findall(await page.text())[0],
                                                       "key": ADMIN_KEY},
                               headers={**https, "Cookie": f"tracker_console_signin={nonce.value}"},
                               allow_redirects=False)
@@ -157,7 +159,7 @@ def test_timeline_is_to_scale_with_a_break_for_what_comes_days_later():
     start = datetime(2026, 11, 26, 10, tzinfo=timezone.utc)
     story = [Moment(start + timedelta(seconds=s), "ours", str(s)) for s in (0, 600, 3600, 7200, 5 * 86400)]
     drawing = layout(story, start, 7200, None)
-    xs = [m["x"] for m in drawing.markers]
+    xs = [cast(float, m["x"]) for m in drawing.markers]
     assert len(drawing.segments) == 2 and drawing.break_x is not None
     session = drawing.segments[0]
     assert abs((xs[1] - xs[0]) * 6 - (xs[2] - xs[0])) < 1  # 10 min vs 60 min: linear within the session

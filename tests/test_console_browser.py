@@ -64,7 +64,7 @@ async def _wait_signals(dsn: str, cid: str, count: int) -> None:
 
 
 def _observe(base: str, token: str, cid: str, created: datetime, events: list[tuple[int, dict[str, Any]]]) -> None:
-    body = {"click_id": cid, "events": [{**e, "at": (created + timedelta(seconds=s)).isoformat()} for s, e in events]}
+    body: dict[str, Any] = {"click_id": cid, "events": [{**e, "at": (created + timedelta(seconds=s)).isoformat()} for s, e in events]}
     resp = requests.post(f"{base}/v1/observe", json=body, headers={"Authorization": f"Bearer {token}"}, timeout=10)
     assert resp.status_code == 200, resp.text
 

@@ -36,7 +36,7 @@ def console(servers, database, redis_prefix, tmp_path_factory) -> Iterator[dict[
                              allow_redirects=False, timeout=10)
         assert click.status_code == 302
         session = requests.Session()
-        token = CSRF.search(session.get(f"{base}/support/login", timeout=10).text).group(1)
+        token = CSRF.findall(session.get(f"{base}/support/login", timeout=10).text)[0]
         signed = session.post(f"{base}/support/login", data={"csrf": token, "key": ADMIN_KEY, "next": "/support/"},
                               allow_redirects=False, timeout=10)
         assert signed.status_code == 303

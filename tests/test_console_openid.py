@@ -110,7 +110,7 @@ def browser(stack: dict[str, Any]) -> Iterator[Any]:
 
     with sync_playwright() as pw:
         launched = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        launched.new_context = _patient(launched.new_context)
+        launched.new_context = _patient(launched.new_context)  # type: ignore[method-assign]
         yield launched
         launched.close()
 

@@ -1,13 +1,16 @@
 """The detector, without a server: chains, the same-network case, promo codes, risks, expiry, late."""
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from typing import cast
 
 import pytest
 
 from tracker.domain.catalog import load_catalog
 from tracker.domain.detection import BadEvent, ClickContext, Detector, SessionState
 from tracker.domain.diagnosis import ClickFacts, diagnose
+from tracker.domain.rows import ClickRow
 from tracker.domain.signals import MAX_PER_CLICK, Signal, admit, tally
+from tracker.domain.states import ClickState
 
 from .conftest import load_merchants
 
@@ -138,7 +141,7 @@ def test_expiry_and_overwritten_for_good():
 
 def test_converted_then_late():
     state, signals = run(ALI_CHAIN + [nav("https://aliexpress.ru/?cjevent=abcdef123456", 10)],
-                         context=ctx(converted=True), state=SessionState(state="converted"))
+                         context=ctx(converted=True), state=SessionState(state=ClickState.CONVERTED))
     assert state.state == "converted"
     assert signals and all(s.late for s in signals)
 
@@ -168,7 +171,7 @@ CREATED = NOW - timedelta(days=3)
 
 
 def facts(signals=(), conversions=(), bot=False, created=CREATED):
-    click = {"created_at": created, "bot": bot, "merchant": "aliexpress"}
+    click = cast(ClickRow, {"created_at": created, "bot": bot, "merchant": "aliexpress"})  # the fields read
     return ClickFacts.build(click, MERCHANTS["aliexpress"], None, list(signals), list(conversions), NOW)
 
 

@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 from dataclasses import replace
-from decimal import Decimal
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.pooled
 ZEROS = {"clicks": 0, "conversions": 0, "signals": 0, "events": 0, "sessions": 0}
 
 
-async def erase(client, user: str, headers: dict[str, str] = ADMIN) -> dict:  # noqa: B006
+async def erase(client, user: str, headers: dict[str, str] = ADMIN) -> dict[str, Any]:  # noqa: B006
     resp = await client.delete(f"/v1/users/{user}", headers=headers)
     assert resp.status == 200, await resp.text()
     return await resp.json()
@@ -185,12 +185,12 @@ async def test_erasure_is_safe_while_the_users_clicks_are_still_arriving(aiohttp
         assert resp.status == 302
         return resp.headers["X-Click-Id"]
 
-    async def erase_midway() -> dict:
+    async def erase_midway() -> dict[str, Any]:
         await asyncio.sleep(0)  # let the first clicks reach the writer
         return await erase(client, user)
 
     results = await asyncio.gather(*(click() for _ in range(20)), erase_midway(), *(click() for _ in range(20)))
-    ids, answer = [r for r in results if isinstance(r, str)], results[20]
+    ids, answer = [r for r in results if isinstance(r, str)], cast(dict[str, Any], results[20])
     erased_at = await db.fetchval("SELECT erased_at FROM erasures WHERE user_id = $1", user)
     if durability == "async":
         await stored(db, "SELECT CASE WHEN count(*) = $2 THEN 1 END FROM clicks WHERE click_id = ANY($1)",
@@ -279,7 +279,6 @@ async def test_a_click_still_in_the_spool_is_erased_as_it_is_replayed(client, se
     finally:
         writer.spool.close()
         await pool.close()
-    assert Decimal  # money is checked above through the API's decimal strings
 
 
 async def test_an_erased_users_console_page_names_none_of_their_clicks_or_orders(client, tokens, db, settings):

@@ -8,6 +8,7 @@ import asyncio
 import random
 from datetime import datetime, timezone
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,7 @@ from tracker.domain.clickid import new_click_id
 from tracker.domain.conversions import Postback
 from tracker.domain.events import START, decode_cursor, encode_cursor
 from tracker.domain.signals import Signal
+from tracker.domain.states import StoredState
 from tracker.store.conversions import record_postback
 from tracker.store.db import connect, create_pool
 from tracker.store.events import emit, read_feed, sequence
@@ -62,7 +64,7 @@ async def head(client) -> str:  # noqa: ANN001
         after = page["next"]
 
 
-async def new_events(client, after: str) -> list[dict]:  # noqa: ANN001
+async def new_events(client, after: str) -> list[dict[str, Any]]:  # noqa: ANN001
     page = await feed(client, after)
     return page["events"]
 
@@ -155,7 +157,7 @@ async def test_an_overwritten_click_yields_one_event_however_many_workers_flush_
     start = await head(client)
     pool = await create_pool(database, min_size=4, max_size=8)
     writers = [SignalWriter(pool) for _ in range(4)]  # four workers' writers
-    overwritten = {"state": "overwritten", "overwritten_at": 1_795_660_900_000}
+    overwritten: StoredState = {"state": "overwritten", "overwritten_at": 1_795_660_900_000}
     signal = Signal("foreign_affiliate_param", "cj", {"param": "cjevent"}, 1_795_660_900_000, False)
     risk = Signal("cross_device", None, {"param": "cjevent"}, 1_795_660_900_000, False)
     try:
@@ -221,9 +223,9 @@ async def test_caught_up_means_no_events_and_next_is_after(client, tokens):
     assert (await feed(client, page["next"], types="conversion.created")) == {"events": [], "next": page["next"]}
 
 
-async def events_after(client, after: str, n: int) -> list[dict]:  # noqa: ANN001
+async def events_after(client, after: str, n: int) -> list[dict[str, Any]]:  # noqa: ANN001
     """The events after `after` once there are `n` (the sequencer numbers them within ~0.1 s)."""
-    async def enough() -> list[dict] | None:
+    async def enough() -> list[dict[str, Any]] | None:
         events = await new_events(client, after)
         return events if len(events) >= n else None
     return await until(enough, f"{n} events after {after}")

@@ -22,7 +22,6 @@ from .conftest import SECRET
 from .extension_harness import (
     BANNER,
     CHROMIUM,
-    SHOTS,
     SIGN_IN,
     Banner,
     activate,
@@ -34,6 +33,7 @@ from .extension_harness import (
     tab_id,
     until,
 )
+from .test_console_browser import SHOTS
 
 # The harness's fixtures, used here by name.
 sites, tracker_settings, tracker, browser = (extension_harness.sites, extension_harness.tracker_settings,

@@ -19,7 +19,6 @@ from .conftest import ADMIN_KEY, BROWSER, SECRET, served
 from .extension_harness import (
     BANNER,
     CHROMIUM,
-    SHOTS,
     Banner,
     activate,
     detector_state,
@@ -29,6 +28,7 @@ from .extension_harness import (
     tab_click,
     until,
 )
+from .test_console_browser import SHOTS
 
 # The harness's fixtures, used here by name.
 sites, tracker_settings, tracker, browser = (extension_harness.sites, extension_harness.tracker_settings,

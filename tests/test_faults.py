@@ -9,6 +9,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
@@ -20,6 +21,7 @@ from prometheus_client import REGISTRY
 from tracker import embedded
 from tracker.domain.clickid import click_time, new_click_id
 from tracker.domain.tokens import UserTokens
+from tracker.store.click import Click
 from tracker.store.clicks import ClickWriter
 from tracker.store.db import create_pool, ensure_near_partitions
 from tracker.store.sessions import SessionStore
@@ -162,6 +164,7 @@ async def rows_of(dsn: str, user: str) -> tuple[int, int]:
     try:
         row = await conn.fetchrow("SELECT count(*) AS n, count(DISTINCT click_id) AS d FROM clicks "
                                   "WHERE user_id = $1", user)
+        assert row is not None  # an aggregate: one row
         return row["n"], row["d"]
     finally:
         await conn.close()
@@ -176,15 +179,15 @@ async def wait_rows(dsn: str, user: str, expected: int, timeout: float = 40) -> 
                        ignoring=(OSError, asyncpg.PostgresError))
 
 
-async def readyz(port: int) -> tuple[int, dict]:
+async def readyz(port: int) -> tuple[int, dict[str, Any]]:
     async with aiohttp.ClientSession() as s:
         async with s.get(f"http://127.0.0.1:{port}/readyz") as r:
             return r.status, await r.json()
 
 
-async def readyz_until(port: int, holds, what: str) -> tuple[int, dict]:  # noqa: ANN001
+async def readyz_until(port: int, holds, what: str) -> tuple[int, dict[str, Any]]:  # noqa: ANN001
     """/readyz's (status, body) once `holds(status, body)`."""
-    async def check() -> tuple[int, dict] | None:
+    async def check() -> tuple[int, dict[str, Any]] | None:
         answer = await readyz(port)
         return answer if holds(*answer) else None
     return await until(check, f"/readyz {what}")
@@ -194,8 +197,8 @@ async def test_postgres_down_under_load_loses_no_click(stack: Stack) -> None:
     stack.serve(workers=2)
     await stack.wait_ready()
     load = Load(stack.port, "fault-pg")
-    seen_ready: list[tuple[int, dict]] = []
-    postback_during_outage: list[tuple[int, dict, str | None]] = []
+    seen_ready: list[tuple[int, dict[str, Any]]] = []
+    postback_during_outage: list[tuple[int, dict[str, Any], str | None]] = []
 
     async def outage() -> None:
         await asyncio.sleep(1.0)  # load before the outage (the behaviour under test)
@@ -256,9 +259,9 @@ async def test_redis_killed_under_load(stack: Stack) -> None:
     stack.serve(workers=2, TRACKER_RATE_LIMIT_USER="100000")
     await stack.wait_ready()
     load = Load(stack.port, "fault-redis")
-    seen: list[tuple[int, dict]] = []
+    seen: list[tuple[int, dict[str, Any]]] = []
 
-    observed: list[tuple[int, dict]] = []
+    observed: list[tuple[int, dict[str, Any]]] = []
 
     async def outage() -> None:
         await asyncio.sleep(0.7)  # load before the outage (the behaviour under test)
@@ -301,6 +304,7 @@ async def test_redis_killed_under_load(stack: Stack) -> None:
 async def test_a_dead_worker_is_replaced(stack: Stack) -> None:
     stack.serve(workers=2)
     await stack.wait_ready()
+    assert stack.proc is not None
     parent = psutil.Process(stack.proc.pid)
     children = await until(lambda: len(found := parent.children()) == 2 and found, "two workers")
     victim = children[0].pid
@@ -325,7 +329,7 @@ async def test_a_poisoned_row_does_not_poison_the_batch(stack: Stack, tmp_path: 
         cid, ms = new_click_id()
         target = "https://www.nike.com/\x00bad" if i in (7, 13) else f"https://www.nike.com/{i}"
         rows.append((cid, ms, user, "nike", "web", target, None, "127.0.0.1", "ua", False, "GET"))
-    waiting = [asyncio.ensure_future(writer.write(r)) for r in rows]  # queued before the flushers run
+    waiting = [asyncio.ensure_future(writer.write(Click(*r))) for r in rows]  # queued before the flushers run
     await writer.start()
     try:
         await asyncio.wait_for(asyncio.gather(*waiting), 10)
@@ -354,7 +358,7 @@ async def test_a_bad_row_in_a_batch_for_a_day_without_its_partition(stack: Stack
         cid, ms = new_click_id(far + i)
         target = "https://www.nike.com/\udcffbad" if i == 2 else f"https://www.nike.com/{i}"
         rows.append((cid, ms, user, "nike", "web", target, None, "127.0.0.1", "ua", False, "GET"))
-    waiting = [asyncio.ensure_future(writer.write(r)) for r in rows]
+    waiting = [asyncio.ensure_future(writer.write(Click(*r))) for r in rows]
     await writer.start()
     try:
         await asyncio.wait_for(asyncio.gather(*waiting), 10)
@@ -378,7 +382,7 @@ async def test_a_batch_stores_each_click_at_the_time_its_id_carries(stack: Stack
     writer = ClickWriter(pool, Spool(tmp_path / "spool"), batch_limit=1000, dsn=stack.dsn)
     user = f"fault-time-{size}"
     clicks = [new_click_id() for _ in range(size)]
-    waiting = [asyncio.ensure_future(writer.write((cid, ms, user, "nike", "web", "https://www.nike.com/", "dev",
+    waiting = [asyncio.ensure_future(writer.write(Click(cid, ms, user, "nike", "web", "https://www.nike.com/", "dev",
                                                    "127.0.0.1", "ua", i % 2 == 0, "GET")))
                for i, (cid, ms) in enumerate(clicks)]
     await writer.start()
@@ -401,7 +405,7 @@ async def test_async_mode_spills_to_the_spool_when_the_queue_is_full(stack: Stac
             cid, ms = new_click_id()
             rows.append((cid, ms, "fault-spill", "nike", "web", "https://www.nike.com/", None, None, "ua", False, "GET"))
         for row in rows:  # no flusher running yet: the writer has fallen behind
-            await writer.write(row)
+            await writer.write(Click(*row))
         assert writer.queued == 10 and writer.pending_spool == 15
         await writer.start()
         await writer.replay()
@@ -421,8 +425,8 @@ async def test_rows_with_lone_surrogates_are_quarantined_too(stack: Stack, tmp_p
         good_id, ms = new_click_id()
         bad_id, _ = new_click_id()
         await asyncio.gather(
-            writer.write((good_id, ms, "fault-surrogate", "nike", "web", "https://www.nike.com/", None, None, "ua", False, "GET")),
-            writer.write((bad_id, ms, "fault-surrogate", "nike", "web", "https://www.nike.com/\\ud800", None, None,
+            writer.write(Click(good_id, ms, "fault-surrogate", "nike", "web", "https://www.nike.com/", None, None, "ua", False, "GET")),
+            writer.write(Click(bad_id, ms, "fault-surrogate", "nike", "web", "https://www.nike.com/\\ud800", None, None,
                           "ua\ud800", False, "GET")))
         stored = {r["click_id"] for r in await pool.fetch("SELECT click_id FROM clicks WHERE user_id = 'fault-surrogate'")}
         assert stored == {good_id}
@@ -445,7 +449,7 @@ async def test_a_backlog_is_written_in_merged_batches_and_every_waiter_is_releas
     try:
         # 100 clicks queued before the flushers run: ten sealed batches of ten.
         ids = [new_click_id() for _ in range(100)]
-        waiters = [asyncio.ensure_future(writer.write((cid, ms, "merge-user", "nike", "web", "https://www.nike.com/",
+        waiters = [asyncio.ensure_future(writer.write(Click(cid, ms, "merge-user", "nike", "web", "https://www.nike.com/",
                                                         None, "127.0.0.1", "ua", False, "GET")))
                    for cid, ms in ids]
         await writer.start()
@@ -467,7 +471,7 @@ async def test_a_cancelled_request_does_not_cancel_the_others_waiting_on_its_bat
                          dsn=settings.database_url)
     try:
         ids = [new_click_id() for _ in range(5)]
-        waiters = [asyncio.ensure_future(writer.write((cid, ms, "cancel-user", "nike", "web", "https://www.nike.com/",
+        waiters = [asyncio.ensure_future(writer.write(Click(cid, ms, "cancel-user", "nike", "web", "https://www.nike.com/",
                                                         None, "127.0.0.1", "ua", False, "GET")))
                    for cid, ms in ids]
         await asyncio.sleep(0)  # all five are queued in one batch and waiting
@@ -496,7 +500,7 @@ async def test_rows_that_arrive_within_the_linger_share_one_copy(settings, db):
 
     async def click(i: int) -> None:
         cid, ms = new_click_id()
-        await writers[i].write((cid, ms, f"linger-user-{i}", "nike", "web", "https://www.nike.com/", None,
+        await writers[i].write(Click(cid, ms, f"linger-user-{i}", "nike", "web", "https://www.nike.com/", None,
                                 "127.0.0.1", "ua", False, "GET"))
     try:
         # A 2 s linger: the first click goes at once (nothing ran before); the next 19, one by one
@@ -510,15 +514,15 @@ async def test_rows_that_arrive_within_the_linger_share_one_copy(settings, db):
         # No linger: the flushers take each click as it comes (each here queued once the last was taken).
         for n in range(20):
             await click(1)
-            await until(lambda n=n: len(copies[1]) == n + 1, "the click taken by a flusher")
+            await until(lambda: len(copies[1]) == n + 1, "the click taken by a flusher")  # noqa: B023 - awaited here
         for i in (0, 1):
-            await until(lambda w=writers[i]: w.queued == 0, "the writer's queue written")
+            await until(lambda: writers[i].queued == 0, "the writer's queue written")  # noqa: B023 - awaited here
             assert await db.fetchval("SELECT count(*) FROM clicks WHERE user_id = $1", f"linger-user-{i}") == 20
         assert copies[0] == [1, 19]
         assert copies[1] == [1] * 20
         # Commit mode with nothing in flight does not wait out its (here: one minute) linger.
         cid, ms = new_click_id()
-        await asyncio.wait_for(writers[2].write((cid, ms, "linger-commit", "nike", "web", "https://www.nike.com/",
+        await asyncio.wait_for(writers[2].write(Click(cid, ms, "linger-commit", "nike", "web", "https://www.nike.com/",
                                                  None, "127.0.0.1", "ua", False, "GET")), 10)
         assert await db.fetchval("SELECT count(*) FROM clicks WHERE user_id = 'linger-commit'") == 1
     finally:
@@ -543,8 +547,8 @@ async def test_a_slow_redis_delays_session_writes_but_does_not_drop_them(stack: 
         await admin.execute_command("CLIENT", "PAUSE", "1200", "WRITE")
         ids = [new_click_id()[0] for _ in range(20)]
         for click_id in ids:
-            store.put_session(click_id, {"u": "slow-redis", "m": "nike"}, 600)
-        hurried.put_session("hurried-click", {"u": "slow-redis", "m": "nike"}, 600)
+            store.put_session(click_id, {"u": "slow-redis", "m": "nike", "t": 0}, 600)
+        hurried.put_session("hurried-click", {"u": "slow-redis", "m": "nike", "t": 0}, 600)
         async def all_stored() -> bool:  # reads go on during a WRITE pause; the writes land after 1.2 s
             return all(await client.mget([store.session_key(i) for i in ids]))
         await until(all_stored, "the 20 sessions written after the pause")
@@ -572,12 +576,12 @@ async def test_stopping_during_a_slow_batch_still_writes_its_sessions(stack: Sta
     try:
         # The batcher's first calls (this worker's heartbeat, a first session) are done before the
         # pause, so that the next call in flight is the one carrying the batch below.
-        store.put_session("warm-up", {"u": "stopping", "m": "nike"}, 600)
+        store.put_session("warm-up", {"u": "stopping", "m": "nike", "t": 0}, 600)
         assert await redis_value(client, store.session_key("warm-up")) is not None
         await admin.execute_command("CLIENT", "PAUSE", "500", "WRITE")
         ids = [new_click_id()[0] for _ in range(5)]
         for click_id in ids:
-            store.put_session(click_id, {"u": "stopping", "m": "nike"}, 600)
+            store.put_session(click_id, {"u": "stopping", "m": "nike", "t": 0}, 600)
         await until(lambda: not store._ops, "the batch taken by the call in flight (waiting for the pause to end)")
         await store.stop()  # cancels it; the last call waits out the pause and writes them
         assert all(await client.mget([store.session_key(i) for i in ids]))
@@ -629,7 +633,7 @@ async def test_a_slow_answer_on_the_request_path_does_not_mark_redis_down(stack:
         assert await store.get_session_and_state("any-click") == (None, None, False)
         assert store.ok  # still trusted: the next request asks Redis again
         await admin.ping()  # answered once the pause is over
-        store.put_session("after-pause", {"u": "slow", "m": "nike"}, 600)
+        store.put_session("after-pause", {"u": "slow", "m": "nike", "t": 0}, 600)
         assert await redis_value(client, store.session_key("after-pause")) is not None
     finally:
         await admin.execute_command("CLIENT", "UNPAUSE")

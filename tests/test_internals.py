@@ -35,7 +35,7 @@ class OtherHandleError:
 ])
 def test_a_missing_aiohttp_internal_fails_clearly(kwargs: dict[str, object], names: str) -> None:
     with pytest.raises(internals.InternalsChanged) as raised:
-        internals.check(metrics.REDIRECT_SECONDS, **kwargs)  # type: ignore[arg-type]
+        internals.check(metrics.REDIRECT_SECONDS, **kwargs)
     message = str(raised.value)
     assert message.startswith("aiohttp 3.") and names in message
     assert internals.WRITTEN_FOR["aiohttp"] in message

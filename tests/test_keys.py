@@ -8,6 +8,7 @@ import time
 from dataclasses import replace
 from ipaddress import ip_network
 
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from tracker import keys
@@ -133,7 +134,7 @@ def agent_cookie(app, who: str, *roles: str) -> str:  # noqa: ANN001
     return cookie
 
 
-async def test_console_actions_follow_the_agents_roles(client: TestClient):
+async def test_console_actions_follow_the_agents_roles(client: TestClient[web.Request, web.Application]):
     assert agent("a", ["support"]).scopes == {"lookups:read"}
     assert agent("a", ["operator"]).scopes == {"lookups:read", "orphans:write"}
     assert agent("a", ["admin"]).scopes == {"lookups:read", "orphans:write", "users:erase", "audit:read"}
@@ -147,9 +148,11 @@ async def test_console_actions_follow_the_agents_roles(client: TestClient):
         assert page.status == (200 if can_read else 403), roles
         for path in ("/support/overview", "/support/users/u1", "/support/?q=u1"):
             assert (await client.get(path, allow_redirects=False)).status in ((200, 303) if can_read else (403,))
-        token = client.app[keys.CONSOLE].csrf(client.app[keys.CONSOLE].read(
+        console = client.app[keys.CONSOLE].read(
             client.session.cookie_jar.filter_cookies(client.make_url("/support/"))["tracker_console"].value,
-            time.time()).session_id)
+            time.time())
+        assert console is not None
+        token = client.app[keys.CONSOLE].csrf(console.session_id)
         done = await client.post("/support/orphans/reconcile", data={"csrf": token}, allow_redirects=False)
         assert done.status == (303 if can_reconcile else 403), roles
     assert CSRF  # the console's forms carry the token the test reads above

@@ -1,5 +1,6 @@
 """POST /v1/observe and the live stream, over HTTP with real PostgreSQL and Redis."""
 import asyncio
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -36,7 +37,7 @@ async def observe(client, tokens, user, cid, events):
     return await client.post("/v1/observe", json={"click_id": cid, "events": events}, headers=auth(tokens, user))
 
 
-def overwritten_by_another_admitad_publisher(body: dict) -> None:
+def overwritten_by_another_admitad_publisher(body: dict[str, Any]) -> None:
     """An observe's answer: the click overwritten by another publisher's Admitad link."""
     assert body["state"] == "overwritten" and body["action"] == "reactivate"
     [signal] = body["signals"]
@@ -127,7 +128,7 @@ async def test_promo_code_and_converted_then_late(client, tokens, db):
     await client.get("/postback/admitad", params={
         "token": "test-admitad-token", "subid": cid, "order_id": "OBS-1", "status": "pending",
         "payment_sum": "5", "currency": "RUB"})
-    async def converted() -> dict | None:
+    async def converted() -> dict[str, Any] | None:
         body = await (await observe(client, tokens, "o-user-2", cid, [
             {"type": "promo_code", "code": "SAVE10"}])).json()
         return body if body["state"] == "converted" else None
@@ -172,7 +173,8 @@ async def test_bounded_and_malformed_bodies(client, tokens):
 
 
 async def read_events(resp, count, timeout=10):
-    events, buf = [], b""
+    events: list[tuple[str, Any]] = []
+    buf = b""
     async def pump():
         nonlocal buf
         while len(events) < count:

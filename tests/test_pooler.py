@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import subprocess
 import sys
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -115,7 +116,7 @@ async def test_pgbouncer_restarted_under_load_loses_no_click(settings, servers, 
         async with serve_process(pooled, workers=2) as (_, base):
             port = int(base.rsplit(":", 1)[1])
             load = Load(port, "fault-pgbouncer")
-            seen: list[dict] = []
+            seen: list[dict[str, Any]] = []
 
             async def restart() -> None:
                 await asyncio.sleep(1.0)  # load before the restart (the behaviour under test)

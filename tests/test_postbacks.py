@@ -90,7 +90,7 @@ def test_profiles_read_real_payloads():
     pb = read_postback({"subid1": "X", "actionid": "1000.5821.3", "status": "REVERSED", "payout": "4.10",
                         "amount": "41.00", "currency": "EUR", "eventdate": "2026-11-20T10:00:00-05:00"},
                        p["impact"])
-    assert pb.status == "reversed" and pb.order_time.utcoffset() is not None
+    assert pb.status == "reversed" and pb.order_time is not None and pb.order_time.utcoffset() is not None
     pb = read_postback({"clickref": "X", "transactionid": "777", "status": "declined", "commission": "3",
                         "amount": "30", "currency": "GBP"}, p["awin"])
     assert pb.status == "declined"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from typing import Any
 
 import asyncpg
 import orjson
@@ -24,7 +25,7 @@ PARAMS = ["cjevent", "irclickid", "ranmid", "awc", "sscid", "clickref", "campid"
           "avad", "a8", "gclid", "fbclid", "msclkid", "ttclid", "yclid", "twclid"]
 
 
-def flood_events(n: int = 100) -> list[dict]:
+def flood_events(n: int = 100) -> list[dict[str, Any]]:
     query = "&".join(f"{p}={p}0123456789abcdef" for p in PARAMS)
     return [{"type": "navigation", "url": f"https://aliexpress.ru/item/{i}.html?{query}"} for i in range(n)]
 
@@ -32,6 +33,7 @@ def flood_events(n: int = 100) -> list[dict]:
 async def rows_and_sightings(db: asyncpg.Connection, cid: str) -> tuple[int, int]:
     row = await db.fetchrow("SELECT count(*) AS n, coalesce(sum(count), 0) AS total FROM signals "
                             "WHERE click_id = $1", cid)
+    assert row is not None  # an aggregate: one row
     return row["n"], row["total"]
 
 
@@ -67,7 +69,7 @@ async def _stored(db: asyncpg.Connection, cid: str, expected: tuple[int, int]) -
 async def test_a_click_holds_at_most_100_signals(client, tokens, db):
     cid, _ = await activate(client, tokens, "bound-2")
 
-    def codes(start: int, n: int) -> list[dict]:
+    def codes(start: int, n: int) -> list[dict[str, Any]]:
         return [{"type": "promo_code", "code": f"CODE{i}"} for i in range(start, start + n)]
 
     first = await (await observe(client, tokens, "bound-2", cid, codes(0, 60))).json()
@@ -126,6 +128,7 @@ async def test_a_writer_folds_sightings_before_postgresql(database):
         await writer.flush()
         async with pool.acquire() as conn:
             row = await conn.fetchrow("SELECT count, at, last_at FROM signals WHERE click_id = $1", cid)
+        assert row is not None
         assert row["count"] == 50 and (row["last_at"] - row["at"]).total_seconds() == 0.049
     finally:
         await pool.close()
@@ -145,7 +148,7 @@ async def test_the_migration_folds_the_duplicates_stored_before(servers):
                 async with conn.transaction():
                     await conn.execute(path.read_text())
             cid = new_click_id()[0]
-            rows = [(cid, "cj", "foreign_affiliate_param", {"param": "cjevent", "value": "abc123…", "url": f"u{i}"}, i)
+            rows: list[tuple[str, str | None, str, dict[str, str], int]] = [(cid, "cj", "foreign_affiliate_param", {"param": "cjevent", "value": "abc123…", "url": f"u{i}"}, i)
                     for i in range(30)]
             rows += [(cid, None, "cross_device", {"activated_on": "a", "ordered_on": "b"}, i) for i in range(5)]
             rows += [(cid, None, "foreign_promo_code", {"code": c}, 1) for c in ("X", "Y")]

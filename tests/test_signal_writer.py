@@ -3,6 +3,7 @@ quarantined, every other row is stored, and nothing is retried for ever."""
 
 from tracker.domain.clickid import new_click_id
 from tracker.domain.signals import Signal
+from tracker.domain.states import StoredState
 from tracker.store.db import create_pool
 from tracker.store.signals import SignalWriter
 
@@ -52,9 +53,9 @@ async def test_an_older_state_flushed_later_does_not_move_a_click_back(database)
     first, second = SignalWriter(pool), SignalWriter(pool)
     try:
         cid = new_click_id()[0]
-        newer = {"state": "overwritten", "landed": True, "bound": {"admitad:admitad_uid": "ours"},
+        newer: StoredState = {"state": "overwritten", "landed": True, "bound": {"admitad:admitad_uid": "ours"},
                  "overwritten_at": 1_795_660_900_000}
-        older = {"state": "active", "landed": True, "bound": {"admitad:admitad_uid": "ours"},
+        older: StoredState = {"state": "active", "landed": True, "bound": {"admitad:admitad_uid": "ours"},
                  "overwritten_at": None}
         first.add(cid, "aliexpress", "race-user", [signal()], newer)
         second.add(cid, "aliexpress", "race-user", [], older)
@@ -63,6 +64,7 @@ async def test_an_older_state_flushed_later_does_not_move_a_click_back(database)
         async with pool.acquire() as conn:
             row = await conn.fetchrow("SELECT state, overwritten_at, detector::text FROM click_states "
                                       "WHERE click_id = $1", cid)
+        assert row is not None
         assert row["state"] == "overwritten" and row["overwritten_at"] is not None
         assert '"overwritten"' in row["detector"]
         # Forward moves still happen: expired and converted clicks are not pinned to older states.

@@ -8,7 +8,7 @@ import dataclasses
 import os
 import signal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from tracker import embedded
 from tracker.app import REDIS_MAX_CONNECTIONS
+from tracker.domain.trail import TrailEntry
 from tracker.store.feed import QUEUE_SIZE, Link, StateFeed
 from tracker.store.redis_keys import channel as channel_of
 from tracker.store.redis_keys import session_key
@@ -236,16 +237,22 @@ async def test_a_converted_state_is_replaced_only_when_forced(settings):
     admin = aioredis.Redis.from_url(settings.redis_url)
     store = SessionStore(admin, settings.redis_prefix)
 
+    async def stored_status(cid: str) -> Any:
+        raw = await admin.get(store.state_key(cid))
+        assert raw is not None
+        return orjson.loads(raw)["status"]
+
     async def stored(cid: str) -> Any:
         raw = await admin.get(store.state_key(cid))
+        assert raw is not None
         return orjson.loads(raw)["state"]
 
     assert await store.save_state("guard-1", {"state": "converted", "status": "pending"}, 600, force=True)
     assert await store.save_state("guard-1", {"state": "overwritten"}, 600)
     assert await stored("guard-1") == "converted"
     assert await store.save_state("guard-1", {"state": "converted", "status": "approved"}, 600, force=True)
-    assert orjson.loads(await admin.get(store.state_key("guard-1")))["status"] == "approved"
-    assert await store.save_state("guard-2", {"state": "active", "trail": [{"state": "converted"}]}, 600)
+    assert await stored_status("guard-1") == "approved"
+    assert await store.save_state("guard-2", {"state": "active", "trail": [cast(TrailEntry, {"state": "converted"})]}, 600)
     assert await store.save_state("guard-2", {"state": "overwritten"}, 600)
     assert await stored("guard-2") == "overwritten"
     await admin.aclose()

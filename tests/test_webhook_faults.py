@@ -24,7 +24,7 @@ EVENTS = 30
 CONCURRENCY = 4
 
 
-def serve(settings, port: int, log) -> subprocess.Popen:  # noqa: ANN001
+def serve(settings, port: int, log) -> subprocess.Popen[bytes]:  # noqa: ANN001
     env = serve_env(settings, {"TRACKER_WEBHOOK_TIMEOUT": "2", "TRACKER_WEBHOOK_LEASE": "3",
                                "TRACKER_WEBHOOK_RETRY_BASE_MS": "100", "TRACKER_WEBHOOK_POLL_MS": "20",
                                "TRACKER_WEBHOOK_CONCURRENCY": str(CONCURRENCY)})

@@ -9,7 +9,7 @@ import dataclasses
 import json
 import subprocess
 from collections import Counter
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 import yaml
@@ -31,13 +31,13 @@ FAST = {"webhook_timeout": 1, "webhook_lease": 3, "webhook_retry_base_ms": 50, "
         "webhook_concurrency": 2}
 
 
-def with_webhooks(*hooks: dict) -> dict:
+def with_webhooks(*hooks: dict[str, Any]) -> dict[str, Any]:
     doc = copy.deepcopy(GOOD)
     doc["webhooks"] = list(hooks)
     return doc
 
 
-async def subscribe(db, *hooks: dict) -> dict:  # noqa: ANN001
+async def subscribe(db, *hooks: dict[str, Any]) -> dict[str, Any]:  # noqa: ANN001
     """Make the module database's subscribers exactly these (the others are deactivated)."""
     return await sync(db, parse(with_webhooks(*hooks)))
 
@@ -46,15 +46,15 @@ async def start_app(aiohttp_client, settings, **overrides):  # noqa: ANN001, ANN
     return await aiohttp_client(create_app(dataclasses.replace(settings, **{**FAST, **overrides})))
 
 
-async def deliveries(db, webhook: str) -> list[dict]:  # noqa: ANN001
+async def deliveries(db, webhook: str) -> list[dict[str, Any]]:  # noqa: ANN001
     rows = await db.fetch("SELECT d.state, d.attempts, d.last_status, e.public_id, e.type FROM webhook_deliveries d "
                           "JOIN events e ON e.id = d.event_id WHERE d.webhook = $1 ORDER BY d.event_id", webhook)
     return [dict(r) for r in rows]
 
 
-async def deliveries_once(db, webhook: str, holds: Callable[[list[dict]], bool], what: str) -> list[dict]:  # noqa: ANN001
+async def deliveries_once(db, webhook: str, holds: Callable[[list[dict[str, Any]]], bool], what: str) -> list[dict[str, Any]]:  # noqa: ANN001
     """`webhook`'s deliveries once there are some and `holds(rows)` is true (the dispatcher runs apart)."""
-    async def check() -> list[dict] | None:
+    async def check() -> list[dict[str, Any]] | None:
         rows = await deliveries(db, webhook)
         return rows if rows and holds(rows) else None
     return await until(check, f"{webhook}'s deliveries {what}")
@@ -182,7 +182,7 @@ async def test_410_fails_at_once_and_retry_sends_again(aiohttp_client, settings,
         await receiver.stop()
 
 
-def cli(settings, *args: str, check: bool = True) -> subprocess.CompletedProcess:  # noqa: ANN001
+def cli(settings, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
     out = run_cli(settings, *args)
     assert out.returncode == 0 or not check, out.stderr
     return out

@@ -10,7 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar, overload
 
 import aiohttp
 
@@ -24,8 +24,14 @@ def _never(what: str, seconds: float, last: Any) -> AssertionError:
                           f"{seen[:300] + '...' if len(seen) > 300 else seen})")
 
 
-async def until(check: Callable[[], T | Awaitable[T]], what: str, seconds: float = 20.0,
-                ignoring: tuple[type[BaseException], ...] = ()) -> T:
+@overload
+async def until(check: Callable[[], Awaitable[T | None]], what: str, seconds: float = 20.0,
+                ignoring: tuple[type[BaseException], ...] = ()) -> T: ...
+@overload
+async def until(check: Callable[[], T | None], what: str, seconds: float = 20.0,
+                ignoring: tuple[type[BaseException], ...] = ()) -> T: ...
+async def until(check: Callable[[], Any], what: str, seconds: float = 20.0,
+                ignoring: tuple[type[BaseException], ...] = ()) -> Any:
     """`check()`'s first true answer (`check` may be a coroutine function). An exception of a type in
     `ignoring` counts as "not yet"; nothing true within `seconds` is an AssertionError naming `what`."""
     deadline = time.monotonic() + seconds
@@ -39,13 +45,13 @@ async def until(check: Callable[[], T | Awaitable[T]], what: str, seconds: float
             last = exc
         else:
             if last:
-                return last  # type: ignore[no-any-return]
+                return last
         if time.monotonic() > deadline:
             raise _never(what, seconds, last)
         await asyncio.sleep(EVERY)
 
 
-def until_blocking(check: Callable[[], T], what: str, seconds: float = 20.0,
+def until_blocking(check: Callable[[], T | None], what: str, seconds: float = 20.0,
                    ignoring: tuple[type[BaseException], ...] = (),
                    pause: Callable[[float], object] = time.sleep) -> T:
     """`until` for code without an event loop (fixtures, threads, Playwright's sync API). `pause`
@@ -65,12 +71,12 @@ def until_blocking(check: Callable[[], T], what: str, seconds: float = 20.0,
         pause(EVERY)
 
 
-def _alive(process: subprocess.Popen | None, log: object) -> None:
+def _alive(process: subprocess.Popen[bytes] | None, log: object) -> None:
     if process is not None and process.poll() is not None:
         raise AssertionError(f"the server exited with {process.returncode} before it answered; see {log}")
 
 
-def answers_blocking(url: str | urllib.request.Request, process: subprocess.Popen | None = None,
+def answers_blocking(url: str | urllib.request.Request, process: subprocess.Popen[bytes] | None = None,
                      log: object = "its output", seconds: float = 30.0, context: ssl.SSLContext | None = None) -> None:
     """Until GET `url` answers 200; fails at once if `process` (the server) has exited."""
     def answered() -> bool:
@@ -84,7 +90,7 @@ def answers_blocking(url: str | urllib.request.Request, process: subprocess.Pope
     until_blocking(answered, f"{target} answering 200", seconds)
 
 
-async def answers(url: str, process: subprocess.Popen | None = None, log: object = "its output",
+async def answers(url: str, process: subprocess.Popen[bytes] | None = None, log: object = "its output",
                   seconds: float = 30.0) -> None:
     """`answers_blocking` without blocking the event loop."""
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
