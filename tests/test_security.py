@@ -140,6 +140,31 @@ async def test_observe_rate_limit_per_user(aiohttp_client, settings, tokens):
     assert resp.status == 404  # not 429: it is simply not their click
 
 
+async def test_a_report_counts_for_each_ten_of_its_events_against_the_users_limit(aiohttp_client, settings, tokens):
+    """One account sending 100-event reports gets a tenth of the reports a shopper's small ones get:
+    the detector's work per account per minute is bounded, not only its requests. (Counts are compared
+    with room for the limiter's own rounding: it decides in memory and settles with Redis after.)"""
+    client = await aiohttp_client(create_app(dataclasses.replace(settings, rate_limit_observe_user=30)))
+    one_minute(client.server.app)
+
+    async def admitted(user: str, events: int) -> int:
+        resp = await client.get("/go/aliexpress", params={"u": tokens.mint(user)}, allow_redirects=False,
+                                headers=BROWSER)
+        body = {"click_id": resp.headers["X-Click-Id"],
+                "events": [{"type": "navigation", "url": f"https://aliexpress.ru/item/{i}.html"} for i in range(events)]}
+        auth = {"Authorization": f"Bearer {tokens.mint(user)}"}
+        for n in range(40):
+            resp = await client.post("/v1/observe", json=body, headers=auth)
+            if resp.status == 429:
+                assert (await resp.json())["error"] == "rate_limited" and int(resp.headers["Retry-After"]) >= 1
+                return n
+            assert resp.status == 200, await resp.text()
+        return 40
+
+    big, small = await admitted("flooder", 100), await admitted("shopper", 10)
+    assert 2 <= big <= 4 and small >= 28, (big, small)  # 100 events count 10, 10 events count 1
+
+
 # -- slow clients -----------------------------------------------------------------------------------
 async def test_a_body_that_does_not_arrive_gets_408_and_the_connection_is_closed(settings, tokens):
     slow = dataclasses.replace(settings, body_timeout=1)

@@ -22,6 +22,9 @@ MAX_BODY = 64 * 1024
 MAX_EVENTS = 100
 
 
+EVENTS_PER_REPORT = 10  # the events one report counts for against TRACKER_RATE_LIMIT_OBSERVE_USER
+
+
 async def _body(request: web.Request) -> dict[str, Any]:
     doc = json_object(await read_body(request, MAX_BODY))
     events = doc.get("events")
@@ -47,6 +50,14 @@ async def observe(request: web.Request) -> web.Response:
         raise RateLimited(f"too many reports per {'address' if over[0] == 'ip' else 'user'}, retry later",
                           over[1])
     doc = await _body(request)
+    # A report's cost grows with its events: past the first EVENTS_PER_REPORT, each further
+    # EVENTS_PER_REPORT (or part) counts as one more report against the user's limit, so that one
+    # account sending 100-event reports gets a tenth of the reports, and of the detector's time.
+    extra = (len(doc["events"]) - 1) // EVENTS_PER_REPORT
+    if extra > 0 and settings.rate_limit_observe_user > 0:
+        over = app[keys.SESSIONS].over_limit([("observer", user_id, settings.rate_limit_observe_user)] * extra)
+        if over is not None:
+            raise RateLimited("too many reported events per user, retry later", over[1])
     click_id = doc["click_id"]
     if not is_click_id(click_id):
         raise NotFound("no such click")
