@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from .conversions import money
 from .detection import DEFINITIVE
-from .merchants import Merchant
+from .merchants import CONFIRMATION_WINDOW, SESSION_TTL, Merchant
 from .rows import ClickRow, ClickStateRow, ConversionRow, SignalRow
 from .states import ClickState
 
@@ -44,8 +44,8 @@ class ClickFacts:
     @classmethod
     def build(cls, click: ClickRow, merchant: Merchant | None, stored: ClickStateRow | None,
               signals: list[SignalRow], conversions: list[ConversionRow], now: datetime) -> "ClickFacts":
-        ttl = merchant.session_ttl if merchant else 7200
-        window = merchant.confirmation_window if merchant else 90 * 86400
+        ttl = merchant.session_ttl if merchant else SESSION_TTL
+        window = merchant.confirmation_window if merchant else CONFIRMATION_WINDOW
         stored_state = stored["state"] if stored else None
         state = click_state(click["created_at"], now, ttl, stored_state, bool(conversions),
                             any(s["kind"] in DEFINITIVE and not s.get("late") for s in signals))

@@ -41,6 +41,12 @@ def quote_all(value: str) -> str:
     return value.translate(_QUOTE_ALL) if value.isascii() else quote(value, safe="")
 
 
+# A merchant's session and order confirmation window when its file names none; the same defaults
+# stand in for a merchant that is gone from the file when support looks at one of its old clicks.
+SESSION_TTL = 2 * 3600  # seconds
+CONFIRMATION_WINDOW = 90 * 86400  # seconds
+
+
 @dataclass(frozen=True, slots=True)
 class Merchant:
     slug: str
@@ -171,8 +177,8 @@ class MerchantEntry(Entry):
     allowed_hosts: Annotated[list[Annotated[str, AfterValidator(_host)]], Field(min_length=1)]
     default_target: str  # after allowed_hosts: checked against them
     user_share: Annotated[Decimal, BeforeValidator(_share)]
-    session_ttl: Duration = 2 * 3600
-    confirmation_window: Duration = 90 * 86400
+    session_ttl: Duration = SESSION_TTL
+    confirmation_window: Duration = CONFIRMATION_WINDOW
     own_promo_codes: Codes = []
     app_url: Annotated[str, AfterValidator(lambda v: _template(v, False))] | None = None
     excluded_stores: Codes = []

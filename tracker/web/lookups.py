@@ -13,6 +13,7 @@ from ..domain.access import LOOKUPS_READ, ORPHANS_WRITE
 from ..domain.clickid import is_click_id
 from ..domain.conversions import MAX_ID, Postback, money, read_raw
 from ..domain.diagnosis import click_state
+from ..domain.merchants import SESSION_TTL
 from ..domain.rows import OrderRow, OrphanRow, UserClickRow
 from ..domain.text import has_control
 from ..domain.times import iso
@@ -44,7 +45,7 @@ def click_item(app: web.Application, click: UserClickRow, now: datetime) -> dict
     """A click of a user's list, with its state as the support view would decide it."""
     merchant = app[keys.MERCHANTS].merchants.get(click["merchant"])
     stored = click["stored"]
-    state = click_state(click["created_at"], now, merchant.session_ttl if merchant else 7200,
+    state = click_state(click["created_at"], now, merchant.session_ttl if merchant else SESSION_TTL,
                         stored["state"] if stored else None, bool(click["conversions"]),
                         stored is not None and stored["overwritten_at"] is not None)
     return {"click_id": click["click_id"], "merchant": click["merchant"], "source": click["source"],
