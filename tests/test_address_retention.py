@@ -8,7 +8,9 @@ import time
 from datetime import date, timedelta
 
 from tracker.domain.clickid import click_time, new_click_id
-from tracker.store.db import ensure_partitions
+from tracker.store.clicks import Click, ClickWriter
+from tracker.store.db import create_pool, ensure_partitions
+from tracker.store.spool import Spool
 
 from .conftest import ADMIN, cli
 from .test_console import sign_in
@@ -59,3 +61,33 @@ async def test_the_retention_follows_the_setting(client, settings, db):
     assert await db.fetchval("SELECT client_ip FROM clicks WHERE click_id = $1", cid) == "203.0.113.0/24"
     assert cli(settings, "maintain", TRACKER_IP_RETENTION_DAYS="0").returncode == 2  # a bad setting, named
     assert date.today() - timedelta(days=3) <= click_time(cid).date()
+
+
+async def test_a_click_that_reaches_a_truncated_day_late_is_stored_truncated(client, settings, db, tmp_path):
+    """`tracker maintain` truncates each day once: a click of that day replayed from a spool after
+    it (a pod that kept its spool through a long outage) kept its whole address until the partition
+    was dropped. The replay stores it truncated, as the day's other clicks are."""
+    ms = int((time.time() - 45 * 86400) * 1000)
+    first, _ = new_click_id(ms)
+    await ensure_partitions(db, click_time(first).date(), 1)
+    await db.execute("INSERT INTO clicks (click_id, created_at, user_id, merchant, source, target, client_ip) "
+                     "VALUES ($1, $2, 'old-user', 'nike', 'web', 'https://www.nike.com/', '192.0.2.77')",
+                     first, click_time(first))
+    assert cli(settings, "maintain").returncode == 0
+    assert await db.fetchval("SELECT count(*) FROM address_truncated_days WHERE day = $1", click_time(first).date())
+    pool = await create_pool(settings.database_url or "")
+    writer = ClickWriter(pool, Spool(tmp_path / "spool"), durability="async")
+    try:
+        late, late_ms = new_click_id(ms + 1)
+        recent, recent_ms = new_click_id()
+        await writer.spool.spill([Click(late, late_ms, "late-user", "nike", "web", "https://www.nike.com/", None,
+                                        "198.51.100.77", "ua", False, "GET"),
+                                  Click(recent, recent_ms, "late-user", "nike", "web", "https://www.nike.com/", None,
+                                        "2001:db8:1:2::7", "ua", False, "GET")])
+        assert await writer.replay() == 2
+        rows = {r["click_id"]: (r["client_ip"], r["client_ip_truncated_at"] is not None) for r in await db.fetch(
+            "SELECT click_id, client_ip, client_ip_truncated_at FROM clicks WHERE click_id = ANY($1)", [late, recent])}
+        assert rows == {late: ("198.51.100.0/24", True), recent: ("2001:db8:1:2::7", False)}
+    finally:
+        writer.spool.close()
+        await pool.close()

@@ -176,13 +176,17 @@ async def insert_missing(pool: asyncpg.Pool, records: list[Record]) -> int:
 
 
 # A click of a user erased after it was made (it waited in the spool meanwhile) goes in under the
-# erasure's pseudonym, without its address, user agent or device (store/erasure.py).
+# erasure's pseudonym, without its address, user agent or device (store/erasure.py). One of a day
+# whose addresses `tracker maintain` has truncated already goes in truncated (store/addresses.py).
 REPLAY_INSERT = (
-    f"INSERT INTO clicks ({', '.join(COLUMNS)}) SELECT r.click_id, r.created_at, coalesce(e.pseudonym, r.user_id), "
-    "r.merchant, r.source, r.target, CASE WHEN e.user_id IS NULL THEN r.device END, "
-    "CASE WHEN e.user_id IS NULL THEN r.client_ip END, CASE WHEN e.user_id IS NULL THEN r.user_agent END, "
-    "r.bot, r.method FROM clicks_replay r "
+    f"INSERT INTO clicks ({', '.join(COLUMNS)}, client_ip_truncated_at) SELECT r.click_id, r.created_at, "
+    "coalesce(e.pseudonym, r.user_id), r.merchant, r.source, r.target, CASE WHEN e.user_id IS NULL THEN r.device END, "
+    "CASE WHEN e.user_id IS NOT NULL THEN NULL WHEN t.day IS NULL THEN r.client_ip "
+    "ELSE truncated_address(r.client_ip) END, CASE WHEN e.user_id IS NULL THEN r.user_agent END, "
+    "r.bot, r.method, CASE WHEN t.day IS NOT NULL AND r.client_ip IS NOT NULL AND e.user_id IS NULL THEN now() END "
+    "FROM clicks_replay r "
     "LEFT JOIN erasures e ON e.user_id = r.user_id AND r.created_at <= e.erased_at "
+    "LEFT JOIN address_truncated_days t ON t.day = (r.created_at AT TIME ZONE 'UTC')::date "
     "ON CONFLICT (click_id, created_at) DO NOTHING")
 
 
