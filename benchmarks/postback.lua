@@ -5,6 +5,11 @@ for line in io.lines(os.getenv("CLICKS_FILE")) do
   cids[#cids + 1] = cid
 end
 local dup = os.getenv("DUPLICATES") == "1"
+-- DELAY_MS: each connection waits that long between its requests (a paced load below saturation).
+local think = tonumber(os.getenv("DELAY_MS") or "0")
+if think > 0 then
+  delay = function() return think end
+end
 local counter = 0
 local tid = 0
 setup = function(thread) tid = tid + 1; thread:set("tid", tid) end
