@@ -62,7 +62,9 @@ def connect_options(pooler: str | None) -> dict[str, Any]:
     one, consecutive transactions of a client may run on different server connections, so a
     statement prepared by name in one of them is not there in the next ("prepared statement
     __asyncpg_stmt_N__ does not exist"). Without a statement cache asyncpg prepares each query
-    unnamed, and sends its Parse, Bind and Execute before one Sync: one transaction for PgBouncer."""
+    unnamed, and sends its Parse, Bind and Execute before one Sync: one transaction for PgBouncer,
+    in two round trips (Parse and Describe, then Bind and Execute), and PostgreSQL plans the query
+    each time. What that costs: docs/performance.md, "PgBouncer in transaction mode"."""
     return {"statement_cache_size": 0} if pooler else {}
 
 

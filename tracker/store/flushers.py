@@ -163,7 +163,7 @@ class Flushers:
 async def _write(conn: Connection, rows: list[Click]) -> None:
     if len(rows) < SMALL_BATCH:
         # The batch's columns as arrays (Click is a tuple in column order); prepared once per connection
-        # (behind a transaction pooler, unnamed, in the same round trip as the rest: store/db.py).
+        # (behind a transaction pooler, unnamed and described again each time, in one transaction: store/db.py).
         await conn.execute(INSERT_ARRAYS, *zip(*rows))
     else:
         await conn.copy_records_to_table("clicks", records=[to_record(r) for r in rows], columns=COLUMNS)
