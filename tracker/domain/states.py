@@ -15,6 +15,21 @@ class ClickState(StrEnum):
     CONVERTED = "converted"  # a postback reported an order on it: final
 
 
+# How far along a click is. A stored state is only ever replaced by one at least as far along:
+# active -> overwritten | expired -> converted, overwritten and expired for good (either may follow
+# the other), converted final. A state that would move a click back is older news: an observe that
+# began before another's overwrite or before the postback, saved or flushed after it. click_states'
+# upsert (store/signals.py) and the Redis state's script (store/sessions.py) are generated from this
+# table; tests/test_click_state_order.py holds both to moves_forward.
+PROGRESS: dict[str, int] = {ClickState.ACTIVE: 0, ClickState.OVERWRITTEN: 1, ClickState.EXPIRED: 1,
+                            ClickState.CONVERTED: 2}
+
+
+def moves_forward(stored: str | None, new: str) -> bool:
+    """Whether a click whose stored state is `stored` (None: none yet) may take `new`."""
+    return stored is None or PROGRESS[new] >= PROGRESS[stored]
+
+
 class StoredState(TypedDict, total=False):
     """A click's detector state as JSON, in Redis and in click_states.detector: what the detector
     dumps (every key but `status`), or what a postback leaves there (`state` and `status`).

@@ -27,7 +27,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import metrics
-from ..domain.states import ActivationSession, StoredState
+from ..domain.states import PROGRESS, ActivationSession, StoredState
 from .ratelimit import COUNTS_LUA, EDGE, Check, RateLimits, Sent, Verdict
 from .redis_keys import channel, limits_prefix, session_key, state_key
 from .tasks import cancel_and_wait, supervised
@@ -36,14 +36,19 @@ log = structlog.get_logger("tracker.redis")
 SYNC_TIMEOUT = 5.0
 HEARTBEAT = 20.0  # seconds between calls of an idle worker (it counts in W for LIVE_FOR = 60 s)
 MAX_PENDING = 100_000
-# Refuses to replace a converted state (ClickState.CONVERTED) unless forced: reads the stored state's
-# `state` field, not its bytes (a trail entry could carry the same key).
+# Refuses, unless forced, a state that would move the click back (domain/states.PROGRESS, as a Lua
+# table: ARGV[4] is the new state's word): reads the stored state's `state` field, not its bytes (a
+# trail entry could carry the same key).
 _SAVE_STATE = """
 local current = redis.call('GET', KEYS[1])
 if ARGV[3] == '0' and current then
   local ok, doc = pcall(cjson.decode, current)
-  if ok and type(doc) == 'table' and doc.state == 'converted' then
-    return 0
+  local progress = {""" + ", ".join(f"['{state}'] = {n}" for state, n in PROGRESS.items()) + """}
+  if ok and type(doc) == 'table' and type(doc.state) == 'string' then
+    local was, now = progress[doc.state], progress[ARGV[4]]
+    if was and now and now < was then
+      return 0
+    end
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
@@ -90,15 +95,16 @@ class SessionStore:
 
     async def save_state(self, click_id: str, state: StoredState, ttl: int, force: bool = False) -> bool:
         """Write a click's detector state and tell its live streams, waiting for Redis (so the next
-        observe, on any worker, reads it). A `converted` state is never replaced unless `force`:
-        a postback's word beats a late observation. False when Redis did not take it."""
+        observe, on any worker, reads it). A state that would move the click back (a `converted`
+        one above all: a postback's word beats a late observation) is left in place unless `force`.
+        False when Redis could not be asked."""
         if not self.ok:
             metrics.REDIS_FAIL_OPEN.labels("state").inc()
             return False
         try:
             await asyncio.wait_for(self.client.eval(
                 _SAVE_STATE, 2, self.state_key(click_id), self.channel(click_id), orjson.dumps(state), ttl,
-                1 if force else 0), self.timeout)
+                1 if force else 0, state.get("state", "")), self.timeout)
         except Exception as exc:  # noqa: BLE001 - fail open; PostgreSQL has the state too
             self._request_failed(exc)
             return False

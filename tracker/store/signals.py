@@ -33,7 +33,7 @@ from ..domain.clickid import click_time
 from ..domain.detection import DEFINITIVE
 from ..domain.events import CLICK_OVERWRITTEN
 from ..domain.signals import MAX_PER_CLICK, Sighting, Signal
-from ..domain.states import ClickState, StoredState
+from ..domain.states import PROGRESS, ClickState, StoredState
 from .refused import REFUSED, storable
 from .tasks import cancel_and_wait, supervised
 
@@ -60,17 +60,24 @@ _UPSERT_SIGNALS = (
     "ON CONFLICT (click_id, kind, network, key) DO UPDATE SET count = signals.count + EXCLUDED.count, "
     "last_at = GREATEST(signals.last_at, EXCLUDED.last_at)")
 SIGNALS_LOCK = 740_391  # the first key of LOCK_CLICKS's two-part advisory locks
+
+
+def _progress(column: str) -> str:
+    """domain/states.PROGRESS as SQL: how far along the state in `column` is."""
+    return f"CASE {column} " + " ".join(f"WHEN '{state}' THEN {n}" for state, n in PROGRESS.items()) + " END"
+
+
 # Several workers (and pods) flush states of one click, each from its own queue, so an older state
-# can arrive after a newer one. A click's state only moves forward (active -> overwritten | expired
-# -> converted; overwritten and expired are for good), so a state that would move it back is older
-# news and leaves the row, detector included, as it is.
+# can arrive after a newer one. A click's state only moves forward (domain/states.PROGRESS), so a
+# state that would move it back is older news and leaves the row's state as it is, and its detector
+# too when that older news is an active one (a late observe's detector after the postback's
+# `converted`, which the row alone records, is kept).
 _UPSERT_STATE = (
     "INSERT INTO click_states (click_id, created_at, state, overwritten_at, detector, "
     "user_id, merchant) VALUES ($1, $2, $3, $4, $5, $6, $7) "
     "ON CONFLICT (click_id) DO UPDATE SET "
-    "state = CASE WHEN click_states.state = 'converted' THEN 'converted' "
-    "WHEN click_states.state <> 'active' AND EXCLUDED.state = 'active' THEN click_states.state "
-    "ELSE EXCLUDED.state END, "
+    f"state = CASE WHEN {_progress('EXCLUDED.state')} >= {_progress('click_states.state')} "
+    "THEN EXCLUDED.state ELSE click_states.state END, "
     "overwritten_at = COALESCE(click_states.overwritten_at, EXCLUDED.overwritten_at), "
     "detector = CASE WHEN click_states.state <> 'active' AND EXCLUDED.state = 'active' "
     "THEN click_states.detector ELSE EXCLUDED.detector END, user_id = EXCLUDED.user_id, "
