@@ -24,6 +24,7 @@ from tracker.domain.states import ClickState
 from tracker.store.click import to_record
 from tracker.store.clicks import Click, ClickWriter
 from tracker.store.db import create_pool
+from tracker.store.erasure import erase as erase_now
 from tracker.store.redis_keys import session_key, state_key
 from tracker.store.refused import quarantine
 from tracker.store.spool import Spool
@@ -320,3 +321,37 @@ async def test_erasing_a_user_takes_only_their_own_quarantined_clicks(client, db
         assert left == {others}
     finally:
         await pool.close()
+
+
+async def test_a_postback_arriving_during_the_erasure_is_stored_under_the_pseudonym(client, tokens, db, settings):
+    """A postback that read its click while an erasure was under way wrote its conversion (and the
+    conversion.created the webhooks send) under the real user id after the erasure had renamed the
+    user's others; only a worker's sweep put it right, after a webhook may have carried it out. The
+    postback reads its click under a share lock now: it waits for the erasure and takes the
+    pseudonym (or the erasure waits for it, and renames its conversion with the rest)."""
+    user = "paid-while-erased"
+    cid, _ = await activate(client, tokens, user)
+    pool = await create_pool(settings.database_url or "")
+    try:
+        async with pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                await erase_now(conn, user)  # under way: not committed yet
+                sent = asyncio.ensure_future(client.get("/postback/admitad", params=admitad(cid, "DURING-1")))
+
+                async def answered_or_waiting() -> bool | None:
+                    if sent.done():
+                        return True
+                    return bool(await db.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND query LIKE '%FROM clicks%'")) or None
+
+                await until(answered_or_waiting, "the postback answered, or waiting for the erasure")
+            finally:
+                await tx.commit()
+        assert (await sent).status == 200
+    finally:
+        await pool.close()
+    assert (await db.fetchval("SELECT user_id FROM conversions WHERE order_id = 'DURING-1'")).startswith("erased~")
+    assert await traces(db, settings, user) == []

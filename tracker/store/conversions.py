@@ -47,10 +47,12 @@ class Attached(TypedDict):
 
 
 async def find_click(conn: Connection, click_id: str | None) -> ClickRow | None:
-    """The click a postback names, if that is a click id at all."""
+    """The click a postback names, if that is a click id at all, share-locked for the transaction:
+    an erasure under way renames its user first (the postback then reads the pseudonym), or waits
+    for the postback's conversion and renames it with the user's others."""
     if not click_id or not is_click_id(click_id):
         return None
-    return await get_click(conn, click_id)
+    return await get_click(conn, click_id, lock=True)
 
 
 def _orphan_reason(network: str, pb: Postback, click: ClickRow | None, merchant: Merchant | None) -> str | None:

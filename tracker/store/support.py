@@ -16,13 +16,14 @@ Conn: TypeAlias = Executor
 # asyncpg ships no types: a row it returns is cast, once here, to the shape its SELECT list gives it.
 
 
-async def get_click(conn: Conn, click_id: str) -> ClickRow | None:
+async def get_click(conn: Conn, click_id: str, lock: bool = False) -> ClickRow | None:
     """A click by id (the one query that reads a click by id: the support view, observe's fallback,
-    the console, postbacks)."""
+    the console, postbacks). `lock`: under a share lock until the transaction ends (a postback's,
+    so that an erasure renaming the click's user is either waited for or waits: store/erasure.py)."""
     row = await conn.fetchrow(
         "SELECT click_id, created_at, user_id, merchant, source, target, device, client_ip, "
-        "user_agent, bot, method, client_ip_truncated_at FROM clicks WHERE click_id = $1 AND created_at = $2",
-        click_id, click_time(click_id))
+        "user_agent, bot, method, client_ip_truncated_at FROM clicks WHERE click_id = $1 AND created_at = $2"
+        + (" FOR SHARE" if lock else ""), click_id, click_time(click_id))
     return cast(ClickRow, dict(row)) if row else None
 
 
