@@ -68,3 +68,12 @@ async def test_an_overwrite_at_the_end_of_a_url_near_the_body_limit_is_seen(clie
     body = await resp.json()
     assert body["state"] == "overwritten"
     assert [(s["kind"], s["network"]) for s in body["signals"]] == [("foreign_affiliate_param", network)]
+
+
+def test_a_foreign_parameter_in_a_hash_routes_query_is_seen():
+    """A single-page store routes on the fragment (`#/item/1?cjevent=…`) and its scripts read the
+    route's query: the fragment was split on `&` only, so the first name there was `/item/1?cjevent`."""
+    for url in (f"https://aliexpress.ru/#/item/1?{FOREIGN}", f"https://aliexpress.ru/#/item/1?x=1&{FOREIGN}"):
+        state, signals = run(ALI_CHAIN + [nav(url, 12)])
+        assert state.state == "overwritten" and [(s.kind, s.network) for s in signals] == [
+            ("foreign_affiliate_param", "cj")], url

@@ -136,7 +136,9 @@ class AffiliateCatalog:
                 hits.append(Hit(slug, "host", host, url=url))
         query = parts.query
         if "=" in parts.fragment:
-            query = f"{query}&{parts.fragment}" if query else parts.fragment
+            # A single-page store's route (`#/item/1?cjevent=…`) has a query of its own: `?` splits too.
+            fragment = parts.fragment.replace("?", "&")
+            query = f"{query}&{fragment}" if query else fragment
         for name, raw in query_fields(query, self.watched):
             value = unquote_plus(raw) if "%" in raw or "+" in raw else raw
             if name in self.standdown and value.lower() in self.standdown[name]:
