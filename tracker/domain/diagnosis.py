@@ -133,7 +133,7 @@ def diagnose(facts: ClickFacts) -> list[Finding]:
     session_end = facts.created_at + timedelta(seconds=facts.session_ttl)
     for conv in facts.conversions:
         order = conv["order_id"]
-        cur = (conv["currency"] or "").strip()
+        cur = conv["currency"]
         order_time = conv.get("order_time")
         if order_time and order_time > session_end:
             found.append(Finding("order_after_session",

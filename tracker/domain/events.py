@@ -63,7 +63,7 @@ def decode_cursor(cursor: str) -> int:
 
 def conversion_payload(conv: Conversion) -> dict[str, Any]:
     """An event's `data.conversion` (docs/api.md)."""
-    currency = conv.currency.strip()
+    currency = conv.currency
     return {"network": conv.network, "order_id": conv.order_id, "click_id": conv.click_id,
             "user_id": conv.user_id, "merchant": conv.merchant, "status": conv.status,
             "amount": money(conv.amount, currency), "commission": money(conv.commission, currency),
@@ -72,7 +72,6 @@ def conversion_payload(conv: Conversion) -> dict[str, Any]:
 
 
 def money_payload(amount: Decimal | None, commission: Decimal, currency: str, cashback: Decimal) -> dict[str, Any]:
-    currency = currency.strip()
     return {"amount": money(amount, currency), "commission": money(commission, currency), "currency": currency,
             "cashback": money(cashback, currency)}
 

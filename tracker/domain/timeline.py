@@ -135,7 +135,7 @@ def _signal(sig: SignalRow) -> Moment:
 
 
 def _postback(conv: ConversionRow, h: PostbackRow) -> Moment:
-    cur = (h.get("currency") or conv["currency"] or "").strip()
+    cur = h.get("currency") or conv["currency"]
     moved = h.get("previous_status") and h["previous_status"] != h.get("status")
     title = f"Postback from {network_name(conv['network'])}: {h.get('status_word') or h.get('status')}"
     if h["outcome"] == "accepted" and moved:
@@ -193,8 +193,7 @@ def moments(click: ClickRow, merchant: Merchant | None, signals: list[SignalRow]
         order_time = conv.get("order_time")
         if order_time:
             found.append(Moment(order_time, "order", f"Order {conv['order_id']} placed (network's time)",
-                                [("amount", f"{money(conv['amount'], conv['currency'].strip())} "
-                                            f"{conv['currency'].strip()}")]))
+                                [("amount", f"{money(conv['amount'], conv['currency'])} {conv['currency']}")]))
         found += [_postback(conv, h) for h in conv["history"]]
     found.sort(key=lambda m: m.at)
     for m in found:

@@ -21,6 +21,10 @@ from .db import Connection
 from .events import emit
 from .support import get_click
 
+# Currencies are char(3): read through rtrim, every code comes out as stored, never padded (the one
+# place that trims them: nothing downstream strips a currency).
+CURRENCY = "rtrim(currency) AS currency"
+
 
 @dataclass(frozen=True, slots=True)
 class Recorded:
@@ -112,10 +116,10 @@ async def record_postback(conn: Connection, network: str, pb: Postback, raw: Map
 
 async def _update(conn: Connection, network: str, pb: Postback, raw: Mapping[str, Any]) -> Recorded:
     row = await conn.fetchrow(
-        "SELECT id, status, amount, commission, currency, user_share, merchant, click_id, user_id, cashback "
+        f"SELECT id, status, amount, commission, {CURRENCY}, user_share, merchant, click_id, user_id, cashback "
         "FROM conversions WHERE network = $1 AND order_id = $2 FOR UPDATE", network, pb.order_id)
     assert row is not None  # the INSERT's conflict was with this row, and conversions are never deleted
-    current = Terms(row["status"], row["amount"], row["commission"], row["currency"].strip())
+    current = Terms(row["status"], row["amount"], row["commission"], row["currency"])
     base = dict(conversion_id=row["id"], merchant=row["merchant"], click_id=row["click_id"],
                 user_id=row["user_id"], previous=current)
     effect = settle(current, pb)
@@ -175,12 +179,13 @@ async def _orphan(conn: Connection, network: str, pb: Postback, reason: str, raw
 
 async def conversions_for_click(conn: asyncpg.Pool | asyncpg.Connection, click_id: str) -> list[ConversionRow]:
     rows = await conn.fetch(
-        "SELECT id, network, order_id, status, status_word, amount, commission, currency, user_share, "
+        f"SELECT id, network, order_id, status, status_word, amount, commission, {CURRENCY}, user_share, "
         "cashback, order_time, created_at, updated_at FROM conversions WHERE click_id = $1 ORDER BY id",
         click_id)
     history = await conn.fetch(
-        "SELECT conversion_id, outcome, status, status_word, amount, commission, currency, order_time, "
-        "raw, received_at, previous_status, previous_amount, previous_commission, previous_currency "
+        f"SELECT conversion_id, outcome, status, status_word, amount, commission, {CURRENCY}, order_time, "
+        "raw, received_at, previous_status, previous_amount, previous_commission, "
+        "rtrim(previous_currency) AS previous_currency "
         "FROM postback_history WHERE conversion_id = ANY($1::bigint[]) ORDER BY id",
         [r["id"] for r in rows])
     # A record's values are untyped (Any): each row is cast to the shape its SELECT list gives it.

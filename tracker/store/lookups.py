@@ -14,6 +14,7 @@ from typing import TypeAlias, cast
 from ..domain import trail
 from ..domain.clickid import click_time
 from ..domain.rows import ClickConversionRow, OrderRow, OrphanRow, StoredStateRow, UserClickRow
+from .conversions import CURRENCY
 from .db import Executor
 
 Conn: TypeAlias = Executor
@@ -22,7 +23,7 @@ Conn: TypeAlias = Executor
 # conversions (conversions_click_idx), money as text so that no decimal goes through a float.
 PAGE = ("SELECT p.click_id, p.created_at, p.merchant, p.source, p.bot, s.state, s.overwritten_at, "
          "(SELECT json_agg(json_build_object('network', c.network, 'order_id', c.order_id, 'status', c.status, "
-         "'cashback', c.cashback::text, 'currency', c.currency) ORDER BY c.id) "
+         "'cashback', c.cashback::text, 'currency', rtrim(c.currency)) ORDER BY c.id) "
          "FROM conversions c WHERE c.click_id = p.click_id) AS conversions "
          "FROM ({}) p LEFT JOIN click_states s ON s.click_id = p.click_id "
          "ORDER BY p.created_at DESC, p.click_id DESC")
@@ -33,7 +34,7 @@ USER_CLICKS_BEFORE = ("SELECT click_id, created_at, merchant, source, bot FROM c
                       "AND created_at <= $3 AND (created_at, click_id) < ($3, $4) "
                       "ORDER BY created_at DESC, click_id DESC LIMIT $2")
 CONVERSION_COLUMNS = ("id, network, order_id, click_id, user_id, merchant, status, status_word, amount, "
-                      "commission, currency, user_share, cashback, order_time, created_at, updated_at")
+                      f"commission, {CURRENCY}, user_share, cashback, order_time, created_at, updated_at")
 ORDER = f"SELECT {CONVERSION_COLUMNS} FROM conversions WHERE order_id = $1 ORDER BY id"
 ORPHAN_COLUMNS = "id, network, order_id, click_id, reason, raw, received_at, reconciled_at, conversion_id"
 ORDER_IN_NETWORK = f"SELECT {CONVERSION_COLUMNS} FROM conversions WHERE order_id = $1 AND network = $2 ORDER BY id"

@@ -54,8 +54,8 @@ def verdict(facts: ClickFacts, findings: list[Finding]) -> tuple[str, str]:
     if facts.bot:
         return BAD, "No cashback: a bot's click, not a shopper's"
     if due:
-        return GOOD, "Cashback due: " + ", ".join(f"{money(c['cashback'], c['currency'].strip())} "
-                                                  f"{c['currency'].strip()}" for c in due)
+        return GOOD, "Cashback due: " + ", ".join(f"{money(c['cashback'], c['currency'])} {c['currency']}"
+                                                  for c in due)
     # An order our network reported settles attribution, whatever the tab saw; then the signals.
     for code, text in (("order_declined", "the order was declined"), ("order_reversed", "the order was reversed"),
                        ("zero_commission", "the goods earn no commission")):

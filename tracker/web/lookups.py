@@ -51,12 +51,12 @@ def click_item(app: web.Application, click: UserClickRow, now: datetime) -> dict
     return {"click_id": click["click_id"], "merchant": click["merchant"], "source": click["source"],
             "created_at": iso(click["created_at"]), "bot": click["bot"], "state": state,
             "conversions": [{"network": c["network"], "order_id": c["order_id"], "status": c["status"],
-                             "cashback": money(c["cashback"], c["currency"].strip()),
-                             "currency": c["currency"].strip()} for c in click["conversions"]]}
+                             "cashback": money(c["cashback"], c["currency"]),
+                             "currency": c["currency"]} for c in click["conversions"]]}
 
 
 def conversion_item(row: OrderRow) -> dict[str, Any]:
-    cur = row["currency"].strip()
+    cur = row["currency"]
     return {"network": row["network"], "order_id": row["order_id"], "click_id": row["click_id"],
             "user_id": row["user_id"], "merchant": row["merchant"], "status": row["status"],
             "status_word": row["status_word"], "amount": money(row["amount"], cur),

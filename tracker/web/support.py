@@ -21,7 +21,7 @@ from .common import json_response
 
 
 def _conversion(row: ConversionRow) -> dict[str, Any]:
-    cur = row["currency"].strip()
+    cur = row["currency"]
     return {
         "network": row["network"], "order_id": row["order_id"], "status": row["status"],
         "status_word": row["status_word"], "amount": money(row["amount"], cur),
@@ -32,12 +32,12 @@ def _conversion(row: ConversionRow) -> dict[str, Any]:
         "history": [{
             "outcome": h["outcome"], "status": h["status"], "status_word": h["status_word"],
             "amount": money(h["amount"], cur), "commission": money(h["commission"], cur),
-            "currency": (h["currency"] or "").strip() or None, "order_time": _iso(h["order_time"]),
+            "currency": h["currency"] or None, "order_time": _iso(h["order_time"]),
             "received_at": _iso(h["received_at"]),
             "previous": None if h["previous_status"] is None else {
                 "status": h["previous_status"], "amount": money(h["previous_amount"], cur),
                 "commission": money(h["previous_commission"], cur),
-                "currency": (h["previous_currency"] or "").strip() or None},
+                "currency": h["previous_currency"] or None},
             "raw": h["raw"],
         } for h in row["history"]],
     }
