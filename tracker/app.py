@@ -19,7 +19,7 @@ from .domain.detection import Detector
 from .domain.tokens import UserTokens
 from .settings import Settings, censor_dsn
 from .store.clicks import ClickWriter
-from .store.db import create_pool, ensure_near_partitions
+from .store.db import at_start, create_pool, ensure_near_partitions
 from .store.delivery import Dispatcher, options_from
 from .store.erasure_watch import ErasureWatch
 from .store.feed import StateFeed
@@ -43,7 +43,10 @@ log = structlog.get_logger("tracker.app")
 async def _postgres(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     assert settings.database_url, "resolve the database before create_app"
-    pool = await create_pool(settings.database_url, pooler=settings.database_pooler)
+    # PostgreSQL unreachable at start: waited for (db.START_WAIT), then StartFailed, which stops
+    # `tracker serve` with the reason (serve.Worker).
+    pool = await at_start(settings.database_url, lambda: create_pool(settings.database_url or "",
+                                                                     pooler=settings.database_pooler))
     async with pool.acquire() as conn:
         created = await ensure_near_partitions(conn)
     log.info("postgres_ready", dsn=censor_dsn(settings.database_url), partitions_created=created)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .settings import Settings, load_or_exit
+from .settings import Settings, SettingsError, check_listen, load_or_exit
 
 if TYPE_CHECKING:
     import asyncpg
@@ -66,14 +66,16 @@ def _read_merchants_file(path: Path) -> Any:
         raise MerchantsFileError([f"{path}: not valid YAML: {exc}"]) from None
 
 
-async def sync_merchants_file(settings: Settings, path: Path) -> dict[str, list[str]]:
-
+async def sync_merchants_file(settings: Settings, path: Path, wait: float = 0.0) -> dict[str, list[str]]:
+    """Make the merchants table match `path`; `wait`: seconds to wait for PostgreSQL (at start)."""
     from .domain.merchants import parse_merchants_file
     from .domain.profiles import profile_names
+    from .store.db import at_start
     from .store.merchants import sync
 
     parsed = parse_merchants_file(_read_merchants_file(path), profile_names())
-    conn = await connect(settings)
+    conn = await (at_start(settings.database_url or "", lambda: connect(settings), wait) if wait
+                  else connect(settings))
     try:
         report = await sync(conn, parsed)
         report["warnings"] = list(parsed.warnings)
@@ -147,23 +149,34 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
 
+    if args.command == "serve":
+        host = args.host or settings.host
+        port = settings.port if args.port is None else args.port
+        workers = settings.workers if args.workers is None else args.workers
+        try:
+            check_listen(host, port, workers)
+        except SettingsError as exc:
+            print(f"tracker: bad setting: {exc}", file=sys.stderr)
+            return 2
     settings = resolve_servers(settings)
     if args.command == "serve":
         if settings.merchants_file:
             from .domain.merchants import MerchantsFileError
+            from .store.db import START_WAIT, StartFailed
 
             try:
-                report = asyncio.run(sync_merchants_file(settings, settings.merchants_file))
+                report = asyncio.run(sync_merchants_file(settings, settings.merchants_file, START_WAIT))
             except MerchantsFileError as exc:
                 print(f"tracker: TRACKER_MERCHANTS={settings.merchants_file} does not validate:\n  - "
                       + "\n  - ".join(exc.problems), file=sys.stderr)
                 return 1
+            except StartFailed as exc:
+                print(f"tracker: cannot sync TRACKER_MERCHANTS at start: {exc}", file=sys.stderr)
+                return 1
             print(f"tracker: merchants synced: {json.dumps(report)}", file=sys.stderr)
         from .serve import serve
 
-        return serve(settings, args.host or settings.host,
-                     settings.port if args.port is None else args.port,
-                     args.workers or settings.workers)
+        return serve(settings, host, port, workers)
     if args.command == "migrate":
         from .store.db import MigrationsError
 

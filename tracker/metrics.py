@@ -1,7 +1,9 @@
 """Prometheus metrics, one definition for every worker process.
 
-With more than one worker, `tracker serve` sets PROMETHEUS_MULTIPROC_DIR before any worker imports
-prometheus_client, and /metrics merges the per-process files, so it shows the sum over all workers.
+`tracker serve` keeps every worker's values in files of one directory (PROMETHEUS_MULTIPROC_DIR, set in
+the arbiter before it forks: serve.use_metrics_directory), and /metrics merges them, so it shows the
+sum over all workers. Whatever was imported first: metrics defined before the directory was set are
+moved to it (use_value_class).
 """
 from __future__ import annotations
 
@@ -84,6 +86,9 @@ class Children:
             child = self._cache[values] = self._metric.labels(*values)
         return child
 
+    def clear(self) -> None:
+        self._cache.clear()
+
 
 class Tally:
     """This process's counts for the hottest metrics, added to the Prometheus values in bulk.
@@ -109,6 +114,12 @@ class Tally:
         self._sum += seconds
         self._bucket_counts[bisect_left(self._bounds, seconds)] += 1
 
+    def reset(self) -> None:
+        """Forget what was tallied (the children counted may be gone: use_value_class)."""
+        self.counts = {}
+        self._bucket_counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
     def flush(self) -> None:
         counts, self.counts = self.counts, {}
         for child, n in counts.items():
@@ -119,6 +130,8 @@ class Tally:
             internals.histogram_add(self._histogram, total, buckets)
 
 
+DEFINED: tuple[Counter | Gauge | Histogram, ...] = tuple(
+    value for value in tuple(globals().values()) if isinstance(value, (Counter, Gauge, Histogram)))
 tally = Tally(REDIRECT_SECONDS)
 clicks = Children(CLICKS)
 http_requests = Children(HTTP_REQUESTS)
@@ -140,6 +153,17 @@ def prime() -> None:
         SIGNALS_DROPPED.labels(reason)
     for status in ("ready", "degraded", "unavailable"):  # all 0 until the first /readyz
         READINESS.labels(status)
+
+
+def use_value_class() -> None:
+    """Keep every metric's values in prometheus_client's value class of now (its files once
+    PROMETHEUS_MULTIPROC_DIR is set), also those defined before it was: nothing counted so far is kept."""
+    for metric in DEFINED:
+        internals.reset_values(metric)
+    for children in (clicks, http_requests, http_seconds, signals, postbacks, conversions, events):
+        children.clear()
+    tally.reset()
+    prime()
 
 
 def render() -> bytes:

@@ -1,38 +1,53 @@
-"""`tracker serve`: one process per worker on one port (SO_REUSEPORT), supervised.
+"""`tracker serve`: gunicorn's arbiter over aiohttp's uvloop worker.
 
-The parent forks the workers, forwards SIGTERM/SIGINT to them, replaces a worker that dies, and keeps
-the Prometheus multiprocess directory so that /metrics on any worker shows the sum over all of them.
+The arbiter binds the port and forks the workers; it replaces a worker that dies, stops them
+gracefully on SIGTERM or SIGINT (each stops accepting, finishes its requests, then commits or spools its
+click queue), replaces them all gracefully on SIGHUP (new workers first), and adds or removes one on
+SIGTTIN / SIGTTOU. A worker that cannot boot (PostgreSQL unreachable past its start-up wait, a setting
+the app refuses) says why on stderr and in the JSON log and exits with gunicorn's boot-error status:
+the arbiter then stops every worker and `tracker serve` exits non-zero, instead of starting it again
+for ever. Every worker's Prometheus values are files in one directory of the arbiter's, so /metrics
+on any worker shows the sum over all of them; a worker that exits is marked dead there (its live
+gauges leave the sum, its counts stay).
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
+import socket
 import sys
-import time
-from typing import Any, Callable, cast
+from pathlib import Path
+from typing import Any
 
+import structlog
+from aiohttp import web
+from aiohttp.worker import GunicornUVLoopWebWorker
+from gunicorn import glogging
+from gunicorn import sock as gunicorn_sock
+from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
+from gunicorn.errors import HaltServer
+
+from . import logs
 from .settings import Settings
+
+log = structlog.get_logger("tracker.serve")
+
+# Seconds the arbiter gives a stopping worker before it kills it: requests (REQUEST_DRAIN), then the
+# click queue's commit or spool (up to 10 s), with room; below the pod's grace period less its preStop.
+GRACEFUL_TIMEOUT = 30
+REQUEST_DRAIN = 10.0
+# A worker that has not shown a sign of life for this long is killed and replaced (gunicorn's timeout;
+# a booting worker beats every second, see Worker._beat).
+HEARTBEAT_TIMEOUT = 30
 
 
 def _warn_dev_secret(settings: Settings) -> None:
     if settings.secret_generated:
         print(f"tracker: warning: TRACKER_SECRET is not set; using the development secret in "
               f"{settings.data_dir / 'secret'} (never do this in production)", file=sys.stderr)
-
-
-def _serve_worker(settings: Settings, host: str, port: int) -> None:
-    import uvloop
-    from aiohttp import web
-
-    from . import logs
-    from .app import create_app
-
-    logs.configure(settings.log_format)
-    uvloop.install()
-    app = create_app(settings)
-    web.run_app(app, host=host, port=port, reuse_port=True, access_log=None, print=None,
-                shutdown_timeout=10.0, **server_options(settings))
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
@@ -44,7 +59,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
 
 def _die_with_parent() -> None:
-    """Linux: a worker gets SIGTERM when the supervising process dies, so none is left orphaned."""
+    """Linux: a worker gets SIGTERM (a graceful stop) when the arbiter dies, so none is left orphaned."""
     try:
         import ctypes
 
@@ -54,65 +69,245 @@ def _die_with_parent() -> None:
         pass
 
 
-def serve(settings: Settings, host: str, port: int, workers: int) -> int:
-    _warn_dev_secret(settings)
-    if workers == 1:
-        _serve_worker(settings, host, port)
-        return 0
-    # Several processes on one port (SO_REUSEPORT); metrics are shared through files so that
-    # /metrics on any worker shows the sum over all of them.
-    prom_dir = settings.data_dir / f"prometheus-{os.getpid()}"
-    shutil.rmtree(prom_dir, ignore_errors=True)
-    prom_dir.mkdir(parents=True)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(prom_dir)
-    children: dict[int, int] = {}
-    stopping = False
+def use_metrics_directory(path: Path) -> None:
+    """Keep this process's Prometheus values, and those of the processes it forks, as files in `path`.
+    prometheus_client chooses where values live when it is imported, and a metric when it is defined:
+    both are redone here for whatever was imported before (the embedded servers' start imports it)."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:
+        values.ValueClass = values.get_value_class()  # type: ignore[attr-defined]
+    if "tracker.metrics" in sys.modules:
+        from . import metrics
 
-    def spawn(slot: int) -> None:
-        pid = os.fork()
-        if pid == 0:
-            _die_with_parent()
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            try:
-                _serve_worker(settings, host, port)
-            finally:
-                os._exit(0)
-        children[pid] = slot
+        metrics.use_value_class()
 
-    def stop(signum: int, _: Any) -> None:
-        nonlocal stopping
-        stopping = True
-        for pid in list(children):
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    for slot in range(workers):
-        spawn(slot)
-    print(f"tracker: serving on http://{host}:{port} with {workers} workers", file=sys.stderr)
+def _metrics_directory(settings: Settings) -> Path:
+    """A fresh directory for this arbiter's metrics files; those of arbiters that are gone (killed
+    without their clean-up) are removed."""
+    for old in settings.data_dir.glob("prometheus-*"):
+        try:
+            os.kill(int(old.name.removeprefix("prometheus-")), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except PermissionError:
+            pass
+    path = settings.data_dir / f"prometheus-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+class Worker(GunicornUVLoopWebWorker):
+    """aiohttp's uvloop worker that tells a boot failure from a crash itself: it is booted once the
+    app's start-up has run (every cleanup context: PostgreSQL, Redis, the writer...), and until then
+    it beats the arbiter's heartbeat every second (the start-up may wait for PostgreSQL) and a failure
+    is reported, with its reason, as gunicorn's boot error, which stops the arbiter."""
+
+    sockets: list[Any]  # gunicorn's listening socket wrappers (untyped)
+
+    def init_process(self) -> None:
+        global _worker
+        _worker = self
+        _die_with_parent()
+        # gunicorn (reuse_port) bound this worker's sockets at the fork: while the app starts, the
+        # kernel would queue there a share of new connections, unanswered for seconds (or reset, if
+        # it cannot start). The worker listens once its app has started instead (started()).
+        for listener in self.sockets:
+            listener.close()
+        self.sockets = []
+        super().init_process()
+
+    def run(self) -> None:
+        self.booted = False
+        beat = self.loop.create_task(self._beat())
+        self._task = self.loop.create_task(self._run())
+        try:
+            self.loop.run_until_complete(self._task)
+        except Exception as exc:
+            if self.booted:
+                raise
+            self._stop_tasks()  # what the start-up began before it failed (no cleanup runs for it)
+            self._boot_failed(exc)
+        finally:
+            beat.cancel()
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()
+        sys.exit(self.exit_code)
+
+    def _stop_tasks(self) -> None:
+        pending = asyncio.all_tasks(self.loop)
+        for task in pending:
+            task.cancel()
+        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+
+    def started(self) -> None:
+        """The app's start-up ran (its last on_startup handler): listen, and count as booted."""
+        from .store.db import StartFailed
+
+        try:
+            self.sockets = gunicorn_sock.create_sockets(self.cfg, self.log)
+        except SystemExit:  # gunicorn's way of saying it could not bind, after 5 tries
+            raise StartFailed(f"cannot listen on {', '.join(map(str, self.cfg.address))}") from None
+        self.booted = True
+
+    async def _beat(self) -> None:
+        while not self.booted:
+            self.notify()
+            await asyncio.sleep(1.0)
+
+    def _boot_failed(self, exc: BaseException) -> None:
+        from .store.db import StartFailed
+
+        # StartFailed says all; anything else is a bug or a setting the app refused: its traceback too.
+        reason = str(exc) if isinstance(exc, StartFailed) else f"{type(exc).__name__}: {exc}"
+        print(f"tracker: worker {os.getpid()} could not start: {reason}", file=sys.stderr, flush=True)
+        log.error("worker_boot_failed", pid=os.getpid(), reason=reason,
+                  exc_info=None if isinstance(exc, StartFailed) else exc)
+        sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+
+class GunicornLogger(glogging.Logger):  # type: ignore[misc]
+    """gunicorn's own lines, on stderr as gunicorn writes them; its warnings and errors (a worker
+    killed, timed out, failed to boot) are also JSON log lines on stdout (event `gunicorn`)."""
+
+    def _also_json(self, level: str, msg: str, args: tuple[Any, ...]) -> None:
+        try:
+            text = msg % args if args else msg
+        except (TypeError, ValueError):
+            text = msg
+        getattr(log, level)("gunicorn", message=str(text))
+
+    def critical(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        super().critical(msg, *args, **kwargs)
+        self._also_json("critical", msg, args)
+
+    def error(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        super().error(msg, *args, **kwargs)
+        self._also_json("error", msg, args)
+
+    def warning(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        super().warning(msg, *args, **kwargs)
+        self._also_json("warning", msg, args)
+
+    def exception(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        super().exception(msg, *args, **kwargs)
+        self._also_json("error", msg, args)
+
+
+def _child_exit(server: Any, worker: Any) -> None:
     from prometheus_client import multiprocess
 
-    # prometheus-client leaves mark_process_dead unannotated: its type, as the library defines it.
-    mark_process_dead = cast(Callable[[int], None], multiprocess.mark_process_dead)
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
-    while children:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        freed = children.pop(pid, None)
-        mark_process_dead(pid)
-        if freed is not None and not stopping:
-            # A worker died: replace it. Its unanswered commit-mode clicks were never redirected;
-            # its spool segment is replayed by the next worker that finds it.
-            print(f"tracker: worker {pid} exited ({status}); starting another", file=sys.stderr)
-            time.sleep(0.5)
-            spawn(freed)
+
+def _bind(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Service(BaseApplication):  # type: ignore[misc]
+    """tracker as a gunicorn application: its settings are the config, its app is made in each worker."""
+
+    def __init__(self, settings: Settings, host: str, port: int, workers: int) -> None:
+        self.settings, self.host, self.port, self.workers = settings, host, port, workers
+        super().__init__()
+
+    def load_config(self) -> None:
+        options: dict[str, Any] = {
+            "bind": [_bind(self.host, self.port)],
+            # Each worker listens on a socket of its own (SO_REUSEPORT), so the kernel spreads new
+            # connections evenly over them. On one socket shared by all, one worker took them all:
+            # 64 keep-alive connections of wrk, 64 on one worker, none on the other (docs/performance.md).
+            "reuse_port": True,
+            "workers": self.workers,
+            "worker_class": Worker,
+            "graceful_timeout": GRACEFUL_TIMEOUT,
+            "timeout": HEARTBEAT_TIMEOUT,
+            # The heartbeat files: in the data directory, writable where the root file system is not.
+            "worker_tmp_dir": str(self.settings.data_dir),
+            "logger_class": GunicornLogger,
+            "errorlog": "-",
+            "accesslog": None,
+            "loglevel": "info",
+            "proc_name": "tracker",
+            "child_exit": _child_exit,
+            "preload_app": False,  # each worker imports and makes the app after the fork
+        }
+        if "control_socket_disable" in self.cfg.settings:
+            options["control_socket_disable"] = True  # no socket under $HOME (read-only in the image)
+        for key, value in options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        settings = self.settings
+
+        async def runner() -> web.AppRunner:
+            from .app import create_app
+
+            worker = _current_worker()
+            logs.configure(settings.log_format)
+            app = create_app(settings)
+
+            async def started(_: web.Application) -> None:
+                if worker is not None:
+                    worker.started()
+
+            app.on_startup.append(started)  # the last: after every cleanup context's start-up
+            return web.AppRunner(app, access_log=None, shutdown_timeout=REQUEST_DRAIN, **server_options(settings))
+
+        return runner
+
+
+_worker: Worker | None = None  # this process's, in a worker
+
+
+def _current_worker() -> Worker | None:
+    return _worker
+
+
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why the workers could not listen on host:port (in use by a program that does not share it, an
+    address this machine does not have), or None. Each worker binds its own socket; a worker that
+    cannot would only be started again and again."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.create_server((host, port), family=family, reuse_port=True):
+            return None
+    except OSError as exc:
+        return f"cannot listen on {_bind(host, port)}: {exc.strerror or exc}"
+
+
+def serve(settings: Settings, host: str, port: int, workers: int) -> int:
+    problem = _listen_problem(host, port)
+    if problem:
+        print(f"tracker: {problem}", file=sys.stderr, flush=True)
+        return 1
+    _warn_dev_secret(settings)
+    logs.configure(settings.log_format)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prom_dir = _metrics_directory(settings)
+    use_metrics_directory(prom_dir)
+    service = Service(settings, host, port, workers)
+    print(f"tracker: serving on http://{_bind(host, port)} with {workers} workers", file=sys.stderr, flush=True)
+    arbiter = os.getpid()
+    try:
+        service.run()
+        code = 0
+    except SystemExit as exc:
+        if os.getpid() != arbiter:
+            raise  # a worker's own exit, unwinding through the fork: not the arbiter's to clean up
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except HaltServer as exc:
+        # gunicorn halting for a boot failure can meet a second one while it stops the other workers,
+        # and let it out; the workers left get SIGTERM when this process ends (_die_with_parent).
+        code = exc.exit_status
     shutil.rmtree(prom_dir, ignore_errors=True)
-    return 0
+    if code:
+        reason = ("a worker could not start (its reason is above)" if code == Arbiter.WORKER_BOOT_ERROR
+                  else "see the lines above")
+        print(f"tracker: serve stopped with exit status {code}: {reason}", file=sys.stderr, flush=True)
+        log.error("serve_stopped", exit_status=code, reason=reason)
+    return code

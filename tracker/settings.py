@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 import sys
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,57 @@ MIN_ADMIN_KEY = 32
 
 class SettingsError(ValueError):
     """A TRACKER_* variable does not hold a usable value."""
+
+
+_HOST_NAME = re.compile(r"(?=.{1,253}\.?$)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?")
+# Redis key prefixes: letters, digits and a few separators (braces are refused with their own reason).
+_REDIS_PREFIX = re.compile(r"[A-Za-z0-9:_.\-]{1,64}")
+
+
+def check_listen(host: str, port: int, workers: int, names: tuple[str, str] = ("--host", "--port")) -> None:
+    """The address `tracker serve` listens on: an IP address or a host name, and a port from 1 up
+    (0 would be a port the kernel picks, that nothing in front of the service knows)."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOST_NAME.fullmatch(host):
+            raise SettingsError(f"{names[0]}={host!r} is not an IP address or a host name (such as 0.0.0.0, ::, "
+                                "127.0.0.1 or localhost)") from None
+    if not 1 <= port <= 65535:
+        raise SettingsError(f"{names[1]}={port} is outside 1..65535 (0 is not a port anything could be told)")
+    if not 1 <= workers <= 256:
+        raise SettingsError(f"--workers={workers} is outside 1..256")
+
+
+def _server_url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | None:
+    """A server's URL: one of `schemes`, each host's port a number. Checked here so that a mistake is
+    named at start, not met by the first worker as a traceback."""
+    raw = (env.get(name) or "").strip()
+    if not raw:
+        return None
+    example = {"postgresql": "postgresql://user:password@host:5432/database",
+               "redis": "redis://host:6379/0"}[schemes[0]]
+    try:
+        parts = urlsplit(raw)
+        netloc = parts.netloc.rpartition("@")[2]
+        for each in netloc.split(",") if netloc else []:
+            port = urlsplit(f"//{each}").port  # ValueError unless a number in 0..65535
+            if port == 0:
+                raise ValueError("port 0")
+    except ValueError as exc:
+        raise SettingsError(f"{name} is not a URL such as {example}: {exc}") from None
+    if parts.scheme not in schemes:
+        raise SettingsError(f"{name} must start with {' or '.join(s + '://' for s in schemes)} (such as {example}), "
+                            f"not {parts.scheme + '://' if parts.scheme else 'no scheme'}")
+    if parts.scheme in ("redis", "rediss"):
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise SettingsError(f"{name}: the database after the host is a number (such as {example}), "
+                                f"not {database!r}")
+    if parts.scheme == "unix" and not parts.path:
+        raise SettingsError(f"{name}: a unix:// URL names the socket's path (unix:///run/redis.sock)")
+    return raw
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,14 +248,19 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     if webhook_lease <= webhook_timeout:
         raise SettingsError(f"TRACKER_WEBHOOK_LEASE={webhook_lease} must exceed TRACKER_WEBHOOK_TIMEOUT="
                             f"{webhook_timeout}: a delivery still being sent would be sent again")
-    host = env.get("TRACKER_HOST") or "127.0.0.1"
-    port = _int(env, "TRACKER_PORT", 8080, 0, 65535)
+    host = (env.get("TRACKER_HOST") or "").strip() or "127.0.0.1"
+    port = _int(env, "TRACKER_PORT", 8080, 1, 65535)
+    check_listen(host, port, 1, ("TRACKER_HOST", "TRACKER_PORT"))
+    postgres = ("postgresql", "postgres")
+    database_url = _server_url(env, "TRACKER_DATABASE_URL", postgres)
+    database_replica_url = _server_url(env, "TRACKER_DATABASE_REPLICA_URL", postgres)
+    redis_url = _server_url(env, "TRACKER_REDIS_URL", ("redis", "rediss", "unix"))
     public_url = _public_url(env.get("TRACKER_PUBLIC_URL") or "", host, port)
     pooler = (env.get("TRACKER_DATABASE_POOLER") or "").strip().lower() or None
     if pooler not in (None, "transaction"):
         raise SettingsError(f"TRACKER_DATABASE_POOLER={pooler!r}: use 'transaction' (a PgBouncer in "
                             "transaction pooling mode) or leave it unset")
-    direct_url = env.get("TRACKER_DATABASE_DIRECT_URL") or None
+    direct_url = _server_url(env, "TRACKER_DATABASE_DIRECT_URL", postgres)
     if pooler and not direct_url:
         raise SettingsError("TRACKER_DATABASE_POOLER=transaction needs TRACKER_DATABASE_DIRECT_URL, the "
                             "primary itself: LISTEN and the migrations' lock cannot go through the pooler")
@@ -211,16 +268,19 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     if "{" in redis_prefix or "}" in redis_prefix:
         raise SettingsError(f"TRACKER_REDIS_PREFIX={redis_prefix!r}: no braces (a Redis Cluster hash tag in the "
                             "prefix would put every key in one slot)")
+    if not _REDIS_PREFIX.fullmatch(redis_prefix):
+        raise SettingsError(f"TRACKER_REDIS_PREFIX={redis_prefix!r}: 1 to 64 of A-Z a-z 0-9 : _ . - (no spaces "
+                            "or other characters)")
     try:
         oidc = load_openid(env)
     except BadOpenIDSetting as exc:
         raise SettingsError(str(exc)) from None
     return Settings(
-        database_url=env.get("TRACKER_DATABASE_URL") or None,
-        redis_url=env.get("TRACKER_REDIS_URL") or None,
+        database_url=database_url,
+        redis_url=redis_url,
         database_pooler=pooler,
         database_direct_url=direct_url,
-        database_replica_url=env.get("TRACKER_DATABASE_REPLICA_URL") or None,
+        database_replica_url=database_replica_url,
         data_dir=data_dir,
         host=host,
         port=port,

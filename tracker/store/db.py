@@ -1,13 +1,14 @@
 """The PostgreSQL pool, the migrations runner and the clicks partitions."""
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from datetime import date, datetime, timedelta, timezone
 from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, Awaitable, Callable, TypeAlias, TypeVar
 
 import asyncpg
 import orjson
@@ -18,6 +19,7 @@ _MIGRATION = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 MIGRATE_LOCK = 7_403_911_001
 PARTITION_LOCK = 7_403_911_002
 
+T = TypeVar("T")
 # An acquired connection: one of its own (asyncpg.connect) or one a pool lends (a proxy to it).
 Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 # Whatever runs a query: a pool (each query on a connection it lends) or an acquired connection.
@@ -78,6 +80,50 @@ async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10, pooler: s
         async with pool.acquire() as conn:
             await conn.fetchval("SELECT 1")
     return pool
+
+
+# How long a starting process waits for PostgreSQL to answer before it gives up (`tracker serve`'s
+# workers, then the arbiter, exit non-zero; docs/operations.md): a restart of PostgreSQL or of its pod
+# takes less, a PostgreSQL that is not there is named within about half a minute.
+START_WAIT = 15.0
+# Failures worth waiting out at start: nothing listens yet, a timeout, PostgreSQL starting or
+# shutting down. Anything else (a wrong password, no such database) is named at once.
+_TRANSIENT = (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError,
+              asyncpg.TooManyConnectionsError, asyncpg.AdminShutdownError)
+
+
+class StartFailed(RuntimeError):
+    """A process cannot start; the message says why, for the operator (no traceback needed)."""
+
+
+async def at_start(dsn: str, what: Callable[[], Awaitable[T]], wait: float = START_WAIT) -> T:
+    """`what()` (a connection or a pool to `dsn`), tried again with backoff while PostgreSQL is
+    unreachable, for up to `wait` seconds; then StartFailed naming the server (password hidden) and
+    the last error. Each failed attempt is logged (postgres_unreachable_at_start)."""
+    import structlog
+
+    from ..settings import censor_dsn
+
+    log = structlog.get_logger("tracker.db")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await what()
+        except _TRANSIENT as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            left = deadline - loop.time()
+            log.warning("postgres_unreachable_at_start", dsn=censor_dsn(dsn), attempt=attempt, error=error,
+                        waiting_s=round(max(left, 0.0), 1))
+            if left <= 0:
+                raise StartFailed(f"PostgreSQL at {censor_dsn(dsn)} did not answer in {wait:.0f} s "
+                                  f"({attempt} attempts): {error}") from exc
+            await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 4.0, left))
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
+            raise StartFailed(f"PostgreSQL at {censor_dsn(dsn)} refused tracker: {type(exc).__name__}: {exc}") \
+                from exc
 
 
 class MigrationsError(RuntimeError):

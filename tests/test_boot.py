@@ -1,0 +1,223 @@
+"""`tracker serve` on gunicorn's arbiter, with real faults: PostgreSQL unreachable at start stops it
+with the reason and a non-zero status (never a silent respawn), Redis unreachable at start does not
+(fail-open), a bad setting is named before anything starts; /metrics sums every worker whatever was
+imported first; SIGHUP replaces the workers gracefully with every redirected click stored."""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import psutil
+import pytest
+from prometheus_client.mmap_dict import MmapedDict
+
+from .conftest import BROWSER, free_port, serve_env, serve_process
+from .waiting import until
+
+HERE = Path(__file__).parent
+
+
+def start(settings, *args: str, env: dict[str, str] | None = None, code: str | None = None) -> subprocess.Popen[bytes]:
+    """`tracker serve ARGS` (or `python -c CODE serve ARGS`) with its stdout and stderr in the data dir."""
+    command = [sys.executable, "-c", code] if code else [sys.executable, "-m", "tracker.cli"]
+    with (settings.data_dir / "serve.out").open("wb") as out, (settings.data_dir / "serve.err").open("wb") as err:
+        return subprocess.Popen([*command, "serve", *args], env=serve_env(settings, env), stdout=out, stderr=err,
+                                start_new_session=True)
+
+
+def output(settings) -> tuple[str, str]:
+    return ((settings.data_dir / "serve.out").read_text(errors="replace"),
+            (settings.data_dir / "serve.err").read_text(errors="replace"))
+
+
+def finish(proc: subprocess.Popen[bytes], seconds: float) -> int:
+    try:
+        return proc.wait(seconds)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- a bad setting is named and nothing starts ------------------------------------------------------
+@pytest.mark.parametrize(("env", "args", "named"), [
+    ({"TRACKER_HOST": "not a host"}, (), "TRACKER_HOST"),
+    ({"TRACKER_HOST": "exa_mple..com"}, (), "TRACKER_HOST"),
+    ({"TRACKER_PORT": "0"}, (), "TRACKER_PORT"),
+    ({}, ("--port", "0"), "--port"),
+    ({}, ("--host", "bad host"), "--host"),
+    ({}, ("--workers", "0"), "--workers"),
+    ({"TRACKER_REDIS_PREFIX": "trk prod:"}, (), "TRACKER_REDIS_PREFIX"),
+    ({"TRACKER_REDIS_PREFIX": "trk{x}:"}, (), "TRACKER_REDIS_PREFIX"),
+    ({"TRACKER_DATABASE_URL": "http://127.0.0.1:5432/x"}, (), "TRACKER_DATABASE_URL"),
+    ({"TRACKER_DATABASE_URL": "postgresql://127.0.0.1:5432x/x"}, (), "TRACKER_DATABASE_URL"),
+    ({"TRACKER_DATABASE_REPLICA_URL": "mysql://127.0.0.1/x"}, (), "TRACKER_DATABASE_REPLICA_URL"),
+    ({"TRACKER_DATABASE_DIRECT_URL": "127.0.0.1:5432"}, (), "TRACKER_DATABASE_DIRECT_URL"),
+    ({"TRACKER_REDIS_URL": "127.0.0.1:6379"}, (), "TRACKER_REDIS_URL"),
+    ({"TRACKER_REDIS_URL": "redis://127.0.0.1:6379/zero"}, (), "TRACKER_REDIS_URL"),
+    ({"TRACKER_REDIS_URL": "redis://127.0.0.1:0/0"}, (), "TRACKER_REDIS_URL"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_a_bad_setting_is_named_and_stops_the_start(settings, env, args, named):
+    proc = start(settings, *args, env=env)
+    code = finish(proc, 60)
+    out, err = output(settings)
+    assert code == 2, err
+    assert f"tracker: bad setting: {named}" in err
+    assert "gunicorn" not in err and out == ""  # refused before anything started
+
+
+def test_a_port_taken_by_another_program_is_named(settings):
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # no SO_REUSEPORT: not shareable
+        port = taken.getsockname()[1]
+        proc = start(settings, "--port", str(port), "--workers", "2")
+        code = finish(proc, 60)
+    out, err = output(settings)
+    assert code == 1 and f"tracker: cannot listen on 127.0.0.1:{port}" in err, err
+
+
+# -- boot failures --------------------------------------------------------------------------------
+@pytest.mark.fault
+def test_postgresql_unreachable_at_start_stops_serve_with_the_reason(settings):
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/tracker"  # nothing listens there
+    started = time.monotonic()
+    proc = start(settings, "--port", str(free_port()), "--workers", "2", env={"TRACKER_DATABASE_URL": dead})
+    code = finish(proc, 90)
+    took = time.monotonic() - started
+    out, err = output(settings)
+    assert code == 3, err  # gunicorn's "worker failed to boot"
+    assert took < 90
+    reason = f"PostgreSQL at {dead} did not answer in 15 s"
+    assert f"could not start: {reason}" in err and "Connection refused" in err
+    assert "tracker: serve stopped with exit status 3: a worker could not start" in err
+    assert err.count("Booting worker") == 2  # each worker once: never started again
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    failed = [line for line in lines if line["event"] == "worker_boot_failed"]
+    assert failed and all(reason in line["reason"] for line in failed)
+    assert any(line["event"] == "postgres_unreachable_at_start" for line in lines)
+    assert [line["exit_status"] for line in lines if line["event"] == "serve_stopped"] == [3]
+    assert "Task was destroyed" not in out
+    assert list(settings.data_dir.glob("prometheus-*")) == []  # the metrics files cleaned up
+
+
+@pytest.mark.fault
+async def test_redis_unreachable_at_start_serves(settings, tokens, db):
+    nothing = f"redis://127.0.0.1:{free_port()}/0"
+    async with serve_process(settings, workers=2, env={"TRACKER_REDIS_URL": nothing}) as (proc, base):
+        async with aiohttp.ClientSession() as session:
+            async with session.get(base + "/readyz") as resp:
+                assert resp.status == 200
+                assert (await resp.json())["status"] == "degraded" and (await resp.json())["redis"] == "down"
+            async with session.get(base + "/go/nike", params={"u": tokens.mint("boot-redis")}, headers=BROWSER,
+                                   allow_redirects=False) as resp:
+                assert resp.status == 302
+                click = resp.headers["X-Click-Id"]
+        assert await until(lambda: db.fetchval("SELECT count(*) FROM clicks WHERE click_id = $1", click),
+                           "the click stored")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 60) == 0
+
+
+# -- metrics whatever the import order ----------------------------------------------------------------
+def clicks_per_worker(directory: Path) -> dict[str, float]:
+    """tracker_clicks_total as each worker's own file holds it (prometheus_client's multiprocess files)."""
+    counts: dict[str, float] = {}
+    for path in directory.glob("counter_*.db"):
+        values = MmapedDict(str(path), read_mode=True)
+        try:
+            counts[path.stem] = sum(v for key, v, _ in values.read_all_values()
+                                    if json.loads(key)[1] == "tracker_clicks_total")
+        finally:
+            values.close()
+    return counts
+
+
+@pytest.mark.fault
+async def test_metrics_sum_both_workers_when_prometheus_was_imported_first(settings, tokens):
+    """The embedded servers' start imports prometheus_client before `tracker serve` knows it will fork;
+    here the process imports it, and tracker's metrics, before anything else."""
+    port = free_port()
+    first = "import prometheus_client, tracker.metrics, sys; from tracker.cli import main; sys.exit(main())"
+    proc = start(settings, "--port", str(port), "--workers", "2", code=first)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            async def ready() -> bool:
+                try:
+                    async with session.get(base + "/readyz") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientError:
+                    assert proc.poll() is None, output(settings)[1]
+                    return False
+            await until(ready, "tracker serve ready", 60)
+            [directory] = settings.data_dir.glob(f"prometheus-{proc.pid}")
+            token, sent = tokens.mint("boot-metrics"), 0
+
+            async def both_workers_counted() -> bool:  # new connections until the kernel gave each some
+                nonlocal sent
+                for _ in range(20):
+                    async with session.get(base + "/go/nike", params={"u": token}, headers=BROWSER,
+                                           allow_redirects=False) as resp:
+                        assert resp.status == 302
+                        sent += 1
+                return len([n for n in clicks_per_worker(directory).values() if n > 0]) == 2
+            await until(both_workers_counted, "clicks counted by both workers")
+
+            async def summed() -> bool:
+                async with session.get(base + "/metrics") as resp:
+                    text = await resp.text()
+                return sum(float(v) for v in re.findall(
+                    r'tracker_clicks_total\{bot="false",merchant="nike",source="web"\} (\S+)', text)) == sent
+            await until(summed, f"/metrics showing all {sent} clicks")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert finish(proc, 60) == 0, output(settings)[1]
+
+
+# -- graceful restart --------------------------------------------------------------------------------
+@pytest.mark.fault
+async def test_sighup_replaces_the_workers_and_loses_no_click(settings, tokens, db):
+    async with serve_process(settings, workers=2) as (proc, base):
+        arbiter = psutil.Process(proc.pid)
+
+        def workers(old: set[int] = set()) -> set[int] | None:  # noqa: B006 (never changed)
+            """The two workers, when there are two and none of them is in `old`."""
+            found = {c.pid for c in arbiter.children()}
+            return found if len(found) == 2 and not found & old else None
+
+        before = await until(workers, "two workers")
+        token = tokens.mint("boot-sighup")
+        redirected: list[str | None] = []
+        refused: list[str | None] = []
+
+        async def load(session: aiohttp.ClientSession) -> None:
+            while not stop.is_set():
+                try:
+                    async with session.get(base + "/go/nike", params={"u": token}, headers=BROWSER,
+                                           allow_redirects=False) as resp:
+                        (redirected if resp.status == 302 else refused).append(resp.headers.get("X-Click-Id"))
+                except (aiohttp.ClientError, OSError):
+                    pass  # a connection the old worker's closing socket reset: never answered
+
+        stop = asyncio.Event()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            loaders = [asyncio.create_task(load(session)) for _ in range(8)]
+            await until(lambda: len(redirected) >= 50, "the load under way")
+            proc.send_signal(signal.SIGHUP)
+            after = await until(lambda: workers(before), "two new workers in place of the old")
+            count = len(redirected)
+            await until(lambda: len(redirected) >= count + 50, "new workers answering")
+            stop.set()
+            await asyncio.gather(*loaders)
+        assert proc.poll() is None and after
+        assert refused == []
+        stored = {r["click_id"] for r in await db.fetch("SELECT click_id FROM clicks WHERE user_id = $1",
+                                                        "boot-sighup")}
+        assert set(redirected) <= stored
