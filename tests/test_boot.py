@@ -176,6 +176,9 @@ async def test_metrics_sum_both_workers_when_prometheus_was_imported_first(setti
                 return sum(float(v) for v in re.findall(
                     r'tracker_clicks_total\{bot="false",merchant="nike",source="web"\} (\S+)', text)) == sent
             await until(summed, f"/metrics showing all {sent} clicks")
+            async with session.get(base + "/metrics") as resp:
+                assert "\ntracker_spool_ok 1.0\n" in await resp.text()  # the live minimum: the workers' own
+            assert list(directory.glob(f"*_{proc.pid}.db")) == []  # nothing of the arbiter's counts
     finally:
         proc.send_signal(signal.SIGTERM)
         assert finish(proc, 60) == 0, output(settings)[1]

@@ -81,6 +81,10 @@ def use_metrics_directory(path: Path) -> None:
         from . import metrics
 
         metrics.use_value_class()
+        # Redefining made this process's own files, zeros; this process serves nothing, and its
+        # live gauges would count (a 0 in tracker_spool_ok's minimum): only the workers' files stay.
+        for own in path.glob(f"*_{os.getpid()}.db"):
+            own.unlink()
 
 
 def _metrics_directory(settings: Settings) -> Path:
