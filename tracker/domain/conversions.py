@@ -14,6 +14,7 @@ from .clickid import is_click_id
 from .currencies import is_currency, minor_unit
 from .networks import Network
 from .profiles import Profile, profiles
+from .times import iso
 
 MAX_ID = 128
 MAX_AMOUNT = Decimal("1e12")  # more than any real order; anything above is a broken macro
@@ -274,3 +275,29 @@ def money(value: Decimal | None, currency: str | None = None) -> str | None:
         if fixed == value:
             return format(fixed, "f")
     return format(value.normalize(), "f")
+
+
+# A conversion's fields as every answer and event spells them (docs/api.md), in this order: money as
+# decimal strings at the currency's minor unit (the user's share as a plain decimal), times in ISO
+# 8601 UTC. Each answer carries the fields its rows have (an event no status_word, a user's click
+# list only network, order, status and cashback).
+_FIELDS = ("network", "order_id", "click_id", "user_id", "merchant", "status", "status_word", "amount",
+           "commission", "currency", "user_share", "cashback", "order_time", "created_at", "updated_at")
+_MONEY = ("amount", "commission", "cashback")
+_TIMES = ("order_time", "created_at", "updated_at")
+
+
+def conversion_json(conversion: Mapping[str, Any]) -> dict[str, Any]:
+    """The one serializer of a conversion (the order lookup, the support view, a user's clicks, the
+    events): the fields of `conversion` among _FIELDS, each written as its kind is."""
+    out = {name: conversion[name] for name in _FIELDS if name in conversion}
+    currency = out.get("currency")
+    for name in _MONEY:
+        if name in out:
+            out[name] = money(out[name], currency)
+    if "user_share" in out:
+        out["user_share"] = money(out["user_share"])
+    for name in _TIMES:
+        if name in out:
+            out[name] = iso(out[name])
+    return out

@@ -8,11 +8,12 @@ from __future__ import annotations
 import base64
 import binascii
 import struct
+from dataclasses import fields
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from .conversions import Conversion, money
+from .conversions import Conversion, conversion_json
 from .times import iso
 
 CONVERSION_CREATED = "conversion.created"
@@ -61,19 +62,17 @@ def decode_cursor(cursor: str) -> int:
     return seq
 
 
+_CONVERSION_FIELDS = tuple(f.name for f in fields(Conversion))
+
+
 def conversion_payload(conv: Conversion) -> dict[str, Any]:
     """An event's `data.conversion` (docs/api.md)."""
-    currency = conv.currency
-    return {"network": conv.network, "order_id": conv.order_id, "click_id": conv.click_id,
-            "user_id": conv.user_id, "merchant": conv.merchant, "status": conv.status,
-            "amount": money(conv.amount, currency), "commission": money(conv.commission, currency),
-            "currency": currency, "cashback": money(conv.cashback, currency),
-            "order_time": iso(conv.order_time)}
+    return conversion_json({name: getattr(conv, name) for name in _CONVERSION_FIELDS})
 
 
 def money_payload(amount: Decimal | None, commission: Decimal, currency: str, cashback: Decimal) -> dict[str, Any]:
-    return {"amount": money(amount, currency), "commission": money(commission, currency), "currency": currency,
-            "cashback": money(cashback, currency)}
+    """An event's `data.previous`: the money a conversion had before it changed."""
+    return conversion_json({"amount": amount, "commission": commission, "currency": currency, "cashback": cashback})
 
 
 def conversion_key(conversion_id: int) -> str:

@@ -11,7 +11,7 @@ from aiohttp import web
 from .. import keys
 from ..domain.access import LOOKUPS_READ, ORPHANS_WRITE
 from ..domain.clickid import is_click_id
-from ..domain.conversions import MAX_ID, Postback, money, read_raw
+from ..domain.conversions import MAX_ID, Postback, conversion_json, read_raw
 from ..domain.diagnosis import click_state
 from ..domain.merchants import SESSION_TTL
 from ..domain.rows import OrderRow, OrphanRow, UserClickRow
@@ -50,19 +50,11 @@ def click_item(app: web.Application, click: UserClickRow, now: datetime) -> dict
                         stored is not None and stored["overwritten_at"] is not None)
     return {"click_id": click["click_id"], "merchant": click["merchant"], "source": click["source"],
             "created_at": iso(click["created_at"]), "bot": click["bot"], "state": state,
-            "conversions": [{"network": c["network"], "order_id": c["order_id"], "status": c["status"],
-                             "cashback": money(c["cashback"], c["currency"]),
-                             "currency": c["currency"]} for c in click["conversions"]]}
+            "conversions": [conversion_json(c) for c in click["conversions"]]}
 
 
 def conversion_item(row: OrderRow) -> dict[str, Any]:
-    cur = row["currency"]
-    return {"network": row["network"], "order_id": row["order_id"], "click_id": row["click_id"],
-            "user_id": row["user_id"], "merchant": row["merchant"], "status": row["status"],
-            "status_word": row["status_word"], "amount": money(row["amount"], cur),
-            "commission": money(row["commission"], cur), "currency": cur, "user_share": money(row["user_share"]),
-            "cashback": money(row["cashback"], cur), "order_time": iso(row["order_time"]),
-            "created_at": iso(row["created_at"]), "updated_at": iso(row["updated_at"])}
+    return conversion_json(row)
 
 
 def orphan_item(row: OrphanRow) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from aiohttp import web
 from .. import keys
 from ..domain.access import LOOKUPS_READ
 from ..domain.clickid import is_click_id
-from ..domain.conversions import money
+from ..domain.conversions import conversion_json, money
 from ..domain.diagnosis import diagnose
 from ..domain.rows import ConversionRow
 from ..domain.states import action
@@ -23,12 +23,7 @@ from .common import json_response
 def _conversion(row: ConversionRow) -> dict[str, Any]:
     cur = row["currency"]
     return {
-        "network": row["network"], "order_id": row["order_id"], "status": row["status"],
-        "status_word": row["status_word"], "amount": money(row["amount"], cur),
-        "commission": money(row["commission"], cur), "currency": cur,
-        "user_share": money(row["user_share"]), "cashback": money(row["cashback"], cur),
-        "order_time": _iso(row["order_time"]), "created_at": _iso(row["created_at"]),
-        "updated_at": _iso(row["updated_at"]),
+        **conversion_json(row),
         "history": [{
             "outcome": h["outcome"], "status": h["status"], "status_word": h["status_word"],
             "amount": money(h["amount"], cur), "commission": money(h["commission"], cur),
