@@ -25,8 +25,10 @@ def actor() -> str:
         return "cli"
 
 
-async def _erase(settings: Settings, user_id: str) -> dict[str, object]:
+async def _erase(settings: Settings, user_id: str) -> tuple[dict[str, object], str | None]:
+    """The erasure's answer, and why the user's sessions in Redis are still there (None: deleted)."""
     import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
 
     from .store import audit
     from .store.db import connect, connect_options
@@ -34,17 +36,21 @@ async def _erase(settings: Settings, user_id: str) -> dict[str, object]:
     from .store.sessions import SessionStore
 
     conn = await connect(settings.database_url, **connect_options(settings.database_pooler))
-    client = aioredis.Redis.from_url(settings.redis_url or "")
+    client = aioredis.Redis.from_url(settings.redis_url or "", socket_timeout=5, socket_connect_timeout=5)
+    left = None
     try:
         await audit.record(conn, [audit.Entry(actor(), "user.erase", None, user_id)])
         done = await erase(conn, user_id)
-        done.sessions = await SessionStore(client, settings.redis_prefix).forget(done.click_ids)
+        try:
+            done.sessions = await SessionStore(client, settings.redis_prefix).forget(done.click_ids)
+        except (RedisError, OSError) as exc:  # PostgreSQL's part is done; a repeat deletes the sessions
+            left = f"{type(exc).__name__}: {str(exc)[:200]}"
         assert done.before is not None
         await announce(conn, user_id, done.before)  # the workers sweep what they still held
     finally:
         await conn.close()
         await client.aclose()
-    return {"user_id": user_id, "erased": done.counts()}
+    return {"user_id": user_id, "erased": done.counts()}, left
 
 
 def run(settings: Settings, args: argparse.Namespace) -> int:
@@ -53,5 +59,10 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     if not USER_ID.fullmatch(args.user_id):
         print("tracker: a user id is 1-64 characters of A-Z a-z 0-9 _ @ : . -", file=sys.stderr)
         return 2
-    print(json.dumps(asyncio.run(_erase(settings, args.user_id))))
+    answer, left = asyncio.run(_erase(settings, args.user_id))
+    print(json.dumps(answer))
+    if left is not None:
+        print(f"tracker: the user's data in PostgreSQL is erased, but Redis could not be reached to delete "
+              f"their sessions ({left}): run the command again once Redis is back", file=sys.stderr)
+        return 1
     return 0
