@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from bisect import bisect_left
-from typing import Any, Callable, cast
+from typing import Any, Callable, Iterable, cast
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -164,6 +164,29 @@ def use_value_class() -> None:
         children.clear()
     tally.reset()
     prime()
+
+
+# What the merchants' series are primed with (see prime_merchants): the outcomes of a postback, the
+# statuses of a conversion, the sources of a click.
+POSTBACK_OUTCOMES = ("accepted", "duplicate", "orphan", "adjustment_refused", "malformed", "rejected_auth")
+CONVERSION_STATUSES = ("pending", "approved", "declined", "reversed")
+SOURCES = ("web", "app", "ext")
+
+
+def prime_merchants(merchants: Iterable[str], networks: Iterable[str]) -> None:
+    """A 0 for each merchant's human clicks, conversions and foreign promo codes, and each network's
+    postbacks by outcome, so that every metric the contract names is exported from the start (a pod
+    just restarted shows 0, not nothing, to a rate() or an alert's increase()). A few series per
+    merchant: bot clicks and signals by network appear with their first event."""
+    for slug in merchants:
+        for source in SOURCES:
+            clicks(slug, source, "false")
+        for status in CONVERSION_STATUSES:
+            conversions(slug, status)
+        signals(slug, "foreign_promo_code", "none")
+    for name in networks:
+        for outcome in POSTBACK_OUTCOMES:
+            postbacks(name, outcome)
 
 
 def render() -> bytes:

@@ -9,6 +9,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from .. import metrics
 from ..domain.backoff import Backoff
 from ..domain.merchants import Merchant, MerchantsFile
 from ..domain.networks import Network
@@ -141,6 +142,7 @@ class MerchantCache:
 
     async def reload(self) -> None:
         self.merchants, self.networks = await load(self._pool)
+        metrics.prime_merchants(self.merchants, self.networks)
 
     async def start(self) -> None:
         await self.reload()
