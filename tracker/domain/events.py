@@ -11,7 +11,7 @@ import struct
 from dataclasses import fields
 from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypedDict
 
 from .conversions import Conversion, conversion_json
 from .times import iso
@@ -79,5 +79,14 @@ def conversion_key(conversion_id: int) -> str:
     return f"conversion:{conversion_id}"
 
 
-def envelope(public_id: str, type_: str, created_at: datetime, cursor: str, data: Any) -> dict[str, Any]:
+class Envelope(TypedDict):
+    """An event as the feed answers it and a webhook receives it (docs/api.md)."""
+    id: str
+    type: str
+    created_at: str  # ISO 8601, UTC
+    cursor: str
+    data: dict[str, Any]
+
+
+def envelope(public_id: str, type_: str, created_at: datetime, cursor: str, data: dict[str, Any]) -> Envelope:
     return {"id": public_id, "type": type_, "created_at": iso(created_at), "cursor": cursor, "data": data}

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+from typing import overload
 
 
+@overload
+def iso(value: datetime) -> str: ...
+@overload
+def iso(value: datetime | None) -> str | None: ...
 def iso(value: datetime | None) -> str | None:
     """A timestamp from PostgreSQL (microseconds, when it has them)."""
     return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z") if value else None

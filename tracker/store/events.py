@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence, TypeAlias
 
-from ..domain.events import encode_cursor, envelope
+from ..domain.events import Envelope, encode_cursor, envelope
 from .db import Connection, Executor
 
 Conn: TypeAlias = Executor
@@ -73,7 +73,7 @@ _PAGE = (
 
 
 async def read_feed(conn: Conn, after: int, limit: int,
-                    types: Sequence[str] | None) -> tuple[list[dict[str, Any]], int]:
+                    types: Sequence[str] | None) -> tuple[list[Envelope], int]:
     """Up to `limit` events numbered after `after`, in order, and the number to continue from. With
     a `types` filter that leaves a page short, the position moves past the other events read too
     (to the newest number of the page's snapshot), so that a consumer of a rare type does not read
