@@ -102,6 +102,7 @@ async def store_level(dsn: str, clicks: Path, rounds: int = 6, block: int = 500)
 
     import tracker.store.conversions as conversions
     from tracker.domain.conversions import Postback
+    from tracker.store.db import connect
     from tracker.store.merchants import load
 
     real_emit = conversions.emit
@@ -110,7 +111,7 @@ async def store_level(dsn: str, clicks: Path, rounds: int = 6, block: int = 500)
         return None
 
     cids = [line.split()[1] for line in clicks.read_text().splitlines() if line.strip()]
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)  # as tracker's own: json decoded, jsonb written from objects
     merchants, _ = await load(conn)
     out: dict[str, list[float]] = {"before": [], "outbox": [], "before_cpu": [], "outbox_cpu": []}
     n = 0

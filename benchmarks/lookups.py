@@ -21,7 +21,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tracker.store import lookups  # noqa: E402
-from tracker.store.db import ensure_partitions, migrate  # noqa: E402
+from tracker.store.db import connect, ensure_partitions, migrate  # noqa: E402
 
 DAYS = 60
 STEP_MS = 259  # as scale.py: rows of one day spread over the day, 259 ms apart
@@ -114,7 +114,7 @@ async def main(admin: str, rows: int) -> None:
         conn = await asyncpg.connect(dsn)
         await load(conn, rows)
         await conn.close()
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn)  # as tracker's own: json decoded (a user's clicks' conversions)
     try:
         await measure(conn)
     finally:
