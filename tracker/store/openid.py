@@ -3,6 +3,12 @@ when first needed, its `issuer` checked to be exactly TRACKER_OIDC_ISSUER), its 
 (cached, fetched again when a token names a key id they lack, at most once a minute), and the code
 exchange at its token endpoint (client_secret_basic, with the flow's PKCE verifier).
 
+A document is fetched by one request at a time, whose outcome every sign-in that asked meanwhile
+shares; a failure is remembered for FAILURE_PAUSE seconds and answered at once to the sign-ins in
+that time. So a provider that does not answer costs each sign-in at most one timeout, however many
+arrive, and never more than one request per document per pause (not one each, queued one after
+another, the last waiting as many timeouts as there were sign-ins before it).
+
 A provider that cannot be reached, answers garbage or 5xx, or publishes a document for another
 issuer raises ProviderUnavailable: the console answers 503 and logs why, never a 500. The client
 secret, codes and tokens never reach a log line or an exception's text."""
@@ -11,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from typing import Any
+from typing import Any, Awaitable, Callable, TypeVar
 from urllib.parse import quote
 
 import aiohttp
@@ -28,6 +34,8 @@ TIMEOUT = 5.0
 JWKS_REFRESH = 60.0  # a key id we do not know fetches the key set again at most this often
 METADATA_TTL = 24 * 3600.0
 MAX_DOCUMENT = 256 * 1024
+FAILURE_PAUSE = 5.0  # after a failed fetch, sign-ins are told at once for this long (no new request)
+T = TypeVar("T")
 
 
 class ProviderUnavailable(Exception):
@@ -40,15 +48,18 @@ class CodeRefused(Exception):
 
 
 class Provider:
-    def __init__(self, settings: OpenIDSettings, timeout: float = TIMEOUT) -> None:
+    def __init__(self, settings: OpenIDSettings, timeout: float = TIMEOUT,
+                 failure_pause: float = FAILURE_PAUSE) -> None:
         self.settings = settings
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._failure_pause = failure_pause
         self._http: aiohttp.ClientSession | None = None
         self._metadata: dict[str, Any] | None = None
         self._metadata_at = 0.0
         self._keys: KeySet | None = None
         self._keys_at = float("-inf")
-        self._lock = asyncio.Lock()
+        self._inflight: dict[str, asyncio.Future[Any]] = {}
+        self._failed: dict[str, tuple[float, str]] = {}
         self.jwks_fetches = 0  # how often the key set was fetched (tests read it)
 
     def _session(self) -> aiohttp.ClientSession:
@@ -60,11 +71,33 @@ class Provider:
         if self._http is not None:
             await self._http.close()
 
+    async def _once(self, what: str, fetch: Callable[[], Awaitable[T]]) -> T:
+        """`fetch()`, one at a time: a caller that comes while it runs shares its outcome; a failure
+        (ProviderUnavailable) is answered again at once for failure_pause seconds."""
+        failed = self._failed.get(what)
+        if failed is not None and time.monotonic() - failed[0] < self._failure_pause:
+            raise ProviderUnavailable(failed[1])
+        task = self._inflight.get(what)
+        if task is None:
+            task = self._inflight[what] = asyncio.ensure_future(fetch())
+            task.add_done_callback(lambda done: self._settle(what, done))
+        # shield: a sign-in whose client went away does not cancel the fetch the others wait for
+        result: T = await asyncio.shield(task)
+        return result
+
+    def _settle(self, what: str, task: asyncio.Future[Any]) -> None:
+        self._inflight.pop(what, None)
+        exc = None if task.cancelled() else task.exception()  # retrieved here, whoever else awaited it
+        if isinstance(exc, ProviderUnavailable):
+            self._failed[what] = (time.monotonic(), str(exc))
+        else:
+            self._failed.pop(what, None)
+
     async def _get_json(self, url: str, what: str) -> Any:
         try:
             async with self._session().get(url, headers={"Accept": "application/json"},
                                            allow_redirects=False) as resp:
-                body = await resp.content.read(MAX_DOCUMENT + 1)
+                body = await _read_body(resp)
                 if resp.status != 200:
                     raise ProviderUnavailable(f"the provider's {what} answered HTTP {resp.status}")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -80,45 +113,45 @@ class Provider:
         """The discovery document: fetched once (and again after a day), checked."""
         if self._metadata is not None and time.monotonic() - self._metadata_at < METADATA_TTL:
             return self._metadata
-        async with self._lock:
-            if self._metadata is not None and time.monotonic() - self._metadata_at < METADATA_TTL:
-                return self._metadata
-            doc = await self._get_json(self.settings.discovery_url, "discovery document")
-            if not isinstance(doc, dict):
-                raise ProviderUnavailable("the provider's discovery document is not a JSON object")
-            if doc.get("issuer") != self.settings.issuer:
-                raise ProviderUnavailable(
-                    f"the provider's discovery document names the issuer {str(doc.get('issuer'))[:200]!r}, "
-                    f"not TRACKER_OIDC_ISSUER {self.settings.issuer!r}")
-            for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
-                value = doc.get(name)
-                if not isinstance(value, str) or not provider_url(value):
-                    raise ProviderUnavailable(f"the provider's discovery document has no usable {name}")
-            self._metadata, self._metadata_at = doc, time.monotonic()
-            return doc
+        return await self._once("metadata", self._fetch_metadata)
+
+    async def _fetch_metadata(self) -> dict[str, Any]:
+        doc = await self._get_json(self.settings.discovery_url, "discovery document")
+        if not isinstance(doc, dict):
+            raise ProviderUnavailable("the provider's discovery document is not a JSON object")
+        if doc.get("issuer") != self.settings.issuer:
+            raise ProviderUnavailable(
+                f"the provider's discovery document names the issuer {str(doc.get('issuer'))[:200]!r}, "
+                f"not TRACKER_OIDC_ISSUER {self.settings.issuer!r}")
+        for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
+            value = doc.get(name)
+            if not isinstance(value, str) or not provider_url(value):
+                raise ProviderUnavailable(f"the provider's discovery document has no usable {name}")
+        self._metadata, self._metadata_at = doc, time.monotonic()
+        return doc
 
     async def _key_set(self, refresh: bool) -> KeySet:
         """The published keys: cached; `refresh` fetches them again unless that was done within a minute."""
         if self._keys is not None and not (refresh and time.monotonic() - self._keys_at >= JWKS_REFRESH):
             return self._keys
-        async with self._lock:
-            if self._keys is not None and not (refresh and time.monotonic() - self._keys_at >= JWKS_REFRESH):
-                return self._keys
-            uri = (await self._metadata_unlocked())["jwks_uri"]
-            doc = await self._get_json(uri, "key set (jwks_uri)")
-            self._keys_at = time.monotonic()
-            self.jwks_fetches += 1
-            try:
-                keys = KeySet.import_key_set(doc)
-            except (JoseError, ValueError, TypeError, KeyError):
-                raise ProviderUnavailable("the provider's key set (jwks_uri) holds no usable key") from None
-            self._keys = keys
-            return keys
+        return await self._once("keys", self._fetch_keys)
 
-    async def _metadata_unlocked(self) -> dict[str, Any]:
-        if self._metadata is None:
-            raise ProviderUnavailable("the provider's discovery document was not read")
-        return self._metadata
+    async def _fetch_keys(self) -> KeySet:
+        uri = (await self.metadata())["jwks_uri"]
+        doc = await self._get_json(uri, "key set (jwks_uri)")
+        self._keys_at = time.monotonic()
+        self.jwks_fetches += 1
+        try:
+            keys = KeySet.import_key_set(doc)
+        except (JoseError, ValueError, TypeError, KeyError):
+            raise ProviderUnavailable("the provider's key set (jwks_uri) holds no usable key") from None
+        self._keys = keys
+        return keys
+
+    async def names_itself(self) -> bool:
+        """Whether the provider puts `iss` in every authorization answer (RFC 9207): then an answer
+        without it did not come from it."""
+        return (await self.metadata()).get("authorization_response_iss_parameter_supported") is True
 
     async def exchange(self, code: str, redirect_uri: str, verifier: str) -> str:
         """The ID token the token endpoint gives for the code (CodeRefused when it will not)."""
@@ -132,7 +165,7 @@ class Provider:
             async with self._session().post(endpoint, data=form, allow_redirects=False,
                                             headers={"Authorization": f"Basic {basic}",
                                                      "Accept": "application/json"}) as resp:
-                body = await resp.content.read(MAX_DOCUMENT + 1)
+                body = await _read_body(resp)
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ProviderUnavailable(f"the provider's token endpoint cannot be reached ({type(exc).__name__})") \
@@ -177,3 +210,17 @@ class Provider:
             log.warning("oidc_provider_unreachable_at_start", issuer=self.settings.issuer, reason=str(exc))
         else:
             log.info("oidc_provider_ready", issuer=self.settings.issuer)
+
+
+async def _read_body(resp: aiohttp.ClientResponse) -> bytes:
+    """The whole body, up to MAX_DOCUMENT + 1 bytes (one read() returns only what has arrived yet:
+    a document sent in several chunks would be cut)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= MAX_DOCUMENT:
+        chunk = await resp.content.read(MAX_DOCUMENT + 1 - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
