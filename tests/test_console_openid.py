@@ -8,12 +8,13 @@ wrong state, a replayed code, a tampered or foreign ID token and a wrong issuer 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, urlencode, urljoin, urlsplit, urlunsplit
 
 import pytest
 import requests
@@ -97,7 +98,8 @@ def stack(servers, database, redis_prefix, tmp_path_factory) -> Iterator[dict[st
     log = data / "serve.log"
     try:
         with served(settings, port=port, output=log, env={
-                "TRACKER_ADMIN_KEY": ADMIN_KEY, "TRACKER_PUBLIC_URL": base, **_oidc_env(provider.issuer)}):
+                "TRACKER_ADMIN_KEY": ADMIN_KEY, "TRACKER_PUBLIC_URL": base, **_oidc_env(provider.issuer),
+                "TRACKER_TRUSTED_PROXIES": "127.0.0.1/32"}):  # a test's X-Forwarded-For: an address of its own
             _run(_insert_click(database, USER, datetime.now(timezone.utc) - timedelta(hours=1)))
             yield {"base": base, "provider": provider, "settings": settings, "log": log, "sink": sink}
     finally:
@@ -174,6 +176,27 @@ def _with(url: str, **params: str) -> str:
     parts = urlsplit(url)
     query = {k: v[0] for k, v in parse_qs(parts.query).items()}
     return urlunsplit(parts._replace(query=urlencode({**query, **params})))
+
+
+def _callback_by_http(base: str, login: str, address: str) -> tuple[requests.Session, str]:
+    """A sign-in started from `address` (X-Forwarded-For) and taken through the provider's development
+    form without a browser: (the session holding the flow cookie, the callback URL, not yet visited)."""
+    ours = requests.Session()
+    ours.headers["X-Forwarded-For"] = address
+    url = ours.get(f"{base}/support/auth/start", allow_redirects=False, timeout=30).headers["Location"]
+    at_provider = requests.Session()
+    for _ in range(10):
+        resp = at_provider.get(url, allow_redirects=False, timeout=30)
+        if resp.is_redirect:
+            url = urljoin(url, resp.headers["Location"])
+        else:  # the development login form: any password
+            action = urljoin(url, re.search(r'action="([^"]+)"', resp.text).group(1))  # type: ignore[union-attr]
+            resp = at_provider.post(action, data={"login": login, "password": "any", "prompt": "login"},
+                                    allow_redirects=False, timeout=30)
+            url = urljoin(action, resp.headers["Location"])
+        if url.startswith(base):
+            return ours, url
+    raise AssertionError("the provider never sent the browser back")
 
 
 def _csrf(page: Any) -> str:
@@ -278,6 +301,44 @@ def test_a_replayed_code_is_refused(browser, stack):
     assert "oidc_code_refused" in stack["log"].read_text()
     signed.context.close()
     page.context.close()
+
+
+def test_a_callback_without_the_iss_its_provider_always_sends_is_refused(stack):
+    """The provider says it names itself in every answer (RFC 9207): an answer without `iss` is not
+    its own (a mix-up), refused before its code is used; the same answer with it signs in."""
+    base = stack["base"]
+    ours, callback = _callback_by_http(base, "sofia.support", "198.51.100.40")
+    assert parse_qs(urlsplit(callback).query)["iss"] == [stack["provider"].issuer]
+    flow = ours.cookies.get("tracker_console_oidc")
+    assert flow
+    without = urlunsplit(urlsplit(callback)._replace(
+        query=urlencode({k: v for k, v in parse_qs(urlsplit(callback).query).items() if k != "iss"}, doseq=True)))
+    resp = ours.get(without, allow_redirects=False, timeout=30)
+    assert resp.status_code == 401 and resp.json()["error"] == "unauthorized"
+    resp = requests.get(callback, cookies={"tracker_console_oidc": flow}, allow_redirects=False, timeout=30,
+                        headers={"X-Forwarded-For": "198.51.100.40"})
+    assert resp.status_code == 200 and "tracker_console=" in resp.headers["Set-Cookie"]
+
+
+def test_a_sign_in_from_an_address_held_for_wrong_keys_is_refused_at_the_callback_too(stack):
+    """Ten wrong admin keys from an address hold every console sign-in from it: a sign-in it started
+    before (its callback) as well as a new one. Another address signs in meanwhile."""
+    base, held = stack["base"], "198.51.100.41"
+    ours, callback = _callback_by_http(base, "ada.admin", held)
+    guesser = requests.Session()
+    guesser.headers["X-Forwarded-For"] = held
+    page = guesser.get(f"{base}/support/login", timeout=30).text
+    csrf = re.search(r'name="csrf" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+    statuses = [guesser.post(f"{base}/support/login", data={"csrf": csrf, "key": f"wrong-{i}"},
+                             allow_redirects=False, timeout=30).status_code for i in range(10)]
+    assert statuses == [401] * 10  # each a wrong key; the tenth holds the address
+    resp = ours.get(callback, allow_redirects=False, timeout=30)
+    assert resp.status_code == 429 and int(resp.headers["Retry-After"]) > 0
+    assert "tracker_console=" not in resp.headers.get("Set-Cookie", "")
+    assert requests.get(f"{base}/support/auth/start", headers={"X-Forwarded-For": held},
+                        allow_redirects=False, timeout=30).status_code == 429
+    other, elsewhere = _callback_by_http(base, "ada.admin", "198.51.100.42")
+    assert other.get(elsewhere, allow_redirects=False, timeout=30).status_code == 200
 
 
 def test_a_tampered_or_foreign_id_token_is_refused(browser, stack):
@@ -417,6 +478,35 @@ def test_roles_from_a_claim_or_a_dotted_path():
     assert roles_of(claims, "missing.path") == ()
     assert agent_name({"sub": "x", "email": "a@b.c", "email_verified": False}) == "agent:x"
     assert len(agent_name({"sub": "s" * 255})) == 200  # as long as the audit trail's actor filter takes
+
+
+def test_an_agent_is_named_by_an_address_the_provider_verified_and_long_subjects_stay_apart():
+    """An e-mail address the provider does not say it verified (no `email_verified`, or the string
+    "false") is not a name: a profile field anyone may type another agent's address into. Two long
+    subjects that share their first 200 characters are two agents in the audit trail."""
+    assert agent_name({"sub": "x", "email": "ada@example.com", "email_verified": True}) == "ada@example.com"
+    assert agent_name({"sub": "x", "email": "ada@example.com", "email_verified": "true"}) == "ada@example.com"
+    assert agent_name({"sub": "x", "email": "ada@example.com"}) == "agent:x"
+    assert agent_name({"sub": "x", "email": "ada@example.com", "email_verified": "false"}) == "agent:x"
+    first, second = agent_name({"sub": "a" * 250 + "1"}), agent_name({"sub": "a" * 250 + "2"})
+    assert first != second and len(first) == len(second) == 200 and first.startswith("agent:aaaa")
+
+
+def test_an_id_token_that_never_expires_or_is_not_valid_yet_is_refused():
+    key = RSAKey.generate_key(2048, parameters={"kid": "k"})
+    keys = KeySet.import_key_set({"keys": [key.as_dict(private=False)]})
+    now = int(datetime.now(timezone.utc).timestamp())
+    claims = {"iss": "https://id.example.com", "aud": CLIENT_ID, "sub": "s", "iat": now, "exp": now + 300,
+              "nonce": "n"}
+
+    def check(**changed: Any) -> dict[str, Any]:
+        token = jwt.encode({"alg": "RS256", "kid": "k"}, {**claims, **changed}, key)
+        return verify_id_token(token, keys, issuer="https://id.example.com", client_id=CLIENT_ID, nonce="n")
+
+    assert check()["sub"] == "s" and check(nbf=now)["sub"] == "s"
+    for changed in ({"exp": float("inf")}, {"nbf": now + 3600}, {"nbf": "soon"}, {"iat": float("nan")}):
+        with pytest.raises(BadIDToken):
+            check(**changed)
 
 
 def _b64(raw: bytes) -> str:

@@ -18,6 +18,7 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import math
 import re
 import secrets
 import time
@@ -202,11 +203,13 @@ def verify_id_token(token: str, key_set: KeySet, *, issuer: str, client_id: str,
     azp = claims.get("azp")
     if (len(audiences) > 1 or azp is not None) and azp != client_id:
         raise BadIDToken("the ID token was issued to another party (azp)")
-    exp, iat = claims.get("exp"), claims.get("iat")
+    exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf")
     if not _number(exp) or exp + LEEWAY <= now:
         raise BadIDToken("the ID token has expired")
     if not _number(iat) or iat - LEEWAY > now:
         raise BadIDToken("the ID token's issue time is missing or in the future")
+    if nbf is not None and (not _number(nbf) or nbf - LEEWAY > now):
+        raise BadIDToken("the ID token is not valid yet (nbf)")
     got = claims.get("nonce")
     if not isinstance(got, str) or not same_secret(got, nonce):
         raise BadIDToken("the ID token's nonce is not this sign-in's")
@@ -217,7 +220,8 @@ def verify_id_token(token: str, key_set: KeySet, *, issuer: str, client_id: str,
 
 
 def _number(value: Any) -> TypeGuard[int | float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite JSON number (an `exp` of 1e999 reads as infinity: a token that would never expire)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def claim_at(claims: Mapping[str, Any], path: str) -> Any:
@@ -247,10 +251,16 @@ def roles_of(claims: Mapping[str, Any], path: str) -> tuple[str, ...]:
 
 
 def agent_name(claims: Mapping[str, Any]) -> str:
-    """How the agent is named in the header and the audit trail: their e-mail address (unless the
-    provider says it is not verified), else `agent:<sub>`."""
+    """How the agent is named in the header and the audit trail: their e-mail address when the
+    provider says it is verified (`email_verified` true: an address anyone may type into their
+    profile would let one agent act under another's name), else `agent:<sub>`. Both fit the audit
+    trail's actor filter (200 characters): a longer subject keeps its head and a hash of the whole,
+    so that two subjects never share a name."""
     email = claims.get("email")
     if (isinstance(email, str) and "@" in email and len(email) <= MAX_NAME and email.isprintable()
-            and " " not in email and claims.get("email_verified") is not False):
+            and " " not in email and claims.get("email_verified") in (True, "true")):
         return email
-    return f"agent:{claims['sub']}"[:MAX_NAME]  # the audit trail's actor filter takes up to 200 characters
+    name = f"agent:{claims['sub']}"
+    if len(name) <= MAX_NAME:
+        return name
+    return f"{name[:MAX_NAME - 33]}~{hashlib.sha256(name.encode()).hexdigest()[:32]}"

@@ -9,8 +9,10 @@ cookie and answers a small page that moves on to the console by itself: the sess
 SameSite=Strict, and a browser would not send it on a redirect that the provider's page started,
 so a plain redirect would land on the sign-in page again.
 
-Refusals are the API's JSON errors (403 `state` for a callback this browser did not start, 401 for
-a provider's refusal, a refused code or an ID token that does not verify), a page saying why for an
+Refusals are the API's JSON errors (429 while the address is held for wrong admin keys, 403 `state`
+for a callback this browser did not start, 401 for a provider's refusal, an answer from another
+issuer or without the `iss` its provider promises (RFC 9207), a refused code or an ID token that
+does not verify), a page saying why for an
 agent without a role (403), and a page with 503 when the provider cannot be reached. The flow cookie
 is spent by any answer to it. Codes, tokens and the client secret are never logged."""
 from __future__ import annotations
@@ -88,6 +90,9 @@ async def start(request: web.Request) -> web.StreamResponse:
 async def callback(request: web.Request) -> web.StreamResponse:
     app = request.app
     provider = _provider(request)
+    # Held by the wrong-key throttle: no console sign-in from this address, one started before included.
+    address = client_ip(request, app[keys.SETTINGS].trusted_proxies)
+    refuse_if_held(await app[keys.KEY_GUARD].wait(guesser(address)))
     state, error, code = one(request, "state"), one(request, "error"), one(request, "code")
     flow = app[keys.OPENID_FLOWS].read(request.cookies.get(FLOW_COOKIE), time.time())
     if flow is None:
@@ -108,6 +113,10 @@ async def callback(request: web.Request) -> web.StreamResponse:
     if not code or len(code) > MAX_CODE or has_control(code):
         return _refuse(request, "malformed", "the provider's answer has no usable code", 400)
     try:
+        if issuer is None and await provider.names_itself():
+            log.warning("oidc_no_issuer", issuer=provider.settings.issuer)
+            return _refuse(request, "unauthorized", "the answer does not name the sign-in provider that sent it, "
+                           "as this console's always does: start again from the sign-in page", 401)
         token = await provider.exchange(code, redirect_uri(app), flow.verifier)
         claims = await provider.verify(token, flow.nonce)
     except ProviderUnavailable as exc:
@@ -121,7 +130,6 @@ async def callback(request: web.Request) -> web.StreamResponse:
         return _refuse(request, "unauthorized", f"the sign-in provider's answer does not check out: {exc}", 401)
     name = agent_name(claims)
     roles = roles_of(claims, provider.settings.roles_claim)
-    address = client_ip(request, app[keys.SETTINGS].trusted_proxies)
     if not roles:
         log.info("console_sign_in_refused", agent=name, reason="no_role", client_ip=address)
         metrics.REFUSALS.labels(request.match_info.route.name or "unmatched", "no_role").inc()
