@@ -327,6 +327,37 @@ async def test_a_dead_worker_is_replaced(stack: Stack) -> None:
     stack.stop()
 
 
+async def test_sigterm_while_postgres_is_down_spools_every_redirected_click(stack: Stack) -> None:
+    """tracker serve's graceful stop during an outage: each worker appends what it holds to the spool
+    and exits; the next start replays it, and every click answered 302 has its row."""
+    stack.serve(workers=2)
+    await stack.wait_ready()
+    load = Load(stack.port, "fault-term-pgdown")
+    codes: list[int] = []
+
+    async def outage_then_stop() -> None:
+        await asyncio.to_thread(stack.stop_pg)
+        await readyz_until(stack.port, lambda status, body: body["postgres"] == "down", "reporting PostgreSQL down")
+        before = len(load.ids)
+        await until(lambda: len(load.ids) >= before + 50, "redirects going to the spool")
+        assert stack.proc is not None
+        stack.proc.send_signal(signal.SIGTERM)
+        codes.append(await asyncio.to_thread(stack.proc.wait, 60))
+
+    try:
+        await load.run_for(0, during=outage_then_stop)
+    finally:
+        await asyncio.to_thread(stack.start_pg)
+    assert codes == [0]
+    assert set(load.other) <= {503}  # a stopping worker may refuse; it never answers 302 and loses
+    assert list((stack.data / "spool").glob("*.spool"))  # what the workers held, spooled at the stop
+    stack.serve(workers=2)
+    await stack.wait_ready()
+    total, distinct = await wait_rows(stack.dsn, "fault-term-pgdown", len(load.ids))
+    assert total == distinct == len(load.ids)
+    stack.stop()
+
+
 @pytest.mark.parametrize("size", [50, 20], ids=["copy", "insert-of-arrays"])
 async def test_a_poisoned_row_does_not_poison_the_batch(stack: Stack, tmp_path: Path, size: int) -> None:
     # 50 rows go as one COPY, 20 (under flushers.SMALL_BATCH) as one INSERT of arrays.
