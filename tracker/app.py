@@ -6,12 +6,8 @@ import gc
 import os
 from typing import AsyncIterator
 
-import redis.asyncio as aioredis
 import structlog
 from aiohttp import web
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from . import internals, keys, metrics
 from .domain.catalog import load_catalog
@@ -25,6 +21,7 @@ from .store.erasure_watch import ErasureWatch
 from .store.feed import StateFeed
 from .store.key_guard import KeyGuard
 from .store.merchants import MerchantCache
+from .store.redis_client import AnyRedis, connect, is_cluster, open_client
 from .store.replica import SupportReads
 from .store.sequencer import Sequencer
 from .store.sessions import SYNC_TIMEOUT, SessionStore
@@ -85,38 +82,43 @@ async def _merchants(app: web.Application) -> AsyncIterator[None]:
 # keeps about 3 busy; 32 leaves ten times that, and a burst past it waits for a connection
 # (BlockingConnectionPool) within each call's own deadline. redis-py's default pool has 100 and
 # raises MaxConnectionsError past them, which the fail-open code took for "Redis is down".
-# Per worker: at most REDIS_MAX_CONNECTIONS + 1 connections, whatever the number of streams.
+# Per worker: at most REDIS_MAX_CONNECTIONS + 1 connections, whatever the number of streams (on a
+# Redis Cluster as many per master, and a feed connection per master: store/redis_client.py).
 REDIS_MAX_CONNECTIONS = 32
-# A pooled connection that Redis closed (a restart, a failover) fails its next command once; that one
-# is sent again on a new connection. Only connection errors: a timed-out call may have run, and the
-# batch script counts rate-limit hits, so it is never sent twice for a timeout. (A pool built with
-# from_url gets no retry at all, unlike redis-py's default client: after Redis came back, each of
-# up to 32 stale connections failed a request, /readyz included, and marked Redis down again.)
-STALE_CONNECTION_RETRY = Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     # Each call has its own, shorter, deadline (wait_for); the socket's is the longest of them, the
     # batch call's (SessionStore.sync_timeout). The name shows the worker in Redis's CLIENT LIST.
-    pool = aioredis.BlockingConnectionPool.from_url(
-        settings.redis_url or "", max_connections=REDIS_MAX_CONNECTIONS, timeout=SYNC_TIMEOUT,
-        socket_timeout=SYNC_TIMEOUT, socket_connect_timeout=1.0, health_check_interval=0,
-        client_name=f"tracker-{os.getpid()}", retry=STALE_CONNECTION_RETRY)
-    client = aioredis.Redis.from_pool(pool)
-    sessions = SessionStore(client, settings.redis_prefix)
+    url, name = settings.redis_url or "", f"tracker-{os.getpid()}"
+    client, cluster = await open_client(url, max_connections=REDIS_MAX_CONNECTIONS, timeout=SYNC_TIMEOUT, name=name)
+
+    async def reconnect() -> AnyRedis | None:
+        """Redis was unreachable at start: once it answers, the client for what it is."""
+        found = await is_cluster(url)
+        if found is None:
+            return None
+        return connect(url, True, max_connections=REDIS_MAX_CONNECTIONS, timeout=SYNC_TIMEOUT,
+                       name=name) if found else client
+
+    sessions = SessionStore(client, settings.redis_prefix, reconnect=reconnect if cluster is None else None,
+                            max_calls=REDIS_MAX_CONNECTIONS)
     redis_up = await sessions.ping()
     metrics.DEPENDENCY_UP.labels("redis").set(int(redis_up))
     if not redis_up:
         log.warning("redis_unreachable_at_start", url=censor_dsn(settings.redis_url))
+    elif cluster:
+        log.info("redis_cluster", url=censor_dsn(settings.redis_url))
     await sessions.start()
-    app[keys.REDIS] = client
     app[keys.SESSIONS] = sessions
-    app[keys.KEY_GUARD] = KeyGuard(client, settings.redis_prefix, up=lambda: sessions.ok,
+    app[keys.KEY_GUARD] = KeyGuard(lambda: sessions.client, settings.redis_prefix, up=lambda: sessions.ok,
                                    window=settings.key_guess_window)
     yield
     await sessions.stop()
     await client.aclose()
+    if sessions.client is not client:
+        await sessions.client.aclose()
 
 
 async def _feed(app: web.Application) -> AsyncIterator[None]:

@@ -5,7 +5,6 @@ import asyncio
 from dataclasses import dataclass, field
 
 import asyncpg
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from .domain.console_session import ConsoleKeys
@@ -42,7 +41,6 @@ SETTINGS = web.AppKey("settings", Settings)
 TOKENS = web.AppKey("tokens", UserTokens)
 POOL = web.AppKey("pool", asyncpg.Pool)
 READS = web.AppKey("reads", SupportReads)  # support reads: the replica when there is one
-REDIS = web.AppKey("redis", aioredis.Redis)
 MERCHANTS = web.AppKey("merchants", MerchantCache)
 WRITER = web.AppKey("writer", ClickWriter)
 SESSIONS = web.AppKey("sessions", SessionStore)

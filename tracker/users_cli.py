@@ -27,16 +27,16 @@ def actor() -> str:
 
 async def _erase(settings: Settings, user_id: str) -> tuple[dict[str, object], str | None]:
     """The erasure's answer, and why the user's sessions in Redis are still there (None: deleted)."""
-    import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
     from .store import audit
     from .store.db import connect, connect_options
     from .store.erasure import announce, erase
+    from .store.redis_client import open_client
     from .store.sessions import SessionStore
 
     conn = await connect(settings.database_url, **connect_options(settings.database_pooler))
-    client = aioredis.Redis.from_url(settings.redis_url or "", socket_timeout=5, socket_connect_timeout=5)
+    client, _ = await open_client(settings.redis_url or "", max_connections=4, name="tracker-erase")
     left = None
     try:
         await audit.record(conn, [audit.Entry(actor(), "user.erase", None, user_id)])

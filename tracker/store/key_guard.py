@@ -9,7 +9,8 @@ concurrent guesses, only those the script found within the allowance get 401; th
 so a burst of thousands of requests still learns the answer for at most GUESSES keys a window.
 
 Admin requests are few (support agents, the ledger's feed reads): each waits for one Redis round
-trip here, never the click redirect."""
+trip here, never the click redirect. `client` gives the Redis client in use (SessionStore's, which
+may change once: redis_client.py)."""
 from __future__ import annotations
 
 import asyncio
@@ -17,10 +18,9 @@ import secrets
 import time
 from typing import Callable
 
-import redis.asyncio as aioredis
-
 from .. import metrics
 from ..domain.key_guesses import GUESSES, WINDOW, Guesses
+from .redis_client import AnyRedis
 
 # KEYS[1]: a client's wrong-key times (ms). ARGV[1]: the window (ms), ARGV[2]: the allowance,
 # ARGV[3]: a member to add as a wrong key now ('' only reads). Counted only within the allowance.
@@ -43,13 +43,12 @@ return 0
 
 
 class KeyGuard:
-    def __init__(self, client: aioredis.Redis, prefix: str, up: Callable[[], bool] = lambda: True,
+    def __init__(self, client: Callable[[], AnyRedis], prefix: str, up: Callable[[], bool] = lambda: True,
                  window: float = WINDOW, limit: int = GUESSES, timeout: float = 0.5,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.client, self.prefix, self.up, self.timeout, self.clock = client, prefix, up, timeout, clock
         self.window_ms = int(window * 1000)
         self.local = Guesses(limit, window)
-        self._script = client.register_script(_GUESS)
         self._member = secrets.token_hex(4)  # this worker's wrong keys, unique across workers
         self._seq = 0
 
@@ -75,9 +74,8 @@ class KeyGuard:
         if not self.up():
             return 0.0
         try:
-            waited = await asyncio.wait_for(
-                self._script(keys=[self.key(client)], args=[self.window_ms, self.local.limit, member]),
-                self.timeout)
+            waited = await asyncio.wait_for(self.client().eval(
+                _GUESS, 1, self.key(client), self.window_ms, self.local.limit, member), self.timeout)
         except Exception:  # noqa: BLE001 - Redis away or slow: this worker's count decides
             metrics.REDIS_FAIL_OPEN.labels("key_guard").inc()
             return 0.0

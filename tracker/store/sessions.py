@@ -6,6 +6,13 @@ Redis trouble never blocks a redirect: while Redis is down rate limits hold per 
 session writes are dropped (counted in tracker_redis_fail_open_total, logged once per outage), and a
 probe brings it back. The overwrite detector falls back to PostgreSQL for the session then.
 
+On a Redis Cluster (redis_client.py) the same calls go to the master of their slot: a click's
+session and state share one (redis_keys.py); the batch's session writes go as a pipeline that
+redis-py's RedisCluster splits by node, beside one script call for the rate limits (their keys share
+one slot). A master that fails makes the batch fail: Redis counts as down (fail-open, as above)
+until the probe finds every master answering and the cluster healthy again, its slots moved to the
+replica.
+
 A slow Redis is not a down one: the batch call may take up to SYNC_TIMEOUT (nothing waits for it but
 the next batch, which gathers meanwhile, up to MAX_PENDING sessions). Measured: on a saturated 2-core
 machine an EVAL of 1,000 sessions, ~3 ms when idle, took up to 1.6 s (Redis's own slowlog); with the
@@ -18,17 +25,18 @@ import os
 import secrets
 import socket
 import time
-from typing import Sequence, cast
+from typing import Awaitable, Callable, Sequence, TypeVar, cast
 
 import orjson
-import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import ResponseError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import MaxConnectionsError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .. import metrics
 from ..domain.states import PROGRESS, ActivationSession, StoredState
 from .ratelimit import COUNTS_LUA, EDGE, Check, RateLimits, Sent, Verdict
+from .redis_client import AnyRedis
 from .redis_keys import channel, limits_prefix, session_key, state_key
 from .tasks import cancel_and_wait, supervised
 
@@ -38,7 +46,8 @@ HEARTBEAT = 20.0  # seconds between calls of an idle worker (it counts in W for 
 MAX_PENDING = 100_000
 # Refuses, unless forced, a state that would move the click back (domain/states.PROGRESS, as a Lua
 # table: ARGV[4] is the new state's word): reads the stored state's `state` field, not its bytes (a
-# trail entry could carry the same key).
+# trail entry could carry the same key). ARGV[5]: PUBLISH, or SPUBLISH on a cluster (the channel is
+# in the state's slot).
 _SAVE_STATE = """
 local current = redis.call('GET', KEYS[1])
 if ARGV[3] == '0' and current then
@@ -52,7 +61,7 @@ if ARGV[3] == '0' and current then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('PUBLISH', KEYS[2], ARGV[1])
+redis.call(ARGV[5], KEYS[2], ARGV[1])
 return 1
 """
 # One call per interval: every session write, then every rate-limit line (ratelimit.COUNTS_LUA).
@@ -61,12 +70,28 @@ for key, ttl, value in string.gmatch(ARGV[1], '([^\t\n]+)\t(%d+)\t([^\n]*)') do
   redis.call('SET', key, value, 'EX', ttl)
 end
 """ + COUNTS_LUA
+# On a cluster: the rate-limit lines alone (the same arguments; ARGV[1] unused), KEYS[1] the live
+# workers' set, so that the call goes to the master of the rate limits' slot.
+_COUNT = COUNTS_LUA
+T = TypeVar("T")
+Reconnect = Callable[[], Awaitable["AnyRedis | None"]]
 
 
 class SessionStore:
-    def __init__(self, client: aioredis.Redis, prefix: str, timeout: float = 0.5,
-                 sync_timeout: float = SYNC_TIMEOUT) -> None:
+    def __init__(self, client: AnyRedis, prefix: str, timeout: float = 0.5,
+                 sync_timeout: float = SYNC_TIMEOUT, reconnect: Reconnect | None = None,
+                 max_calls: int = 32) -> None:
         self.client, self.prefix, self.timeout, self.sync_timeout = client, prefix, timeout, sync_timeout
+        self.cluster = isinstance(client, RedisCluster)
+        # Redis did not say at start whether it is a cluster: the probe asks again, and this gives the
+        # client for what it turned out to be (None: the one in use is right).
+        self._reconnect = reconnect
+        self._limits_prefix = limits_prefix(prefix)
+        # A cluster client's pools do not wait for a free connection (past max_connections a call
+        # fails at once: 150 event streams opening together took the batch call's and marked Redis
+        # down), so on a cluster at most `max_calls` calls are in flight, the others waiting their
+        # turn within their own deadline, as a standalone client's blocking pool makes them.
+        self._calls = asyncio.Semaphore(max_calls)
         self._ops: list[tuple[str, bytes, int]] = []  # session writes: key, JSON, TTL
         self._wake = asyncio.Event()
         self.limits = RateLimits(self._wake)
@@ -75,6 +100,7 @@ class SessionStore:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self._task: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._went_down = asyncio.Event()  # set while Redis is down: the probe looks for it back
         self._slow_logged = -1e9  # monotonic time of the last redis_slow line
         self._after_pass: list[asyncio.Future[None]] = []  # settle(): resolved when a batch call ends
 
@@ -102,9 +128,10 @@ class SessionStore:
             metrics.REDIS_FAIL_OPEN.labels("state").inc()
             return False
         try:
-            await asyncio.wait_for(self.client.eval(
+            await asyncio.wait_for(self._call(lambda: self.client.eval(
                 _SAVE_STATE, 2, self.state_key(click_id), self.channel(click_id), orjson.dumps(state), ttl,
-                1 if force else 0, state.get("state", "")), self.timeout)
+                1 if force else 0, state.get("state", ""), "SPUBLISH" if self.cluster else "PUBLISH")),
+                self.timeout)
         except Exception as exc:  # noqa: BLE001 - fail open; PostgreSQL has the state too
             self._request_failed(exc)
             return False
@@ -118,7 +145,7 @@ class SessionStore:
             return None, None, False
         try:
             raw = await asyncio.wait_for(
-                self.client.mget(self.session_key(click_id), self.state_key(click_id)), self.timeout)
+                self._call(lambda: self.client.mget(self.session_key(click_id), self.state_key(click_id))), self.timeout)
         except Exception as exc:  # noqa: BLE001 - fail open
             self._request_failed(exc)
             return None, None, False
@@ -174,8 +201,7 @@ class SessionStore:
         had room), None if Redis did not answer. Its failure does not mark Redis down (the batch
         call finds that out, with its longer deadline)."""
         try:
-            reply = await asyncio.wait_for(self.client.eval(
-                _SYNC, 0, b"", line, limits_prefix(self.prefix), self.worker_id, int(time.time())), self.timeout)
+            reply = await asyncio.wait_for(self._counts(b"", line), self.timeout)
         except asyncio.CancelledError:
             self.limits.settle(sent, None, window)
             raise
@@ -185,6 +211,32 @@ class SessionStore:
             return None
         self.limits.settle_edge(sent, reply, window)
         return [(bool(reply[4 + 4 * i]), int(reply[1 + 4 * i])) for i in range(len(sent))]
+
+    async def _counts(self, sessions: bytes, counts: str) -> list[int]:
+        """The batch script's call: on a standalone Redis the sessions too, on a cluster the rate-limit
+        lines alone (the sessions go by _write_sessions)."""
+        args = (counts, self._limits_prefix, self.worker_id, int(time.time()))
+        if self.cluster:
+            reply = await self._call(lambda: self.client.eval(_COUNT, 1, self._limits_prefix + "rl-workers", b"", *args))
+        else:
+            reply = await self.client.eval(_SYNC, 0, sessions, *args)
+        return cast(list[int], reply)
+
+    async def _call(self, command: Callable[[], Awaitable[T]]) -> T:
+        """A command, within the cluster's bound of calls in flight (the standalone pool's own wait)."""
+        if not self.cluster:
+            return await command()
+        async with self._calls:
+            return await command()
+
+    async def _write_sessions(self, ops: list[tuple[str, bytes, int]]) -> None:
+        """A cluster's session writes: one pipeline, split by node (each SET to its slot's master)."""
+        if not ops:
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            for key, body, ttl in ops:
+                pipe.set(key, body, ex=ttl)
+            await self._call(pipe.execute)
 
     async def settle(self) -> None:
         """Return once the session writes queued before this call have been sent to Redis (or
@@ -222,7 +274,16 @@ class SessionStore:
         return deleted
 
     async def ping(self) -> bool:
+        """Redis answers; on a cluster, every master it knows answers and the cluster says it is
+        healthy (cluster_state:ok: every slot served), so a master that failed is not taken for back
+        before its replica has its slots."""
         try:
+            if isinstance(self.client, RedisCluster):
+                client = self.client
+                async def healthy() -> bool:
+                    await client.ping(target_nodes=RedisCluster.PRIMARIES)
+                    return (await client.cluster_info()).get("cluster_state") == "ok"
+                return await asyncio.wait_for(healthy(), self.timeout)
             return bool(await asyncio.wait_for(self.client.ping(), self.timeout))
         except Exception:  # noqa: BLE001 - any failure means not ready
             return False
@@ -230,6 +291,7 @@ class SessionStore:
     # -- the batch loop -----------------------------------------------------------------------
     async def start(self) -> None:
         self._task = supervised("redis-batcher", self._run)
+        self._probe = supervised("redis-probe", self._probe_forever)
 
     async def stop(self) -> None:
         await cancel_and_wait([self._task, self._probe])
@@ -268,11 +330,17 @@ class SessionStore:
         counts, sent, window = self.limits.batch(final)
         # One script call carries the whole interval: every session write and every rate-limit
         # line, each packed into one argument, so there is one string to build, one command to
-        # pack and one reply to parse instead of two or three per click.
-        sessions = b"\n".join(b"%s\t%d\t%s" % (key.encode(), ttl, body) for key, body, ttl in ops)
+        # pack and one reply to parse instead of two or three per click. (On a cluster: a
+        # pipeline of the sessions beside the script call of the counts.)
+        reply: list[int] | None = None
         try:
-            reply = await asyncio.wait_for(self.client.eval(
-                _SYNC, 0, sessions, counts, limits_prefix(self.prefix), self.worker_id, int(time.time())), timeout)
+            if self.cluster:
+                reply, failure = await asyncio.wait_for(self._sync_cluster(ops, counts), timeout)
+                if failure is not None:
+                    raise failure
+            else:
+                sessions = b"\n".join(b"%s\t%d\t%s" % (key.encode(), ttl, body) for key, body, ttl in ops)
+                reply = await asyncio.wait_for(self._counts(sessions, counts), timeout)
         except asyncio.CancelledError:
             # Stopping mid-call: the sessions go back for stop()'s last call (writing one twice is
             # harmless); the counts are not sent again, so no hit is counted twice.
@@ -282,14 +350,25 @@ class SessionStore:
         except ResponseError as exc:
             log.error("redis_sync_failed", error=str(exc)[:200], sessions=len(ops), counters=len(sent))
             metrics.REDIS_FAIL_OPEN.labels("session").inc(len(ops))
-            self.limits.settle(sent, None, window)
+            self.limits.settle(sent, reply, window)
             return
         except Exception as exc:  # noqa: BLE001 - fail open
             metrics.REDIS_FAIL_OPEN.labels("session").inc(len(ops))
-            self.limits.settle(sent, None, window)
+            self.limits.settle(sent, reply, window)
             self._down(exc)
             return
         self.limits.settle(sent, reply, window)
+
+    async def _sync_cluster(self, ops: list[tuple[str, bytes, int]],
+                            counts: str) -> tuple[list[int] | None, BaseException | None]:
+        """The batch on a cluster: the sessions' pipeline and the rate limits' script call at once.
+        The counts' answer, and the failure of either call. Counts that Redis answered are settled
+        with that answer whatever became of the sessions (hits counted in Redis are not dropped)."""
+        written, reply = await asyncio.gather(self._write_sessions(ops), self._counts(b"", counts),
+                                              return_exceptions=True)
+        if isinstance(reply, BaseException):
+            return None, reply
+        return reply, written if isinstance(written, BaseException) else None
 
     def _fail_pending(self) -> None:
         if self._ops:
@@ -301,9 +380,10 @@ class SessionStore:
         until the probe brings it back. A call that only outlived its deadline (a worker too busy to
         read the answer in time, a Redis slow for a moment) fails open for that request alone:
         seen with 1,900 event streams opened at once, one such timeout marked Redis down for the
-        whole worker and dropped every pending session. A Redis that stays silent is still found
-        down, by the batch call's longer deadline."""
-        if isinstance(exc, (TimeoutError, RedisTimeoutError)):
+        whole worker and dropped every pending session. So does a cluster node's connections all in
+        use (a burst). A Redis that stays silent is still found down, by the batch call's longer
+        deadline."""
+        if isinstance(exc, (TimeoutError, RedisTimeoutError, MaxConnectionsError)):
             metrics.REDIS_FAIL_OPEN.labels("state").inc()
             now = time.monotonic()
             if now - self._slow_logged >= 10:  # a line per burst, not one per request
@@ -318,11 +398,30 @@ class SessionStore:
             log.error("redis_unreachable", error=repr(exc)[:300])
             metrics.DEPENDENCY_UP.labels("redis").set(0)
             self._fail_pending()
-            self._probe = supervised("redis-probe", self._probe_until_up)
+            self._went_down.set()
+            if self._probe is None:  # a store that was not started (a command-line tool's)
+                self._probe = supervised("redis-probe", self._probe_forever)
+
+    async def _probe_forever(self) -> None:
+        """Waits for Redis to be found down, then pings it every second until it answers. (A loop
+        that never returns, as a supervised task must: a probe that returned once Redis was back was
+        taken for a dead task and restarted, logging task_stopped every second from then on.)"""
+        while True:
+            await self._went_down.wait()
+            await self._probe_until_up()
+            self._went_down.clear()
 
     async def _probe_until_up(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            if self._reconnect is not None:  # what Redis is, unknown since the start
+                client = await self._reconnect()
+                if client is None:
+                    continue
+                self._reconnect = None
+                if isinstance(client, RedisCluster) != self.cluster:
+                    log.info("redis_reconnected", cluster=isinstance(client, RedisCluster))
+                    self.client, self.cluster = client, isinstance(client, RedisCluster)
             if await self.ping():
                 self.ok = True
                 metrics.DEPENDENCY_UP.labels("redis").set(1)
