@@ -23,8 +23,11 @@ import asyncpg
 import hypothesis
 import pytest
 import redis
+import redis.asyncio as aioredis
 import yaml
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
+from redis.cluster import RedisCluster as SyncRedisCluster
 
 from tracker import keys
 from tracker.app import create_app
@@ -35,7 +38,7 @@ from tracker.settings import Settings
 from tracker.store.db import connect, migrate
 from tracker.store.merchants import sync
 
-from .stack import PgBouncer
+from .stack import PgBouncer, RedisClusterNodes
 from .waiting import answers_blocking, until
 
 HERE = Path(__file__).parent
@@ -95,8 +98,14 @@ def pooler(request: pytest.FixtureRequest) -> str | None:
 
 
 @pytest.fixture(scope="module")
-def database(servers: tuple[str, str], pooler: str | None) -> Iterator[str]:
-    """A fresh database per module (and per run of a `pooled` one)."""
+def redis_mode(request: pytest.FixtureRequest) -> str | None:
+    """None, or `cluster` for the second run of a `clustered` module (pytest_generate_tests)."""
+    return getattr(request, "param", None)
+
+
+@pytest.fixture(scope="module")
+def database(servers: tuple[str, str], pooler: str | None, redis_mode: str | None) -> Iterator[str]:
+    """A fresh database per module (and per run of a `pooled` or `clustered` one)."""
     name = f"trk_test_{secrets.token_hex(6)}"
     asyncio.run(_admin(servers[0], f"CREATE DATABASE {name}"))
     dsn = with_database(servers[0], name)
@@ -106,16 +115,69 @@ def database(servers: tuple[str, str], pooler: str | None) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def redis_prefix(servers: tuple[str, str], pooler: str | None) -> Iterator[str]:
+def redis_prefix(servers: tuple[str, str], pooler: str | None, redis_mode: str | None,
+                 request: pytest.FixtureRequest) -> Iterator[str]:
     prefix = f"trktest:{secrets.token_hex(4)}:"
     yield prefix
-    client = redis.Redis.from_url(servers[1])
+    if redis_mode == "cluster":
+        cluster: RedisClusterNodes = request.getfixturevalue("redis_cluster")
+        for port in cluster.masters():  # each master's own keys
+            _delete_prefixed(redis.Redis(port=port), prefix)
+    else:
+        _delete_prefixed(redis.Redis.from_url(servers[1]), prefix)
+
+
+def _delete_prefixed(client: redis.Redis, prefix: str) -> None:
     try:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        if keys:
-            client.delete(*keys)
+        for key in client.scan_iter(match=prefix + "*", count=1000):
+            client.delete(key)
+    except redis.ConnectionError:
+        pass  # a node a fault test killed
     finally:
         client.close()
+
+
+_CLUSTER_URLS: set[str] = set()  # the seed URLs of the clusters this session started
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterNodes]:
+    """A Redis Cluster of Debian's redis-server, 3 masters and 3 replicas (tests/stack.py), ~2 s to start."""
+    cluster = RedisClusterNodes([free_port(bus=True) for _ in range(6)])
+    try:
+        cluster.start()
+        _CLUSTER_URLS.add(cluster.url())
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def redis_client(settings: Settings) -> aioredis.Redis | RedisCluster:
+    """An asyncio client of the test's Redis: a RedisCluster when it is the suite's cluster."""
+    url = settings.redis_url or ""
+    if url in _CLUSTER_URLS:
+        return RedisCluster.from_url(url)
+    return aioredis.Redis.from_url(url)
+
+
+async def subscribers(client: aioredis.Redis | RedisCluster, *channels: str) -> list[int]:
+    """How many connections listen on each channel: PUBSUB NUMSUB, or on a cluster PUBSUB SHARDNUMSUB
+    asked of the master of each channel's slot (the feed SSUBSCRIBEs there)."""
+    if not isinstance(client, RedisCluster):
+        return [int(n) for _, n in await client.pubsub_numsub(*channels)]
+    await client.initialize()  # the slots, once
+    counts = []
+    for channel in channels:
+        node = client.get_node_from_key(channel)
+        reply = await client.execute_command("PUBSUB SHARDNUMSUB", channel, target_nodes=node)
+        counts.append(int(reply[0][1]) if isinstance(reply, list) and isinstance(reply[0], (list, tuple))
+                      else int(reply[1]))
+    return counts
+
+
+def sync_redis_client(url: str) -> redis.Redis | SyncRedisCluster:
+    """redis_client, blocking."""
+    return SyncRedisCluster.from_url(url) if url in _CLUSTER_URLS else redis.Redis.from_url(url)
 
 
 @pytest.fixture(scope="session")
@@ -129,21 +191,35 @@ def pgbouncer(servers: tuple[str, str]) -> Iterator[PgBouncer]:
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """A module marked `pooled` runs each test that uses `settings` twice: on PostgreSQL directly,
-    and behind PgBouncer in transaction mode (TRACKER_DATABASE_POOLER=transaction)."""
-    if "pooler" in metafunc.fixturenames and metafunc.definition.get_closest_marker("pooled"):
+    and behind PgBouncer in transaction mode (TRACKER_DATABASE_POOLER=transaction). One marked
+    `clustered` runs it on a standalone Redis and on a Redis Cluster (the `redis_cluster` fixture).
+    One marked both runs it twice too: directly on a standalone Redis, and behind PgBouncer on the
+    cluster (the whole stack), not four times. `clustered(only=True)` runs it on the cluster alone."""
+    pooled = "pooler" in metafunc.fixturenames and metafunc.definition.get_closest_marker("pooled")
+    clustered = "redis_mode" in metafunc.fixturenames and metafunc.definition.get_closest_marker("clustered")
+    if pooled and clustered:
+        metafunc.parametrize(["pooler", "redis_mode"], [(None, None), ("transaction", "cluster")],
+                             ids=["direct", "pgbouncer-cluster"], indirect=True, scope="module")
+    elif pooled:
         metafunc.parametrize("pooler", [None, "transaction"], ids=["direct", "pgbouncer"], indirect=True,
+                             scope="module")
+    elif clustered and clustered.kwargs.get("only"):  # `clustered(only=True)`: on the cluster alone
+        metafunc.parametrize("redis_mode", ["cluster"], ids=["cluster"], indirect=True, scope="module")
+    elif clustered:
+        metafunc.parametrize("redis_mode", [None, "cluster"], ids=["standalone", "cluster"], indirect=True,
                              scope="module")
 
 
 @pytest.fixture
 def settings(servers: tuple[str, str], database: str, redis_prefix: str, tmp_path: Path, pooler: str | None,
-             request: pytest.FixtureRequest) -> Settings:
+             redis_mode: str | None, request: pytest.FixtureRequest) -> Settings:
     through: dict[str, str | None] = {"database_url": database}
     if pooler:
         bouncer: PgBouncer = request.getfixturevalue("pgbouncer")
         through = {"database_url": bouncer.url(urlsplit(database).path.lstrip("/")), "database_pooler": pooler,
                    "database_direct_url": database}
-    return Settings(redis_url=servers[1], data_dir=tmp_path, secret=SECRET, admin_key=ADMIN_KEY,
+    redis_url = request.getfixturevalue("redis_cluster").url() if redis_mode == "cluster" else servers[1]
+    return Settings(redis_url=redis_url, data_dir=tmp_path, secret=SECRET, admin_key=ADMIN_KEY,
                     redis_prefix=redis_prefix, workers=1, rate_limit_user=0, rate_limit_ip=0,
                     rate_limit_delay_ms=0, **through)  # type: ignore[arg-type]
 
@@ -201,28 +277,33 @@ _PORT_LOCKS = Path("/tmp/tracker-test-ports")
 _held_ports: list[IO[str]] = []  # the lock files of this session's ports, open until it ends
 
 
-def free_port() -> int:
+def free_port(bus: bool = False) -> int:
     """A loopback port for a server of a test, that nothing else takes before the server binds it.
     Not from bind(("127.0.0.1", 0)): that draws from the kernel's ephemeral range, which every
     outgoing connection on the machine (and every other test run's bind 0) draws from too, so the
     port could be taken between the check and the server's bind. Below that range instead, free
-    now, and locked (flock) against other test runs on this machine until this session ends."""
+    now, and locked (flock) against other test runs on this machine until this session ends. With
+    `bus`, port + 10000 is free and locked too (a Redis Cluster node's bus), both below the range."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
         if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
     _PORT_LOCKS.mkdir(exist_ok=True)
     pick = random.Random()
     for _ in range(1000):
-        port = pick.randrange(20000, low)
-        lock = (_PORT_LOCKS / str(port)).open("a")
+        port = pick.randrange(10000, low - 10000) if bus else pick.randrange(20000, low)
+        locks = []
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            with socket.socket() as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
-                sock.bind(("127.0.0.1", port))
+            for each in (port, port + 10000) if bus else (port,):
+                lock = (_PORT_LOCKS / str(each)).open("a")
+                locks.append(lock)
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                with socket.socket() as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+                    sock.bind(("127.0.0.1", each))
         except OSError:  # another run's port, or in use
-            lock.close()
+            for lock in locks:
+                lock.close()
             continue
-        _held_ports.append(lock)
+        _held_ports.extend(locks)
         return port
     raise RuntimeError("no free loopback port below the ephemeral range")
 

@@ -1,7 +1,8 @@
-"""The engines operators put around PostgreSQL past one machine, started for the tests as they run in
-production: Debian's PgBouncer in transaction pooling mode in front of the suite's PostgreSQL, and a
-primary with a streaming replica made by `pg_basebackup -R`. PgBouncer, initdb and postgres refuse
-to run as root: as root they run as an unprivileged user of their own."""
+"""The engines operators put around PostgreSQL and Redis past one machine, started for the tests as they
+run in production: Debian's PgBouncer in transaction pooling mode in front of the suite's PostgreSQL, a
+primary with a streaming replica made by `pg_basebackup -R`, and a Redis Cluster of Debian's
+redis-server (3 masters, 3 replicas). PgBouncer, initdb and postgres refuse to run as root: as root
+they run as an unprivileged user of their own (and so does redis-server, alike)."""
 from __future__ import annotations
 
 import os
@@ -15,7 +16,10 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import redis
+
 PGBOUNCER = "/usr/sbin/pgbouncer"
+REDIS_SERVER, REDIS_CLI = "/usr/bin/redis-server", "/usr/bin/redis-cli"
 ENGINE_USER = "tracker_engines"
 
 
@@ -188,4 +192,111 @@ class Replicated:
         for name in ("replica", "primary"):
             if (self.dir / name / "postmaster.pid").exists():
                 self._ctl(name, 0, "stop")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RedisClusterNodes:
+    """A Redis Cluster of Debian's redis-server on loopback: len(ports) nodes (6: 3 masters, each with a
+    replica), each node's cluster bus on its port + 10000 (so every port is below 55536), made with
+    `redis-cli --cluster create`. A node can be killed (SIGKILL) and started again; its replica takes
+    its slots over after cluster-node-timeout (1 s here; 15 s by default)."""
+
+    NODE_TIMEOUT_MS = 1000
+
+    def __init__(self, ports: list[int]) -> None:
+        assert len(ports) % 2 == 0 and all(port + 10000 < 65536 for port in ports)
+        self.ports = ports
+        self.dir = engine_dir("tracker-redis-cluster-")
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def _configure(self, port: int) -> Path:
+        node = self.dir / str(port)
+        if not node.exists():
+            node.mkdir()
+            (node / "redis.conf").write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {node}\ncluster-enabled yes\n"
+                f"cluster-config-file nodes.conf\ncluster-node-timeout {self.NODE_TIMEOUT_MS}\n"
+                # A replica takes over however long it was cut off (a test's replica never lags much).
+                "cluster-replica-validity-factor 0\n"
+                f"save \"\"\nappendonly no\nlogfile {node / 'redis.log'}\n")
+            user = engine_user()
+            if user is not None:
+                shutil.chown(node, user, user)
+                shutil.chown(node / "redis.conf", user, user)
+        return node
+
+    def start_node(self, port: int) -> None:
+        node = self._configure(port)
+        self.procs[port] = subprocess.Popen([REDIS_SERVER, str(node / "redis.conf")], user=engine_user(),
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, self.procs[port])
+
+    def start(self) -> None:
+        for port in self.ports:
+            self.start_node(port)
+        done = subprocess.run([REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+                               "--cluster-replicas", "1", "--cluster-yes"], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-2000:]} {done.stderr[-2000:]}")
+        self.wait_healthy()
+
+    def cli(self, port: int, *args: str) -> str:
+        done = subprocess.run([REDIS_CLI, "-p", str(port), *args], capture_output=True, text=True, timeout=30)
+        return done.stdout
+
+    def info(self, port: int) -> dict[str, str]:
+        """CLUSTER INFO of one node, as a dict ({} when it does not answer)."""
+        pairs = (line.split(":", 1) for line in self.cli(port, "cluster", "info").splitlines() if ":" in line)
+        return {key: value.strip() for key, value in pairs}
+
+    def slots(self, port: int) -> list[tuple[int, int, int]]:
+        """CLUSTER SLOTS as one node sees it: (first slot, last slot, port of its master); [] when the
+        node does not answer."""
+        try:
+            with redis.Redis(port=port, socket_timeout=5) as client:
+                rows = client.execute_command("CLUSTER SLOTS")
+        except redis.RedisError:
+            return []
+        return sorted((int(row[0]), int(row[1]), int(row[2][1])) for row in rows)
+
+    def masters(self) -> list[int]:
+        """The ports of the masters that serve slots, as the first running node sees it."""
+        for port in self.ports:
+            if port in self.procs:
+                return sorted({owner for _, _, owner in self.slots(port)})
+        return []
+
+    def healthy(self) -> bool:
+        """Every running node says cluster_state:ok with all 16384 slots served, and they agree on
+        which running master serves which slots (a failover seen by all, the dead master in none)."""
+        views = []
+        for port in self.procs:
+            info = self.info(port)
+            if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384":
+                return False
+            views.append(self.slots(port))
+        return all(view == views[0] for view in views) and all(owner in self.procs for _, _, owner in views[0])
+
+    def wait_healthy(self, seconds: float = 60.0) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.healthy():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster is not healthy after {seconds} s: "
+                                   f"{[self.info(p) for p in self.procs]}")
+            time.sleep(0.1)
+
+    def url(self) -> str:
+        """A seed node, as TRACKER_REDIS_URL names it."""
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def kill(self, port: int) -> None:
+        """SIGKILL: the node vanishes mid-command, as a crashed machine's does."""
+        proc = self.procs.pop(port)
+        proc.kill()
+        proc.wait()
+
+    def close(self) -> None:
+        for port in list(self.procs):
+            self.kill(port)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -4,18 +4,17 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from tracker import keys
 from tracker.app import create_app
 from tracker.domain.clickid import click_time_ms, is_click_id
 from tracker.store.redis_keys import session_key
 
-from .conftest import BROWSER, one_minute, redis_value
+from .conftest import BROWSER, one_minute, redis_client, redis_value
 from .waiting import until
 
 # Also behind PgBouncer in transaction mode (conftest.py)
-pytestmark = pytest.mark.pooled
+pytestmark = [pytest.mark.pooled, pytest.mark.clustered]
 
 
 async def rows_for(db, user):
@@ -100,7 +99,7 @@ async def test_bots_and_head_get_the_redirect_flagged_and_no_session(client, tok
     assert rows[head.headers["X-Click-Id"]]["bot"] and rows[head.headers["X-Click-Id"]]["method"] == "HEAD"
     assert rows[bot.headers["X-Click-Id"]]["bot"]
     assert not rows[human.headers["X-Click-Id"]]["bot"]
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:
         session = orjson.loads(await redis_value(r, session_key(settings.redis_prefix, human.headers["X-Click-Id"])))
         assert session["u"] == "erin" and session["m"] == "aliexpress"

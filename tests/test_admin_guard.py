@@ -10,14 +10,13 @@ from ipaddress import ip_network
 from pathlib import Path
 
 import pytest
-import redis.asyncio as aioredis
 
 from tracker import embedded, keys
 from tracker.app import create_app
 from tracker.domain.key_guesses import Guesses, guesser
 from tracker.settings import SettingsError, load
 
-from .conftest import ADMIN_KEY, free_port
+from .conftest import ADMIN_KEY, free_port, redis_client
 from .test_console import CSRF
 from .waiting import until
 
@@ -47,6 +46,7 @@ async def assert_throttled(resp, window: float = 60) -> None:  # noqa: ANN001
     assert 1 <= int(resp.headers["Retry-After"]) <= window
 
 
+@pytest.mark.clustered  # the count in one slot of a Redis Cluster too
 async def test_ten_wrong_keys_then_even_the_right_key_gets_429_on_the_api(aiohttp_client, settings):
     client = await aiohttp_client(create_app(behind_proxy(settings)))
     guessing, bystander = "198.51.100.10", "198.51.100.11"
@@ -61,7 +61,7 @@ async def test_ten_wrong_keys_then_even_the_right_key_gets_429_on_the_api(aiohtt
     await assert_throttled(await sign_in(client, ADMIN_KEY, guessing))
     # Another address is not held up, and the throttle's key hash-tags the address for a cluster.
     assert (await client.get(ORPHANS, headers=via(bystander, RIGHT))).status == 200
-    shared = aioredis.Redis.from_url(settings.redis_url)
+    shared = redis_client(settings)
     try:
         name = f"{settings.redis_prefix}guesses:{{{guessing}}}"
         assert await shared.zcard(name) == 10
@@ -99,6 +99,7 @@ async def test_the_count_is_shared_by_two_instances_through_redis(aiohttp_client
     await assert_throttled(await two.get(ORPHANS, headers=via(guessing, RIGHT)))
 
 
+@pytest.mark.clustered  # the count in one slot of a Redis Cluster too
 async def test_a_burst_of_concurrent_guesses_gets_ten_answers_across_instances(aiohttp_client, settings):
     one = await aiohttp_client(create_app(behind_proxy(settings)))
     two = await aiohttp_client(create_app(behind_proxy(settings)))

@@ -13,7 +13,6 @@ from typing import Any, cast
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from tracker import keys
 from tracker.app import create_app
@@ -29,7 +28,7 @@ from tracker.store.redis_keys import session_key, state_key
 from tracker.store.refused import quarantine
 from tracker.store.spool import Spool
 
-from .conftest import ADMIN, BROWSER, cli, redis_value
+from .conftest import ADMIN, BROWSER, cli, redis_client, redis_value
 from .test_console import sign_in
 from .test_keys import bearer, create_key
 from .test_observe import activate, observe
@@ -59,6 +58,7 @@ async def traces(db, settings, user: str) -> list[str]:  # noqa: ANN001
     return found
 
 
+@pytest.mark.clustered  # the Redis sessions deleted on a Redis Cluster too
 async def test_erasure_removes_the_users_data_everywhere_and_keeps_the_money(client, tokens, db, settings):
     user, other = "erase-me", "keep-me"
     cid, location = await activate(client, tokens, user)
@@ -93,7 +93,7 @@ async def test_erasure_removes_the_users_data_everywhere_and_keeps_the_money(cli
     assert await db.fetchval("SELECT detector FROM click_states WHERE click_id = $1", cid) is None
     assert await db.fetchrow("SELECT commission, cashback, amount FROM conversions "
                              "WHERE order_id = 'ERASE-1'") == money  # the books keep the money
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redis_client(settings)
     try:
         for c in (cid, cid2):
             assert not await redis.exists(session_key(settings.redis_prefix, c), state_key(settings.redis_prefix, c))
@@ -151,9 +151,10 @@ async def test_erasure_needs_users_erase_and_refuses_bad_ids(client, settings, t
     assert [(e["action"], e["user_id"]) for e in trail["entries"]] == [("user.erase", "never-seen")]
 
 
+@pytest.mark.clustered  # the Redis sessions deleted on a Redis Cluster too
 async def test_the_command_line_erases_the_same_way(client, settings, tokens, db):
     cid, _ = await activate(client, tokens, "cli-erased")
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redis_client(settings)
     try:
         await redis_value(redis, session_key(settings.redis_prefix, cid))  # the session, once its batch is sent
     finally:
@@ -208,7 +209,7 @@ async def test_erasure_is_safe_while_the_users_clicks_are_still_arriving(aiohttp
                for r in before), [r["click_id"] for r in before if not r["user_id"].startswith("erased~")]
     assert all(r["user_id"] == user for r in after)
     assert answer["erased"]["clicks"] == len(before)
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redis_client(settings)
     try:
         for r in before:
             assert not await redis.exists(session_key(settings.redis_prefix, r["click_id"])), r["click_id"]
@@ -242,7 +243,7 @@ async def test_what_an_observe_in_flight_queues_after_the_erasure_stores_nothing
     writer.add(cid, "aliexpress", user, [signal], state)
     await writer.flush()
     assert await traces(db, settings, user) == []
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = redis_client(settings)
     try:  # the state that observe wrote back to Redis goes too
         assert not await redis.exists(sessions.state_key(cid))
     finally:

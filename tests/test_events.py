@@ -30,7 +30,7 @@ from .test_postbacks import activate, admitad
 from .waiting import until
 
 # Also behind PgBouncer in transaction mode (conftest.py)
-pytestmark = pytest.mark.pooled
+pytestmark = [pytest.mark.pooled, pytest.mark.clustered]
 
 
 async def settle(client) -> None:  # noqa: ANN001

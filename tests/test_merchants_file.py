@@ -12,7 +12,7 @@ from .conftest import BROWSER, HERE, cli, load_merchants
 from .waiting import until
 
 # Also behind PgBouncer in transaction mode (conftest.py)
-pytestmark = pytest.mark.pooled
+pytestmark = [pytest.mark.pooled, pytest.mark.clustered]
 
 GOOD = yaml.safe_load((HERE / "merchants.yaml").read_text())
 

@@ -1,16 +1,19 @@
-"""POST /v1/observe and the live stream, over HTTP with real PostgreSQL and Redis."""
+"""POST /v1/observe and the live stream, over HTTP with real PostgreSQL and Redis (standalone, and a
+Redis Cluster)."""
 import asyncio
 from typing import Any
 
 import orjson
-import redis.asyncio as aioredis
+import pytest
 
 from tracker.app import create_app
 from tracker.domain.clickid import new_click_id
 from tracker.store.redis_keys import channel, session_key, state_key
 
-from .conftest import ADMIN, BROWSER, one_minute, redis_value
+from .conftest import ADMIN, BROWSER, one_minute, redis_client, redis_value, subscribers
 from .waiting import stored, until
+
+pytestmark = pytest.mark.clustered
 
 
 async def activate(client, tokens, user, merchant="aliexpress", device="dev-1"):
@@ -26,9 +29,9 @@ def auth(tokens, user):
 
 async def subscribed(settings, cid):
     """Whether a live stream of the click listens on its Redis channel."""
-    admin = aioredis.Redis.from_url(settings.redis_url)
+    admin = redis_client(settings)
     try:
-        return (await admin.pubsub_numsub(channel(settings.redis_prefix, cid)))[0][1] > 0
+        return (await subscribers(admin, channel(settings.redis_prefix, cid)))[0] > 0
     finally:
         await admin.aclose()
 
@@ -82,7 +85,7 @@ async def test_the_detector_state_outlives_redis_losing_the_click(client, tokens
     assert (await resp.json())["state"] == "active"
     bound = "SELECT detector->'bound'->>'admitad:admitad_uid' FROM click_states WHERE click_id = $1"
     assert await stored(db, bound, cid) == ours
-    admin = aioredis.Redis.from_url(settings.redis_url)
+    admin = redis_client(settings)
     try:
         keys = [session_key(settings.redis_prefix, cid), state_key(settings.redis_prefix, cid)]
         await redis_value(admin, keys[0])  # the session's batched write done: nothing recreates it
@@ -108,7 +111,7 @@ async def test_a_conversion_outlives_redis_losing_the_click(client, tokens, db, 
     assert resp.status == 200
     assert await db.fetchval("SELECT detector->>'state' FROM click_states WHERE click_id = $1 "
                              "AND state = 'converted'", cid) == "active"
-    admin = aioredis.Redis.from_url(settings.redis_url)
+    admin = redis_client(settings)
     try:
         keys = [session_key(settings.redis_prefix, cid), state_key(settings.redis_prefix, cid)]
         await redis_value(admin, keys[0])

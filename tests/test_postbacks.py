@@ -7,17 +7,16 @@ from decimal import Decimal
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
 
 from tracker.domain.clickid import click_time, new_click_id
 from tracker.domain.conversions import MalformedPostback, cashback, parse_money, read_postback, transition
 from tracker.domain.profiles import profiles
 from tracker.store.redis_keys import state_key
 
-from .conftest import ADMIN, BROWSER, cli, redis_value
+from .conftest import ADMIN, BROWSER, cli, redis_client, redis_value
 
 # Also behind PgBouncer in transaction mode (conftest.py)
-pytestmark = pytest.mark.pooled
+pytestmark = [pytest.mark.pooled, pytest.mark.clustered]
 
 ADMITAD = "test-admitad-token"
 IMPACT_SECRET = b"test-impact-hmac-secret"
@@ -114,7 +113,7 @@ async def test_admitad_postback_creates_a_conversion_and_is_idempotent(client, t
     assert rows[0]["raw"]["order_id"] == "ORD-1"
     assert await db.fetchval("SELECT count(*) FROM conversions WHERE order_id = 'ORD-1'") == 1
     assert await db.fetchval("SELECT state FROM click_states WHERE click_id = $1", cid) == "converted"
-    r = aioredis.Redis.from_url(settings.redis_url)
+    r = redis_client(settings)
     try:
         assert orjson.loads(await redis_value(r, state_key(settings.redis_prefix, cid)))["state"] == "converted"
     finally:

@@ -1,6 +1,7 @@
 """Rate limits across workers (store/ratelimit.py): the real `tracker serve` with several worker
 processes against one Redis, one user far over the limit from many connections at once; the
-allowance arithmetic against the real script with every order of calls and answers; Redis down."""
+allowance arithmetic against the real script with every order of calls and answers; Redis down.
+On a standalone Redis and on a Redis Cluster (where the rate limits' keys share one slot)."""
 from __future__ import annotations
 
 import asyncio
@@ -13,11 +14,12 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from tracker.settings import Settings
 from tracker.store.ratelimit import EDGE, RateLimits, Sent, blind_budget
 from tracker.store.redis_keys import limits_prefix
-from tracker.store.sessions import _SYNC, SessionStore
+from tracker.store.sessions import SessionStore
 
-from .conftest import BROWSER, free_port, serve_process
+from .conftest import BROWSER, free_port, redis_client, serve_process
 from .waiting import until
 
 LIMIT = 60
@@ -56,6 +58,13 @@ async def test_a_user_flooding_every_worker_gets_the_limit_and_at_most_ten_perce
     assert LIMIT <= statuses[302] <= LIMIT * 1.1, statuses
 
 
+@pytest.mark.fault
+@pytest.mark.clustered(only=True)
+async def test_a_user_flooding_every_worker_on_a_redis_cluster_gets_the_limit_and_at_most_ten_percent_more(
+        settings, tokens):
+    await test_a_user_flooding_every_worker_gets_the_limit_and_at_most_ten_percent_more(settings, tokens, 3)
+
+
 # -- the allowance arithmetic against the real script, with adversarial timing ------------------------
 Call = tuple["Worker", str, str, Sent, int]  # worker, "sync" or "edge", line, what it carried, minute
 
@@ -67,7 +76,7 @@ class Worker:
         self.id, self.limits, self.syncing = f"sim-{n}", RateLimits(clock=clock), False
 
 
-async def _simulate(redis_url: str, prefix: str, workers: int, limit: int, seed: int,
+async def _simulate(settings: Settings, prefix: str, workers: int, limit: int, seed: int,
                     steps: int = 2000) -> tuple[int, list[int]]:
     """One user hits random workers while their syncs and edge calls are sent, run by Redis and
     answered in a random order (a sync at a time per worker, as SessionStore does). Asserts the
@@ -75,14 +84,19 @@ async def _simulate(redis_url: str, prefix: str, workers: int, limit: int, seed:
     and more hits) and, for each refusal, the hits admitted before it."""
     rng = random.Random(seed)
     sim = [Worker(n, lambda: 60_000_000 + 5.0) for n in range(workers)]
-    client = aioredis.Redis.from_url(redis_url)
+    client = redis_client(settings)
+    # The script calls as each worker's SessionStore makes them (the batch script on a standalone
+    # Redis, the counts' script in the rate limits' slot on a cluster).
+    stores = {worker.id: SessionStore(client, prefix) for worker in sim}
+    for worker in sim:
+        stores[worker.id].worker_id = worker.id
     sent: list[Call] = []  # not yet run by Redis
     ran: list[tuple[Call, list[int]]] = []  # run, the answer not yet back
     admitted, refused_at = 0, []
     bound = limit + max(limit // 10, workers)
 
     async def run(call: Call) -> None:
-        reply = await client.eval(_SYNC, 0, b"", call[2], prefix, call[0].id, int(time.time()))
+        reply = await stores[call[0].id]._counts(b"", call[2])
         ran.append((call, reply))
 
     def deliver(call: Call, reply: list[int]) -> None:
@@ -116,7 +130,7 @@ async def _simulate(redis_url: str, prefix: str, workers: int, limit: int, seed:
 
     try:
         for worker in sim:  # each worker's first call, at its start: it counts in W from then on
-            await client.eval(_SYNC, 0, b"", "", prefix, worker.id, int(time.time()))
+            await stores[worker.id]._counts(b"", "")
         for _ in range(steps):
             worker, roll = rng.choice(sim), rng.random()
             if roll < 0.5:
@@ -147,6 +161,7 @@ async def _simulate(redis_url: str, prefix: str, workers: int, limit: int, seed:
     return admitted, refused_at
 
 
+@pytest.mark.clustered
 @pytest.mark.parametrize("workers,limit", [(1, 60), (2, 60), (3, 60), (4, 60), (4, 5), (8, 60), (3, 1200)])
 async def test_any_timing_of_syncs_keeps_the_overshoot_within_the_bound(settings, workers, limit):
     """The bound (ratelimit.py): at most max(limit // 10, W) over, whatever order Redis runs the
@@ -154,7 +169,7 @@ async def test_any_timing_of_syncs_keeps_the_overshoot_within_the_bound(settings
     synced."""
     for seed in range(8):
         prefix = f"{settings.redis_prefix}sim:{workers}:{limit}:{seed}:"
-        admitted, refused_at = await _simulate(settings.redis_url, prefix, workers, limit, seed)
+        admitted, refused_at = await _simulate(settings, prefix, workers, limit, seed)
         assert limit <= admitted <= limit + max(limit // 10, workers), (seed, admitted)
 
 
@@ -189,14 +204,15 @@ async def test_while_redis_is_down_each_worker_holds_the_limit_on_its_own(settin
         await client.aclose()
 
 
+@pytest.mark.clustered
 async def test_a_request_one_limit_refuses_is_not_counted_against_another(settings):
     """An address (5 a minute) and a user (3) both at their edge when the user's fourth request
     comes (the third's hits not yet synced): refused by the user's limit, that request spends none
     of the address's five, so two more users from the address are admitted and the third refused."""
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     store = SessionStore(client, f"{settings.redis_prefix}two-limits:")
-    now = time.time()
-    store.limits.clock = lambda: now  # one minute throughout: the counts are per minute
+    now = time.time() // 60 * 60 + 30  # one minute throughout, mid-minute: the counts are per minute
+    store.limits.clock = lambda: now
     try:
         await store._sync_once(1.0)  # this worker's first call: W = 1
         verdicts = []

@@ -1,6 +1,7 @@
 """Live event streams share the worker's one pub/sub connection (store/feed.py) and take nothing from
 the Redis connections that redirects, observe and the session batcher use (before, 200 streams, each
-holding a connection of redis-py's 100-connection pool, dropped sessions and made Redis flap)."""
+holding a connection of redis-py's 100-connection pool, dropped sessions and made Redis flap). On a
+standalone Redis (classic pub/sub) and on a Redis Cluster (sharded pub/sub: a connection per master)."""
 from __future__ import annotations
 
 import asyncio
@@ -15,6 +16,7 @@ import orjson
 import psutil
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from tracker import embedded
 from tracker.app import REDIS_MAX_CONNECTIONS
@@ -24,7 +26,8 @@ from tracker.store.redis_keys import channel as channel_of
 from tracker.store.redis_keys import session_key
 from tracker.store.sessions import SessionStore
 
-from .conftest import BROWSER, serve_process
+from .conftest import BROWSER, redis_client, serve_process
+from .conftest import subscribers as numsub
 from .waiting import until
 
 STREAMS = 150  # more than redis-py's default pool, which the streams used to empty
@@ -54,8 +57,24 @@ async def next_state(resp: aiohttp.ClientResponse) -> dict[str, Any]:
                 return orjson.loads(line[6:])
 
 
-async def subscribers(admin: aioredis.Redis, channels: list[str]) -> list[int]:
-    return [n for _, n in await admin.pubsub_numsub(*channels)]
+async def subscribers(admin: aioredis.Redis | RedisCluster, channels: list[str]) -> list[int]:
+    return await numsub(admin, *channels)
+
+
+async def publish(admin: aioredis.Redis | RedisCluster, channel: str, message: bytes | str) -> None:
+    """As the service publishes: SPUBLISH on a cluster."""
+    if isinstance(admin, RedisCluster):
+        await admin.spublish(channel, message)
+    else:
+        await admin.publish(channel, message)
+
+
+async def client_lists(admin: aioredis.Redis | RedisCluster) -> list[list[dict[str, Any]]]:
+    """CLIENT LIST of the Redis, or of each master of a cluster."""
+    if not isinstance(admin, RedisCluster):
+        return [await admin.client_list()]
+    await admin.initialize()
+    return [await admin.client_list(target_nodes=node) for node in admin.get_primaries()]
 
 
 def worker_clients(clients: list[dict[str, Any]], pid: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -64,10 +83,11 @@ def worker_clients(clients: list[dict[str, Any]], pid: int) -> tuple[list[dict[s
     return mine, [c for c in mine if c["name"].startswith("tracker-feed-")]
 
 
+@pytest.mark.clustered
 @pytest.mark.fault
 async def test_many_streams_leave_the_redirects_their_redis_connections(settings, tokens, tmp_path: Path):
     log = tmp_path / "serve.log"
-    admin = aioredis.Redis.from_url(settings.redis_url)
+    admin = redis_client(settings)
     prefix = settings.redis_prefix
     users = [tokens.mint(f"streamer-{i}") for i in range(STREAMS)]
     async with serve_process(settings, output=log) as (proc, base), \
@@ -87,14 +107,21 @@ async def test_many_streams_leave_the_redirects_their_redis_connections(settings
         more = await asyncio.gather(*(activate(http, base, token) for token in walkers))
 
         async def sessions_written() -> bool:
-            return all(await admin.mget([session_key(prefix, cid) for cid in more]))
+            keys = [session_key(prefix, cid) for cid in more]  # one slot each: mget_nonatomic on a cluster
+            found = await (admin.mget_nonatomic(keys) if isinstance(admin, RedisCluster) else admin.mget(keys))
+            return all(found)
         await until(sessions_written, "the redirects' sessions in Redis")
 
-        # Redis's own view: one pub/sub connection carries every stream; the rest stays bounded.
+        # Redis's own view: one pub/sub connection carries every stream (on a cluster one per
+        # master, each with its slots' channels: SSUBSCRIBE); the rest stays bounded.
         [worker] = psutil.Process(proc.pid).children()  # the one worker under `tracker serve`'s arbiter
-        mine, feed = worker_clients(await admin.client_list(), worker.pid)
-        assert len(feed) == 1 and int(feed[0]["sub"]) == STREAMS, feed
-        assert len(mine) <= REDIS_MAX_CONNECTIONS + 1, len(mine)
+        carried = 0
+        for clients in await client_lists(admin):
+            mine, feed = worker_clients(clients, worker.pid)
+            assert len(feed) <= 1, feed
+            carried += sum(int(c["ssub"] if isinstance(admin, RedisCluster) else c["sub"]) for c in feed)
+            assert len(mine) <= REDIS_MAX_CONNECTIONS + 1, len(mine)
+        assert carried == STREAMS
 
         # A change of one click reaches that click's stream, and no other: each other stream's next
         # state is the one published for its own click afterwards.
@@ -122,11 +149,12 @@ async def test_many_streams_leave_the_redirects_their_redis_connections(settings
     await admin.aclose()
 
 
+@pytest.mark.clustered
 async def test_two_streams_of_one_click_share_one_subscription(client, settings, tokens):
     token = tokens.mint("twice")
     resp = await client.get("/go/nike", params={"u": token}, allow_redirects=False, headers=BROWSER)
     cid = resp.headers["X-Click-Id"]
-    admin = aioredis.Redis.from_url(settings.redis_url)
+    admin = redis_client(settings)
     channel = channel_of(settings.redis_prefix, cid)
     store = SessionStore(admin, settings.redis_prefix)
     first, second = [await client.get(f"/v1/clicks/{cid}/events", params={"u": token, "heartbeat": "60"})
@@ -151,17 +179,18 @@ async def test_two_streams_of_one_click_share_one_subscription(client, settings,
     await admin.aclose()
 
 
+@pytest.mark.clustered
 async def test_a_listener_that_does_not_read_keeps_only_the_newest(settings):
     feed = StateFeed(settings.redis_url, name="tracker-feed-test")
-    admin = aioredis.Redis.from_url(settings.redis_url)
+    admin = redis_client(settings)
     slow, fence = channel_of(settings.redis_prefix, "slow"), channel_of(settings.redis_prefix, "fence")
     await feed.start()
     try:
         with feed.listen(slow) as idle, feed.listen(fence) as reader:
             assert await idle.next(10) is Link.LIVE and await reader.next(10) is Link.LIVE
             for i in range(50):
-                await admin.publish(slow, str(i))
-            await admin.publish(fence, "after")
+                await publish(admin, slow, str(i))
+            await publish(admin, fence, "after")
             assert await reader.next(10) == b"after"  # so every message of `slow` was handed out
             kept = []
             while (item := await idle.next(0)) is not None:
@@ -232,10 +261,11 @@ async def test_shutdown_ends_open_streams_without_waiting_for_them(aiohttp_serve
         resp.close()
 
 
+@pytest.mark.clustered
 async def test_a_converted_state_is_replaced_only_when_forced(settings):
     """The guard in save_state reads the stored state's `state` field: converted stays unless forced,
     and a state that merely carries the same key deeper down (a trail entry) is not taken for it."""
-    admin = aioredis.Redis.from_url(settings.redis_url)
+    admin = redis_client(settings)
     store = SessionStore(admin, settings.redis_prefix)
 
     async def stored_status(cid: str) -> Any:

@@ -105,6 +105,7 @@ def run() -> int:
 
 CHROMIUM = Path("/usr/bin/chromium")
 PGBOUNCER = Path("/usr/sbin/pgbouncer")
+REDIS_SERVER = Path("/usr/bin/redis-server")
 SCREENSHOTS = "screenshots"  # under TRACKER_DATA_DIR: the console's pages as the browser tests saw them
 
 
@@ -151,6 +152,10 @@ def test(pytest_args: list[str]) -> int:
     _apt_install("nodejs", "node", lambda: shutil.which("node") is not None, "the OpenID sign-in tests")
     _apt_install("npm", "npm", lambda: shutil.which("npm") is not None, "the OpenID sign-in tests")
     _npm_ci(ROOT / "tests" / "oidc")
+    # The clustered runs and the cluster's fault test start a Redis Cluster of Debian's redis-server
+    # and redis-cli (tests/stack.py); the embedded Redis stays the suite's standalone one.
+    _apt_install("redis-server", "redis-server", lambda: REDIS_SERVER.exists() and shutil.which("redis-cli") is not None,
+                 "the tests on a Redis Cluster")
     env = dict(os.environ)
     env.setdefault("TRACKER_DATA_DIR", str(ROOT / ".data"))
     started = _servers(env)
