@@ -91,3 +91,29 @@ async def test_a_click_that_reaches_a_truncated_day_late_is_stored_truncated(cli
     finally:
         writer.spool.close()
         await pool.close()
+
+
+async def test_a_quarantined_clicks_address_is_truncated_after_the_retention_too(settings, db):
+    """A click PostgreSQL refused is kept whole in clicks_quarantine (for TRACKER_RETENTION_DAYS): its
+    address goes to its network after TRACKER_IP_RETENTION_DAYS, as a stored click's does."""
+    ids = {}
+    for name, days_ago, address in (("old", 40, "192.0.2.123"), ("old6", 40, "2001:db8:aa:bb::1"),
+                                    ("odd", 40, "not an address"), ("fresh", 3, "198.51.100.44")):
+        cid, _ = new_click_id(int((time.time() - days_ago * 86400) * 1000))
+        record = [cid, click_time(cid).isoformat(), "quarantined-user", "nike", "web", "https://www.nike.com/",
+                  None, address, "Mozilla/5.0", False, "GET"]
+        await db.execute("INSERT INTO clicks_quarantine (click_id, record, reason, created_at) "
+                         "VALUES ($1, $2, 'UntranslatableCharacterError: test', now() - make_interval(days => $3))",
+                         cid, json.dumps(record), days_ago)
+        ids[name] = cid
+    out = cli(settings, "maintain")
+    assert out.returncode == 0, out.stderr
+    rows = {r["click_id"]: json.loads(r["record"]) for r in await db.fetch(
+        "SELECT click_id, record FROM clicks_quarantine WHERE click_id = ANY($1)", list(ids.values()))}
+    assert rows[ids["old"]][7] == "192.0.2.0/24"
+    assert rows[ids["old6"]][7] == "2001:db8:aa::/48"
+    assert rows[ids["odd"]][7] is None
+    assert rows[ids["fresh"]][7] == "198.51.100.44"
+    assert rows[ids["old"]][2] == "quarantined-user" and rows[ids["old"]][8] == "Mozilla/5.0"  # the rest kept
+    again = cli(settings, "maintain")
+    assert again.returncode == 0 and json.loads(again.stdout)["addresses_truncated"] == 0
