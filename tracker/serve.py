@@ -230,8 +230,10 @@ class Service(BaseApplication):  # type: ignore[misc]
             "worker_class": Worker,
             "graceful_timeout": GRACEFUL_TIMEOUT,
             "timeout": HEARTBEAT_TIMEOUT,
-            # The heartbeat files: in the data directory, writable where the root file system is not.
-            "worker_tmp_dir": str(self.settings.data_dir),
+            # The heartbeat files (one empty file per worker, its mtime the beat): in memory where there
+            # is /dev/shm, else the temporary directory (the pod's /tmp), never on the spool's volume,
+            # which may be the full disk.
+            "worker_tmp_dir": "/dev/shm" if os.access("/dev/shm", os.W_OK) else None,
             "logger_class": GunicornLogger,
             "errorlog": "-",
             "accesslog": None,
