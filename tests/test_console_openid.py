@@ -341,6 +341,24 @@ def test_a_sign_in_from_an_address_held_for_wrong_keys_is_refused_at_the_callbac
     assert other.get(elsewhere, allow_redirects=False, timeout=30).status_code == 200
 
 
+def test_codes_the_provider_refuses_count_as_wrong_keys(stack):
+    """Anyone can start a sign-in and send its callback any code, and each costs a request to the
+    provider's token endpoint with tracker's own client credentials (whose rate limit there the
+    agents share): ten refused codes from one address hold it like ten wrong admin keys."""
+    base, address = stack["base"], "198.51.100.43"
+    ours = requests.Session()
+    ours.headers["X-Forwarded-For"] = address
+    for i in range(10):
+        start = ours.get(f"{base}/support/auth/start", allow_redirects=False, timeout=30)
+        assert start.status_code == 302
+        state = parse_qs(urlsplit(start.headers["Location"]).query)["state"][0]
+        resp = ours.get(f"{base}/support/auth/callback", allow_redirects=False, timeout=30, params={
+            "state": state, "code": f"made-up-{i}", "iss": stack["provider"].issuer})
+        assert resp.status_code == 401 and "did not accept this sign-in's code" in resp.json()["message"]
+    resp = ours.get(f"{base}/support/auth/start", allow_redirects=False, timeout=30)
+    assert resp.status_code == 429 and int(resp.headers["Retry-After"]) > 0
+
+
 def test_a_tampered_or_foreign_id_token_is_refused(browser, stack):
     """The ID token the real provider issues verifies against its published keys; changed in any
     way, or signed by any other key or with the client secret, it does not."""

@@ -9,7 +9,8 @@ cookie and answers a small page that moves on to the console by itself: the sess
 SameSite=Strict, and a browser would not send it on a redirect that the provider's page started,
 so a plain redirect would land on the sign-in page again.
 
-Refusals are the API's JSON errors (429 while the address is held for wrong admin keys, 403 `state`
+Refusals are the API's JSON errors (429 while the address is held for wrong admin keys, which a
+refused code or ID token counts as, 403 `state`
 for a callback this browser did not start, 401 for a provider's refusal, an answer from another
 issuer or without the `iss` its provider promises (RFC 9207), a refused code or an ID token that
 does not verify), a page saying why for an
@@ -122,11 +123,15 @@ async def callback(request: web.Request) -> web.StreamResponse:
     except ProviderUnavailable as exc:
         return _unavailable(request, provider, exc)
     except CodeRefused as exc:
-        log.warning("oidc_code_refused", error=str(exc))
+        # Counted as a wrong key: each made-up code costs a request to the provider's token endpoint
+        # with tracker's client credentials, whose rate limit there every agent's sign-in shares.
+        await app[keys.KEY_GUARD].wrong(guesser(address))
+        log.warning("oidc_code_refused", error=str(exc), client_ip=address)
         return _refuse(request, "unauthorized", "the sign-in provider did not accept this sign-in's code (it "
                        "was used already or has expired): start again from the sign-in page", 401)
     except BadIDToken as exc:
-        log.warning("oidc_id_token_refused", reason=str(exc))
+        await app[keys.KEY_GUARD].wrong(guesser(address))
+        log.warning("oidc_id_token_refused", reason=str(exc), client_ip=address)
         return _refuse(request, "unauthorized", f"the sign-in provider's answer does not check out: {exc}", 401)
     name = agent_name(claims)
     roles = roles_of(claims, provider.settings.roles_claim)
