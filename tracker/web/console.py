@@ -12,7 +12,7 @@ import jinja2
 from aiohttp import web
 
 from .. import keys
-from ..domain.access import AUDIT_READ, ORPHANS_WRITE
+from ..domain.access import AUDIT_READ, ORPHANS_WRITE, USERS_ERASE
 from ..domain.clickid import is_click_id
 from ..domain.console_session import ConsoleKeys, Session
 from ..domain.openid import CALLBACK_PATH, FlowKeys
@@ -24,7 +24,7 @@ from ..store import audit
 from ..store import lookups as store
 from ..store.openid import Provider
 from ..store.support import get_click
-from . import console_auth, console_openid, console_views, lookups
+from . import console_auth, console_erasure, console_openid, console_views, lookups
 from .audit import audited
 from .common import one
 from .console_guard import PATH, redirect, render, signed_in, static
@@ -158,6 +158,8 @@ def setup_console(app: web.Application) -> None:
         app[keys.OPENID_FLOWS] = FlowKeys(settings.secret)
         app.cleanup_ctx.append(_openid)
     r.add_get(PATH + "users/{user_id}", signed_in(_user), name="console_user", allow_head=False)
+    r.add_post(PATH + "users/{user_id}/erase", signed_in(console_erasure.erase_page, USERS_ERASE),
+               name="console_erase")
     r.add_get(PATH + "clicks/{click_id}", signed_in(console_views.click_page), name="console_click",
               allow_head=False)
     r.add_get(PATH + "orders", signed_in(_order), name="console_order", allow_head=False)
