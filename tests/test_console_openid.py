@@ -178,12 +178,15 @@ def _with(url: str, **params: str) -> str:
     return urlunsplit(parts._replace(query=urlencode({**query, **params})))
 
 
-def _callback_by_http(base: str, login: str, address: str) -> tuple[requests.Session, str]:
+def _callback_by_http(base: str, login: str, address: str, next_path: str = "/support/",
+                      fetch_site: str = "same-origin") -> tuple[requests.Session, str]:
     """A sign-in started from `address` (X-Forwarded-For) and taken through the provider's development
-    form without a browser: (the session holding the flow cookie, the callback URL, not yet visited)."""
+    form without a browser: (the session holding the flow cookie, the callback URL, not yet visited).
+    `fetch_site`: the Sec-Fetch-Site a browser would send with the start (same-origin: our own link)."""
     ours = requests.Session()
     ours.headers["X-Forwarded-For"] = address
-    url = ours.get(f"{base}/support/auth/start", allow_redirects=False, timeout=30).headers["Location"]
+    url = ours.get(f"{base}/support/auth/start", params={"next": next_path}, allow_redirects=False, timeout=30,
+                   headers={"Sec-Fetch-Site": fetch_site}).headers["Location"]
     at_provider = requests.Session()
     for _ in range(10):
         resp = at_provider.get(url, allow_redirects=False, timeout=30)
@@ -339,6 +342,21 @@ def test_a_sign_in_from_an_address_held_for_wrong_keys_is_refused_at_the_callbac
                         allow_redirects=False, timeout=30).status_code == 429
     other, elsewhere = _callback_by_http(base, "ada.admin", "198.51.100.42")
     assert other.get(elsewhere, allow_redirects=False, timeout=30).status_code == 200
+
+
+def test_a_sign_in_another_site_starts_does_not_open_the_page_it_chose(stack):
+    """Another site can send an agent's browser to /support/auth/start: the provider, where the agent
+    is signed in already, sends it straight back, and the sign-in would open whatever `next` that
+    site chose (a user's page: a read in the audit trail under the agent's name that they never
+    made). Started from another site, the sign-in lands on the console's home; started from our own
+    page, or typed or bookmarked, it goes where it was asked."""
+    base, wanted = stack["base"], f"/support/users/{USER}"
+    for fetch_site, lands in (("cross-site", "/support/"), ("same-site", "/support/"), ("same-origin", wanted),
+                              ("none", wanted)):
+        ours, callback = _callback_by_http(base, "sofia.support", "198.51.100.44", wanted, fetch_site)
+        page = ours.get(callback, allow_redirects=False, timeout=30)
+        assert page.status_code == 200
+        assert f'content="0;url={lands}"' in page.text, (fetch_site, page.text)
 
 
 def test_codes_the_provider_refuses_count_as_wrong_keys(stack):

@@ -2,7 +2,8 @@
 (TRACKER_OIDC_ISSUER; the flow and its checks: domain/openid.py, the provider: store/openid.py).
 
 `/support/auth/start` sets the flow cookie (SameSite=Lax, path /support/auth/: it has to come back
-with the provider's cross-site redirect) and sends the browser to the provider.
+with the provider's cross-site redirect) and sends the browser to the provider; a start that another
+site sent the browser to (Sec-Fetch-Site) goes to the console's home afterwards, not to its `next`.
 `/support/auth/callback` takes the answer: the flow cookie and the same `state`, no provider error,
 the code exchanged (with the PKCE verifier), the ID token verified, a role. It then sets the session
 cookie and answers a small page that moves on to the console by itself: the session cookie is
@@ -31,7 +32,7 @@ from ..domain.tokens import same_secret
 from ..store.openid import CodeRefused, Provider, ProviderUnavailable
 from .access import refuse_if_held
 from .common import client_ip, error_response, one
-from .console_guard import COOKIE, local_next, over_tls, render, set_cookie
+from .console_guard import COOKIE, PATH, local_next, over_tls, render, set_cookie
 
 log = structlog.get_logger("tracker.console")
 
@@ -73,6 +74,11 @@ def _unavailable(request: web.Request, provider: Provider, exc: ProviderUnavaila
 async def start(request: web.Request) -> web.StreamResponse:
     provider = _provider(request)
     next_path = local_next(one(request, "next"))
+    if request.headers.get("Sec-Fetch-Site", "none").strip().lower() not in ("same-origin", "none"):
+        # Another site sent the browser here: the provider, where the agent is signed in already, may
+        # send it straight back, and `next` would open a page that site chose (a user's page: a read
+        # in the audit trail under the agent's name). Such a sign-in lands on the console's home.
+        next_path = PATH
     # A client held by the wrong-key throttle gets 429 for every console sign-in, this one too.
     address = client_ip(request, request.app[keys.SETTINGS].trusted_proxies)
     refuse_if_held(await request.app[keys.KEY_GUARD].wait(guesser(address)))
