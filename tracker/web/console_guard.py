@@ -11,7 +11,7 @@ import time
 from functools import cache
 from importlib import resources
 from typing import Any, Awaitable, Callable
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import aiohttp_jinja2
 from aiohttp import web
@@ -76,9 +76,13 @@ def redirect(location: str) -> web.Response:
 
 
 def local_next(raw: str | None) -> str:
-    """Where to go after sign-in: only a console path of ours (no open redirect)."""
+    """Where to go after sign-in: only a console path of ours (no open redirect, and no dot segment,
+    plain or percent-encoded, that a browser would resolve out of /support/ to another of our paths)."""
     if (not raw or not raw.startswith(PATH) or raw.startswith("//") or "\\" in raw or len(raw) > 2000
             or any(ord(c) < 0x21 or ord(c) == 0x7F for c in raw)):
+        return PATH
+    path = unquote(raw.split("?", 1)[0].split("#", 1)[0])
+    if any(segment in (".", "..") for segment in path.split("/")):
         return PATH
     return raw
 
