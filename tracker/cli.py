@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .settings import Settings, SettingsError, check_listen, load_or_exit
+from .settings import Settings, SettingsError, censor_dsn, check_listen, load_or_exit
 
 if TYPE_CHECKING:
     import asyncpg
@@ -177,6 +177,27 @@ def main(argv: list[str] | None = None) -> int:
         from .serve import serve
 
         return serve(settings, host, port, workers)
+    try:
+        return _database_command(settings, args)
+    except _unreachable() as exc:
+        dsn = settings.direct_url if args.command == "migrate" else settings.database_url
+        print(f"tracker: cannot use PostgreSQL at {censor_dsn(dsn)}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _unreachable() -> tuple[type[BaseException], ...]:
+    """What connecting to PostgreSQL raises when it cannot be reached or refuses tracker."""
+    import asyncpg
+
+    return (OSError, asyncpg.PostgresConnectionError, asyncpg.InvalidCatalogNameError,
+            asyncpg.InvalidAuthorizationSpecificationError, asyncpg.CannotConnectNowError,
+            asyncpg.TooManyConnectionsError)
+
+
+def _database_command(settings: Settings, args: argparse.Namespace) -> int:
+    """The commands that use PostgreSQL (all but serve and token)."""
+    from . import keys_cli, users_cli
+
     if args.command == "migrate":
         from .store.db import MigrationsError
 
