@@ -560,12 +560,13 @@ def _unb64(text: str) -> bytes:
 def test_after_sign_in_only_a_console_path_is_opened():
     """`next` (the sign-in form's, the flow cookie's) is a path under /support/ and stays there: no
     other host, no dot segments that a browser resolves out of /support/ (to /go/… or /v1/…),
-    plainly or percent-encoded."""
+    plainly or percent-encoded; nor one too long for the flow cookie (a browser drops a cookie past
+    4 KiB, and the sign-in would come back as one this browser never started)."""
     from tracker.web.console_guard import local_next
 
     for kept in ("/support/", f"/support/users/{USER}", "/support/?q=abc", "/support/clicks/a.b..c"):
         assert local_next(kept) == kept
     for refused in ("//evil.example", "https://evil.example/support/", "/support/../go/shop?u=x",
                     "/support/..//evil.example", "/support/%2e%2e/v1/audit", "/support/.%2E/x", "/support/./x",
-                    "/support/x/..", "/support\\..\\go", "/support/%2E%2e%2Fgo"):
+                    "/support/x/..", "/support\\..\\go", "/support/%2E%2e%2Fgo", "/support/" + "é" * 1000):
         assert local_next(refused) == "/support/", refused

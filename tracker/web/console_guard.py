@@ -32,6 +32,7 @@ CSP = ("default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
            "Referrer-Policy": "no-referrer", "Cross-Origin-Opener-Policy": "same-origin"}
 STATIC = {"console.css": "text/css"}
+MAX_NEXT = 2000  # bytes: the sign-in flow's cookie carries it, and has to stay under a browser's 4 KiB
 Page = Callable[[web.Request, Session], Awaitable[web.StreamResponse]]
 
 
@@ -78,8 +79,8 @@ def redirect(location: str) -> web.Response:
 def local_next(raw: str | None) -> str:
     """Where to go after sign-in: only a console path of ours (no open redirect, and no dot segment,
     plain or percent-encoded, that a browser would resolve out of /support/ to another of our paths)."""
-    if (not raw or not raw.startswith(PATH) or raw.startswith("//") or "\\" in raw or len(raw) > 2000
-            or any(ord(c) < 0x21 or ord(c) == 0x7F for c in raw)):
+    if (not raw or not raw.startswith(PATH) or raw.startswith("//") or "\\" in raw
+            or len(raw.encode(errors="replace")) > MAX_NEXT or any(ord(c) < 0x21 or ord(c) == 0x7F for c in raw)):
         return PATH
     path = unquote(raw.split("?", 1)[0].split("#", 1)[0])
     if any(segment in (".", "..") for segment in path.split("/")):
