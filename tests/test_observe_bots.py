@@ -52,3 +52,18 @@ async def test_bot_and_head_clicks_are_not_observed(client, tokens, db):
     assert await db.fetchval("SELECT count(*) FROM click_states WHERE click_id = ANY ($1::text[])",
                              [head, preview]) == 0
     assert not {head, preview} & await announced(client)
+
+
+async def test_bot_and_head_clicks_have_no_event_stream(client, tokens, db):
+    """The events stream of a bot's or a HEAD's click is a 404 too, as for an unknown click (there is
+    no shopping tab to watch, and its state never changes); a shopper's click streams."""
+    head = await click_of(client, tokens, "bot-obs-2", "HEAD", BROWSER)
+    preview = await click_of(client, tokens, "bot-obs-2", "GET", PREVIEW)
+    for cid in (head, preview):
+        resp = await client.get(f"/v1/clicks/{cid}/events", headers=auth(tokens, "bot-obs-2"))
+        assert resp.status == 404 and (await resp.json())["error"] == "not_found"
+    human, _ = await activate(client, tokens, "bot-obs-2")
+    resp = await client.get(f"/v1/clicks/{human}/events", headers=auth(tokens, "bot-obs-2"))
+    assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+    assert b'"state":"active"' in await resp.content.readuntil(b"\n\n")
+    resp.close()

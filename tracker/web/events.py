@@ -53,7 +53,8 @@ async def events(request: web.Request) -> web.StreamResponse:
     if over is not None:
         raise RateLimited("too many requests from this address, retry later", over[1])
     session, state = await load_click(app[keys.SESSIONS], app[keys.POOL], click_id)
-    if session is None or session.get("u") != user_id:
+    # A bot's or a HEAD's click has no shopping tab to watch and never changes: as if unknown (observe too).
+    if session is None or session.get("u") != user_id or session.get("bot"):
         raise NotFound("no such click")
     streams = app[keys.STREAMS]
     if streams.per_user.get(user_id, 0) >= MAX_STREAMS_PER_USER or streams.total >= MAX_STREAMS:
