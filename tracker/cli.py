@@ -147,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         except InvalidUserId as exc:
             print(f"tracker: {exc}", file=sys.stderr)
             return 2
+        if settings.secret_generated:  # a token production would refuse: never handed out silently
+            print(f"tracker: warning: TRACKER_SECRET is not set; this token is signed with the development "
+                  f"secret in {settings.data_dir / 'secret'}", file=sys.stderr)
         return 0
 
     if args.command == "serve":
