@@ -9,6 +9,7 @@ next read tries it again.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Iterable, TypeVar
@@ -17,6 +18,7 @@ import asyncpg
 import structlog
 
 from .. import metrics
+from ..settings import censor_dsn
 from .db import create_pool
 from .unreachable import POSTGRES_DOWN
 
@@ -56,6 +58,14 @@ class SupportReads:
             self.replica = await create_pool(self.replica_url, min_size=0, max_size=4, pooler=self.pooler,
                                              timeout=CONNECT_TIMEOUT, check=False)
             metrics.DEPENDENCY_UP.labels("replica").set(1)
+            # One probe, so that a replica unreachable at start is said at start (reads then go to
+            # the primary for RETRY_AFTER seconds), not at the first support read.
+            try:
+                await asyncio.wait_for(self.replica.fetchval("SELECT 1"), CONNECT_TIMEOUT)
+            except REPLICA_CANNOT + (TimeoutError,) as exc:
+                log.warning("replica_unreachable_at_start", dsn=censor_dsn(self.replica_url), error=repr(exc)[:300])
+                metrics.DEPENDENCY_UP.labels("replica").set(0)
+                self._down_until = time.monotonic() + RETRY_AFTER
 
     async def stop(self) -> None:
         if self.replica is not None:
