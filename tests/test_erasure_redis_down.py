@@ -1,6 +1,6 @@
 """An erasure while Redis is unreachable: PostgreSQL is erased and every worker told to sweep, and
-the caller learns that the user's sessions in Redis are still there (503 with Retry-After; the command
-line says so and exits 1), instead of a 500 or a traceback; a repeat once Redis is back finishes."""
+the caller learns that the user's sessions in Redis are still there (503 with Retry-After, the
+NOTIFY sent all the same; the command line says so and exits 1), instead of a 500 or a traceback; a repeat once Redis is back finishes."""
 from __future__ import annotations
 
 import asyncio
@@ -13,11 +13,13 @@ import redis.asyncio as aioredis
 
 from tracker import embedded
 from tracker.app import create_app
+from tracker.store.erasure import CHANNEL
 from tracker.store.redis_keys import session_key
 
 from .conftest import ADMIN, cli, free_port, redis_value
 from .test_erasure import ZEROS, traces
 from .test_observe import activate
+from .waiting import until
 
 pytestmark = pytest.mark.fault
 
@@ -36,13 +38,18 @@ async def test_an_erasure_with_redis_down_erases_postgresql_and_answers_503(aioh
             await redis_value(redis, session_key(own.redis_prefix, cid))  # the session, once its batch is sent
         finally:
             await redis.aclose()
+        notices: list[dict[str, str]] = []
+        await db.add_listener(CHANNEL, lambda _c, _p, _ch, payload: notices.append(json.loads(payload)))
         embedded.stop_redis(root)
         resp = await client.delete("/v1/users/erased-redis-down", headers=ADMIN)
         assert resp.status == 503, await resp.text()
         assert resp.headers["Retry-After"].isdigit()
         body = await resp.json()
-        assert body["error"] == "unavailable"
+        assert set(body) == {"error", "message"} and body["error"] == "unavailable"
+        assert "PostgreSQL is erased" in body["message"] and "sessions" in body["message"]
         assert await traces(db, own, "erased-redis-down") == []  # PostgreSQL's part is done
+        # ... and every other worker is told to sweep what it held of the user
+        await until(lambda: [n for n in notices if n["user_id"] == "erased-redis-down"], "the erasure's NOTIFY")
         embedded.start_redis(root, port)
         again = await client.delete("/v1/users/erased-redis-down", headers=ADMIN)
         assert again.status == 200, await again.text()
