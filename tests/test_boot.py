@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
 from .conftest import BROWSER, free_port, serve_env, serve_process
-from .waiting import until
+from .waiting import until, until_blocking
 
 HERE = Path(__file__).parent
 
@@ -105,6 +105,28 @@ def test_postgresql_unreachable_at_start_stops_serve_with_the_reason(settings):
     assert [line["exit_status"] for line in lines if line["event"] == "serve_stopped"] == [3]
     assert "Task was destroyed" not in out
     assert list(settings.data_dir.glob("prometheus-*")) == []  # the metrics files cleaned up
+
+
+def test_a_stop_while_the_workers_wait_for_postgresql_is_a_clean_stop(settings):
+    """SIGTERM while the workers' apps still wait for PostgreSQL (a deploy rolled back, a pod
+    evicted, or a worker started again during an outage): they stop at once and serve exits 0; a
+    stop is not a failed boot (which would stop the arbiter with 3)."""
+    dead = f"postgresql://postgres@127.0.0.1:{free_port()}/tracker"  # nothing listens there
+    proc = start(settings, "--port", str(free_port()), "--workers", "2", env={"TRACKER_DATABASE_URL": dead})
+    try:
+        until_blocking(lambda: len(re.findall(r'"attempt":1,[^\n]*"postgres_unreachable_at_start"', output(settings)[0])) >= 2,
+                       "both workers waiting for PostgreSQL")
+        proc.send_signal(signal.SIGTERM)
+        code = finish(proc, 60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out, err = output(settings)
+    assert code == 0, err
+    events = [json.loads(line)["event"] for line in out.splitlines() if line.startswith("{")]
+    assert "worker_boot_failed" not in events and "could not start" not in err
+    assert events.count("worker_stopped_while_starting") == 2
 
 
 @pytest.mark.fault

@@ -127,10 +127,20 @@ class Worker(GunicornUVLoopWebWorker):
 
     def run(self) -> None:
         self.booted = False
+        if not self.alive:  # stopped before its app began to start
+            sys.exit(0)
         beat = self.loop.create_task(self._beat())
         self._task = self.loop.create_task(self._run())
         try:
             self.loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            if self.booted or self.alive:
+                raise
+            # Told to stop while its app was still starting (waiting for PostgreSQL, say): it has
+            # listened to nothing and holds no click, so it simply stops; a stop is not a failed boot.
+            self._stop_tasks()
+            log.info("worker_stopped_while_starting", pid=os.getpid())
+            self.exit_code = 0
         except Exception as exc:
             if self.booted:
                 raise
@@ -141,6 +151,21 @@ class Worker(GunicornUVLoopWebWorker):
             self.loop.run_until_complete(self.loop.shutdown_asyncgens())
             self.loop.close()
         sys.exit(self.exit_code)
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        self._stop_starting()
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        super().handle_quit(sig, frame)
+        self._stop_starting()
+
+    def _stop_starting(self) -> None:
+        """A stop asked while the app starts ends the start-up at once, instead of letting it wait
+        out PostgreSQL and then report a failed boot that would stop the arbiter with an error."""
+        task = getattr(self, "_task", None)
+        if not getattr(self, "booted", True) and task is not None and not task.done():
+            task.cancel()
 
     def _stop_tasks(self) -> None:
         pending = asyncio.all_tasks(self.loop)
