@@ -80,7 +80,9 @@ def test_a_port_taken_by_another_program_is_named(settings):
         proc = start(settings, "--port", str(port), "--workers", "2")
         code = finish(proc, 60)
     out, err = output(settings)
-    assert code == 1 and f"tracker: cannot listen on 127.0.0.1:{port}" in err, err
+    assert code == 1, err
+    [said] = [json.loads(line) for line in err.splitlines()]  # TRACKER_LOG_FORMAT=json: a JSON line
+    assert said["event"] == "cannot_listen" and f"cannot listen on 127.0.0.1:{port}" in said["message"], err
 
 
 # -- boot failures --------------------------------------------------------------------------------
@@ -96,9 +98,11 @@ def test_postgresql_unreachable_at_start_stops_serve_with_the_reason(settings):
     assert took < 90
     reason = f"PostgreSQL at {dead} did not answer in 15 s"
     assert f"could not start: {reason}" in err and "Connection refused" in err
-    assert "tracker: serve stopped with exit status 3: a worker could not start" in err
-    assert err.count("Booting worker") == 2  # each worker once: never started again
-    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    said = [json.loads(line) for line in err.splitlines()]  # TRACKER_LOG_FORMAT=json: JSON lines on stderr
+    assert [line["message"] for line in said if line["event"] == "serve_stopped"] == [
+        "serve stopped with exit status 3: a worker could not start (its reason is above)"]
+    lines = [json.loads(line) for line in out.splitlines()]  # every line, gunicorn's too
+    assert len([line for line in lines if line["event"].startswith("Booting worker")]) == 2  # never started again
     failed = [line for line in lines if line["event"] == "worker_boot_failed"]
     assert failed and all(reason in line["reason"] for line in failed)
     assert any(line["event"] == "postgres_unreachable_at_start" for line in lines)
@@ -145,6 +149,51 @@ async def test_redis_unreachable_at_start_serves(settings, tokens, db):
                            "the click stored")
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 60) == 0
+
+
+# -- one log format -------------------------------------------------------------------------------------
+def lines_of(text: str, fmt: str) -> list[dict[str, object]]:
+    """Each line of a stream as JSON, failing on the first that is not."""
+    parsed = []
+    for line in text.splitlines():
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            raise AssertionError(f"a line that is not JSON ({fmt}): {line!r}") from None
+    return parsed
+
+
+@pytest.mark.fault
+async def test_with_json_logs_every_line_of_serve_is_json_and_names_where_it_listens(settings):
+    """gunicorn's own lines (start, listening, workers booting, the stop) go through the project's log:
+    with TRACKER_LOG_FORMAT=json nothing on stdout or stderr is plain text."""
+    port = free_port()
+    proc = start(settings, "--port", str(port), "--workers", "2", env={"TRACKER_LOG_FORMAT": "json"})
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            async def ready() -> bool:
+                try:
+                    async with session.get(base + "/readyz") as resp:
+                        return resp.status == 200
+                except aiohttp.ClientError:
+                    assert proc.poll() is None, output(settings)
+                    return False
+            await until(ready, "tracker serve ready", 60)
+            arbiter = psutil.Process(proc.pid)
+            await until(lambda: len(arbiter.children()) == 2, "two workers")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = finish(proc, 60)
+    out, err = output(settings)
+    assert code == 0, err
+    logged, said = lines_of(out, "stdout"), lines_of(err, "stderr")
+    events = [str(line["event"]) for line in logged + said]
+    assert [e for e in events if e.startswith("Listening at: ")] == [f"Listening at: {base} ({proc.pid})"]
+    assert [line.get("url") for line in said if line["event"] == "serving"] == [base]
+    assert len([e for e in events if e.startswith("Booting worker")]) == 2
+    assert any(e.startswith("Starting gunicorn") for e in events) and "Shutting down: Master" in events
+    assert all({"event", "level", "timestamp"} <= set(line) for line in logged + said)
 
 
 # -- metrics whatever the import order ----------------------------------------------------------------

@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     settings = resolve_servers(settings)
     if args.command == "serve":
+        from . import logs
+
+        logs.configure(settings.log_format)  # what serve says goes the log's way (JSON lines with json)
         if settings.merchants_file:
             from .domain.merchants import MerchantsFileError
             from .store.db import START_WAIT, StartFailed
@@ -170,13 +173,13 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 report = asyncio.run(sync_merchants_file(settings, settings.merchants_file, START_WAIT))
             except MerchantsFileError as exc:
-                print(f"tracker: TRACKER_MERCHANTS={settings.merchants_file} does not validate:\n  - "
-                      + "\n  - ".join(exc.problems), file=sys.stderr)
+                logs.say("merchants_file_invalid", f"TRACKER_MERCHANTS={settings.merchants_file} does not validate:"
+                         "\n  - " + "\n  - ".join(exc.problems), problems=exc.problems)
                 return 1
             except StartFailed as exc:
-                print(f"tracker: cannot sync TRACKER_MERCHANTS at start: {exc}", file=sys.stderr)
+                logs.say("merchants_sync_failed", f"cannot sync TRACKER_MERCHANTS at start: {exc}")
                 return 1
-            print(f"tracker: merchants synced: {json.dumps(report)}", file=sys.stderr)
+            logs.say("merchants_synced", f"merchants synced: {json.dumps(report)}", level="info", report=report)
         from .serve import serve
 
         return serve(settings, host, port, workers)

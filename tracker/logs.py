@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
+from datetime import datetime, timezone
 from typing import Any
 
 import orjson
@@ -18,7 +19,12 @@ def _redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[
     return event
 
 
+_format = "json"  # the last configured
+
+
 def configure(fmt: str = "json", level: int = logging.INFO) -> None:
+    global _format
+    _format = fmt
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -48,3 +54,16 @@ def configure(fmt: str = "json", level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.WARNING)
+
+
+def say(event: str, text: str, level: str = "error", **fields: Any) -> None:
+    """A line for whoever runs a command, on stderr: `tracker: <text>` in the console format; with
+    the JSON format a JSON line like the log's (`event`, `message`: the text, and `fields`), so that
+    every line a command writes parses as JSON."""
+    if _format == "json":
+        doc = {**fields, "event": event, "message": text, "level": level,
+               "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")}
+        line = orjson.dumps(_redact(None, level, doc)).decode()
+    else:
+        line = f"tracker: {text}"
+    print(line, file=sys.stderr, flush=True)

@@ -13,6 +13,7 @@ gauges leave the sum, its counts stay).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -46,8 +47,8 @@ HEARTBEAT_TIMEOUT = 30
 
 def _warn_dev_secret(settings: Settings) -> None:
     if settings.secret_generated:
-        print(f"tracker: warning: TRACKER_SECRET is not set; using the development secret in "
-              f"{settings.data_dir / 'secret'} (never do this in production)", file=sys.stderr)
+        logs.say("development_secret", f"warning: TRACKER_SECRET is not set; using the development secret in "
+                 f"{settings.data_dir / 'secret'} (never do this in production)", level="warning")
 
 
 def server_options(settings: Settings) -> dict[str, Any]:
@@ -193,38 +194,32 @@ class Worker(GunicornUVLoopWebWorker):
 
         # StartFailed says all; anything else is a bug or a setting the app refused: its traceback too.
         reason = str(exc) if isinstance(exc, StartFailed) else f"{type(exc).__name__}: {exc}"
-        print(f"tracker: worker {os.getpid()} could not start: {reason}", file=sys.stderr, flush=True)
+        logs.say("worker_boot_failed", f"worker {os.getpid()} could not start: {reason}", pid=os.getpid(),
+                 reason=reason)
         log.error("worker_boot_failed", pid=os.getpid(), reason=reason,
                   exc_info=None if isinstance(exc, StartFailed) else exc)
         sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
 
 class GunicornLogger(glogging.Logger):  # type: ignore[misc]
-    """gunicorn's own lines, on stderr as gunicorn writes them; its warnings and errors (a worker
-    killed, timed out, failed to boot) are also JSON log lines on stdout (event `gunicorn`)."""
+    """gunicorn's own lines (its error log; its access log is off) go the way of the project's log
+    (logs.configure): JSON lines on stdout with TRACKER_LOG_FORMAT=json, readable lines with
+    `console`, the logger named `gunicorn.error`. The arbiter's "Listening at" names the address the
+    workers listen on: each binds its own socket (reuse_port), so the arbiter has none to name."""
 
-    def _also_json(self, level: str, msg: str, args: tuple[Any, ...]) -> None:
-        try:
-            text = msg % args if args else msg
-        except (TypeError, ValueError):
-            text = msg
-        getattr(log, level)("gunicorn", message=str(text))
+    def setup(self, cfg: Any) -> None:
+        super().setup(cfg)
+        for own in (self.error_log, self.access_log):
+            for handler in list(own.handlers):
+                own.removeHandler(handler)
+            own.propagate = True  # to the root logger's handler: logs.configure's
 
-    def critical(self, msg: str, *args: Any, **kwargs: Any) -> None:
-        super().critical(msg, *args, **kwargs)
-        self._also_json("critical", msg, args)
-
-    def error(self, msg: str, *args: Any, **kwargs: Any) -> None:
-        super().error(msg, *args, **kwargs)
-        self._also_json("error", msg, args)
-
-    def warning(self, msg: str, *args: Any, **kwargs: Any) -> None:
-        super().warning(msg, *args, **kwargs)
-        self._also_json("warning", msg, args)
-
-    def exception(self, msg: str, *args: Any, **kwargs: Any) -> None:
-        super().exception(msg, *args, **kwargs)
-        self._also_json("error", msg, args)
+    def info(self, msg: str, *args: Any, **kwargs: Any) -> None:
+        if msg.startswith("Listening at:") and args and not args[0]:
+            urls = ",".join(f"http://{_bind(address[0], address[1])}" if isinstance(address, tuple) else str(address)
+                            for address in self.cfg.address)
+            args = (urls, *args[1:])
+        super().info(msg, *args, **kwargs)
 
 
 def _child_exit(server: Any, worker: Any) -> None:
@@ -312,17 +307,19 @@ def _listen_problem(host: str, port: int) -> str | None:
 
 
 def serve(settings: Settings, host: str, port: int, workers: int) -> int:
+    logs.configure(settings.log_format)
+    logging.captureWarnings(True)  # a library's warning is a log line too, not plain text on stderr
     problem = _listen_problem(host, port)
     if problem:
-        print(f"tracker: {problem}", file=sys.stderr, flush=True)
+        logs.say("cannot_listen", problem)
         return 1
     _warn_dev_secret(settings)
-    logs.configure(settings.log_format)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     prom_dir = _metrics_directory(settings)
     use_metrics_directory(prom_dir)
     service = Service(settings, host, port, workers)
-    print(f"tracker: serving on http://{_bind(host, port)} with {workers} workers", file=sys.stderr, flush=True)
+    logs.say("serving", f"serving on http://{_bind(host, port)} with {workers} workers", level="info",
+             url=f"http://{_bind(host, port)}", workers=workers)
     arbiter = os.getpid()
     try:
         service.run()
@@ -339,6 +336,7 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
     if code:
         reason = ("a worker could not start (its reason is above)" if code == Arbiter.WORKER_BOOT_ERROR
                   else "see the lines above")
-        print(f"tracker: serve stopped with exit status {code}: {reason}", file=sys.stderr, flush=True)
+        logs.say("serve_stopped", f"serve stopped with exit status {code}: {reason}", exit_status=code,
+                 reason=reason)
         log.error("serve_stopped", exit_status=code, reason=reason)
     return code
