@@ -6,6 +6,8 @@ machine, so it shows a handler change that wrk's noise hides.
 
     .venv/bin/python benchmarks/handler.py            # best of 5 rounds of 2,000 requests
     .venv/bin/python benchmarks/handler.py --lines    # line_profiler (pip install line_profiler)
+    .venv/bin/python benchmarks/handler.py --instructions   # callgrind: instructions per request
+                                                           # over the 10,000 measured requests
 """
 from __future__ import annotations
 
@@ -58,6 +60,12 @@ async def main(profiler: object | None) -> None:
         response = await answer(app, request, "go", activate_in(app, request, "aliexpress"))
         assert response.status == 302, response.text
     best = float("inf")
+    cg = None
+    if os.environ.get("BENCH_CALLGRIND_LIB"):
+        import ctypes
+
+        cg = ctypes.CDLL(os.environ["BENCH_CALLGRIND_LIB"])
+        cg.cg_start()
     for round_ in range(5):
         batch = requests[5000 + 2000 * round_:5000 + 2000 * (round_ + 1)]
         if profiler is not None:
@@ -69,10 +77,33 @@ async def main(profiler: object | None) -> None:
         if profiler is not None:
             profiler.disable()  # type: ignore[attr-defined]
         sessions._ops.clear()
+    if cg is not None:
+        cg.cg_stop()
     print(f"/go handler: {best:.2f} us of CPU per request (best of 5 rounds of 2,000 fresh requests)")
 
 
+def instructions() -> int:
+    """Run this benchmark under callgrind, counting the measured requests only."""
+    import re
+    import subprocess
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from inprocess import callgrind_lib
+
+    scratch = Path(tempfile.mkdtemp(prefix="tracker-handler-"))
+    out = scratch / "callgrind"
+    subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}.%p",
+                    sys.executable, __file__], check=True, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "BENCH_CALLGRIND_LIB": str(callgrind_lib(scratch)), "PYTHONHASHSEED": "0"})
+    total = sum(int(m.group(1)) for d in scratch.glob("callgrind.*")
+                for m in re.finditer(r"^totals: (\d+)", d.read_text(errors="replace"), re.M))
+    print(f"/go handler: {total / 10_000:,.0f} instructions per request (10,000 requests, callgrind)")
+    return 0
+
+
 if __name__ == "__main__":
+    if "--instructions" in sys.argv:
+        sys.exit(instructions())
     uvloop.install()
     line_profiler = None
     if "--lines" in sys.argv:
