@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 from decimal import Decimal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import yarl
 from hypothesis import HealthCheck, given, settings
@@ -20,7 +20,7 @@ from tracker.domain.merchants import quote_all
 from tracker.domain.profiles import profiles
 from tracker.domain.targets import BadTarget, check_target, check_target_general, host_allowed, normalize_pattern
 from tracker.domain.tokens import UserTokens
-from tracker.web.activation import parse_query
+from tracker.web.activation import _unquote, parse_query
 
 EXAMPLES = max(int(os.environ.get("TRACKER_FUZZ_EXAMPLES", "20")) * 10, 50)
 # Derandomized in `make test`, random in `make fuzz` (the profiles are in conftest.py).
@@ -141,14 +141,25 @@ MS = st.integers(min_value=0, max_value=(1 << 46) - 1)
 
 
 @PROPERTY
-@given(st.one_of(st.text(max_size=300), st.text(st.characters(max_codepoint=127), max_size=300), composed_urls()))
+@given(st.one_of(st.text(max_size=300), st.text(st.characters(max_codepoint=127), max_size=300), composed_urls(),
+                 st.text(st.sampled_from("%:/?=&aZ09-._~+ #é"), max_size=40)))
 def test_the_partner_link_quoting_is_urllib_quote_with_nothing_safe(value: str) -> None:
     """partner_link puts the target into the network's URL with quote_all, a table-driven
     quote(value, safe=""): the two agree on any text, ASCII or not."""
     assert quote_all(value) == quote(value, safe="")
 
 
-QUERY_TEXT = st.text(st.sampled_from("uto=&+%2Fzz41FFC3A9 é\x00;?"), max_size=40)
+QUERY_TEXT = st.text(st.sampled_from("uto=&+%2Fzz41FFC3A9D6a é\x00;?"), max_size=40)
+ESCAPED_TEXT = st.lists(st.sampled_from(["%3A", "%2F", "%3F", "%3D", "%26", "%25", "%3a", "%2", "%", "%%", "%C3", "%A9",
+                                        "a", "/", "é", "3A", "2F", "+"]), max_size=20).map("".join)
+
+
+@PROPERTY
+@given(st.one_of(ESCAPED_TEXT, st.text(max_size=60)))
+def test_the_go_unescaping_is_urllib_unquote(value: str) -> None:
+    """/go unescapes a field by str.replace of a URL's delimiters when that decodes it all, else by
+    a table of ASCII escapes, else by urllib: the same as unquote on any text."""
+    assert _unquote(value) == unquote(value)
 
 
 @PROPERTY

@@ -30,7 +30,16 @@ _ASCII_ESCAPES = {f"{c:02{case}}": chr(c) for c in range(128) for case in "xX"}
 
 
 def _unquote(value: str) -> str:
-    """urllib.parse.unquote(value), about three times as fast for ASCII escapes."""
+    """urllib.parse.unquote(value), about three times as fast for ASCII escapes, and three times
+    as fast again for a deep link whose escapes are all a URL's own delimiters (:/?=&), as a
+    browser's encodeURIComponent writes it: str.replace for each of those (a replacement makes no
+    '%', and a '%XX' cannot overlap another's hex digits, so if no '%' is left every escape was one
+    of them and was decoded exactly once). 5,800 instead of 17,200 instructions for a 60-character
+    deep link (callgrind, docs/performance.md)."""
+    decoded = (value.replace("%3A", ":").replace("%2F", "/").replace("%3F", "?").replace("%3D", "=")
+               .replace("%26", "&"))
+    if "%" not in decoded:
+        return decoded
     head, *rest = value.split("%")
     parts = [head]
     for part in rest:
