@@ -103,7 +103,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
                        name=name) if found else client
 
     sessions = SessionStore(client, settings.redis_prefix, reconnect=reconnect if cluster is None else None,
-                            max_calls=REDIS_MAX_CONNECTIONS)
+                            max_calls=REDIS_MAX_CONNECTIONS, pod_workers=settings.workers)
     redis_up = await sessions.ping()
     metrics.DEPENDENCY_UP.labels("redis").set(int(redis_up))
     if not redis_up:

@@ -13,6 +13,7 @@ gauges leave the sum, its counts stay).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import shutil
@@ -317,7 +318,8 @@ def serve(settings: Settings, host: str, port: int, workers: int) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     prom_dir = _metrics_directory(settings)
     use_metrics_directory(prom_dir)
-    service = Service(settings, host, port, workers)
+    # The workers' own count, whatever TRACKER_WORKERS says: the rate limits' W starts from it.
+    service = Service(dataclasses.replace(settings, workers=workers), host, port, workers)
     logs.say("serving", f"serving on http://{_bind(host, port)} with {workers} workers", level="info",
              url=f"http://{_bind(host, port)}", workers=workers)
     arbiter = os.getpid()

@@ -21,7 +21,10 @@ worker knows, as before this bound: exact per worker, not across workers.
 Bound, for callers that take the edge call (/go): only blind hits can pass a limit, and at most
 W * blind_budget of them can be admitted against a full count (each worker stops at its first answer
 showing the count full), so a limit L is overshot by at most max(L // 10, W) hits across all workers
-(60/min with 2-4 workers: 66 at most). Callers that cannot wait (observe, event streams) have no such
+(60/min with 2-4 workers: 66 at most). This holds only if no worker takes W smaller than it is:
+Redis counts a worker from its first call, and a pod's workers start one after the other, so each
+worker takes at least its own pod's worker count (`pod_workers`); a pod that starts while a key is at
+its edge can still find the other pods' workers with a W it is not yet in, for up to one sync. Callers that cannot wait (observe, event streams) have no such
 bound: at the edge each worker admits while its own view shows room, so a burst that reaches every
 worker within one sync can pass L by up to (W - 1) * L.
 While Redis is down each worker holds each limit on its own (W workers: up to W * L).
@@ -128,10 +131,16 @@ class RateLimits:
     """This worker's side: local decisions and what to tell Redis. No I/O: SessionStore sends the
     lines (`batch`, `edge_lines`) and hands the answers back (`settle`, `settle_edge`)."""
 
-    def __init__(self, wake: asyncio.Event | None = None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, wake: asyncio.Event | None = None, clock: Callable[[], float] = time.time,
+                 pod_workers: int = 1) -> None:
         self.clock, self._wake = clock, wake or asyncio.Event()
         self.up = True  # False while Redis is down: each worker then holds the limits on its own
-        self.workers = ASSUMED_WORKERS
+        # W never below this process's own pod (tracker serve --workers): Redis's set counts a worker
+        # only from its first call, so a worker that started first would otherwise take the blind
+        # budget of a smaller W while the others are still starting (a pod's workers start listening
+        # one by one), and the budgets summed past the bound.
+        self.pod_workers = max(1, pod_workers)
+        self.workers = max(ASSUMED_WORKERS, self.pod_workers)
         self.window = 0
         self.counts: dict[str, _Count] = {}
         self.active: dict[str, _Count] = {}  # keys with something to tell Redis at the next sync
@@ -241,7 +250,7 @@ class RateLimits:
         """Apply a sync's answer (None: it failed; what it carried is dropped, reservations it
         may have taken stay in Redis until the minute ends)."""
         if reply:
-            self.workers = max(1, int(reply[0]))
+            self.workers = max(self.pod_workers, int(reply[0]))
         for i, (name, st, kept, fresh) in enumerate(sent):
             st.blind = max(0, st.blind - fresh)
             if reply:

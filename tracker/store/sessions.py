@@ -80,7 +80,7 @@ Reconnect = Callable[[], Awaitable["AnyRedis | None"]]
 class SessionStore:
     def __init__(self, client: AnyRedis, prefix: str, timeout: float = 0.5,
                  sync_timeout: float = SYNC_TIMEOUT, reconnect: Reconnect | None = None,
-                 max_calls: int = 32) -> None:
+                 max_calls: int = 32, pod_workers: int = 1) -> None:
         self.client, self.prefix, self.timeout, self.sync_timeout = client, prefix, timeout, sync_timeout
         self.cluster = isinstance(client, RedisCluster)
         # Redis did not say at start whether it is a cluster: the probe asks again, and this gives the
@@ -94,7 +94,7 @@ class SessionStore:
         self._calls = asyncio.Semaphore(max_calls)
         self._ops: list[tuple[str, bytes, int]] = []  # session writes: key, JSON, TTL
         self._wake = asyncio.Event()
-        self.limits = RateLimits(self._wake)
+        self.limits = RateLimits(self._wake, pod_workers=pod_workers)  # pod_workers: W's floor
         self.ok = True
         # This worker in Redis's set of live workers (W of the rate limits): unique across pods.
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
