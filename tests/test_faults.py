@@ -9,7 +9,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import aiohttp
 import asyncpg
@@ -97,9 +97,19 @@ class Stack:
     async def wait_ready(self) -> None:
         await answers(f"http://127.0.0.1:{self.port}/healthz", self.proc, self.data / "serve.log")
 
+    def healthy(self) -> Stack:
+        """No `tracker serve` left running, PostgreSQL and Redis up (each start does nothing for a
+        server that answers): what every test starts from. A test that failed while it had
+        PostgreSQL stopped left it down, and the next test's serve then failed too, its workers
+        refusing to boot after START_WAIT without PostgreSQL."""
+        self.stop()
+        self.start_pg()
+        self.start_redis()
+        return self
+
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory):
+def stack_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st = Stack(tmp_path_factory.mktemp("faults"))
     st.start_pg()
     st.start_redis()
@@ -108,6 +118,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory):
     st.stop()
     embedded.stop_postgres(st.root, mode="immediate")
     embedded.stop_redis(st.root)
+
+
+@pytest.fixture
+def stack(stack_servers: Stack) -> Stack:
+    """The module's stack, healthy whatever the test before it left behind."""
+    return stack_servers.healthy()
 
 
 class Load:

@@ -28,7 +28,7 @@ CLIENT_TIMEOUT = 2 * FLUSH_TIMEOUT
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st = Stack(tmp_path_factory.mktemp("spool-faults"))
     st.start_pg()
     st.start_redis()
@@ -37,6 +37,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st.stop()
     embedded.stop_postgres(st.root, mode="immediate")
     embedded.stop_redis(st.root)
+
+
+@pytest.fixture
+def stack(stack_servers: Stack) -> Stack:
+    """The module's stack with PostgreSQL up and no serve running: each test stops PostgreSQL and
+    starts it again only at its end, so one that failed in between left it down for the next."""
+    return stack_servers.healthy()
 
 
 @contextlib.contextmanager
