@@ -26,7 +26,7 @@ from tracker.store.redis_keys import channel as channel_of
 from tracker.store.redis_keys import session_key
 from tracker.store.sessions import SessionStore
 
-from .conftest import BROWSER, redis_client, serve_process
+from .conftest import BROWSER, free_port, redis_client, serve_process
 from .conftest import subscribers as numsub
 from .waiting import until
 
@@ -214,7 +214,9 @@ async def test_a_stream_gets_its_change_again_after_redis_comes_back(settings, t
     """The feed reconnects and subscribes again by itself: a change that is only published (no state
     key to poll) reaches the stream that was open through the outage."""
     root = tmp_path / "private"
-    url = embedded.start_redis(root, preferred_port=64100)
+    # A port locked against other test runs (free_port): with a fixed one, another run's Redis could
+    # take it while this one's was killed, and the restart below found it answering and started none.
+    url = embedded.start_redis(root, preferred_port=free_port())
     log = tmp_path / "serve.log"
     token = tokens.mint("survivor")
     try:
