@@ -17,7 +17,7 @@ import structlog
 from .. import metrics
 from ..errors import Unavailable
 from .batches import Batch, Batches
-from .click import COLUMNS, INSERT_ARRAYS, Click, Record, to_record
+from .click import COLUMNS, INSERT_ARRAYS, Click, Record, insert_arguments, to_record
 from .db import Connection, connect, connect_options
 from .health import CONNECT_TIMEOUT, UNREACHABLE, PostgresHealth
 from .refused import REFUSED, isolate
@@ -162,8 +162,8 @@ class Flushers:
 
 async def _write(conn: Connection, rows: list[Click]) -> None:
     if len(rows) < SMALL_BATCH:
-        # The batch's columns as arrays (Click is a tuple in column order); prepared once per connection
+        # The batch's columns as arrays (click.insert_arguments); prepared once per connection
         # (behind a transaction pooler, unnamed and described again each time, in one transaction: store/db.py).
-        await conn.execute(INSERT_ARRAYS, *zip(*rows))
+        await conn.execute(INSERT_ARRAYS, *insert_arguments(rows))
     else:
         await conn.copy_records_to_table("clicks", records=[to_record(r) for r in rows], columns=COLUMNS)
