@@ -231,7 +231,9 @@ async def _server_pids(app: Any, keys: Any) -> dict[str, list[int]]:
     rows = await app[keys.POOL].fetch(
         "SELECT pid FROM pg_stat_activity WHERE (datname = current_database() AND pid <> pg_backend_pid())"
         " OR backend_type = ANY($1::text[])", ["walwriter", "checkpointer", "background writer", "io worker"])
-    info = await app[keys.REDIS].info("server")
+    import redis
+
+    info = redis.Redis.from_url(os.environ["TRACKER_REDIS_URL"]).info("server")
     return {"postgres": [r["pid"] for r in rows], "redis": [int(info["process_id"])]}
 
 
