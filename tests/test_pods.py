@@ -49,7 +49,12 @@ async def test_two_pods_store_each_click_once_deliver_each_webhook_once_and_both
                 serve_process(pods[1], workers=2, env=WEBHOOKS) as (_, second):
             # Clicks on both at once: every 302 is one row.
             loads = [Load(int(base.rsplit(":", 1)[1]), "two-pods", n=4) for base in (first, second)]
-            await asyncio.gather(*(load.run_for(2.0) for load in loads))
+
+            async def enough() -> None:  # until each pod redirected as many as the postbacks below use
+                await until(lambda: all(len(load.ids) >= POSTBACKS for load in loads),
+                            f"{POSTBACKS} redirects from each pod", 60)
+            # (Not for a fixed time: on a loaded machine 2 s gave fewer clicks than the postbacks need.)
+            await asyncio.gather(*(load.run_for(0, during=enough) for load in loads))
             ids = loads[0].ids + loads[1].ids
             assert all(load.other == [] and load.errors == 0 and load.ids for load in loads)
             total, distinct = await wait_rows(database, "two-pods", len(ids))
