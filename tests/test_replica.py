@@ -46,6 +46,19 @@ def pair(servers: tuple[str, str]) -> Iterator[tuple[Replicated, str]]:
         finally:
             await conn.close()
         await prepare_database(replicated.primary_url(name))
+        # The tests read the replica from their first step: wait until it has replayed the database
+        # and its migrations (on a loaded machine it had not yet: "database ... does not exist").
+        conn = await asyncpg.connect(replicated.primary_url())
+        try:
+            lsn = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
+        finally:
+            await conn.close()
+        replica = await asyncpg.connect(replicated.replica_url())
+        try:
+            await until(lambda: replica.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn", lsn),
+                        "the replica replaying the new database", 60)
+        finally:
+            await replica.close()
 
     asyncio.run(create())
     yield replicated, name
