@@ -717,3 +717,29 @@ async def test_after_a_redis_restart_stale_pooled_connections_fail_no_request(st
         statuses = [(await readyz(stack.port))[0] for _ in range(40)]
     assert statuses == [200] * 40, statuses
     stack.stop()
+
+
+async def test_postgresql_going_away_while_a_worker_starts_does_not_fail_its_start(stack: Stack) -> None:
+    """What a worker's start does after its main pool connected must ride out PostgreSQL going
+    away, as the worker does once started: the webhook dispatcher makes no connection at start,
+    and the merchants' first load waits for PostgreSQL as the start's first connection does. (Once,
+    PostgreSQL stopped just then failed one worker's boot, and gunicorn stopped the whole server.)"""
+    from tracker.store.delivery import Dispatcher
+    from tracker.store.merchants import MerchantCache
+
+    pool = await create_pool(stack.dsn)
+    await asyncio.to_thread(stack.stop_pg)
+    dispatcher = Dispatcher(stack.dsn)
+    cache = MerchantCache(stack.dsn, pool)
+    try:
+        await dispatcher.start()  # no connection made: before, ConnectionRefusedError here
+        loading = asyncio.ensure_future(cache.start())
+        await asyncio.sleep(0.5)  # the load is waiting for PostgreSQL, not failed
+        assert not loading.done(), loading
+        await asyncio.to_thread(stack.start_pg)
+        await asyncio.wait_for(loading, 30)
+        assert cache.merchants  # loaded once PostgreSQL was back
+    finally:
+        await cache.stop()
+        await dispatcher.stop()
+        await pool.close()

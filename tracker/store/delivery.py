@@ -56,7 +56,11 @@ class Dispatcher:
         self._outage = Outage(log, "webhook_dispatcher_db_unavailable", "webhook_dispatcher_reconnected")
 
     async def start(self) -> None:
-        self._pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=2, command_timeout=30, timeout=5,
+        # min_size=0: no connection at start. The worker's start has already waited for PostgreSQL
+        # (its main pool); if PostgreSQL goes away right after, the dispatcher's loop rides the outage
+        # out like every other background task, where a connection made here would fail the worker's
+        # start and, with it, the whole server (gunicorn stops on a worker that cannot boot).
+        self._pool = await asyncpg.create_pool(self.dsn, min_size=0, max_size=2, command_timeout=30, timeout=5,
                                                init=json_codecs,
                                                server_settings={"application_name": "tracker-webhooks"},
                                                **connect_options(self.options.pooler))

@@ -13,7 +13,7 @@ from .. import metrics
 from ..domain.backoff import Backoff
 from ..domain.merchants import Merchant, MerchantsFile
 from ..domain.networks import Network
-from .db import connect
+from .db import at_start, connect
 from .tasks import cancel_and_wait, supervised
 
 CHANNEL = "tracker_merchants"
@@ -145,7 +145,9 @@ class MerchantCache:
         metrics.prime_merchants(self.merchants, self.networks)
 
     async def start(self) -> None:
-        await self.reload()
+        # The worker's start waited for PostgreSQL already; a blip right after is waited out too (as
+        # at start), rather than failing this worker's boot and with it the whole server.
+        await at_start(self._dsn, self.reload)
         self._task = supervised("merchant-listener", self._listen)
 
     async def stop(self) -> None:
