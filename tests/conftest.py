@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, AsyncIterator, Iterator
+from typing import IO, AsyncIterator, Generator, Iterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -370,3 +370,12 @@ async def serve_process(settings: Settings, workers: int = 1, env: dict[str, str
 async def redis_value(client, key: str) -> bytes:  # noqa: ANN001
     """A Redis key's value once the service's batched writes have put it there."""
     return await until(lambda: client.get(key), f"Redis key {key} written")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Each phase's report on the test item (item.rep_setup, rep_call, rep_teardown), so that a
+    fixture's teardown can tell whether its test failed (and then print what helps explain why)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -18,6 +18,7 @@ import pytest
 from tracker import embedded
 from tracker.domain.tokens import UserTokens
 from tracker.store.flushers import FLUSH_TIMEOUT
+from tracker.store.spool import PROBE_BYTES, Spool, SpoolRefused
 
 from .conftest import BROWSER, SECRET, prepare_database
 from .test_faults import Stack, readyz_until
@@ -40,10 +41,29 @@ def stack_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @pytest.fixture
-def stack(stack_servers: Stack) -> Stack:
+def stack(stack_servers: Stack, request: pytest.FixtureRequest) -> Iterator[Stack]:
     """The module's stack with PostgreSQL up and no serve running: each test stops PostgreSQL and
-    starts it again only at its end, so one that failed in between left it down for the next."""
-    return stack_servers.healthy()
+    starts it again only at its end, so one that failed in between left it down for the next. After
+    a failure, the end of serve's log (its requests left out) goes to the report."""
+    mark = log_size(stack_servers)
+    yield stack_servers.healthy()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        print_log_tail(stack_servers, mark)
+
+
+def log_size(stack: Stack) -> int:
+    path = stack.data / "serve.log"
+    return path.stat().st_size if path.exists() else 0
+
+
+def print_log_tail(stack: Stack, since: int, lines: int = 80) -> None:
+    with (stack.data / "serve.log").open("rb") as fh:
+        fh.seek(since)
+        text = fh.read().decode(errors="replace")
+    kept = [line[:400] for line in text.splitlines() if '"http_request"' not in line]
+    print(f"serve.log since the test began ({len(kept)} lines, requests left out), the last {lines}:")
+    print("\n".join(kept[-lines:]))
 
 
 @contextlib.contextmanager
@@ -182,6 +202,29 @@ async def test_a_read_only_spool_refuses_with_503_until_it_is_writable_again(sta
         assert {r for r in clicks.refused} == {(503, "5", "unavailable")}
         await _recover_and_check(stack, clicks, user)
         stack.stop()
+
+
+def test_a_record_refused_for_a_full_volume_leaves_every_worker_reading_it_full(tmp_path: Path) -> None:
+    """Two workers' spools on one small volume. One fills it until a large record is refused (and
+    cut back, which frees its pages again); then neither worker's check says the spool can take
+    clicks, however many pages a probe would still find free. (Before, the refused worker's next
+    check and the other worker's readiness found a page free and said "ok", while the next batch
+    was refused again: readiness flapped.)"""
+    with small_disk(tmp_path / "spool") as directory:
+        filler, other = Spool(directory), Spool(directory)
+        row = ["x" * 200] * 10
+        with pytest.raises(SpoolRefused) as refusal:
+            for _ in range(10_000):
+                filler.append([row] * 7)  # ~14 KB a record, less than the reserve
+        assert refusal.value.state == "full"
+        free, reserve = filler.disk_room()
+        assert free >= PROBE_BYTES  # pages a probe could write: the old check said "ok" here
+        for spool in (filler, other):
+            with pytest.raises(SpoolRefused) as check:
+                spool.probe()
+            assert check.value.state == "full"
+        filler.close()
+        other.close()
 
 
 async def test_past_the_spool_cap_clicks_are_refused(stack: Stack) -> None:

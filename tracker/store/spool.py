@@ -10,6 +10,12 @@ An append that fails (the disk full, read-only or failing, or the spool past its
 SpoolRefused and leaves no partial record behind: the segment is cut back to where the append began
 and set aside, so that a torn record can never hide the acknowledged ones a later append would put
 after it.
+
+The spool also leaves its volume a reserve (a sixteenth of the volume, at most DISK_RESERVE): an append
+that would eat into it is refused as "full", and a check says "full" below twice the reserve. Every
+worker thus reads a nearly full volume alike, whatever it last wrote itself: a worker whose large
+record was refused (and cut back, freeing its pages) does not flap back to ready on the few pages that
+a probe still finds free, nor does another worker that has not written since.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ _HEADER = struct.Struct("<II")
 MAX_RECORD = 64 * 1024 * 1024
 FULL_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
 PROBE_BYTES = 4096  # a probe writes a page: an empty file can still be made on a full tmpfs
+DISK_RESERVE = 16 * 1024 * 1024  # at most this much of the volume is left free (see above)
 
 
 class SpoolRefused(Exception):
@@ -69,6 +76,9 @@ class Spool:
         if used + len(data) > self.max_bytes:
             raise SpoolRefused("full", f"{used} bytes spooled, the cap is {self.max_bytes}")
         try:
+            free, reserve = self.disk_room()
+            if free - len(data) < reserve:
+                raise SpoolRefused("full", f"{free} bytes free on the spool's volume, {reserve} kept free")
             fd = self._open()
         except OSError as exc:
             raise refused(exc) from exc
@@ -103,11 +113,22 @@ class Spool:
                 pass  # replayed and removed meanwhile
         return total
 
+    def disk_room(self) -> tuple[int, int]:
+        """(bytes free on the spool's volume for this process, the reserve the spool leaves free)."""
+        st = os.statvfs(self.dir)
+        return st.f_bavail * st.f_frsize, min(DISK_RESERVE, st.f_blocks * st.f_frsize // 16)
+
     def probe(self, headroom: int = PROBE_BYTES) -> None:
         """Raise SpoolRefused unless the spool can take a record now: `headroom` bytes under its cap,
-        and a page written and fsynced on its disk (then removed)."""
+        twice the reserve free on its volume, and a page written and fsynced there (then removed)."""
         if self.used_bytes() + max(headroom, PROBE_BYTES) > self.max_bytes:
             raise SpoolRefused("full", f"the cap of {self.max_bytes} bytes is reached")
+        try:
+            free, reserve = self.disk_room()
+        except OSError as exc:
+            raise refused(exc) from exc
+        if free < 2 * reserve:
+            raise SpoolRefused("full", f"{free} bytes free on the spool's volume, below twice the {reserve} kept free")
         path = self.dir / f"probe-{os.getpid()}"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
