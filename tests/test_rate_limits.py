@@ -227,6 +227,28 @@ async def test_while_redis_is_down_each_worker_holds_the_limit_on_its_own(settin
         await client.aclose()
 
 
+async def test_the_hits_a_failed_sync_carried_still_count_in_the_workers_view(settings):
+    """Each hit is followed by a sync that gets no answer (nothing listens: Redis is gone). The
+    hits it carried stay in this worker's count and go with the next call, so the limit holds
+    exactly. (Before, a failed sync dropped them: the worker admitted every hit, and an address at
+    its limit got an observe through when one sync timed out on a loaded machine.)"""
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing listens there
+    store = SessionStore(client, settings.redis_prefix, timeout=0.2, sync_timeout=0.2)
+    now = time.time() // 60 * 60 + 30  # one minute throughout
+    store.limits.clock = lambda: now
+    try:
+        verdicts = []
+        for _ in range(7):
+            verdicts.append(store.limits.check([("ip", "203.0.113.9", 5)]))
+            store.ok = True  # as once the probe finds Redis back: the next sync is tried
+            await store._sync_once(0.2)  # and fails
+            assert not store.ok
+        assert verdicts[:5] == [None] * 5 and [v and v[0] for v in verdicts[5:]] == ["ip", "ip"]
+    finally:
+        await store.stop()
+        await client.aclose()
+
+
 @pytest.mark.clustered
 async def test_a_request_one_limit_refuses_is_not_counted_against_another(settings):
     """An address (5 a minute) and a user (3) both at their edge when the user's fourth request

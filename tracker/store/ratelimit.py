@@ -247,14 +247,22 @@ class RateLimits:
         return "\n".join(lines), sent, self.window
 
     def settle(self, sent: Sent, reply: list[int] | None, window: int) -> None:
-        """Apply a sync's answer (None: it failed; what it carried is dropped, reservations it
-        may have taken stay in Redis until the minute ends)."""
+        """Apply a sync's answer. None: it failed, and the hits it carried count again in this
+        worker's view and go with the next call (reservations it may have taken stay in Redis until
+        the minute ends). Dropping them instead let a worker admit them a second time right after a
+        failed call: an address at its limit got another request through when a sync timed out.
+        A call that timed out after Redis ran it has its hits counted twice: the count errs high, by
+        one interval's hits, only when Redis failed to answer in time."""
         if reply:
             self.workers = max(self.pod_workers, int(reply[0]))
         for i, (name, st, kept, fresh) in enumerate(sent):
-            st.blind = max(0, st.blind - fresh)
             if reply:
+                st.blind = max(0, st.blind - fresh)
                 self._learn(name, st, kept, reply[1 + 4 * i:5 + 4 * i], window)
+            elif fresh:
+                st.fresh += fresh  # still blind: no answer has counted them
+                if window == self.window:
+                    self.active[name] = st
 
     def _at_edge(self, st: _Count | None) -> bool:
         return not (st is None or st.allow > 0 or not self.up or st.counted >= st.limit
