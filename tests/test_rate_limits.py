@@ -250,6 +250,30 @@ async def test_the_hits_a_failed_sync_carried_still_count_in_the_workers_view(se
 
 
 @pytest.mark.clustered
+async def test_a_share_granted_while_a_hit_was_in_flight_covers_that_hit_first(settings):
+    """One worker, a limit of 3: two hits, their sync run by Redis (which grants a share of the one
+    left), a third hit admitted before that answer is back, then the answer: the share covers the
+    third hit, and a fourth is refused. (Before, the share admitted a fourth on top: one worker
+    alone passed the limit, seen as an observe admitted past its address's limit.)"""
+    client = redis_client(settings)
+    store = SessionStore(client, f"{settings.redis_prefix}in-flight:")
+    now = time.time() // 60 * 60 + 30  # one minute throughout
+    store.limits.clock = lambda: now
+    limits, check = store.limits, [("ip", "203.0.113.7", 3)]
+    try:
+        assert limits.check(check) is None and limits.check(check) is None
+        line, sent, window = limits.batch()
+        reply = await store._counts(b"", line)  # Redis counts the two and grants a share...
+        assert reply[1:5] == [2, 3, 1, 0]  # counted, counted + reserved, this worker's share, room
+        assert limits.check(check) is None  # ...while a third hit comes before its answer
+        limits.settle(sent, reply, window)
+        verdict = limits.check(check)
+        assert verdict is not None and verdict[0] == "ip"
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.clustered
 async def test_a_request_one_limit_refuses_is_not_counted_against_another(settings):
     """An address (5 a minute) and a user (3) both at their edge when the user's fourth request
     comes (the third's hits not yet synced): refused by the user's limit, that request spends none

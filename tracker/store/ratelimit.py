@@ -308,7 +308,14 @@ class RateLimits:
         elif counted == st.counted and full > st.full:
             st.full = full
         if held > kept:
-            st.allow += held - kept
-            st.base += held - kept
+            granted = held - kept
+            # Hits admitted since this call was built (blind, while it was in flight) were unknown to
+            # Redis when it granted the share: they take it first, instead of the share admitting
+            # as many more on top of them (one worker alone passed a limit of 3 by one that way).
+            cover = min(granted, st.fresh) if self.up else 0
+            st.fresh -= cover
+            st.blind = max(0, st.blind - cover)
+            st.allow += granted - cover
+            st.base += granted
         if st.base > 0 and window == self.window:
             self.active[name] = st  # renewed or given back at the next sync
