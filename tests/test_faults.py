@@ -722,8 +722,10 @@ async def test_after_a_redis_restart_stale_pooled_connections_fail_no_request(st
 async def test_postgresql_going_away_while_a_worker_starts_does_not_fail_its_start(stack: Stack) -> None:
     """What a worker's start does after its main pool connected must ride out PostgreSQL going
     away, as the worker does once started: the webhook dispatcher makes no connection at start,
-    and the merchants' first load waits for PostgreSQL as the start's first connection does. (Once,
+    the merchants' first load and the near partitions' check wait for PostgreSQL as the start's first
+    connection does. (Once,
     PostgreSQL stopped just then failed one worker's boot, and gunicorn stopped the whole server.)"""
+    from tracker.store.db import near_partitions_at_start
     from tracker.store.delivery import Dispatcher
     from tracker.store.merchants import MerchantCache
 
@@ -734,10 +736,13 @@ async def test_postgresql_going_away_while_a_worker_starts_does_not_fail_its_sta
     try:
         await dispatcher.start()  # no connection made: before, ConnectionRefusedError here
         loading = asyncio.ensure_future(cache.start())
-        await asyncio.sleep(0.5)  # the load is waiting for PostgreSQL, not failed
+        partitions = asyncio.ensure_future(near_partitions_at_start(stack.dsn, pool))
+        await asyncio.sleep(0.5)  # both are waiting for PostgreSQL, not failed
         assert not loading.done(), loading
+        assert not partitions.done(), partitions
         await asyncio.to_thread(stack.start_pg)
         await asyncio.wait_for(loading, 30)
+        await asyncio.wait_for(partitions, 30)
         assert cache.merchants  # loaded once PostgreSQL was back
     finally:
         await cache.stop()

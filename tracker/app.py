@@ -15,7 +15,7 @@ from .domain.detection import Detector
 from .domain.tokens import UserTokens
 from .settings import Settings, censor_dsn
 from .store.clicks import ClickWriter
-from .store.db import at_start, create_pool, ensure_near_partitions
+from .store.db import at_start, create_pool, near_partitions_at_start
 from .store.delivery import Dispatcher, options_from
 from .store.erasure_watch import ErasureWatch
 from .store.feed import StateFeed
@@ -44,8 +44,7 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
     # `tracker serve` with the reason (serve.Worker).
     pool = await at_start(settings.database_url, lambda: create_pool(settings.database_url or "",
                                                                      pooler=settings.database_pooler))
-    async with pool.acquire() as conn:
-        created = await ensure_near_partitions(conn)
+    created = await near_partitions_at_start(settings.database_url, pool)
     log.info("postgres_ready", dsn=censor_dsn(settings.database_url), partitions_created=created)
     metrics.DEPENDENCY_UP.labels("postgres").set(1)
     app[keys.POOL] = pool

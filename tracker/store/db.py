@@ -237,3 +237,13 @@ async def drop_old_partitions(conn: asyncpg.Connection, retention_days: int,
 async def ensure_near_partitions(conn: Connection, ahead: int = 7) -> list[str]:
     today = datetime.now(timezone.utc).date()
     return await ensure_partitions(conn, today - timedelta(days=1), ahead + 2)
+
+
+async def near_partitions_at_start(dsn: str, pool: asyncpg.Pool) -> list[str]:
+    """ensure_near_partitions on one of the pool's connections as a worker starts: PostgreSQL going
+    away just then is waited out as at start (at_start), instead of failing the worker's boot and
+    with it the whole server (gunicorn stops on a worker that cannot boot)."""
+    async def run() -> list[str]:
+        async with pool.acquire() as conn:
+            return await ensure_near_partitions(conn)
+    return await at_start(dsn, run)
