@@ -137,7 +137,7 @@ def _delete_prefixed(client: redis.Redis, prefix: str) -> None:
         client.close()
 
 
-_CLUSTER_URLS: set[str] = set()  # the seed URLs of the clusters this session started
+_CLUSTER_URLS: set[str] = set()  # the seed URLs of the clusters this test run started
 
 
 @pytest.fixture(scope="session")
@@ -274,7 +274,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 _PORT_LOCKS = Path("/tmp/tracker-test-ports")
-_held_ports: list[IO[str]] = []  # the lock files of this session's ports, open until it ends
+_held_ports: list[IO[str]] = []  # the lock files of this test run's ports, open until it ends
 
 
 def free_port(bus: bool = False) -> int:
@@ -282,7 +282,7 @@ def free_port(bus: bool = False) -> int:
     Not from bind(("127.0.0.1", 0)): that draws from the kernel's ephemeral range, which every
     outgoing connection on the machine (and every other test run's bind 0) draws from too, so the
     port could be taken between the check and the server's bind. Below that range instead, free
-    now, and locked (flock) against other test runs on this machine until this session ends. With
+    now, and locked (flock) against other test runs on this machine until this test run ends. With
     `bus`, port + 10000 is free and locked too (a Redis Cluster node's bus), both below the range."""
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
         if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
