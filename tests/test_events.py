@@ -173,6 +173,31 @@ async def test_an_overwritten_click_yields_one_event_however_many_workers_flush_
         "signals": [{"kind": "foreign_affiliate_param", "network": "cj"}]})]
 
 
+async def test_an_overwrite_flushed_after_a_postback_converted_the_click_is_still_announced(client, tokens, database):
+    """Observe found the click overwritten (and told the shopper to re-activate), but a postback
+    converted it before the signal writer stored that state: the row stays converted, and the
+    overwrite is announced all the same, once."""
+    cid = await activate(client, tokens, "ev-user-5")
+    start = await head(client)
+    assert (await client.get("/postback/admitad", params=admitad(cid, "EV-LATE-FLUSH"))).status == 200
+    pool = await create_pool(database, min_size=1, max_size=2)
+    overwritten: StoredState = {"state": "overwritten", "overwritten_at": 1_795_660_900_000}
+    signal = Signal("foreign_affiliate_param", "cj", {"param": "cjevent"}, 1_795_660_900_000, False)
+    try:
+        for _ in range(2):  # a second flush of the same state announces nothing more
+            writer = SignalWriter(pool)
+            writer.add(cid, "aliexpress", "ev-user-5", [signal], overwritten)
+            await writer.flush()
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT state FROM click_states WHERE click_id = $1", cid) == "converted"
+    finally:
+        await pool.close()
+    events = await new_events(client, start)
+    assert [(e["type"], e["data"].get("click_id") or e["data"]["conversion"]["click_id"]) for e in events] == [
+        ("conversion.created", cid), ("click.overwritten", cid)]
+    assert events[1]["data"]["signals"] == [{"kind": "foreign_affiliate_param", "network": "cj"}]
+
+
 async def test_observe_to_overwritten_to_event(client, tokens):
     """The whole way: the extension reports a foreign affiliate parameter, the signal writer flushes,
     the feed has the event."""

@@ -33,7 +33,7 @@ from ..domain.clickid import click_time
 from ..domain.detection import DEFINITIVE
 from ..domain.events import CLICK_OVERWRITTEN
 from ..domain.signals import MAX_PER_CLICK, Sighting, Signal
-from ..domain.states import PROGRESS, ClickState, StoredState
+from ..domain.states import PROGRESS, StoredState
 from .refused import REFUSED, storable
 from .tasks import cancel_and_wait, supervised
 
@@ -82,12 +82,15 @@ _UPSERT_STATE = (
     "detector = CASE WHEN click_states.state <> 'active' AND EXCLUDED.state = 'active' "
     "THEN click_states.detector ELSE EXCLUDED.detector END, user_id = EXCLUDED.user_id, "
     "merchant = EXCLUDED.merchant, updated_at = now()")
-# click.overwritten, once per click: in the transaction whose upsert first leaves the stored state
-# overwritten. The flag is set under the row lock, so a second worker flushing the same click waits,
-# re-reads the row and finds it announced. Its signals are the definitive ones stored so far.
+# click.overwritten, once per click: in the transaction whose upsert first stores the click's
+# overwritten_at (the moment observe found it overwritten), whatever state the row holds by then: a
+# postback may have converted the click between the observe and this flush, and the shopper was told
+# to re-activate all the same. The flag is set under the row lock, so a second worker flushing the
+# same click waits, re-reads the row and finds it announced. Its signals are the definitive ones
+# stored so far.
 _ANNOUNCE_OVERWRITES = (
     "WITH flipped AS (UPDATE click_states SET overwrite_announced = true WHERE click_id = ANY ($1::text[]) "
-    "AND state = 'overwritten' AND NOT overwrite_announced RETURNING click_id, user_id, merchant), "
+    "AND overwritten_at IS NOT NULL AND NOT overwrite_announced RETURNING click_id, user_id, merchant), "
     "e AS (INSERT INTO events (type, ordering_key, data) SELECT $2, 'click:' || f.click_id, "
     "jsonb_build_object('click_id', f.click_id, 'user_id', f.user_id, 'merchant', f.merchant, "
     "'action', 'reactivate', 'signals', COALESCE((SELECT jsonb_agg(jsonb_build_object('kind', g.kind, "
@@ -247,7 +250,7 @@ class SignalWriter:
                     rows = [r for r in rows if r.click_id not in erased]
                 signals = [r for r in rows if isinstance(r, SignalRecord)]
                 states = [r for r in rows if isinstance(r, StateRecord)]
-                overwritten = [r.click_id for r in states if r.state == ClickState.OVERWRITTEN]
+                overwritten = [r.click_id for r in states if r.overwritten_at is not None]
                 if signals:
                     await conn.execute(_UPSERT_SIGNALS, *zip(*signals), MAX_PER_CLICK)
                 if states:
