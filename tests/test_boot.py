@@ -19,6 +19,8 @@ import psutil
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
 
+from tracker import serve
+
 from .conftest import BROWSER, free_port, serve_env, serve_process
 from .waiting import until, until_blocking
 
@@ -108,7 +110,7 @@ def test_postgresql_unreachable_at_start_stops_serve_with_the_reason(settings):
     assert any(line["event"] == "postgres_unreachable_at_start" for line in lines)
     assert [line["exit_status"] for line in lines if line["event"] == "serve_stopped"] == [3]
     assert "Task was destroyed" not in out
-    assert list(settings.data_dir.glob("prometheus-*")) == []  # the metrics files cleaned up
+    assert not serve.metrics_directory(proc.pid).exists()  # the metrics files cleaned up
 
 
 def test_a_stop_while_the_workers_wait_for_postgresql_is_a_clean_stop(settings):
@@ -228,7 +230,8 @@ async def test_metrics_sum_both_workers_when_prometheus_was_imported_first(setti
                     assert proc.poll() is None, output(settings)[1]
                     return False
             await until(ready, "tracker serve ready", 60)
-            [directory] = settings.data_dir.glob(f"prometheus-{proc.pid}")
+            directory = serve.metrics_directory(proc.pid)
+            assert directory.is_dir()
             token, sent = tokens.mint("boot-metrics"), 0
 
             async def both_workers_counted() -> bool:  # new connections until the kernel gave each some

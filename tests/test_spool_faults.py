@@ -13,6 +13,7 @@ from typing import Iterator
 
 import aiohttp
 import asyncpg
+import psutil
 import pytest
 
 from tracker import embedded
@@ -244,3 +245,49 @@ async def test_past_the_spool_cap_clicks_are_refused(stack: Stack) -> None:
     assert 0 < spooled <= 65536
     await _recover_and_check(stack, clicks, user)
     stack.stop()
+
+
+def fill(volume: Path) -> None:
+    """Write a file on `volume` until the disk is full."""
+    with contextlib.suppress(OSError), (volume / "filler").open("wb") as fh:
+        while True:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+
+
+def workers_of(stack: Stack) -> set[int]:
+    assert stack.proc is not None
+    return {p.pid for p in psutil.Process(stack.proc.pid).children()}
+
+
+async def test_a_full_data_volume_leaves_every_worker_and_the_metrics_up(stack: Stack, tmp_path: Path) -> None:
+    """The data directory's whole volume full (the spool's and whatever else lives there): the
+    workers live on (prometheus_client's memory-mapped files are not on that volume: a worker
+    touching a new page of one on a full disk died of SIGBUS, and so did its replacement, and
+    /metrics answered nothing), /metrics answers, and with PostgreSQL down too the spool is full:
+    503 at once, and every 302 is stored once PostgreSQL is back."""
+    user = "data-volume-full"
+    with small_disk(tmp_path / "volume", "512k") as volume:
+        stack.serve(workers=2, TRACKER_DATA_DIR=str(volume))
+        await stack.wait_ready()
+        await readyz_until(stack.port, lambda status, body: status == 200, "ready")
+        workers = workers_of(stack)
+        assert len(workers) == 2
+        fill(volume)
+        clicks = Clicks(stack.port, user)
+        clicks.start()
+        await until(lambda: len(clicks.ids) >= 300, "redirects with the volume full")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            for _ in range(6):  # new connections: both workers answer some
+                async with session.get(f"http://127.0.0.1:{stack.port}/metrics") as r:
+                    assert r.status == 200 and "tracker_clicks_total" in await r.text()
+        await asyncio.to_thread(stack.stop_pg)
+        await until(lambda: len(clicks.refused) >= 100, "refusals once PostgreSQL is down too", 60)
+        await unready(stack.port, "full")
+        await clicks.stop()
+        assert workers_of(stack) == workers  # none died, none replaced
+        assert clicks.hung == 0
+        assert {r for r in clicks.refused} == {(503, "5", "unavailable")}
+        await _recover_and_check(stack, clicks, user)
+        stack.stop()
+        assert "SIGBUS" not in (stack.data / "serve.log").read_text(errors="replace")

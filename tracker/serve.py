@@ -20,6 +20,7 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -89,19 +90,32 @@ def use_metrics_directory(path: Path) -> None:
             own.unlink()
 
 
+def metrics_base() -> Path:
+    """Where the metrics files live: in memory where there is /dev/shm, else the temporary directory
+    (the pod's /tmp), never on the data directory's volume. prometheus_client memory-maps them, and a
+    worker that touches a new page of a mapped file on a full disk dies of SIGBUS: with the spool's
+    volume full, every worker died on its next metric, and its replacement too."""
+    return Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+
+
+def metrics_directory(arbiter: int) -> Path:
+    """The metrics files' directory of the `tracker serve` whose arbiter is this pid."""
+    return metrics_base() / f"tracker-metrics-{arbiter}"
+
+
 def _metrics_directory(settings: Settings) -> Path:
     """A fresh directory for this arbiter's metrics files; those of arbiters that are gone (killed
-    without their clean-up) are removed."""
-    for old in settings.data_dir.glob("prometheus-*"):
+    without their clean-up) are removed, and those an older version kept in the data directory."""
+    for old in [*metrics_base().glob("tracker-metrics-*"), *settings.data_dir.glob("prometheus-*")]:
         try:
-            os.kill(int(old.name.removeprefix("prometheus-")), 0)
+            os.kill(int(old.name.rsplit("-", 1)[1]), 0)
         except ValueError:
             continue
         except ProcessLookupError:
             shutil.rmtree(old, ignore_errors=True)
         except PermissionError:
             pass
-    path = settings.data_dir / f"prometheus-{os.getpid()}"
+    path = metrics_directory(os.getpid())
     shutil.rmtree(path, ignore_errors=True)
     path.mkdir(parents=True)
     return path
