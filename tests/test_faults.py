@@ -3,6 +3,7 @@ stop and kill them, and they kill the service itself. Every 302 must end up as e
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -340,6 +341,60 @@ async def test_a_dead_worker_is_replaced(stack: Stack) -> None:
     load = Load(stack.port, "fault-worker", n=4)
     await load.run_for(0.5)
     assert load.other == [] and len(load.ids) > 10, (load.errors, len(load.ids))
+    stack.stop()
+
+
+async def test_a_worker_replaced_while_postgresql_is_down_waits_for_it_and_the_others_serve_on(stack: Stack) -> None:
+    """One worker killed during an outage: its replacement waits for PostgreSQL as long as it takes
+    (past the 15 s after which a server's first start gives up), the other worker serves (spooling)
+    all along, and tracker serve goes on; once PostgreSQL is back the replacement starts, and every
+    click answered 302 has its row. (A replacement that gave up stopped the whole server, exit 3.)"""
+    stack.serve(workers=2)
+    await stack.wait_ready()
+    assert stack.proc is not None
+    parent = psutil.Process(stack.proc.pid)
+    children = await until(lambda: len(found := parent.children()) == 2 and found, "two workers")
+    load = Load(stack.port, "fault-replaced-pgdown", n=4)
+    log = stack.data / "serve.log"
+
+    def attempts_of(pid: int) -> int:
+        lines = [json.loads(line) for line in log.read_text(errors="replace").splitlines() if
+                 '"postgres_unreachable_at_start"' in line and f'"pid":{pid}' in line.replace(" ", "")]
+        return max((line["attempt"] for line in lines), default=0)
+
+    async def outage_and_a_replacement() -> None:
+        await asyncio.to_thread(stack.stop_pg)
+        await readyz_until(stack.port, lambda status, body: body["postgres"] == "down", "reporting PostgreSQL down")
+        os.kill(children[0].pid, signal.SIGKILL)
+        [new] = await until(lambda: [c.pid for c in parent.children() if c.pid not in {w.pid for w in children}],
+                            "a replacement worker")
+        # Its 8th attempt comes after 0.5 + 1 + 2 + 4 + 4 + 4 + 4 s of backoff: past the 15 s a first
+        # start waits, in a worker that is still there.
+        await until(lambda: attempts_of(new) >= 8, "the replacement still waiting after 15 s", 90)
+        assert stack.proc is not None and stack.proc.poll() is None
+        before = len(load.ids)
+        await until(lambda: len(load.ids) >= before + 50, "redirects from the other worker meanwhile")
+
+    try:
+        await load.run_for(0, during=outage_and_a_replacement)
+    finally:
+        await asyncio.to_thread(stack.start_pg)
+    assert set(load.other) <= {503}
+    total, distinct = await wait_rows(stack.dsn, "fault-replaced-pgdown", len(load.ids))
+    assert total == distinct  # each click once
+    conn = await asyncpg.connect(stack.dsn)
+    try:
+        stored = {r["click_id"] for r in await conn.fetch(
+            "SELECT click_id FROM clicks WHERE user_id = 'fault-replaced-pgdown'")}
+    finally:
+        await conn.close()
+    assert set(load.ids) <= stored
+    # Beyond them, only clicks whose clients never saw a 302: requests the killed worker had taken
+    # (spooled, the answer lost with its connection) or a batch whose commit PostgreSQL's stop cut
+    # off and which committed after all (answered 503: the client was told to retry).
+    assert len(stored - set(load.ids)) <= load.errors + len(load.other)
+    await readyz_until(stack.port, lambda status, body: status == 200 and body["postgres"] == "up", "ready again")
+    assert stack.proc.poll() is None and len(parent.children()) == 2
     stack.stop()
 
 

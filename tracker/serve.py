@@ -13,6 +13,7 @@ gauges leave the sum, its counts stay).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -121,6 +122,13 @@ def _metrics_directory(settings: Settings) -> Path:
     return path
 
 
+def _served_marker() -> Path:
+    """A file in the server's metrics directory (PROMETHEUS_MULTIPROC_DIR, set by serve before the
+    workers fork; prometheus_client reads only its *.db files) that the first worker to start makes:
+    from then on the server has served, and a worker that starts is a replacement."""
+    return Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]) / "served"
+
+
 class Worker(GunicornUVLoopWebWorker):
     """aiohttp's uvloop worker that tells a boot failure from a crash itself: it is booted once the
     app's start-up has run (every cleanup context: PostgreSQL, Redis, the writer...), and until then
@@ -142,9 +150,14 @@ class Worker(GunicornUVLoopWebWorker):
         super().init_process()
 
     def run(self) -> None:
+        from .store import db
+
         self.booted = False
         if not self.alive:  # stopped before its app began to start
             sys.exit(0)
+        # A worker of a server that has served already replaces one (killed, or SIGHUP): it waits
+        # for PostgreSQL without end, while the others serve, instead of stopping the server.
+        db.patient = _served_marker().exists()
         beat = self.loop.create_task(self._beat())
         self._task = self.loop.create_task(self._run())
         try:
@@ -198,6 +211,8 @@ class Worker(GunicornUVLoopWebWorker):
         except SystemExit:  # gunicorn's way of saying it could not bind, after 5 tries
             raise StartFailed(f"cannot listen on {', '.join(map(str, self.cfg.address))}") from None
         self.booted = True
+        with contextlib.suppress(OSError):  # in memory (/dev/shm): a full data volume does not matter
+            _served_marker().touch()
 
     async def _beat(self) -> None:
         while not self.booted:

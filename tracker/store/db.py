@@ -86,6 +86,11 @@ async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10, pooler: s
 # workers, then the arbiter, exit non-zero; docs/operations.md): a restart of PostgreSQL or of its pod
 # takes less, a PostgreSQL that is not there is named within about half a minute.
 START_WAIT = 15.0
+# A worker that replaces one of a running server's (killed, restarted by SIGHUP) waits for PostgreSQL
+# without end instead: the server is up, its other workers are serving (spooling, while PostgreSQL is
+# away), and a replacement that gave up would stop all of them (tracker serve's arbiter stops on a
+# failed boot). Set by tracker serve's worker before its app starts (serve.Worker).
+patient = False
 # Failures worth waiting out at start: nothing listens yet, a timeout, PostgreSQL starting or
 # shutting down. Anything else (a wrong password, no such database) is named at once.
 _TRANSIENT = (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError,
@@ -98,8 +103,9 @@ class StartFailed(RuntimeError):
 
 async def at_start(dsn: str, what: Callable[[], Awaitable[T]], wait: float = START_WAIT) -> T:
     """`what()` (a connection or a pool to `dsn`), tried again with backoff while PostgreSQL is
-    unreachable, for up to `wait` seconds; then StartFailed naming the server (password hidden) and
-    the last error. Each failed attempt is logged (postgres_unreachable_at_start)."""
+    unreachable, for up to `wait` seconds (without end in a `patient` process); then StartFailed
+    naming the server (password hidden) and the last error. Each failed attempt is logged
+    (postgres_unreachable_at_start)."""
     import structlog
 
     from ..settings import censor_dsn
@@ -114,9 +120,14 @@ async def at_start(dsn: str, what: Callable[[], Awaitable[T]], wait: float = STA
             return await what()
         except _TRANSIENT as exc:
             error = f"{type(exc).__name__}: {exc}"
+            if patient:
+                log.warning("postgres_unreachable_at_start", dsn=censor_dsn(dsn), attempt=attempt, error=error,
+                            waiting_s=None, replacing_a_worker=True, pid=os.getpid())
+                await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
+                continue
             left = deadline - loop.time()
             log.warning("postgres_unreachable_at_start", dsn=censor_dsn(dsn), attempt=attempt, error=error,
-                        waiting_s=round(max(left, 0.0), 1))
+                        waiting_s=round(max(left, 0.0), 1), pid=os.getpid())
             if left <= 0:
                 raise StartFailed(f"PostgreSQL at {censor_dsn(dsn)} did not answer in {wait:.0f} s "
                                   f"({attempt} attempts): {error}") from exc
