@@ -7,6 +7,9 @@ import json
 import time
 from datetime import date, timedelta
 
+import pytest
+
+from tracker.domain.addresses import is_address, truncated, with_truncated_addresses, without_addresses
 from tracker.domain.clickid import click_time, new_click_id
 from tracker.store.clicks import Click, ClickWriter
 from tracker.store.db import create_pool, ensure_partitions
@@ -15,6 +18,30 @@ from tracker.store.spool import Spool
 from .conftest import ADMIN, cli
 from .test_console import sign_in
 from .test_postbacks import activate
+
+
+@pytest.mark.parametrize("value,network", [
+    ("198.51.100.123", "198.51.100.0/24"),
+    ("::ffff:198.51.100.9", "198.51.100.0/24"),  # IPv4-mapped: the IPv4 address it carries
+    ("2001:db8:1234:5678::9", "2001:db8:1234::/48"),
+    ("fe80::1%eth0", "fe80::/48"),  # a zone is no part of the network
+    ("198.51.100.0/24", None), ("10.0.0.0/8", None),  # a network is not an address
+    ("12345", None), ("1.5", None), ("ORD-1", None), ("", None), (" 198.51.100.1", None),
+])
+def test_which_parameter_values_are_addresses_and_what_they_truncate_to(value, network):
+    assert is_address(value) is (network is not None)
+    assert truncated(value) == network
+
+
+def test_postback_parameters_without_or_with_truncated_addresses():
+    raw = {"order_id": "O-1", "action_ip": "198.51.100.123", "peer": "::ffff:203.0.113.9",
+           "v6": "2001:db8:1:2::3", "net": "10.0.0.0/8", "payment_sum": "1.50"}
+    assert with_truncated_addresses(raw) == {**raw, "action_ip": "198.51.100.0/24", "peer": "203.0.113.0/24",
+                                             "v6": "2001:db8:1::/48"}
+    assert without_addresses(raw) == {"order_id": "O-1", "net": "10.0.0.0/8", "payment_sum": "1.50"}
+    # An erasure after retention ends where one before it does: a truncated address goes too.
+    assert without_addresses(with_truncated_addresses(raw)) == without_addresses(raw)
+    assert with_truncated_addresses(with_truncated_addresses(raw)) == with_truncated_addresses(raw)
 
 
 async def old_click(db, days_ago: int, address: str | None) -> str:  # noqa: ANN001

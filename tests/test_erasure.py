@@ -16,7 +16,7 @@ import pytest
 
 from tracker import keys
 from tracker.app import create_app
-from tracker.domain.clickid import new_click_id
+from tracker.domain.clickid import click_time, new_click_id
 from tracker.domain.detection import SessionState
 from tracker.domain.signals import Signal
 from tracker.domain.states import ClickState
@@ -356,3 +356,55 @@ async def test_a_postback_arriving_during_the_erasure_is_stored_under_the_pseudo
         await pool.close()
     assert (await db.fetchval("SELECT user_id FROM conversions WHERE order_id = 'DURING-1'")).startswith("erased~")
     assert await traces(db, settings, user) == []
+
+
+async def test_an_erasure_removes_the_addresses_among_the_users_postback_parameters(client, tokens, db, settings):
+    """Networks pass the shopper's address on as a parameter (Admitad's action_ip), kept with the rest
+    of the postback as sent: an erasure left it in the order history and the orphans, and the support
+    view showed it afterwards. Every parameter whose value is an address goes now (the rest stays, so
+    an orphan still reconciles), an address that reaches us after the erasure is not kept, and another
+    user's stay whole."""
+    user = "erase-my-address"
+    cid, _ = await activate(client, tokens, user)
+    kept, _ = await activate(client, tokens, "keep-my-address")
+    late, _ = new_click_id()  # a click of the user's that PostgreSQL gets after its postback (a spool)
+    sent = [admitad(cid, "ADDR-1", action_ip="198.51.100.123"),
+            admitad(cid, "ADDR-1", "approved", action_ip="::ffff:198.51.100.123"),
+            admitad(kept, "ADDR-2", action_ip="203.0.113.7"),
+            admitad(late, "ADDR-3", action_ip="2001:db8:1234:5678::9")]
+    for params in sent:
+        assert (await client.get("/postback/admitad", params=params)).status == 200
+    # The user's click reported by another network: an orphan (wrong_network) naming it.
+    wrong = {"token": "test-generic-token", "subid": cid, "order_id": "ADDR-4", "status": "pending",
+             "commission": "1.00", "currency": "RUB", "ip": "198.51.100.123"}
+    assert (await client.get("/postback/generic", params=wrong)).status == 200
+    await db.execute("INSERT INTO clicks (click_id, created_at, user_id, merchant, source, target, bot) "
+                     "VALUES ($1, $2, $3, 'aliexpress', 'web', 'https://aliexpress.ru/', false)",
+                     late, click_time(late), user)
+    answer = await erase(client, user)
+    assert (answer["erased"]["clicks"], answer["erased"]["conversions"]) == (2, 1)
+    assert set(answer["erased"]) == set(ZEROS)  # no new count
+
+    history = await db.fetch("SELECT raw FROM postback_history WHERE order_id = 'ADDR-1' ORDER BY id")
+    assert [r["raw"].get("action_ip") for r in history] == [None, None] and history[0]["raw"]["order_id"] == "ADDR-1"
+    orphaned = {r["order_id"]: r["raw"] for r in await db.fetch(
+        "SELECT order_id, raw FROM orphan_postbacks WHERE order_id IN ('ADDR-3', 'ADDR-4')")}
+    assert "action_ip" not in orphaned["ADDR-3"] and "ip" not in orphaned["ADDR-4"]
+    assert orphaned["ADDR-4"]["subid"] == cid
+    view = await (await client.get(f"/v1/clicks/{cid}", headers=ADMIN)).json()
+    assert view["conversions"][0]["history"] and "198.51.100.123" not in json.dumps(view)
+    other = await db.fetchval("SELECT raw FROM postback_history WHERE order_id = 'ADDR-2'")
+    assert other["action_ip"] == "203.0.113.7"
+
+    # After the erasure: the address a network sends for the erased user's click is not kept.
+    assert (await client.get("/postback/admitad", params=admitad(cid, "ADDR-5", action_ip="198.51.100.124"))).status == 200
+    assert (await client.get("/postback/generic", params={**wrong, "order_id": "ADDR-6"})).status == 200
+    assert "action_ip" not in await db.fetchval("SELECT raw FROM postback_history WHERE order_id = 'ADDR-5'")
+    assert "ip" not in await db.fetchval("SELECT raw FROM orphan_postbacks WHERE order_id = 'ADDR-6'")
+    # The scrubbed orphan still reconciles: what it is read from is all there.
+    done = await asyncio.to_thread(cli, settings, "postbacks", "reconcile")
+    assert done.returncode == 0, done.stderr
+    assert await db.fetchval("SELECT reconciled_at IS NOT NULL FROM orphan_postbacks WHERE order_id = 'ADDR-3'")
+    conv = await db.fetchrow("SELECT user_id, click_id FROM conversions WHERE order_id = 'ADDR-3'")
+    assert conv["click_id"] == late and conv["user_id"].startswith("erased~")
+    assert "action_ip" not in await db.fetchval("SELECT raw FROM postback_history WHERE order_id = 'ADDR-3'")

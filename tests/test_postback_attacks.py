@@ -378,3 +378,34 @@ async def test_a_replayed_signed_get_or_an_early_reversal_changes_nothing(client
     conv = await conversion(db, "impact", "REPLAY-2")
     assert (conv["status"], conv["commission"], conv["cashback"]) == ("approved", Decimal("6.00"), Decimal("4.20"))
     assert await new_events(client, start) == []
+
+
+@pytest.mark.parametrize("since", ["erased", "truncated"])
+async def test_a_captured_postback_replayed_after_its_address_went_is_still_a_duplicate(client, tokens, db, since):
+    """The replay check finds an earlier postback by its parameters as stored. An erasure removes the
+    address a network passed on (action_ip) and address retention truncates it: the replay, sent
+    as captured, met no row then and its old values came back. It is compared in those forms too."""
+    user = f"atk-replay-address-{since}"
+    cid = await activate(client, tokens, user)
+    captured = admitad(cid, f"REPLAY-IP-{since}", payment="9.00", action_ip="198.51.100.123")
+    assert (await client.get("/postback/admitad", params=captured)).status == 200
+    correction = {**captured, "payment_sum": "3.00"}
+    assert (await client.get("/postback/admitad", params=correction)).status == 200
+    if since == "erased":
+        assert (await client.delete(f"/v1/users/{user}", headers=ADMIN)).status == 200
+    else:  # as `tracker maintain` leaves a row received before TRACKER_IP_RETENTION_DAYS
+        await db.execute("UPDATE postback_history SET raw = jsonb_set(raw, '{action_ip}', '\"198.51.100.0/24\"') "
+                         "WHERE order_id = $1", captured["order_id"])
+    stored = [r["raw"].get("action_ip") for r in await history(db, "admitad", captured["order_id"])]
+    assert stored == ([None, None] if since == "erased" else ["198.51.100.0/24"] * 2)
+    before = await conversion(db, "admitad", captured["order_id"])
+    assert before["commission"] == Decimal("3.00")
+    start = await head(client)
+    resp = await client.get("/postback/admitad", params=captured)
+    assert resp.status == 200 and await resp.text() == "OK"
+    after = await conversion(db, "admitad", captured["order_id"])
+    assert (after["commission"], after["cashback"], after["updated_at"]) == (
+        before["commission"], before["cashback"], before["updated_at"])
+    assert await new_events(client, start) == []
+    assert [r["outcome"] for r in await history(db, "admitad", captured["order_id"])] == [
+        "accepted", "accepted", "duplicate"]

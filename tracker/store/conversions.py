@@ -13,11 +13,13 @@ from typing import Any, Callable, Mapping, TypedDict, cast
 import asyncpg
 
 from ..domain import events
+from ..domain.addresses import with_truncated_addresses, without_addresses
 from ..domain.clickid import click_time, is_click_id
 from ..domain.conversions import NEVER_ATTACHED, Conversion, Postback, Terms, cashback, orphan_reason, settle
 from ..domain.merchants import Merchant
 from ..domain.rows import ClickRow, ConversionRow, OrphanRow, PostbackRow
 from .db import Connection
+from .erasure import PSEUDONYM_PREFIX
 from .events import emit
 from .support import get_click
 
@@ -71,8 +73,11 @@ async def record_postback(conn: Connection, network: str, pb: Postback, raw: Map
         click = await find_click(conn, pb.click_id)
         merchant = merchants(click["merchant"]) if click is not None else None
         reason = _orphan_reason(network, pb, click, merchant)
+        # The click's user is erased already: what the network passed on of the shopper's address
+        # is not kept (the erasure took it from the postbacks before this one).
+        kept = without_addresses(raw) if click is not None and _erased(click["user_id"]) else raw
         if reason is not None or click is None:
-            event = await _orphan(conn, network, pb, reason or "unknown_click", raw)
+            event = await _orphan(conn, network, pb, reason or "unknown_click", kept)
             return Recorded("orphan", click_id=pb.click_id, reason=reason, event=event)
         share = merchant.user_share if merchant else Decimal(0)
         terms = pb.terms(None)
@@ -95,13 +100,15 @@ async def record_postback(conn: Connection, network: str, pb: Postback, raw: Map
         else:
             result = await _update(conn, network, pb, raw)
         before = result.previous
+        if _erased(result.user_id):  # an order of an erased user's, named by another click
+            kept = without_addresses(raw)
         await conn.execute(
             "INSERT INTO postback_history (conversion_id, network, order_id, click_id, outcome, status, "
             "status_word, amount, commission, currency, order_time, raw, previous_status, previous_amount, "
             "previous_commission, previous_currency) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
             result.conversion_id, network, pb.order_id, pb.click_id, result.outcome, pb.status,
-            pb.status_word, pb.amount, pb.commission, pb.currency, pb.order_time, raw,
+            pb.status_word, pb.amount, pb.commission, pb.currency, pb.order_time, kept,
             before.status if before else None, before.amount if before else None,
             before.commission if before else None, before.currency if before else None)
         if result.conversion_id is not None:
@@ -112,6 +119,10 @@ async def record_postback(conn: Connection, network: str, pb: Postback, raw: Map
                 "state = 'converted', converted_at = COALESCE(click_states.converted_at, now()), "
                 "updated_at = now()", conv_click, click_time(conv_click))
     return result
+
+
+def _erased(user_id: str | None) -> bool:
+    return user_id is not None and user_id.startswith(PSEUDONYM_PREFIX)
 
 
 async def _update(conn: Connection, network: str, pb: Postback, raw: Mapping[str, Any]) -> Recorded:
@@ -128,10 +139,12 @@ async def _update(conn: Connection, network: str, pb: Postback, raw: Mapping[str
     # back, an early reversal replayed after approval would reverse the order. A postback that would
     # change the order but whose parameters the order has met before is a replay or a resend: a
     # duplicate, whatever it says. Under the row lock every earlier postback of the order is in the
-    # history.
+    # history: kept as sent, or as an erasure or address retention left it since, so `raw` (as
+    # sent, or as an orphan kept it for reconcile) is compared in each of those forms.
     if effect in ("moved", "corrected", "adjusted") and await conn.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM postback_history WHERE network = $1 AND order_id = $2 AND raw = $3)",
-            network, pb.order_id, raw):
+            "SELECT EXISTS (SELECT 1 FROM postback_history WHERE network = $1 AND order_id = $2 "
+            "AND raw IN ($3, $4, $5))",
+            network, pb.order_id, raw, without_addresses(raw), with_truncated_addresses(raw)):
         effect = "duplicate"
     if effect in ("ignored", "duplicate"):
         return Recorded("duplicate", status=row["status"], **base)

@@ -3,7 +3,8 @@
 An erasure (one transaction, on the primary) records the user's pseudonym and the time in
 `erasures`, then: the user id becomes the pseudonym in clicks, click states, conversions and the
 events (the feed and the webhooks not yet delivered read the same rows); client addresses, user
-agents and devices are cleared; signals (their evidence), detector trails and quarantined rows go.
+agents and devices are cleared, and so are the addresses among the parameters of the user's
+postbacks (history and orphans; domain/addresses.py); signals (their evidence), detector trails and quarantined rows go.
 The money stays. What the erasure could not see yet (clicks of the user still in a worker's writer,
 or in a spool) is caught by running it again, limited to clicks made before the erasure's time:
 each worker does so once its own writer has committed what it held (store/erasure_watch.py), and a
@@ -14,10 +15,12 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import orjson
 
+from ..domain.addresses import without_addresses
 from .db import Connection
 from .signals import LOCK_CLICKS, SIGNALS_LOCK
 
@@ -92,7 +95,32 @@ async def erase(conn: Connection, user_id: str, before: datetime | None = None) 
             "THEN jsonb_set(data, '{conversion,user_id}', to_jsonb($2::text)) "
             "ELSE jsonb_set(data, '{user_id}', to_jsonb($2::text)) END "
             "WHERE data->'conversion'->>'user_id' = $1 OR data->>'user_id' = $1", user_id, pseudonym))
+        # Networks pass the shopper's address on as a parameter (Admitad's action_ip). Locked, so
+        # that address retention truncating one of these rows meanwhile is read after its commit.
+        # Not counted in the answer: the contract's counts are of the rows that name the user.
+        await scrub_addresses(conn, "postback_history", await conn.fetch(
+            "SELECT h.id, h.raw FROM conversions c JOIN postback_history h "
+            "ON h.network = c.network AND h.order_id = c.order_id "
+            "WHERE c.user_id = $1 ORDER BY h.id FOR UPDATE OF h", pseudonym))
+        # Orphans naming one of the user's clicks, or reconciled into one of their conversions
+        # (an orphan's own sub-id may be another click's).
+        await scrub_addresses(conn, "orphan_postbacks", await conn.fetch(
+            "SELECT id, raw FROM orphan_postbacks WHERE click_id = ANY($1::text[]) "
+            "OR conversion_id IN (SELECT id FROM conversions WHERE user_id = $2) ORDER BY id FOR UPDATE",
+            ids, pseudonym))
     return done
+
+
+async def scrub_addresses(conn: Connection, table: str, rows: list[Any]) -> int:
+    """Write each row's `raw` without the addresses among its parameters, where that changes it;
+    how many rows changed. `table` is ours (postback_history or orphan_postbacks), never input."""
+    changed = [(r["id"], orjson.dumps(scrubbed).decode()) for r in rows
+               if (scrubbed := without_addresses(r["raw"])) != r["raw"]]
+    if changed:
+        await conn.execute(
+            f"UPDATE {table} t SET raw = u.raw::jsonb FROM unnest($1::bigint[], $2::text[]) AS u(id, raw) "
+            "WHERE t.id = u.id", [c[0] for c in changed], [c[1] for c in changed])
+    return len(changed)
 
 
 async def announce(conn: asyncpg.Pool | asyncpg.Connection, user_id: str, before: datetime, sender: str = "") -> None:
