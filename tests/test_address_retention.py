@@ -144,3 +144,55 @@ async def test_a_quarantined_clicks_address_is_truncated_after_the_retention_too
     assert rows[ids["old"]][2] == "quarantined-user" and rows[ids["old"]][8] == "Mozilla/5.0"  # the rest kept
     again = cli(settings, "maintain")
     assert again.returncode == 0 and json.loads(again.stdout)["addresses_truncated"] == 0
+
+
+async def postback_row(db, table: str, days_ago: int, **raw: str) -> int:  # noqa: ANN001
+    """A postback kept `days_ago` (history or orphan), its parameters `raw`."""
+    columns = "outcome" if table == "postback_history" else "reason"
+    return await db.fetchval(
+        f"INSERT INTO {table} (network, order_id, {columns}, raw, received_at) "
+        "VALUES ('admitad', $1, 'accepted', $2, now() - make_interval(days => $3)) RETURNING id",
+        raw.get("order_id", "O"), raw, days_ago)
+
+
+async def test_the_addresses_among_postback_parameters_are_truncated_after_the_retention(settings, db):
+    """Networks pass the shopper's address on as a parameter (Admitad's action_ip), kept with the
+    postback as sent: it goes to its network after TRACKER_IP_RETENTION_DAYS, as a click's does.
+    Each table is read from where the last run stopped (its watermark), up to the first row that is
+    not old enough yet."""
+    history_old = await postback_row(db, "postback_history", 40, order_id="RET-1", action_ip="198.51.100.123")
+    await postback_row(db, "postback_history", 40, order_id="RET-2", action_ip="198.51.100.0/24")  # truncated
+    history_none = await postback_row(db, "postback_history", 40, order_id="RET-3", payment_sum="1.00")
+    orphan_old = await postback_row(db, "orphan_postbacks", 41, order_id="RET-4", ip="::ffff:203.0.113.9")
+    orphan_old6 = await postback_row(db, "orphan_postbacks", 40, order_id="RET-5", ip="2001:db8:1234:5678::9")
+    history_fresh = await postback_row(db, "postback_history", 20, order_id="RET-6", action_ip="198.51.100.7")
+    history_after = await postback_row(db, "postback_history", 40, order_id="RET-7", action_ip="198.51.100.8")
+
+    async def raws() -> dict[int, dict[str, str]]:
+        rows = await db.fetch("SELECT id, raw FROM postback_history UNION ALL SELECT id + 1000000, raw "
+                              "FROM orphan_postbacks")
+        return {r["id"]: r["raw"] for r in rows}
+
+    out = cli(settings, "maintain")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["addresses_truncated"] == 3
+    stored = await raws()
+    assert stored[history_old] == {"order_id": "RET-1", "action_ip": "198.51.100.0/24"}
+    assert stored[1000000 + orphan_old]["ip"] == "203.0.113.0/24"
+    assert stored[1000000 + orphan_old6]["ip"] == "2001:db8:1234::/48"
+    assert stored[history_fresh]["action_ip"] == "198.51.100.7"  # within the 30 days
+    assert stored[history_after]["action_ip"] == "198.51.100.8"  # after the first row that is not: next time
+    marks = {r["table_name"]: r["last_id"] for r in await db.fetch("SELECT * FROM address_truncated_rows")}
+    assert marks == {"postback_history": history_none, "orphan_postbacks": orphan_old6}
+    # A run reads only the rows after the watermark: one put back whole behind it stays as it is.
+    await db.execute("UPDATE postback_history SET raw = $2 WHERE id = $1", history_old,
+                     {"order_id": "RET-1", "action_ip": "198.51.100.123"})
+    again = cli(settings, "maintain")
+    assert again.returncode == 0 and json.loads(again.stdout)["addresses_truncated"] == 0
+    assert (await raws())[history_old]["action_ip"] == "198.51.100.123"
+    # Ten days' retention: the fresh row is old enough now, and the run goes on past it.
+    later = cli(settings, "maintain", TRACKER_IP_RETENTION_DAYS="10")
+    assert later.returncode == 0 and json.loads(later.stdout)["addresses_truncated"] == 2
+    stored = await raws()
+    assert (stored[history_fresh]["action_ip"], stored[history_after]["action_ip"]) == (
+        "198.51.100.0/24", "198.51.100.0/24")
