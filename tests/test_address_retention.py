@@ -1,19 +1,23 @@
 """Address retention: `tracker maintain` truncates the client addresses of clicks older than
 TRACKER_IP_RETENTION_DAYS (IPv4 to /24, IPv6 to /48), once per daily partition, and the support view
-and the console say when an address was truncated."""
+and the console say when an address was truncated; the addresses among postbacks' parameters go the
+same way; an IPv4 client that reaches a dual-stack listener is stored and truncated as IPv4."""
 from __future__ import annotations
 
+import ipaddress
 import json
 import time
 from datetime import date, timedelta
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
 from tracker.domain.addresses import is_address, truncated, with_truncated_addresses, without_addresses
 from tracker.domain.clickid import click_time, new_click_id
 from tracker.store.clicks import Click, ClickWriter
 from tracker.store.db import create_pool, ensure_partitions
 from tracker.store.spool import Spool
+from tracker.web.common import client_ip
 
 from .conftest import ADMIN, cli
 from .test_console import sign_in
@@ -196,3 +200,32 @@ async def test_the_addresses_among_postback_parameters_are_truncated_after_the_r
     stored = await raws()
     assert (stored[history_fresh]["action_ip"], stored[history_after]["action_ip"]) == (
         "198.51.100.0/24", "198.51.100.0/24")
+
+
+@pytest.mark.parametrize("address,network", [
+    ("::ffff:198.51.100.9", "198.51.100.0/24"), ("::FFFF:c633:6409", "198.51.100.0/24"),
+    ("198.51.100.9", "198.51.100.0/24"), ("2001:db8:1234:5678::9", "2001:db8:1234::/48"),
+    ("::1", "::/48"), ("not an address", None),
+])
+async def test_an_ipv4_mapped_address_truncates_as_ipv4(db, address, network):
+    """A dual-stack listener on `::` reports an IPv4 client as `::ffff:a.b.c.d`: truncated as IPv6,
+    every such address became `::/48`, one value for all of them."""
+    assert await db.fetchval("SELECT truncated_address($1)", address) == network
+
+
+TRUSTED = (ipaddress.ip_network("10.0.0.0/8"),)
+
+
+@pytest.mark.parametrize("remote,forwarded,expected", [
+    ("::ffff:198.51.100.9", None, "198.51.100.9"),  # a dual-stack listener's IPv4 client
+    ("::ffff:10.1.2.3", "198.51.100.9", "198.51.100.9"),  # a trusted proxy that reached us over IPv4
+    ("10.1.2.3", "::ffff:198.51.100.9", "198.51.100.9"),  # a mapped hop
+    ("10.1.2.3", "198.51.100.9, ::ffff:10.9.9.9", "198.51.100.9"),  # a mapped proxy among the hops
+    ("2001:db8::1", None, "2001:db8::1"), ("198.51.100.9", None, "198.51.100.9"),
+])
+def test_the_client_address_of_an_ipv4_client_on_a_dual_stack_listener_is_ipv4(remote, forwarded, expected):
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    request = make_mocked_request("GET", "/go/nike", headers=headers).clone(remote=remote)
+    assert client_ip(request, TRUSTED) == expected
+    if not forwarded:
+        assert client_ip(request, ()) == expected

@@ -121,8 +121,15 @@ async def _hold(app: web.Application) -> None:
 
 
 def client_ip(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> str:
-    """The peer address; behind a trusted proxy, the nearest X-Forwarded-For hop that is not one."""
+    """The peer address; behind a trusted proxy, the nearest X-Forwarded-For hop that is not one.
+    An IPv4 client is its IPv4 address also where it reaches us as IPv4-mapped IPv6 (a dual-stack
+    listener on `::` reports `::ffff:a.b.c.d`): stored mapped, it truncated as IPv6, to `::/48`
+    for every such client, and a trusted IPv4 proxy so reported was not found trusted."""
     peer = request.remote or ""
+    # /go's hot path: one slice and compare for an ordinary peer, no parsing (the socket's own
+    # text, always written in lower case and dotted).
+    if peer[:7] == "::ffff:" and "." in peer:
+        peer = peer[7:]
     if not trusted:
         return peer
     try:
@@ -137,6 +144,8 @@ def client_ip(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> str:
             hop_addr = ipaddress.ip_address(hop)
         except ValueError:
             return peer  # a forged or garbled header: believe only the peer
+        if isinstance(hop_addr, ipaddress.IPv6Address) and hop_addr.ipv4_mapped is not None:
+            hop_addr = hop_addr.ipv4_mapped
         if not any(hop_addr in net for net in trusted):
             return str(hop_addr)
     return peer
