@@ -76,6 +76,28 @@ def test_a_bad_setting_is_named_and_stops_the_start(settings, env, args, named):
     assert "gunicorn" not in err and out == ""  # refused before anything started
 
 
+@pytest.mark.parametrize("where", ["a file", "under a file", "read-only"])
+def test_a_data_dir_serve_cannot_write_to_is_named_and_stops_the_start(settings, tmp_path, where):
+    """TRACKER_DATA_DIR that is a file, lies under one, or is on a read-only disk (a real read-only
+    tmpfs: the tests run as root, so permissions alone prove nothing): named, exit 2, no traceback."""
+    (tmp_path / "file").write_text("x")
+    data_dir = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "data",
+                "read-only": tmp_path / "ro"}[where]
+    if where == "read-only":
+        data_dir.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,ro", "tmpfs", str(data_dir)], check=True)
+    try:
+        proc = start(settings, env={"TRACKER_DATA_DIR": str(data_dir)})
+        code = finish(proc, 60)
+    finally:
+        if where == "read-only":
+            subprocess.run(["umount", "-l", str(data_dir)], check=False)
+    out, err = output(settings)
+    assert code == 2, err
+    assert f"tracker: bad setting: TRACKER_DATA_DIR={str(data_dir)!r}" in err
+    assert "Traceback" not in err and out == ""
+
+
 def test_a_port_taken_by_another_program_is_named(settings):
     with socket.create_server(("127.0.0.1", 0)) as taken:  # no SO_REUSEPORT: not shareable
         port = taken.getsockname()[1]

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .settings import Settings, SettingsError, censor_dsn, check_listen, load_or_exit
+from .settings import Settings, SettingsError, censor_dsn, check_data_dir, check_listen, load_or_exit
 
 if TYPE_CHECKING:
     import asyncpg
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         workers = settings.workers if args.workers is None else args.workers
         try:
             check_listen(host, port, workers)
+            check_data_dir(settings.data_dir)
         except SettingsError as exc:
             print(f"tracker: bad setting: {exc}", file=sys.stderr)
             return 2

@@ -6,6 +6,7 @@ import os
 import re
 import secrets
 import sys
+import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -188,6 +189,15 @@ def _instant(env: Mapping[str, str], name: str) -> float | None:
 
 def _dev_key(data_dir: Path, name: str) -> str:
     """A key generated once into the data dir, for development set-ups only."""
+    try:
+        return _kept_key(data_dir, name)
+    except OSError as exc:
+        raise SettingsError(f"TRACKER_DATA_DIR={str(data_dir)!r} cannot keep the development {name} (set "
+                            f"TRACKER_{name.upper()}, or point TRACKER_DATA_DIR at a writable directory): "
+                            f"{exc.strerror or exc}") from None
+
+
+def _kept_key(data_dir: Path, name: str) -> str:
     path = data_dir / name
     try:
         return path.read_text().strip()
@@ -356,6 +366,18 @@ def _origins(raw: str) -> frozenset[str]:
         host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
         found.add(f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else ""))
     return frozenset(found)
+
+
+def check_data_dir(path: Path) -> None:
+    """TRACKER_DATA_DIR for `tracker serve`: a directory it can write to (the spool is in it), made if
+    missing; else a SettingsError naming it, not a traceback from whatever first wrote there."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise SettingsError(f"TRACKER_DATA_DIR={str(path)!r} is not a directory tracker serve can write to "
+                            f"(the spool is kept there): {exc.strerror or exc}") from None
 
 
 def load_or_exit() -> Settings:
