@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import subprocess
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +20,7 @@ import pytest
 from tracker import embedded
 from tracker.domain.tokens import UserTokens
 from tracker.store.flushers import FLUSH_TIMEOUT
-from tracker.store.spool import PROBE_BYTES, Spool, SpoolRefused
+from tracker.store.spool import PROBE_BYTES, Spool, SpoolRefused, count_rows
 
 from .conftest import BROWSER, SECRET, prepare_database
 from .test_faults import Stack, readyz_until
@@ -291,3 +292,59 @@ async def test_a_full_data_volume_leaves_every_worker_and_the_metrics_up(stack: 
         await _recover_and_check(stack, clicks, user)
         stack.stop()
         assert "SIGBUS" not in (stack.data / "serve.log").read_text(errors="replace")
+
+
+async def test_the_pending_gauge_is_every_workers_spool_and_reads_0_once_replayed(stack: Stack) -> None:
+    """tracker_spool_pending_clicks is the number of clicks in the pod's spool, every worker's segments
+    together, and 0 once PostgreSQL took them: operators wait for 0 before removing a pod. Each worker
+    used to report its own share (1608 of 2616 spooled) and kept a stale count after the replay."""
+    user = "spool-gauge"
+    stack.serve(workers=2)
+    await stack.wait_ready()
+    assert stack.proc is not None
+    arbiter = psutil.Process(stack.proc.pid)
+
+    def both_listening() -> bool:  # a worker listens once its app has started (PostgreSQL still up)
+        workers = arbiter.children()
+        return len(workers) == 2 and all(any(c.status == psutil.CONN_LISTEN and c.laddr.port == stack.port
+                                             for c in w.net_connections("tcp")) for w in workers)
+    await until(both_listening, "both workers started", 60)
+    spool, base = stack.data / "spool", f"http://127.0.0.1:{stack.port}"
+    before = {p.name for p in spool.glob("seg-*.spool")}
+    await asyncio.to_thread(stack.stop_pg)
+    token = UserTokens(SECRET).mint(user)
+    redirected: list[str] = []
+    connector = aiohttp.TCPConnector(force_close=True)  # new connections spread over both workers
+    async with aiohttp.ClientSession(connector=connector) as session:
+        async def go() -> None:
+            async with session.get(base + "/go/nike", params={"u": token}, allow_redirects=False,
+                                   headers=BROWSER) as r:
+                if r.status == 302:
+                    redirected.append(r.headers["X-Click-Id"])
+
+        async def spooled_by_both() -> bool:
+            await asyncio.gather(*(go() for _ in range(20)))
+            writers = {p.stem.rsplit("-", 1)[1] for p in spool.glob("seg-*.spool") if p.name not in before}
+            return len(writers) == 2 and len(redirected) >= 100
+        await until(spooled_by_both, "clicks spooled by both workers", 60)
+
+        async def gauge() -> float:
+            async with session.get(base + "/metrics") as r:
+                found = re.findall(r"^tracker_spool_pending_clicks (\S+)$", await r.text(), re.M)
+            assert len(found) == 1, found
+            return float(found[0])
+        # Every request is answered: what the spool holds now is what one read of the gauge says.
+        pending = await asyncio.to_thread(count_rows, spool)
+        assert pending >= len(redirected)
+        assert await gauge() == pending
+
+        await asyncio.to_thread(stack.start_pg)
+        await until(lambda: not list(spool.glob("seg-*.spool")), "the spool replayed", 60)
+        assert await gauge() == 0
+    conn = await asyncpg.connect(stack.dsn)
+    try:
+        stored = {r["click_id"] for r in await conn.fetch("SELECT click_id FROM clicks WHERE user_id = $1", user)}
+    finally:
+        await conn.close()
+    assert stored >= set(redirected)
+    stack.stop()

@@ -25,8 +25,10 @@ HTTP_SECONDS = Histogram("tracker_http_request_duration_seconds", "HTTP request 
                          ["route"], buckets=_LATENCY)
 REFUSALS = Counter("tracker_refusals_total", "Requests refused, by route and error code",
                    ["route", "code"])
+# Every worker counts the whole spool directory (every worker's segments), and /metrics counts it again
+# before it answers: the most recent count is the one shown.
 SPOOL_PENDING = Gauge("tracker_spool_pending_clicks", "Clicks in the local spool waiting for PostgreSQL",
-                      multiprocess_mode="livemax")
+                      multiprocess_mode="livemostrecent")
 SPOOL_OK = Gauge("tracker_spool_ok", "1 while the local spool takes clicks (0: full or failing)",
                  multiprocess_mode="livemin")
 SPOOLED = Counter("tracker_spooled_clicks_total", "Clicks appended to the local spool")

@@ -19,7 +19,7 @@ from ..errors import Unavailable
 from .click import COLUMNS, Click, Record, to_record
 from .health import UNREACHABLE, PostgresHealth
 from .refused import REFUSED, add_partitions, quarantine
-from .spool import SegmentLock, Spool, SpoolRefused, count_rows
+from .spool import RowCount, SegmentLock, Spool, SpoolRefused
 
 log = structlog.get_logger("tracker.clicks")
 
@@ -34,7 +34,10 @@ def not_stored() -> Unavailable:
 class ClickSpool:
     def __init__(self, pool: asyncpg.Pool, spool: Spool) -> None:
         self.pool, self.spool = pool, spool
-        self.pending = 0  # clicks in the spool directory (every worker's), for /readyz and the gauge
+        # Clicks in the spool directory (every worker's) at the last count, plus this worker's
+        # appends since. The gauge is set only from a count: /metrics counts before it answers.
+        self.pending = 0
+        self._rows = RowCount()
         # "ok", or why the last append or check failed: "full" (the cap or the disk) or "failing"
         # (read-only, I/O errors). The replayer checks it again every SPOOL_RETRY while it is not ok.
         self.state = "ok"
@@ -42,8 +45,10 @@ class ClickSpool:
         self._replay_lock = asyncio.Lock()
 
     async def count(self) -> None:
+        """Count the clicks in every segment of the spool directory into the gauge (each count reads
+        only what was appended since the last one)."""
         try:
-            self.pending = await asyncio.to_thread(count_rows, self.spool.dir)
+            self.pending = await asyncio.to_thread(self._rows.count, self.spool.dir)
         except OSError as exc:  # an unreadable segment: the gauge keeps its last value
             log.error("spool_unreadable", error=repr(exc)[:200])
             return
@@ -61,7 +66,6 @@ class ClickSpool:
         self._took()
         self.pending += len(rows)
         metrics.SPOOLED.inc(len(rows))
-        metrics.SPOOL_PENDING.set(self.pending)
 
     def _refused(self, exc: SpoolRefused, rows: int) -> None:
         if self.state != exc.state:
@@ -152,7 +156,6 @@ class ClickSpool:
                     continue
                 metrics.REPLAYED.inc(len(rows))
                 log.info("spool_replayed", segment=path.name, rows=len(rows))
-            # Every worker reports the whole directory (the gauge takes the max over workers).
             await self.count()
         return inserted
 

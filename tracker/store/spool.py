@@ -23,10 +23,11 @@ import errno
 import fcntl
 import os
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import orjson
 
@@ -187,17 +188,8 @@ class SegmentLock:
 
     def records(self) -> Iterator[list[list[Any]]]:
         with open(self.path, "rb") as fh:
-            while True:
-                header = fh.read(_HEADER.size)
-                if len(header) < _HEADER.size:
-                    return
-                length, crc = _HEADER.unpack(header)
-                if length > MAX_RECORD:
-                    return
-                payload = fh.read(length)
-                if len(payload) < length or zlib.crc32(payload) != crc:
-                    return  # torn tail of a crash: never acknowledged
-                yield orjson.loads(payload)
+            for record, _ in _records(fh):
+                yield record
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
@@ -208,16 +200,54 @@ class SegmentLock:
         os.close(self.fd)
 
 
+def _records(fh: BinaryIO) -> Iterator[tuple[list[list[Any]], int]]:
+    """Each whole record from the file's position on, with the offset where it ends. A record not
+    whole (a torn tail of a crash, never acknowledged, or an append still under way) ends them."""
+    while True:
+        header = fh.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return
+        length, crc = _HEADER.unpack(header)
+        if length > MAX_RECORD:
+            return
+        payload = fh.read(length)
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            return
+        yield orjson.loads(payload), fh.tell()
+
+
 def count_rows(directory: Path) -> int:
-    """Clicks waiting in all segments of a spool directory (for the gauge at start)."""
-    total = 0
-    for path in directory.glob("seg-*.spool"):
-        lock = SegmentLock(path, os.open(path, os.O_RDONLY))
-        try:
-            total += sum(len(r) for r in lock.records())
-        finally:
-            lock.release()
-    return total
+    """Clicks waiting in all segments of a spool directory, read from the start."""
+    return RowCount().count(directory)
+
+
+class RowCount:
+    """Clicks waiting in all segments of a spool directory (every worker's), for the gauge: each
+    segment is read from where the last count stopped (segments only grow), so a count reads only
+    what was appended since; a segment shorter than that (a failed append cut back) is read again."""
+
+    def __init__(self) -> None:
+        self._read: dict[str, tuple[int, int]] = {}  # segment name -> (offset read up to, rows before it)
+        self._lock = threading.Lock()  # counts run in threads (asyncio.to_thread)
+
+    def count(self, directory: Path) -> int:
+        with self._lock:
+            read, total = {}, 0
+            for path in directory.glob("seg-*.spool"):
+                offset, rows = self._read.get(path.name, (0, 0))
+                try:
+                    with open(path, "rb") as fh:
+                        if os.fstat(fh.fileno()).st_size < offset:
+                            offset, rows = 0, 0
+                        fh.seek(offset)
+                        for record, end in _records(fh):
+                            offset, rows = end, rows + len(record)
+                except FileNotFoundError:
+                    continue  # replayed and removed meanwhile
+                read[path.name] = (offset, rows)
+                total += rows
+            self._read = read
+            return total
 
 
 def _fsync_dir(directory: Path) -> None:

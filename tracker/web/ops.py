@@ -69,6 +69,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def metrics_view(request: web.Request) -> web.Response:
+    await request.app[keys.WRITER].spool.count()  # the spool as it is now, not at this worker's last replay
     metrics.tally.flush()  # here, on the loop's thread; rendering then runs in a worker thread
     body = await asyncio.to_thread(metrics.render)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
