@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+from pathlib import Path
 from typing import AsyncIterator
 
 import structlog
@@ -28,6 +29,7 @@ from .store.sessions import SYNC_TIMEOUT, SessionStore
 from .store.signals import SignalWriter
 from .store.spool import Spool
 from .store.tasks import cancel_and_wait, supervised
+from .tally_peers import TallyPeers
 from .web import activation, audit, erasure, event_feed, events, lookups, observe, ops, postbacks, support
 from .web.common import answer, answer_protocol_errors_as_json, errors
 from .web.console import setup_console
@@ -187,9 +189,16 @@ async def _tally(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(1.0)
             metrics.tally.flush()
 
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    peers = TallyPeers(Path(directory)) if directory else None
+    if peers is not None:
+        peers.start()
+        app[keys.TALLY_PEERS] = peers
     task = supervised("metrics-tally", flush_every_second)
     yield
     await cancel_and_wait([task])
+    if peers is not None:
+        peers.close()
     metrics.tally.flush()
 
 

@@ -22,6 +22,7 @@ from .store.openid import Provider
 from .store.replica import SupportReads
 from .store.sessions import SessionStore
 from .store.signals import SignalWriter
+from .tally_peers import TallyPeers
 
 
 @dataclass(slots=True)
@@ -43,6 +44,8 @@ POOL = web.AppKey("pool", asyncpg.Pool)
 READS = web.AppKey("reads", SupportReads)  # support reads: the replica when there is one
 MERCHANTS = web.AppKey("merchants", MerchantCache)
 WRITER = web.AppKey("writer", ClickWriter)
+# Only under `tracker serve` (several workers): flushes every worker's tally before a scrape.
+TALLY_PEERS = web.AppKey("tally_peers", TallyPeers)
 SESSIONS = web.AppKey("sessions", SessionStore)
 FEED = web.AppKey("feed", StateFeed)
 SIGNALS = web.AppKey("signals", SignalWriter)

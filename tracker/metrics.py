@@ -98,7 +98,8 @@ class Tally:
     In multiprocess mode every `inc()` is a locked write to a memory-mapped file with a pid check;
     three of them per redirect cost 17 % of a worker's throughput (measured with wrk: 14,262 against
     17,079 redirects/s with them stubbed out). The redirect path adds to plain dicts here instead, and
-    `flush()` (every second, before each /metrics, at shutdown) moves the totals into the metrics.
+    `flush()` (every second, at shutdown, and in every worker before each /metrics: tally_peers.py)
+    moves the totals into the metrics.
     Used from the event loop's thread only.
     """
 

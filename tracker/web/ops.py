@@ -70,6 +70,11 @@ async def openapi(request: web.Request) -> web.Response:
 
 async def metrics_view(request: web.Request) -> web.Response:
     await request.app[keys.WRITER].spool.count()  # the spool as it is now, not at this worker's last replay
-    metrics.tally.flush()  # here, on the loop's thread; rendering then runs in a worker thread
+    # Every worker's tally flushed (here, on the loop's thread; rendering then runs in a worker thread).
+    peers = request.app.get(keys.TALLY_PEERS)
+    if peers is not None:
+        await peers.flush()
+    else:
+        metrics.tally.flush()
     body = await asyncio.to_thread(metrics.render)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
