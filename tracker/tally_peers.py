@@ -55,6 +55,11 @@ class TallyPeers:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
             sock.bind(self._address(str(os.getpid())))
+        except OSError as exc:  # no abstract namespace (not Linux): each scrape flushes its own worker only
+            sock.close()
+            log.warning("tally_peers_unavailable", error=repr(exc)[:200])
+            return
+        try:
             sock.setblocking(False)
             asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
         except BaseException:
