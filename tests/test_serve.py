@@ -7,6 +7,8 @@ import aiohttp
 import psutil
 import pytest
 
+from tracker import serve
+
 from .conftest import BROWSER, serve_process
 from .test_boot import clicks_per_worker
 from .waiting import until
@@ -50,7 +52,7 @@ async def test_metrics_read_right_after_the_requests_count_every_workers_request
         async with session.get(base + "/metrics") as resp:
             assert _clicks_counted(await resp.text()) == 300
     # Both workers served some (else this proved nothing): each worker's own count, once flushed.
-    directory = settings.data_dir / f"prometheus-{proc.pid}"
+    directory = serve.metrics_directory(proc.pid)
 
     def flushed() -> dict[str, float] | None:
         found = clicks_per_worker(directory)
