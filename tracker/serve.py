@@ -155,9 +155,10 @@ class Worker(GunicornUVLoopWebWorker):
         self.booted = False
         if not self.alive:  # stopped before its app began to start
             sys.exit(0)
-        # A worker of a server that has served already replaces one (killed, or SIGHUP): it waits
-        # for PostgreSQL without end, while the others serve, instead of stopping the server.
-        db.patient = _served_marker().exists()
+        # Once the server has served, a worker that starts (replacing one that was killed, SIGHUP's,
+        # or one still starting when another had started) waits for PostgreSQL without end, while
+        # the others serve, instead of stopping the server.
+        db.patient = _served_marker().exists
         beat = self.loop.create_task(self._beat())
         self._task = self.loop.create_task(self._run())
         try:
@@ -197,10 +198,14 @@ class Worker(GunicornUVLoopWebWorker):
             task.cancel()
 
     def _stop_tasks(self) -> None:
-        pending = asyncio.all_tasks(self.loop)
-        for task in pending:
-            task.cancel()
-        self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        """Every task of the loop cancelled and waited for, cancelled again while it runs (for at most
+        10 s): one cancellation is not enough on Python 3.11, whose wait_for can swallow one that
+        lands as its inner call completes (store/tasks.cancel_and_wait). Waiting on a single
+        cancellation, a worker stopped by SIGHUP's replacement while it started hung for good (found
+        still there 40 minutes after its arbiter was gone)."""
+        from .store.tasks import cancel_and_wait
+
+        self.loop.run_until_complete(cancel_and_wait(asyncio.all_tasks(self.loop), timeout=10.0))
 
     def started(self) -> None:
         """The app's start-up ran (its last on_startup handler): listen, and count as booted."""

@@ -86,11 +86,18 @@ async def create_pool(dsn: str, min_size: int = 2, max_size: int = 10, pooler: s
 # workers, then the arbiter, exit non-zero; docs/operations.md): a restart of PostgreSQL or of its pod
 # takes less, a PostgreSQL that is not there is named within about half a minute.
 START_WAIT = 15.0
-# A worker that replaces one of a running server's (killed, restarted by SIGHUP) waits for PostgreSQL
-# without end instead: the server is up, its other workers are serving (spooling, while PostgreSQL is
-# away), and a replacement that gave up would stop all of them (tracker serve's arbiter stops on a
-# failed boot). Set by tracker serve's worker before its app starts (serve.Worker).
-patient = False
+
+
+def _never() -> bool:
+    return False
+
+
+# Whether this process waits for PostgreSQL without end instead: a worker of a server that has served
+# already (one replacing a worker that was killed, SIGHUP's new ones, or one still starting when
+# another had started): the server is up, its other workers are serving (spooling, while PostgreSQL
+# is away), and a worker that gave up would stop all of them (tracker serve's arbiter stops on a
+# failed boot). Asked at each attempt; set by tracker serve's worker before its app starts.
+patient: Callable[[], bool] = _never
 # Failures worth waiting out at start: nothing listens yet, a timeout, PostgreSQL starting or
 # shutting down. Anything else (a wrong password, no such database) is named at once.
 _TRANSIENT = (OSError, TimeoutError, asyncpg.CannotConnectNowError, asyncpg.ConnectionDoesNotExistError,
@@ -103,7 +110,7 @@ class StartFailed(RuntimeError):
 
 async def at_start(dsn: str, what: Callable[[], Awaitable[T]], wait: float = START_WAIT) -> T:
     """`what()` (a connection or a pool to `dsn`), tried again with backoff while PostgreSQL is
-    unreachable, for up to `wait` seconds (without end in a `patient` process); then StartFailed
+    unreachable, for up to `wait` seconds (without end while `patient()`); then StartFailed
     naming the server (password hidden) and the last error. Each failed attempt is logged
     (postgres_unreachable_at_start)."""
     import structlog
@@ -120,7 +127,7 @@ async def at_start(dsn: str, what: Callable[[], Awaitable[T]], wait: float = STA
             return await what()
         except _TRANSIENT as exc:
             error = f"{type(exc).__name__}: {exc}"
-            if patient:
+            if patient():
                 log.warning("postgres_unreachable_at_start", dsn=censor_dsn(dsn), attempt=attempt, error=error,
                             waiting_s=None, replacing_a_worker=True, pid=os.getpid())
                 await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
