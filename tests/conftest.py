@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import hypothesis
+import psutil
 import pytest
 import redis
 import redis.asyncio as aioredis
@@ -354,6 +355,12 @@ def served(settings: Settings, workers: int = 1, env: dict[str, str] | None = No
         yield proc, base
     finally:
         if proc.poll() is None:
+            # Its workers too: they stop when the arbiter dies (PR_SET_PDEATHSIG), but a worker that
+            # failed to would outlive this test run.
+            with contextlib.suppress(psutil.Error):
+                for worker in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        worker.kill()
             proc.kill()
             proc.wait()
         log.close()
