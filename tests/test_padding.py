@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
+import orjson
 import pytest
 
 from .test_detection import ALI_CHAIN, nav, run
@@ -47,6 +48,23 @@ def test_a_url_that_cannot_be_parsed_is_an_unreadable_url_risk(url):
     [signal] = signals
     assert (signal.kind, signal.network) == ("unreadable_url", None)
     assert len(str(signal.evidence["url"])) <= 200
+
+
+@pytest.mark.parametrize("url", [12345, None, True, ["https://aliexpress.ru/?" + FOREIGN], {"href": FOREIGN}],
+                         ids=["a number", "null", "true", "a list", "an object"])
+def test_a_navigation_whose_url_is_not_text_is_an_unreadable_url_risk(url):
+    state, signals = run(ALI_CHAIN + [nav(url, 12)])
+    assert state.state == "active"
+    [signal] = signals
+    assert (signal.kind, signal.network) == ("unreadable_url", None)
+    assert signal.evidence["url"] == orjson.dumps(url).decode()
+
+
+def test_a_navigation_without_a_url_is_an_unreadable_url_risk():
+    event = nav("x", 12)
+    del event["url"]
+    state, signals = run(ALI_CHAIN + [event])
+    assert state.state == "active" and [s.kind for s in signals] == ["unreadable_url"]
 
 
 @pytest.mark.parametrize("url", ["about:blank", "chrome://newtab/", "javascript:alert(1)", "data:text/html,hi"])

@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from typing import Any, Callable, TypeAlias
 from urllib.parse import parse_qsl, unquote_plus, urlencode, urlsplit, urlunsplit
 
+import orjson
+
 from . import trail
 from .catalog import AffiliateCatalog, Hit, host_of, query_fields
 from .merchants import Merchant
@@ -220,7 +222,10 @@ class Detector:
 
     def _navigation(self, ctx: ClickContext, state: SessionState, url: Any,
                     at: int = 0) -> list[Quoted]:
-        if not isinstance(url, str) or _OTHER_SCHEME.match(url):
+        if not isinstance(url, str):
+            # No text to search (a number, a list, null, or no url at all): never taken for clean.
+            return [("unreadable_url", None, {"url": orjson.dumps(url).decode()[:200]}, None)]
+        if _OTHER_SCHEME.match(url):
             return []
         # Browsers report URLs percent-encoded: raw control characters mean a garbled one. Neither it
         # nor one without a host can be searched, and a URL not searched is never taken for clean.
