@@ -20,7 +20,7 @@ import pytest
 from tracker import embedded
 from tracker.domain.tokens import UserTokens
 from tracker.store.flushers import FLUSH_TIMEOUT
-from tracker.store.spool import PROBE_BYTES, Spool, SpoolRefused, count_rows
+from tracker.store.spool import PROBE_BYTES, RowCount, Spool, SpoolRefused
 
 from .conftest import BROWSER, SECRET, prepare_database
 from .test_faults import Stack, readyz_until
@@ -334,7 +334,7 @@ async def test_the_pending_gauge_is_every_workers_spool_and_reads_0_once_replaye
             assert len(found) == 1, found
             return float(found[0])
         # Every request is answered: what the spool holds now is what one read of the gauge says.
-        pending = await asyncio.to_thread(count_rows, spool)
+        pending = await asyncio.to_thread(RowCount().count, spool)
         assert pending >= len(redirected)
         assert await gauge() == pending
 

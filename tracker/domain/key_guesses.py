@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 from collections import OrderedDict, deque
 
+from . import addresses
+
 GUESSES = 10
 WINDOW = 60.0
 
@@ -17,13 +19,10 @@ WINDOW = 60.0
 def guesser(address: str) -> str:
     """Whom the count is kept for: an IPv4 address, or an IPv6 address's /64, the network one
     subscriber gets (a guesser holding a /64 has 2^64 addresses to rotate through)."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = addresses.address(address)  # an IPv4-mapped one as the IPv4 address it carries
+    if ip is None:
         return address.replace("{", "").replace("}", "")[:64]  # a Redis hash tag holds it (key_guard.py)
     if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
         return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
     return str(ip)
 

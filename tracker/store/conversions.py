@@ -19,7 +19,7 @@ from ..domain.conversions import NEVER_ATTACHED, Conversion, Postback, Terms, ca
 from ..domain.merchants import Merchant
 from ..domain.rows import ClickRow, ConversionRow, OrphanRow, PostbackRow
 from .db import Connection
-from .erasure import PSEUDONYM_PREFIX
+from .erasure import is_pseudonym
 from .events import emit
 from .support import get_click
 
@@ -75,7 +75,7 @@ async def record_postback(conn: Connection, network: str, pb: Postback, raw: Map
         reason = _orphan_reason(network, pb, click, merchant)
         # The click's user is erased already: what the network passed on of the shopper's address
         # is not kept (the erasure took it from the postbacks before this one).
-        kept = without_addresses(raw) if click is not None and _erased(click["user_id"]) else raw
+        kept = without_addresses(raw) if click is not None and is_pseudonym(click["user_id"]) else raw
         if reason is not None or click is None:
             event = await _orphan(conn, network, pb, reason or "unknown_click", kept)
             return Recorded("orphan", click_id=pb.click_id, reason=reason, event=event)
@@ -100,7 +100,7 @@ async def record_postback(conn: Connection, network: str, pb: Postback, raw: Map
         else:
             result = await _update(conn, network, pb, raw)
         before = result.previous
-        if _erased(result.user_id):  # an order of an erased user's, named by another click
+        if is_pseudonym(result.user_id):  # an order of an erased user's, named by another click
             kept = without_addresses(raw)
         await conn.execute(
             "INSERT INTO postback_history (conversion_id, network, order_id, click_id, outcome, status, "
@@ -119,10 +119,6 @@ async def record_postback(conn: Connection, network: str, pb: Postback, raw: Map
                 "state = 'converted', converted_at = COALESCE(click_states.converted_at, now()), "
                 "updated_at = now()", conv_click, click_time(conv_click))
     return result
-
-
-def _erased(user_id: str | None) -> bool:
-    return user_id is not None and user_id.startswith(PSEUDONYM_PREFIX)
 
 
 async def _update(conn: Connection, network: str, pb: Postback, raw: Mapping[str, Any]) -> Recorded:

@@ -28,6 +28,11 @@ CHANNEL = "tracker_erasures"
 PSEUDONYM_PREFIX = "erased~"  # `~` is in no user id: a pseudonym is never a token's or a lookup's user
 
 
+def is_pseudonym(user_id: str | None) -> bool:
+    """Whether a stored user id is an erased user's pseudonym."""
+    return user_id is not None and user_id.startswith(PSEUDONYM_PREFIX)
+
+
 @dataclass(slots=True)
 class Erased:
     """What one erasure pass changed (the API's `erased` counts), and the user's clicks' ids."""
@@ -111,16 +116,15 @@ async def erase(conn: Connection, user_id: str, before: datetime | None = None) 
     return done
 
 
-async def scrub_addresses(conn: Connection, table: str, rows: list[Any]) -> int:
-    """Write each row's `raw` without the addresses among its parameters, where that changes it;
-    how many rows changed. `table` is ours (postback_history or orphan_postbacks), never input."""
+async def scrub_addresses(conn: Connection, table: str, rows: list[Any]) -> None:
+    """Write each row's `raw` without the addresses among its parameters, where that changes it.
+    `table` is ours (postback_history or orphan_postbacks), never input."""
     changed = [(r["id"], orjson.dumps(scrubbed).decode()) for r in rows
                if (scrubbed := without_addresses(r["raw"])) != r["raw"]]
     if changed:
         await conn.execute(
             f"UPDATE {table} t SET raw = u.raw::jsonb FROM unnest($1::bigint[], $2::text[]) AS u(id, raw) "
             "WHERE t.id = u.id", [c[0] for c in changed], [c[1] for c in changed])
-    return len(changed)
 
 
 async def announce(conn: asyncpg.Pool | asyncpg.Connection, user_id: str, before: datetime, sender: str = "") -> None:

@@ -216,11 +216,6 @@ def _records(fh: BinaryIO) -> Iterator[tuple[list[list[Any]], int]]:
         yield orjson.loads(payload), fh.tell()
 
 
-def count_rows(directory: Path) -> int:
-    """Clicks waiting in all segments of a spool directory, read from the start."""
-    return RowCount().count(directory)
-
-
 class RowCount:
     """Clicks waiting in all segments of a spool directory (every worker's), for the gauge: each
     segment is read from where the last count stopped (segments only grow), so a count reads only

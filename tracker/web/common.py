@@ -12,6 +12,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 
 from .. import internals, keys, metrics
+from ..domain import addresses
 from ..errors import BadRequest, DomainError, RequestTimeout, TooLarge
 from ..settings import IPNetwork
 from ..store.unreachable import DEPENDENCY_DOWN
@@ -140,12 +141,9 @@ def client_ip(request: web.BaseRequest, trusted: tuple[IPNetwork, ...]) -> str:
         return peer
     hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
     for hop in reversed(hops):
-        try:
-            hop_addr = ipaddress.ip_address(hop)
-        except ValueError:
+        hop_addr = addresses.address(hop)  # an IPv4-mapped one as the IPv4 address it carries
+        if hop_addr is None:
             return peer  # a forged or garbled header: believe only the peer
-        if isinstance(hop_addr, ipaddress.IPv6Address) and hop_addr.ipv4_mapped is not None:
-            hop_addr = hop_addr.ipv4_mapped
         if not any(hop_addr in net for net in trusted):
             return str(hop_addr)
     return peer
